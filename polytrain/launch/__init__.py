@@ -1,0 +1,1 @@
+"""Turning a config into processes on 1..N nodes."""

@@ -1,0 +1,1 @@
+"""Single-device PyTorch modules. Nothing here imports deepspeed, accelerate, wandb or torch.distributed."""

@@ -1,0 +1,368 @@
+"""Datasets, task mixing, distributed + resumable sampling and collation.
+
+Manifest format (JSONL, one sample per line, UTF-8)::
+
+    {"text": "def f():\\n    return 1\\n"}                          decoder-only (LM) sample
+    {"image": "imgs/0001.png", "target": "seven"}                  image -> text
+    {"audio": "clips/s03_7.wav", "target": "seven", "id": "s03_7"} audio -> text
+    {"text": "good morning", "target": "bonjour"}                  text -> text
+
+Fields: ``text`` (inline string), ``image`` / ``audio`` (file path, relative
+to the manifest's folder or absolute), ``target`` (text the model must
+produce), ``id`` (optional; defaults to ``<manifest>:<line>``) and ``task``
+(optional; when present, only the task of that name reads the line, so one
+manifest may serve several tasks).  Blank lines are ignored.
+
+A manifest is named in ``data.tasks.<task>.train`` / ``.val`` by path, or as
+``builtin:<name>/<split>`` for the embedded datasets (see ``builtin.py``).
+
+Every micro-batch holds ``batch_size`` samples of every task, so every rank
+runs every head on every step.  Micro-batch ``m`` is a pure function of
+``(seed, m, rank, world_size)``: resuming at step ``s`` restarts the stream at
+``m = s * grad_accum`` and nothing is seen twice or skipped.
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from polytrain.errors import ConfigError, DataError, PolytrainError
+from polytrain.models.heads import HEADS
+from polytrain.tokenizers import TOKENIZERS
+from polytrain.tokenizers.text import TextTokenizer
+from polytrain.tokens import IGNORE_INDEX, Segment, TaskBatch, Tokens, text_tokens
+
+log = logging.getLogger(__name__)
+
+SAMPLE_FIELDS = ("text", "image", "audio", "target", "id", "task")
+MAX_SKIP_TRIES = 16
+"""With ``skip_bad_samples``, a bad sample is replaced by the next good one within this many tries."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    head: str
+    """How the task uses the backbone: a name from the head registry (decoder_only, encoder_decoder)."""
+    train: str
+    """Training manifest: a JSONL path or ``builtin:<name>/<split>``."""
+    val: str
+    """Held-out manifest, same forms as ``train``."""
+    source: str | None = None
+    """Modality of the encoder input (encoder_decoder only): a name from the tokenizer registry."""
+    batch_size: int = 8
+    """Samples of this task in every micro-batch, per process."""
+    weight: float = 1.0
+    """Multiplier of this task's mean token loss in the total loss."""
+    seq_len: int = 128
+    """decoder_only: tokens per training window cut from the concatenated documents."""
+    max_target_len: int = 16
+    """encoder_decoder: target tokens kept (bos/eos excluded); also the most tokens generated at eval."""
+    max_val_samples: int = 0
+    """Evaluate on at most this many held-out samples (0: all)."""
+
+    def check(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError("head", self.head, f"unknown head; known: {', '.join(HEADS.names())}")
+        needs_source = HEADS.get(self.head).needs_encoder
+        if needs_source and self.source not in TOKENIZERS:
+            raise ConfigError("source", self.source, f"head {self.head} needs a source modality; known: "
+                                                     f"{', '.join(TOKENIZERS.names())}")
+        if not needs_source and self.source is not None:
+            raise ConfigError("source", self.source, f"head {self.head} reads text only; leave source unset")
+        for name in ("batch_size", "seq_len", "max_target_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, getattr(self, name), "must be > 0")
+        if self.weight < 0:
+            raise ConfigError("weight", self.weight, "must be >= 0")
+        if self.max_val_samples < 0:
+            raise ConfigError("max_val_samples", self.max_val_samples, "must be >= 0 (0 means all)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: dict[str, TaskConfig]
+    """Tasks by name; each micro-batch mixes all of them."""
+    cache_dir: str = "build/data"
+    """Where the built-in datasets are materialized (relative to the working directory)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    skip_bad_samples: bool = False
+    """Replace unreadable samples by the next readable one (counted and logged) instead of stopping."""
+
+    def check(self) -> None:
+        if not self.tasks:
+            raise ConfigError("tasks", self.tasks, "needs at least one task")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class Record:
+    """One manifest line, parsed."""
+
+    fields: dict[str, Any]
+    where: str
+    """``<manifest>:<line>``, for messages."""
+    base: Path
+    """The manifest's folder, against which relative file paths resolve."""
+
+    @property
+    def sample_id(self) -> str:
+        return str(self.fields.get("id", self.where))
+
+    def path(self, key: str) -> Path:
+        value = self.fields[key]
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{self.where}: field {key!r} must be a file path, got {value!r}")
+        path = Path(value)
+        return path if path.is_absolute() else self.base / path
+
+
+def read_manifest(path: Path, task: str, skip_bad: bool) -> list[Record]:
+    """The lines of ``path`` meant for ``task``; bad lines raise, or are logged and counted when ``skip_bad``."""
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    records, bad = [], 0
+    with path.open(encoding="utf-8", errors="strict") as lines:
+        for number, line in enumerate(lines, start=1):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            try:
+                fields = parse_line(line, where)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                bad += 1
+                log.warning("skipping bad manifest line: %s", err)
+                continue
+            if fields.get("task", task) == task:
+                records.append(Record(fields, where, path.parent))
+    if bad:
+        log.warning("%s: skipped %d bad line(s)", path, bad)
+    if not records:
+        raise DataError(f"{path}: no samples for task {task!r}")
+    return records
+
+
+def parse_line(line: str, where: str) -> dict[str, Any]:
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(fields, dict):
+        raise DataError(f"{where}: a manifest line must be a JSON object, got {type(fields).__name__}")
+    unknown = sorted(set(fields) - set(SAMPLE_FIELDS))
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {unknown}; known: {', '.join(SAMPLE_FIELDS)}")
+    return fields
+
+
+@dataclass
+class Sample:
+    """What a dataset returns for one index."""
+
+    values: Any
+    """LM: ``Tokens`` window of seq_len + 1 ids; seq2seq: (source ``Tokens``, target ids)."""
+    sample_id: str
+    target: str = ""
+    skipped: list[str] = field(default_factory=list)
+    """Messages of bad samples passed over to reach this one."""
+
+
+class LMDataset(Dataset):
+    """Documents concatenated (eos between them) and cut into windows of ``seq_len + 1`` tokens."""
+
+    def __init__(self, records: list[Record], text: TextTokenizer, seq_len: int):
+        texts = []
+        for record in records:
+            value = record.fields.get("text")
+            if not isinstance(value, str):
+                raise DataError(f"{record.where}: a decoder_only sample needs a 'text' string, got {value!r}")
+            texts.append(value)
+        stream = []
+        for ids in text.encode_batch(texts):
+            stream.extend(ids)
+            stream.append(text.eos_id)
+        self.tokens = torch.tensor(stream, dtype=torch.int32)
+        self.seq_len = seq_len
+        self.name = records[0].where.rsplit(":", 1)[0]
+        if len(self) == 0:
+            raise DataError(f"{self.name}: {len(stream)} tokens, fewer than one window of seq_len+1={seq_len + 1}")
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, index: int) -> Sample:
+        start = index * self.seq_len
+        window = self.tokens[start: start + self.seq_len + 1].long()
+        return Sample(text_tokens(window), f"{self.name}#window{index}")
+
+    def collate(self, samples: list[Sample], pad_id: int) -> TaskBatch:
+        ids = torch.stack([s.values.values for s in samples])
+        inputs = Segment.collate([text_tokens(row[:-1]) for row in ids], pad_id)
+        return TaskBatch(inputs, ids[:, 1:].clone(), sample_ids=[s.sample_id for s in samples])
+
+
+class Seq2SeqDataset(Dataset):
+    """(source in any modality, target text) pairs, decoded lazily from the manifest's files."""
+
+    def __init__(self, records: list[Record], source: Any, text: TextTokenizer, max_target_len: int,
+                 skip_bad: bool):
+        self.source_key = source.modality
+        for record in records:
+            for key in (self.source_key, "target"):
+                if key not in record.fields:
+                    raise DataError(f"{record.where}: missing field {key!r}")
+        self.records, self.source, self.text = records, source, text
+        self.max_target_len, self.skip_bad = max_target_len, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        skipped = []
+        for attempt in range(MAX_SKIP_TRIES if self.skip_bad else 1):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                return Sample(self.load(record), record.sample_id, str(record.fields["target"]), skipped)
+            except DataError as err:
+                if not self.skip_bad:
+                    raise
+                skipped.append(str(err))
+        raise DataError(f"{MAX_SKIP_TRIES} bad samples in a row from {self.records[index].where}; last: {skipped[-1]}")
+
+    def load(self, record: Record) -> tuple[Tokens, list[int]]:
+        raw = record.fields[self.source_key]
+        try:
+            source = self.source(raw if self.source_key == "text" else record.path(self.source_key))
+        except DataError as err:
+            raise DataError(f"{record.where}: {err}") from None
+        if len(source) == 0:
+            raise DataError(f"{record.where}: source {self.source_key} has no tokens")
+        target = self.text.encode(str(record.fields["target"]))[: self.max_target_len]
+        return source, [self.text.bos_id, *target, self.text.eos_id]
+
+    def collate(self, samples: list[Sample], pad_id: int) -> TaskBatch:
+        source = Segment.collate([s.values[0] for s in samples], pad_id if self.source_key == "text" else 0)
+        targets = [torch.tensor(s.values[1]) for s in samples]
+        inputs = Segment.collate([text_tokens(t[:-1]) for t in targets], pad_id)
+        labels = torch.full(inputs.mask.shape, IGNORE_INDEX, dtype=torch.long)
+        for row, t in enumerate(targets):
+            labels[row, : len(t) - 1] = t[1:]
+        return TaskBatch(inputs, labels, source, [s.sample_id for s in samples], [s.target for s in samples])
+
+
+def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any],
+                  skip_bad: bool) -> LMDataset | Seq2SeqDataset:
+    records = read_manifest(manifest, name, skip_bad)
+    text = tokenizers["text"]
+    if task.head == "decoder_only":
+        return LMDataset(records, text, task.seq_len)
+    return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad)
+
+
+class TaskStream:
+    """Position ``p`` in one rank's endless, epoch-reshuffled stream of a dataset's indices.
+
+    Each epoch is a seeded permutation, dealt round-robin to ranks; the tail
+    that does not divide evenly is dropped so every rank sees as many samples.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int, world_size: int):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.per_rank = size // world_size
+        if self.per_rank == 0:
+            raise DataError(f"dataset of {size} samples cannot give every one of {world_size} processes a sample")
+
+        self._epoch, self._order = -1, torch.empty(0)
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.per_rank)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator)
+        return int(self._order[self.rank + offset * self.world_size])
+
+
+@dataclass
+class MicroBatch:
+    tasks: dict[str, TaskBatch]
+    skipped: list[str]
+    """Bad samples passed over while building this batch (empty unless ``skip_bad_samples``)."""
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        return MicroBatch({name: part.to(device) for name, part in self.tasks.items()}, self.skipped)
+
+
+@dataclass
+class LoadFailure:
+    """A data error caught in a loader worker, re-raised cleanly by the training process."""
+
+    message: str
+
+
+class Mixture(Dataset):
+    """Micro-batch ``m`` (a map-style index): ``batch_size`` samples of every task, collated."""
+
+    def __init__(self, datasets: dict[str, Dataset], batch_sizes: dict[str, int], seed: int, rank: int,
+                 world_size: int, pad_id: int):
+        self.datasets, self.batch_sizes, self.pad_id = datasets, batch_sizes, pad_id
+        self.streams = {name: TaskStream(len(ds), seed + i, rank, world_size)
+                        for i, (name, ds) in enumerate(datasets.items())}
+
+    def __getitem__(self, m: int) -> MicroBatch | LoadFailure:
+        try:
+            return self.build(m)
+        except PolytrainError as err:
+            return LoadFailure(str(err))
+
+    def build(self, m: int) -> MicroBatch:
+        parts, skipped = {}, []
+        for name, ds in self.datasets.items():
+            size = self.batch_sizes[name]
+            samples = [ds[self.streams[name][p]] for p in range(m * size, (m + 1) * size)]
+            skipped += [msg for s in samples for msg in s.skipped]
+            parts[name] = ds.collate(samples, self.pad_id)
+        return MicroBatch(parts, skipped)
+
+
+def micro_batches(mixture: Mixture, start: int, num_workers: int):
+    """Micro-batches ``start, start+1, ...``, loaded by ``num_workers`` processes; data errors raise here."""
+    loader = DataLoader(mixture, batch_size=None, sampler=_Count(start), num_workers=num_workers,
+                        persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers else None)
+    seen_bad: set[str] = set()
+    for batch in loader:
+        if isinstance(batch, LoadFailure):
+            raise DataError(batch.message)
+        for message in batch.skipped:
+            if message not in seen_bad:
+                seen_bad.add(message)
+                log.warning("skipped bad sample (%d so far): %s", len(seen_bad), message)
+        yield batch
+
+
+class _Count:
+    """The endless sampler start, start+1, ..."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        index = self.start
+        while True:
+            yield index
+            index += 1
+
+
+def eval_batches(dataset: Dataset, batch_size: int, limit: int, pad_id: int):
+    """The held-out set in order, unsharded (every rank evaluates all of it), in batches."""
+    count = len(dataset) if limit == 0 else min(limit, len(dataset))
+    for start in range(0, count, batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        yield dataset.collate(samples, pad_id)

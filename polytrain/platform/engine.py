@@ -1,0 +1,150 @@
+"""DeepSpeed ZeRO behind one small interface, driven through ``accelerate.Accelerator``'s DeepSpeed plugin.
+
+The same code path serves one process (no launcher: a world of one is set up
+here) and N processes started by ``torchrun`` / ``accelerate launch`` /
+``deepspeed``.  On a machine without CUDA the process group is gloo.
+"""
+
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from polytrain.errors import ConfigError
+
+SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                      "MASTER_ADDR": "127.0.0.1"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 + gradients, 3 + parameters."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Parameter/activation dtype during training (bf16 keeps fp32 master weights in the optimizer)."""
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto picks nccl when CUDA is present, else gloo."""
+
+    def check(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.dist_backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("dist_backend", self.dist_backend, "needs CUDA GPUs; use gloo or auto on CPU")
+
+
+class Engine:
+    """Process group, device, DeepSpeed engine; everything distributed the trainer needs."""
+
+    def __init__(self, cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(SINGLE_PROCESS_ENV, MASTER_PORT=str(free_port()))
+        backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, micro_batch_size, grad_accum, grad_clip))
+        # The LR schedule counts optimizer steps of the whole job; Accelerate would otherwise step it
+        # once per process per step.
+        self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
+                                       step_scheduler_with_optimizer=False,
+                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+        self.cfg = cfg
+        self.model: nn.Module | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler):
+        """Wrap for DeepSpeed; returns (engine model, optimizer, scheduler)."""
+        model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model = model
+        return model, optimizer, scheduler
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    @contextmanager
+    def accumulate(self, model: nn.Module):
+        """Around each micro-batch: marks which backward ends an accumulation window."""
+        with self.accelerator.accumulate(model):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward; at an accumulation boundary DeepSpeed also clips and steps the optimizer."""
+        self.accelerator.backward(loss)
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm (before clipping) of the last optimizer step."""
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def main_process_first(self):
+        with self.accelerator.main_process_first():
+            yield
+
+    def broadcast(self, value):
+        """``value`` as the main process has it, on every rank."""
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+    def mean(self, value: float) -> float:
+        """Mean of a per-rank scalar over all ranks."""
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(tensor, reduction="mean")[0])
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Unsharded weights (gathered from all ranks under ZeRO-3); call on every rank."""
+        return self.accelerator.get_state_dict(model)
+
+    def save_shards(self, model: nn.Module, directory: Path) -> None:
+        """DeepSpeed's own per-rank model/optimizer shards, for resuming; call on every rank."""
+        model.save_checkpoint(str(directory), tag="shards")
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
+    zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

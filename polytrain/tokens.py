@@ -1,0 +1,103 @@
+"""The one contract between tokenizers and models.
+
+Every modality tokenizer turns a raw sample into ``Tokens``; collation pads a
+list of them into a ``Segment``; every embedder turns a ``Segment`` into
+``(B, L, dim)``.  The backbone never looks at which modality it got.
+
+Shape legend: B batch, L sequence length, D features per patch.
+"""
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""Label value that the loss skips (padding, positions with no target)."""
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """What an embedder must know about one modality's tokens to size its tables."""
+
+    modality: str
+    input_dim: int
+    """Vocabulary size for discrete ids, features per patch for continuous patches."""
+    grid: tuple[int, int]
+    """Largest (rows, cols) position the tokenizer emits; text is one row of ``max_len`` columns."""
+
+
+@dataclass
+class Tokens:
+    """One sample of one modality."""
+
+    values: Tensor
+    """(L,) int64 token ids, or (L, D) float32 patch features."""
+    positions: Tensor
+    """(L, 2) int64 (row, col) on the modality's grid; text uses row 0."""
+    modality: str
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+
+@dataclass
+class Segment:
+    """A padded batch of ``Tokens`` of one modality."""
+
+    values: Tensor
+    """(B, L) int64 ids or (B, L, D) float patches."""
+    positions: Tensor
+    """(B, L, 2) int64."""
+    mask: Tensor
+    """(B, L) bool, True at real tokens, False at padding."""
+    modality: str
+
+    @staticmethod
+    def collate(items: list[Tokens], pad_value: float = 0) -> "Segment":
+        """Right-pad ``items`` (all of one modality) to the longest one."""
+        modality = items[0].modality
+        assert all(t.modality == modality for t in items), "one Segment holds one modality"
+        length = max(len(t) for t in items)
+        values = items[0].values.new_full((len(items), length, *items[0].values.shape[1:]), pad_value)
+        positions = torch.zeros(len(items), length, 2, dtype=torch.long)
+        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        for i, t in enumerate(items):
+            values[i, : len(t)] = t.values
+            positions[i, : len(t)] = t.positions
+            mask[i, : len(t)] = True
+        return Segment(values, positions, mask, modality)
+
+    def to(self, device: torch.device | str) -> "Segment":
+        return replace(self, values=self.values.to(device), positions=self.positions.to(device),
+                       mask=self.mask.to(device))
+
+
+@dataclass
+class TaskBatch:
+    """One task's share of a micro-batch: what a head consumes, plus bookkeeping."""
+
+    inputs: Segment
+    """Text fed to the decoder (teacher forcing): (B, T) ids."""
+    labels: Tensor
+    """(B, T) int64 next-token targets, ``IGNORE_INDEX`` where no loss."""
+    source: Segment | None = None
+    """Encoder input for encoder-decoder tasks; None for decoder-only."""
+    sample_ids: list[str] = field(default_factory=list)
+    """Where each row came from (``manifest:line``), for logs and resume checks."""
+    targets: list[str] = field(default_factory=list)
+    """Reference target strings, for generation metrics."""
+
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        return replace(self, inputs=self.inputs.to(device), labels=self.labels.to(device),
+                       source=None if self.source is None else self.source.to(device))
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+def text_tokens(ids: list[int] | Tensor, modality: str = "text") -> Tokens:
+    """Token ids laid out on one row: positions (0, 0), (0, 1), ..."""
+    values = torch.as_tensor(ids, dtype=torch.long)
+    positions = torch.stack([torch.zeros_like(values), torch.arange(len(values))], dim=1)
+    return Tokens(values, positions, modality)
