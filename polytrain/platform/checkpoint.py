@@ -3,7 +3,7 @@
 Layout of ``RUN_DIR/checkpoints/step_00000300/``::
 
     model.safetensors    consolidated weights (what eval, export and fine-tuning read)
-    shards/              DeepSpeed's per-rank model and optimizer shards (for resuming training)
+    deepspeed/zero/      DeepSpeed's per-rank model and optimizer shards (for resuming training)
     config.yaml          the resolved config
     tokenizer.json       the text tokenizer
     trainer_state.json   step, tokens seen, W&B run id
@@ -39,7 +39,7 @@ def save_checkpoint(engine, model: nn.Module, run_dir: Path, step: int, config_y
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     engine.barrier()
-    engine.save_shards(model, tmp / "shards")
+    engine.save_shards(model, tmp / "deepspeed")
     weights = engine.full_state_dict(model)
     if engine.is_main:
         save_file({name: t.contiguous() for name, t in weights.items()}, tmp / WEIGHTS, metadata={"step": str(step)})

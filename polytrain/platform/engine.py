@@ -5,9 +5,10 @@ here) and N processes started by ``torchrun`` / ``accelerate launch`` /
 ``deepspeed``.  On a machine without CUDA the process group is gloo.
 """
 
+import hashlib
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -115,13 +116,31 @@ class Engine:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(tensor, reduction="mean")[0])
 
+    def replica_digests(self, model: nn.Module) -> list[str]:
+        """SHA-256 of each rank's full parameters, gathered from all ranks; equal while replicas agree."""
+        from accelerate.utils import gather_object
+
+        digest = hashlib.sha256()
+        for param in self.unwrap(model).parameters():
+            with self.gathered(param):
+                digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return gather_object([digest.hexdigest()])
+
+    def gathered(self, param: nn.Parameter):
+        """Context in which ``param`` is whole on this rank (ZeRO-3 shards parameters)."""
+        if self.cfg.zero_stage < 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param])
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Unsharded weights (gathered from all ranks under ZeRO-3); call on every rank."""
         return self.accelerator.get_state_dict(model)
 
     def save_shards(self, model: nn.Module, directory: Path) -> None:
-        """DeepSpeed's own per-rank model/optimizer shards, for resuming; call on every rank."""
-        model.save_checkpoint(str(directory), tag="shards")
+        """DeepSpeed's own per-rank model/optimizer shards (in ``directory/zero``), for resuming; every rank calls."""
+        model.save_checkpoint(str(directory), tag="zero")
 
     def close(self) -> None:
         self.accelerator.end_training()

@@ -160,8 +160,12 @@ class Trainer:
         device = engine.device
 
         def checkpoint(step: int) -> Path:
+            digests = engine.replica_digests(model)
+            if len(set(digests)) > 1:
+                raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
             return save_checkpoint(engine, model, run_dir, step, config_yaml, tokenizer_file,
-                                   {"samples_seen": step * samples_per_step, "wandb_id": tracker.wandb_id})
+                                   {"samples_seen": step * samples_per_step, "wandb_id": tracker.wandb_id,
+                                    "replica_sha256": digests})
 
         def run_eval() -> dict:
             return evaluate(engine.unwrap(model), cfg.data.tasks, val_sets, text, device, cfg.train.eval_batch_size)

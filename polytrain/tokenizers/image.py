@@ -108,14 +108,19 @@ def pil_to_tensor(image: Image.Image, channels: int) -> Tensor:
 
 
 def resize_center_crop(pixels: Tensor, size: int) -> Tensor:
-    """Scale (C, H, W) so the shorter side is ``size`` (bilinear, antialiased), then crop the center square."""
+    """Scale (C, H, W) so the shorter side is ``size`` (bilinear, antialiased), then crop the center square.
+
+    Rounding follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` (the long side is
+    truncated, the crop offset rounded), so the pixels equal timm's eval transform.
+    """
     _, height, width = pixels.shape
     if (height, width) != (size, size):
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+        short, long = sorted((height, width))
+        scaled_long = int(size * long / short)
+        new_h, new_w = (size, scaled_long) if height <= width else (scaled_long, size)
         pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear", antialias=True,
                                align_corners=False)[0]
-        top, left = (new_h - size) // 2, (new_w - size) // 2
+        top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
         pixels = pixels[:, top: top + size, left: left + size]
     return pixels
 

@@ -52,6 +52,8 @@ class TextTokenizer:
         missing = [t for t in (PAD, BOS, EOS) if tokenizer.token_to_id(t) is None]
         if missing:
             raise DataError(f"tokenizer lacks the special tokens {missing}; polytrain needs {PAD}, {BOS}, {EOS}")
+        # Text that spells a special token ("<eos>") must stay text, not turn into the control id.
+        tokenizer.encode_special_tokens = True
         self.hf = tokenizer
         self.max_len = max_len
         self.pad_id, self.bos_id, self.eos_id = (tokenizer.token_to_id(t) for t in (PAD, BOS, EOS))

@@ -1,0 +1,58 @@
+"""Helpers the tests share: the CLI in a subprocess, JSONL and W&B offline-log readers.
+
+Training runs go through the real CLI in subprocesses: Accelerate and DeepSpeed keep
+process-wide state, so each run gets a fresh interpreter, as a user's would.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def polytrain(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the ``polytrain`` CLI in a fresh interpreter; returns the finished process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "polytrain.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+WANDB_BLOCK = 32 * 1024
+WANDB_HEADER = 7  # b":W&B", 2-byte magic, 1-byte version
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The ``history`` rows of an offline W&B run file (``run-<id>.wandb``).
+
+    The file is a LevelDB-style log: 32 KiB blocks of records, each a 7-byte header
+    (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and a
+    fragment of a ``wandb_internal_pb2.Record`` protobuf.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run log"
+    pos, parts, rows = WANDB_HEADER, [], []
+    while pos + 7 <= len(data):
+        if WANDB_BLOCK - pos % WANDB_BLOCK < 7:  # block trailer too short for a header: padding
+            pos += WANDB_BLOCK - pos % WANDB_BLOCK
+            continue
+        length, kind = int.from_bytes(data[pos + 4: pos + 6], "little"), data[pos + 6]
+        parts.append(data[pos + 7: pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

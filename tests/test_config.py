@@ -1,0 +1,85 @@
+import pytest
+import yaml
+
+from polytrain.config import Config, apply_override, dump_yaml, from_dict, load_config
+from polytrain.errors import ConfigError
+from tests.helpers import QUICKSTART
+
+
+def test_quickstart_loads_with_overrides():
+    cfg = load_config(QUICKSTART, ["train.steps=50", "train.lr=3e-4", "data.tasks.text_lm.batch_size=2",
+                                   "tracking.wandb.tags=[a, b]", "train.run_name=demo"])
+    assert cfg.train.steps == 50
+    assert cfg.train.lr == pytest.approx(3e-4)  # "3e-4" is a YAML string; float fields take it
+    assert cfg.data.tasks["text_lm"].batch_size == 2
+    assert cfg.tracking.wandb.tags == ["a", "b"]
+    assert cfg.train.run_name == "demo"
+    assert cfg.data.tasks["image_to_text"].source == "image"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(QUICKSTART, ["model.backbone.dim=96", "model.backbone.n_heads=4"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_defaults_fill_missing_sections():
+    cfg = from_dict(Config, {"data": {"tasks": {"lm": {"head": "decoder_only", "train": "a", "val": "b"}}}})
+    assert cfg.engine.zero_stage == 2 and cfg.model.backbone.dim == 256
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    ("model.backbone.dimm=200", "model.backbone.dimm", "did you mean 'model.backbone.dim'"),
+    ("train.steps=ten", "train.steps", "must be an integer"),
+    ("train.steps=1.5", "train.steps", "must be an integer"),
+    ("model.backbone.n_heads=7", "model.backbone.n_heads", "divide dim=192"),
+    ("engine.zero_stage=4", "engine.zero_stage", "must be 0, 1, 2 or 3"),
+    ("engine.precision=fp8", "engine.precision", "one of 'fp32', 'bf16'"),
+    ("data.tasks.image_to_text.head=vit", "data.tasks.image_to_text.head", "known: decoder_only, encoder_decoder"),
+    ("data.tasks.audio_to_text.source=vidoe", "data.tasks.audio_to_text.source", "known: audio, image, text"),
+    ("data.tasks.text_lm.seq_len=512", "data.tasks.text_lm.seq_len", "tokenizers.text.max_len=128"),
+    ("model.backbone.encoder_layers=0", "data.tasks.image_to_text.head", "model.backbone.encoder_layers=0"),
+    ("tokenizers.image.patch_size=3", "tokenizers.image.patch_size", "divide size=8"),
+    ("tokenizers.audio.patch_mels=10", "tokenizers.audio.patch_mels", "divide n_mels=64"),
+    ("train.betas=[0.9]", "train.betas", "list of 2 values"),
+    ("tracking.wandb.mode=on", "tracking.wandb.mode", "'disabled', 'offline', 'online'"),
+    ("train=5", "train", "must be a mapping"),
+    ("data.tasks.text_lm.head=decoder_only data.tasks.text_lm.source=image", "data.tasks.text_lm.source",
+     "leave source unset"),
+])
+def test_bad_config_names_key_value_and_allowed(override, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, override.split())
+    assert err.value.key == key
+    message = str(err.value)
+    assert message.startswith(f"{key}=")
+    assert fragment in message
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match=r"^data\.tasks\.lm\.val=None: is required"):
+        from_dict(Config, {"data": {"tasks": {"lm": {"head": "decoder_only", "train": "a"}}}})
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="train.steps.*is a value, not a section"):
+        apply_override({"train": {"steps": 5}}, "train.steps.x=1")
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        apply_override({}, "train.steps")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(listing)
