@@ -4,6 +4,7 @@ Only the main process tracks; the other ranks get an inactive tracker.
 """
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,10 @@ class Tracker:
             return
         self.metrics = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
         if cfg.progress_bar:
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            # In a terminal the bar redraws in place; piped into a log, one line every 30 s is plenty.
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=0.1 if interactive else 30.0, maxinterval=60.0)
         if cfg.wandb.mode != "disabled":
             import wandb
 
