@@ -19,6 +19,7 @@ import yaml
 
 from polytrain.errors import ConfigError
 from polytrain.launch.local import LaunchConfig
+from polytrain.models.heads import HEADS
 from polytrain.models.model import ModelConfig
 from polytrain.platform.data import DataConfig
 from polytrain.platform.engine import EngineConfig
@@ -43,18 +44,19 @@ class Config:
 
     def check(self) -> None:
         """Checks that need more than one section."""
+        max_len = self.tokenizers.text.max_len
         for name, task in self.data.tasks.items():
-            if task.head == "decoder_only" and task.seq_len > self.tokenizers.text.max_len:
-                raise ConfigError(f"data.tasks.{name}.seq_len", task.seq_len,
-                                  f"must be <= tokenizers.text.max_len={self.tokenizers.text.max_len}")
-            if task.head == "encoder_decoder" and self.model.backbone.encoder_layers == 0:
-                raise ConfigError(f"data.tasks.{name}.head", task.head,
-                                  "needs an encoder, but model.backbone.encoder_layers=0; "
+            key = f"data.tasks.{name}"
+            if not HEADS.get(task.head).needs_encoder:
+                if task.seq_len > max_len:
+                    raise ConfigError(f"{key}.seq_len", task.seq_len, f"must be <= tokenizers.text.max_len={max_len}")
+                continue
+            if self.model.backbone.encoder_layers == 0:
+                raise ConfigError(f"{key}.head", task.head, "needs an encoder, but model.backbone.encoder_layers=0; "
                                   "set model.backbone.encoder_layers > 0 or use head=decoder_only")
-            longest_target = task.max_target_len + 2  # bos ... eos
-            if task.head == "encoder_decoder" and longest_target > self.tokenizers.text.max_len:
-                raise ConfigError(f"data.tasks.{name}.max_target_len", task.max_target_len,
-                                  f"+2 (bos, eos) must be <= tokenizers.text.max_len={self.tokenizers.text.max_len}")
+            if task.max_target_len + 2 > max_len:  # bos ... eos
+                raise ConfigError(f"{key}.max_target_len", task.max_target_len,
+                                  f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

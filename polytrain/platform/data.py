@@ -262,9 +262,9 @@ def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[
                   skip_bad: bool) -> LMDataset | Seq2SeqDataset:
     records = read_manifest(manifest, name, skip_bad)
     text = tokenizers["text"]
-    if task.head == "decoder_only":
-        return LMDataset(records, text, task.seq_len)
-    return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad)
+    if HEADS.get(task.head).needs_encoder:
+        return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad)
+    return LMDataset(records, text, task.seq_len)
 
 
 class TaskStream:

@@ -111,11 +111,6 @@ class Engine:
 
         return broadcast_object_list([value])[0]
 
-    def mean(self, value: float) -> float:
-        """Mean of a per-rank scalar over all ranks."""
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        return float(self.accelerator.reduce(tensor, reduction="mean")[0])
-
     def replica_digests(self, model: nn.Module) -> list[str]:
         """SHA-256 of each rank's full parameters, gathered from all ranks; equal while replicas agree."""
         from accelerate.utils import gather_object

@@ -1,14 +1,18 @@
 """From a ``Config`` to concrete parts: manifests, tokenizers, datasets, model. Shared by train and eval."""
 
-from pathlib import Path
-from typing import Any
+from __future__ import annotations
 
-from polytrain.config import Config
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from polytrain.models.model import PolyModel
 from polytrain.platform.builtin import resolve_manifest
 from polytrain.platform.data import build_dataset, read_manifest
 from polytrain.tokenizers import build_patch_tokenizer
 from polytrain.tokenizers.text import TextTokenizer
+
+if TYPE_CHECKING:
+    from polytrain.config import Config
 
 
 def manifest(cfg: Config, task: str, split: str) -> Path:

@@ -16,6 +16,11 @@ import numpy as np
 import torch
 
 from polytrain.errors import ConfigError
+from polytrain.platform import recipe
+from polytrain.platform.checkpoint import save_checkpoint
+from polytrain.platform.data import Mixture, micro_batches
+from polytrain.platform.evaluate import evaluate, format_table
+from polytrain.platform.tracking import Tracker
 
 if TYPE_CHECKING:
     from polytrain.config import Config
@@ -113,115 +118,113 @@ def train(cfg: Config, config_name: str = "run") -> Path:
 
 
 class Trainer:
+    """One run on one process of the job: its parts are built from the config, then ``run()`` trains."""
+
     def __init__(self, cfg: Config, engine, config_name: str):
+        from polytrain.config import dump_yaml, to_dict  # config.py imports this module
+
         self.cfg, self.engine = cfg, engine
         self.run_dir = engine.broadcast(new_run_dir(cfg, config_name) if engine.is_main else None)
+        self.config_yaml = dump_yaml(cfg)
         if engine.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
             log.info("run directory %s (%d process(es), ZeRO stage %d)", self.run_dir, engine.world_size,
                      cfg.engine.zero_stage)
-
-    def run(self) -> Path:
-        from polytrain.config import dump_yaml, to_dict
-        from polytrain.platform import recipe
-        from polytrain.platform.checkpoint import save_checkpoint
-        from polytrain.platform.data import Mixture, micro_batches
-        from polytrain.platform.evaluate import evaluate, format_table
-        from polytrain.platform.tracking import Tracker
-
-        cfg, engine, run_dir = self.cfg, self.engine, self.run_dir
-        config_yaml = dump_yaml(cfg)
-        if engine.is_main:
-            (run_dir / "config.yaml").write_text(config_yaml)
         seed_everything(cfg.train.seed)
-        tokenizer_file = self.text_tokenizer_file()
-        tokenizers = recipe.build_tokenizers(cfg, tokenizer_file)
-        text = tokenizers["text"]
-        train_sets = recipe.build_datasets(cfg, "train", tokenizers)
-        val_sets = recipe.build_datasets(cfg, "val", tokenizers)
+        self.tokenizer_file = self.text_tokenizer_file()
+        self.tokenizers = recipe.build_tokenizers(cfg, self.tokenizer_file)
+        self.text = self.tokenizers["text"]
+        self.train_sets = recipe.build_datasets(cfg, "train", self.tokenizers)
+        self.val_sets = recipe.build_datasets(cfg, "val", self.tokenizers)
         torch.manual_seed(cfg.train.seed)
-        model = recipe.build_model(cfg, tokenizers)
+        model = recipe.build_model(cfg, self.tokenizers)
         n_params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                       betas=cfg.train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.train))
-        model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = engine.prepare(model, optimizer, scheduler)
+        self.weights = {name: task.weight for name, task in cfg.data.tasks.items()}
+        self.samples_per_step = (sum(t.batch_size for t in cfg.data.tasks.values()) * cfg.train.grad_accum
+                                 * engine.world_size)
+        self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), cfg.train.steps, engine.is_main)
         if engine.is_main:
-            sizes = ", ".join(f"{name} {len(ds)} train / {len(val_sets[name])} val" for name, ds in train_sets.items())
-            log.info("model: %.2fM parameters; data: %s; vocab %d", n_params / 1e6, sizes, text.vocab_size)
+            sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
+            log.info("model: %.2fM parameters; data: %s; vocab %d", n_params / 1e6, sizes, self.text.vocab_size)
 
-        mixture = Mixture(train_sets, {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.train.seed,
-                          engine.rank, engine.world_size, text.pad_id)
+    def run(self) -> Path:
+        cfg = self.cfg
+        mixture = Mixture(self.train_sets, {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.train.seed,
+                          self.engine.rank, self.engine.world_size, self.text.pad_id)
         batches = micro_batches(mixture, 0, cfg.data.num_workers)
-        tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), cfg.train.steps, engine.is_main)
-        weights = {name: task.weight for name, task in cfg.data.tasks.items()}
-        samples_per_step = sum(t.batch_size for t in cfg.data.tasks.values()) * cfg.train.grad_accum
-        samples_per_step *= engine.world_size
-        device = engine.device
-
-        def checkpoint(step: int) -> Path:
-            digests = engine.replica_digests(model)
-            if len(set(digests)) > 1:
-                raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
-            return save_checkpoint(engine, model, run_dir, step, config_yaml, tokenizer_file,
-                                   {"samples_seen": step * samples_per_step, "wandb_id": tracker.wandb_id,
-                                    "replica_sha256": digests})
-
-        def run_eval() -> dict:
-            return evaluate(engine.unwrap(model), cfg.data.tasks, val_sets, text, device, cfg.train.eval_batch_size)
-
-        model.train()
+        self.model.train()
         start = last_log = time.perf_counter()
         for step in range(1, cfg.train.steps + 1):
-            task_losses = {name: 0.0 for name in weights}
-            target_tokens = 0
-            for _ in range(cfg.train.grad_accum):
-                batch = next(batches).to(device)
-                with engine.accumulate(model):
-                    losses = model(batch.tasks)
-                    loss = sum(weights[name] * value for name, value in losses.items())
-                    engine.backward(loss)
-                for name, value in losses.items():
-                    task_losses[name] += float(value.detach()) / cfg.train.grad_accum
-                target_tokens += sum(int((part.labels >= 0).sum()) for part in batch.tasks.values())
-            optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped at the boundary
-            optimizer.zero_grad()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            loss_value = sum(weights[n] * v for n, v in task_losses.items())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}: {task_losses}")
+            metrics = self.train_step(batches)
             elapsed = time.perf_counter() - start
-            tracker.progress(step, loss_value, step * samples_per_step / elapsed)
+            metrics["samples_per_s"] = step * self.samples_per_step / elapsed
+            self.tracker.progress(step, metrics["loss"], metrics["samples_per_s"])
             if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
-                metrics = {"loss": loss_value, **{f"loss/{n}": v for n, v in task_losses.items()},
-                           "lr": lr, "grad_norm": engine.grad_norm(),
-                           "samples_per_s": step * samples_per_step / elapsed,
-                           "target_tokens": target_tokens * engine.world_size, "step_time_s": now - last_log}
-                tracker.log(step, metrics)
+                self.tracker.log(step, {**metrics, "step_time_s": (now - last_log) / cfg.tracking.log_every})
                 last_log = now
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                tracker.log(step, flatten_eval(run_eval()))
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                checkpoint(step)
+            if step < cfg.train.steps and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                self.tracker.log(step, flatten_eval(self.evaluate()))
+            if step < cfg.train.steps and cfg.train.save_every and step % cfg.train.save_every == 0:
+                self.checkpoint(step)
+        return self.finish(time.perf_counter() - start)
 
-        train_seconds = time.perf_counter() - start
-        results = run_eval()
-        tracker.log(cfg.train.steps, {**flatten_eval(results), "train_seconds": train_seconds})
-        final = checkpoint(cfg.train.steps)
-        tracker.close()
-        if engine.is_main:
-            (run_dir / EVAL_FILE).write_text(json.dumps(results, indent=1) + "\n")
-            log.info("trained %d steps in %.1f s; checkpoint %s", cfg.train.steps, train_seconds, final)
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        accum = self.cfg.train.grad_accum
+        task_losses = {name: 0.0 for name in self.weights}
+        target_tokens = 0
+        for _ in range(accum):
+            batch = next(batches).to(self.engine.device)
+            with self.engine.accumulate(self.model):
+                losses = self.model(batch.tasks)
+                self.engine.backward(sum(self.weights[name] * value for name, value in losses.items()))
+            for name, value in losses.items():
+                task_losses[name] += float(value.detach()) / accum
+            target_tokens += sum(int((part.labels >= 0).sum()) for part in batch.tasks.values())
+        self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped at the boundary
+        self.optimizer.zero_grad()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.scheduler.step()
+        loss = sum(self.weights[name] * value for name, value in task_losses.items())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at this step; per task: {task_losses}")
+        return {"loss": loss, **{f"loss/{n}": v for n, v in task_losses.items()}, "lr": lr,
+                "grad_norm": self.engine.grad_norm(), "target_tokens": target_tokens * self.engine.world_size}
+
+    def finish(self, train_seconds: float) -> Path:
+        """Final evaluation, checkpoint and eval.json."""
+        steps = self.cfg.train.steps
+        results = self.evaluate()
+        self.tracker.log(steps, {**flatten_eval(results), "train_seconds": train_seconds})
+        final = self.checkpoint(steps)
+        self.tracker.close()
+        if self.engine.is_main:
+            (self.run_dir / EVAL_FILE).write_text(json.dumps(results, indent=1) + "\n")
+            log.info("trained %d steps in %.1f s; checkpoint %s", steps, train_seconds, final)
             print(format_table(results), flush=True)
-            print(f"run directory: {run_dir}", flush=True)
-        return run_dir
+            print(f"run directory: {self.run_dir}", flush=True)
+        return self.run_dir
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        return evaluate(self.engine.unwrap(self.model), self.cfg.data.tasks, self.val_sets, self.text,
+                        self.engine.device, self.cfg.train.eval_batch_size)
+
+    def checkpoint(self, step: int) -> Path:
+        digests = self.engine.replica_digests(self.model)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
+        return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
+                               {"samples_seen": step * self.samples_per_step, "wandb_id": self.tracker.wandb_id,
+                                "replica_sha256": digests})
 
     def text_tokenizer_file(self) -> Path:
         """The configured tokenizer.json, or one trained now on the main process and shared."""
-        from polytrain.platform import recipe
-
         with self.engine.main_process_first():  # the main process builds the built-in data first
             for name in self.cfg.data.tasks:
                 for split in ("train", "val"):
