@@ -36,6 +36,9 @@ class Tokens:
     positions: Tensor
     """(L, 2) int64 (row, col) on the modality's grid; text uses row 0."""
     modality: str
+    documents: Tensor | None = None
+    """(L,) int64 document index of each token when several documents are packed into one
+    sequence; attention must stay within a document. None: the whole sequence is one document."""
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -52,6 +55,8 @@ class Segment:
     mask: Tensor
     """(B, L) bool, True at real tokens, False at padding."""
     modality: str
+    documents: Tensor | None = None
+    """(B, L) int64 document index per token for packed rows (padding gets -1); None: one document per row."""
 
     @staticmethod
     def collate(items: list[Tokens], pad_value: float = 0) -> "Segment":
@@ -62,15 +67,20 @@ class Segment:
         values = items[0].values.new_full((len(items), length, *items[0].values.shape[1:]), pad_value)
         positions = torch.zeros(len(items), length, 2, dtype=torch.long)
         mask = torch.zeros(len(items), length, dtype=torch.bool)
+        packed = any(t.documents is not None for t in items)
+        documents = torch.full((len(items), length), -1, dtype=torch.long) if packed else None
         for i, t in enumerate(items):
             values[i, : len(t)] = t.values
             positions[i, : len(t)] = t.positions
             mask[i, : len(t)] = True
-        return Segment(values, positions, mask, modality)
+            if packed:
+                documents[i, : len(t)] = 0 if t.documents is None else t.documents
+        return Segment(values, positions, mask, modality, documents)
 
     def to(self, device: torch.device | str) -> "Segment":
         return replace(self, values=self.values.to(device), positions=self.positions.to(device),
-                       mask=self.mask.to(device))
+                       mask=self.mask.to(device),
+                       documents=None if self.documents is None else self.documents.to(device))
 
 
 @dataclass

@@ -1,17 +1,18 @@
 """Heads: how a task drives the shared backbone. Every head has the same entry point.
 
-``head(model, batch) -> logits`` for training and ``head.generate(...)`` for
-decoding.  Heads differ only in what the decoder attends to: nothing
+``head.loss(model, batch)`` for training, ``head(model, batch) -> logits`` and
+``head.generate(...)`` for evaluation and decoding.  Heads differ only in what the decoder attends to: nothing
 (decoder-only) or the encoder's view of a source segment (encoder-decoder).
 
 Shape legend: B batch, T text length, S source length, E model dim, V vocabulary.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytrain.registry import Registry
-from polytrain.tokens import Segment, TaskBatch, text_tokens
+from polytrain.tokens import IGNORE_INDEX, Segment, TaskBatch, text_tokens
 
 HEADS: Registry[type["Head"]] = Registry("head")
 """Head class by name, as written in ``data.tasks.<task>.head``."""
@@ -23,6 +24,10 @@ class Head(nn.Module):
     def memory(self, model: nn.Module, source: Segment | None) -> tuple[Tensor | None, Tensor | None]:
         """What the decoder cross-attends to, and which of it is real: (B, S, E), (B, S)."""
         return None, None
+
+    def loss(self, model: nn.Module, batch: TaskBatch) -> Tensor:
+        """The scalar training loss of ``batch``: mean next-token cross-entropy over labelled positions."""
+        return token_loss(self(model, batch), batch.labels)
 
     def forward(self, model: nn.Module, batch: TaskBatch) -> Tensor:
         """Teacher-forced logits (B, T, V) for ``batch.inputs``."""
@@ -67,6 +72,12 @@ class EncoderDecoderHead(Head):
         if source is None:
             raise ValueError("an encoder-decoder task needs a source segment in every batch")
         return model.backbone.encode(model.embed(source), source.mask), source.mask
+
+
+def token_loss(logits_BTV: Tensor, labels_BT: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy in fp32 over positions whose label is not ``IGNORE_INDEX``."""
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def text_segment(ids_BT: Tensor) -> Segment:

@@ -13,7 +13,7 @@ from polytrain.errors import ConfigError
 from polytrain.models.backbone import Backbone, BackboneConfig
 from polytrain.models.embed import EMBEDDERS
 from polytrain.models.heads import HEADS
-from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch
+from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
 """Projections that write into the residual stream; initialized smaller so depth does not blow it up."""
@@ -66,10 +66,5 @@ class PolyModel(nn.Module):
         return F.linear(h_BTE, self.embedders["text"].table.weight)
 
     def forward(self, batch: dict[str, TaskBatch]) -> dict[str, Tensor]:
-        return {task: token_loss(self.heads[task](self, part), part.labels) for task, part in batch.items()}
-
-
-def token_loss(logits_BTV: Tensor, labels_BT: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy in fp32 over positions whose label is not ``IGNORE_INDEX``."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+        """The training loss of every task in ``batch``, as its head defines it."""
+        return {task: self.heads[task].loss(self, part) for task, part in batch.items()}

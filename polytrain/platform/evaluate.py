@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polytrain.models.model import token_loss
+from polytrain.models.heads import token_loss
 from polytrain.platform.data import TaskConfig, eval_batches
 from polytrain.tokenizers.text import TextTokenizer
 from polytrain.tokens import IGNORE_INDEX

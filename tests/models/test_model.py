@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from polytrain.models.backbone import BackboneConfig
-from polytrain.models.heads import text_segment
-from polytrain.models.model import ModelConfig, PolyModel, token_loss
+from polytrain.models.heads import text_segment, token_loss
+from polytrain.models.model import ModelConfig, PolyModel
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch, Tokens
 
 VOCAB, DIM = 50, 32
