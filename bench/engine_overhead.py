@@ -22,7 +22,7 @@ import torch
 
 from polytrain.config import load_config
 from polytrain.platform import recipe
-from polytrain.platform.data import Mixture
+from polytrain.platform.data import Mixture, Schedule, StreamState
 from polytrain.platform.engine import Engine
 from polytrain.platform.trainer import lr_multiplier, param_groups
 
@@ -41,9 +41,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = recipe.build_tokenizers(cfg, recipe.train_text_tokenizer(cfg, Path(tmp)))
     datasets = recipe.build_datasets(cfg, "train", tokenizers)
-    mixture = Mixture(datasets, {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.train.seed, 0, 1,
-                      tokenizers["text"].pad_id)
-    batches = [mixture.build(m).tasks for m in range(args.steps + 1)]  # +1 for the untimed warm-up step
+    schedule = Schedule({n: len(ds) for n, ds in datasets.items()},
+                        {n: t.batch_size for n, t in cfg.data.tasks.items()}, "fixed", cfg.train.seed)
+    slots, mixture = schedule.slots(StreamState(), rank=0, world_size=1), Mixture(datasets, tokenizers["text"].pad_id)
+    batches = [mixture.build(next(slots)).tasks for _ in range(args.steps + 1)]  # +1 for the untimed warm-up step
     torch.manual_seed(cfg.train.seed)
     model = recipe.build_model(cfg, tokenizers)
 

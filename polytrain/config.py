@@ -23,6 +23,7 @@ from polytrain.models.heads import HEADS
 from polytrain.models.model import ModelConfig
 from polytrain.platform.data import DataConfig
 from polytrain.platform.engine import EngineConfig
+from polytrain.platform.finetune import FinetuneConfig
 from polytrain.platform.tracking import TrackingConfig
 from polytrain.platform.trainer import TrainConfig
 from polytrain.tokenizers import TokenizersConfig
@@ -39,6 +40,7 @@ class Config:
     tokenizers: TokenizersConfig = field(default_factory=TokenizersConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 

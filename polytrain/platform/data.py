@@ -16,17 +16,15 @@ manifest may serve several tasks).  Blank lines are ignored.
 A manifest is named in ``data.tasks.<task>.train`` / ``.val`` by path, or as
 ``builtin:<name>/<split>`` for the embedded datasets (see ``builtin.py``).
 
-Every micro-batch holds ``batch_size`` samples of every task, so every rank
-runs every head on every step.  Micro-batch ``m`` is a pure function of
-``(seed, m, rank, world_size)``: resuming at step ``s`` restarts the stream at
-``m = s * grad_accum`` and nothing is seen twice or skipped.
+Micro-batches are planned by ``Schedule`` per global slot (see its docstring),
+so the data order does not depend on how many processes read it.
 """
 
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -87,6 +85,10 @@ class TaskConfig:
 class DataConfig:
     tasks: dict[str, TaskConfig]
     """Tasks by name; each micro-batch mixes all of them."""
+    mixing: Literal["fixed", "sampled"] = "fixed"
+    """fixed: every micro-batch holds exactly ``batch_size`` samples of every task. sampled: each
+    micro-batch draws sum(batch_size) samples, each from a task with probability batch_size / sum,
+    so some micro-batches (and ranks) miss some tasks."""
     cache_dir: str = "build/data"
     """Where the built-in datasets are materialized (relative to the working directory)."""
     num_workers: int = 0
@@ -267,27 +269,77 @@ def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[
     return LMDataset(records, text, task.seq_len)
 
 
-class TaskStream:
-    """Position ``p`` in one rank's endless, epoch-reshuffled stream of a dataset's indices.
+class Schedule:
+    """Which samples fill each global micro-batch slot: a pure function of (seed, slot).
 
-    Each epoch is a seeded permutation, dealt round-robin to ranks; the tail
-    that does not divide evenly is dropped so every rank sees as many samples.
+    Slot ``k`` is the ``k``-th micro-batch of the whole job; rank ``r`` of ``W``
+    processes takes the slots with ``k % W == r``.  Each task reads its own endless
+    stream: epoch ``e`` is a seeded permutation of the dataset, and the stream
+    position only depends on how many samples earlier slots took.  So a run
+    resumed at slot ``k`` (on any number of processes) continues exactly where the
+    job stopped, and 2 processes with micro-batch b see the same samples per step
+    as 1 process with micro-batch 2b.
     """
 
-    def __init__(self, size: int, seed: int, rank: int, world_size: int):
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.per_rank = size // world_size
-        if self.per_rank == 0:
-            raise DataError(f"dataset of {size} samples cannot give every one of {world_size} processes a sample")
+    def __init__(self, sizes: dict[str, int], batch_sizes: dict[str, int], mixing: str, seed: int):
+        self.sizes, self.batch_sizes, self.mixing, self.seed = sizes, batch_sizes, mixing, seed
+        self.tasks = list(sizes)
+        self.shares = torch.tensor([batch_sizes[t] for t in self.tasks], dtype=torch.float64)
+        self._orders: dict[str, tuple[int, torch.Tensor]] = {}
 
-        self._epoch, self._order = -1, torch.empty(0)
+    def counts(self, slot: int) -> dict[str, int]:
+        """Samples of each task in ``slot``: the batch sizes (fixed), or a draw in their proportions (sampled)."""
+        if self.mixing == "fixed":
+            return dict(self.batch_sizes)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + slot)
+        picks = torch.multinomial(self.shares, int(self.shares.sum()), replacement=True, generator=generator)
+        drawn = torch.bincount(picks, minlength=len(self.tasks)).tolist()
+        return dict(zip(self.tasks, drawn))
 
-    def __getitem__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.per_rank)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator)
-        return int(self._order[self.rank + offset * self.world_size])
+    def index(self, task: str, position: int) -> int:
+        """Dataset index at ``position`` of ``task``'s stream."""
+        epoch, offset = divmod(position, self.sizes[task])
+        cached = self._orders.get(task)
+        if cached is None or cached[0] != epoch:
+            seed = self.seed * 1_000_003 + self.tasks.index(task) * 7919 + epoch
+            cached = self._orders[task] = (epoch, torch.randperm(self.sizes[task],
+                                                                 generator=torch.Generator().manual_seed(seed)))
+        return int(cached[1][offset])
+
+    def slots(self, start: "StreamState", rank: int, world_size: int) -> Iterator["Slot"]:
+        """This rank's slots from ``start`` on, with the dataset indices of their samples."""
+        slot, positions = start.slot, dict(start.positions)
+        while True:
+            counts = self.counts(slot)
+            if slot % world_size == rank:
+                yield Slot(slot, {t: [self.index(t, p) for p in range(positions.get(t, 0), positions.get(t, 0) + c)]
+                                  for t, c in counts.items() if c})
+            for t, c in counts.items():
+                positions[t] = positions.get(t, 0) + c
+            slot += 1
+
+    def advance(self, state: "StreamState", n_slots: int) -> "StreamState":
+        """The stream state ``n_slots`` slots after ``state``."""
+        positions = dict(state.positions)
+        for slot in range(state.slot, state.slot + n_slots):
+            for t, c in self.counts(slot).items():
+                positions[t] = positions.get(t, 0) + c
+        return StreamState(state.slot + n_slots, positions)
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Where the job's data stream stands: the next global slot and each task's stream position."""
+
+    slot: int = 0
+    positions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    samples: dict[str, list[int]]
+    """Task -> dataset indices; tasks with no sample in this slot are absent."""
 
 
 @dataclass
@@ -295,9 +347,10 @@ class MicroBatch:
     tasks: dict[str, TaskBatch]
     skipped: list[str]
     """Bad samples passed over while building this batch (empty unless ``skip_bad_samples``)."""
+    slot: Slot
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch({name: part.to(device) for name, part in self.tasks.items()}, self.skipped)
+        return MicroBatch({name: part.to(device) for name, part in self.tasks.items()}, self.skipped, self.slot)
 
 
 @dataclass
@@ -308,33 +361,30 @@ class LoadFailure:
 
 
 class Mixture(Dataset):
-    """Micro-batch ``m`` (a map-style index): ``batch_size`` samples of every task, collated."""
+    """A ``Slot`` -> its micro-batch, loaded and collated (runs in loader workers)."""
 
-    def __init__(self, datasets: dict[str, Dataset], batch_sizes: dict[str, int], seed: int, rank: int,
-                 world_size: int, pad_id: int):
-        self.datasets, self.batch_sizes, self.pad_id = datasets, batch_sizes, pad_id
-        self.streams = {name: TaskStream(len(ds), seed + i, rank, world_size)
-                        for i, (name, ds) in enumerate(datasets.items())}
+    def __init__(self, datasets: dict[str, Dataset], pad_id: int):
+        self.datasets, self.pad_id = datasets, pad_id
 
-    def __getitem__(self, m: int) -> MicroBatch | LoadFailure:
+    def __getitem__(self, slot: Slot) -> MicroBatch | LoadFailure:
         try:
-            return self.build(m)
+            return self.build(slot)
         except PolytrainError as err:
             return LoadFailure(str(err))
 
-    def build(self, m: int) -> MicroBatch:
+    def build(self, slot: Slot) -> MicroBatch:
         parts, skipped = {}, []
-        for name, ds in self.datasets.items():
-            size = self.batch_sizes[name]
-            samples = [ds[self.streams[name][p]] for p in range(m * size, (m + 1) * size)]
+        for name, indices in slot.samples.items():
+            ds = self.datasets[name]
+            samples = [ds[i] for i in indices]
             skipped += [msg for s in samples for msg in s.skipped]
             parts[name] = ds.collate(samples, self.pad_id)
-        return MicroBatch(parts, skipped)
+        return MicroBatch(parts, skipped, slot)
 
 
-def micro_batches(mixture: Mixture, start: int, num_workers: int):
-    """Micro-batches ``start, start+1, ...``, loaded by ``num_workers`` processes; data errors raise here."""
-    loader = DataLoader(mixture, batch_size=None, sampler=_Count(start), num_workers=num_workers,
+def micro_batches(mixture: Mixture, slots: Iterator[Slot], num_workers: int) -> Iterator[MicroBatch]:
+    """The micro-batches of ``slots``, loaded by ``num_workers`` processes; data errors raise here."""
+    loader = DataLoader(mixture, batch_size=None, sampler=_Slots(slots), num_workers=num_workers,
                         persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers else None)
     seen_bad: set[str] = set()
     for batch in loader:
@@ -347,17 +397,14 @@ def micro_batches(mixture: Mixture, start: int, num_workers: int):
         yield batch
 
 
-class _Count:
-    """The endless sampler start, start+1, ..."""
+class _Slots:
+    """A sampler over an endless slot iterator (DataLoader wants an iterable)."""
 
-    def __init__(self, start: int):
-        self.start = start
+    def __init__(self, slots: Iterator[Slot]):
+        self.slots = slots
 
-    def __iter__(self):
-        index = self.start
-        while True:
-            yield index
-            index += 1
+    def __iter__(self) -> Iterator[Slot]:
+        return self.slots
 
 
 def eval_batches(dataset: Dataset, batch_size: int, limit: int, pad_id: int):

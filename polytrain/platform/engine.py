@@ -17,23 +17,43 @@ import torch
 from torch import nn
 
 from polytrain.errors import ConfigError
+from polytrain.platform.checkpoint import UNIVERSAL_INFO, safe_unpickling
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}
+SHARD_TAG = "zero"
+"""DeepSpeed writes its shards to ``<dir>/zero/``."""
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 + gradients, 3 + parameters."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Parameter/activation dtype during training (bf16 keeps fp32 master weights in the optimizer)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter/activation dtype in training; bf16 and fp16 keep fp32 master weights in the optimizer,
+    fp16 adds dynamic loss scaling (steps whose gradients overflow are skipped and counted)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory and step them with DeepSpeed's CPU Adam (ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
+    initial_loss_scale_power: int = 16
+    """fp16: the loss scale starts at 2**this."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the loss scale doubles."""
+    bucket_size: int = 50_000_000
+    """Elements per gradient reduce / parameter all-gather bucket (communication granularity)."""
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto picks nccl when CUDA is present, else gloo."""
 
     def check(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer", True, "needs zero_stage >= 1 (ZeRO-Offload shards the optimizer)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params", True, f"needs zero_stage=3, got zero_stage={self.zero_stage}")
+        if self.bucket_size <= 0:
+            raise ConfigError("bucket_size", self.bucket_size, "must be > 0")
         if self.dist_backend == "nccl" and not torch.cuda.is_available():
             raise ConfigError("dist_backend", self.dist_backend, "needs CUDA GPUs; use gloo or auto on CPU")
 
@@ -41,18 +61,19 @@ class EngineConfig:
 class Engine:
     """Process group, device, DeepSpeed engine; everything distributed the trainer needs."""
 
-    def __init__(self, cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float):
+    def __init__(self, cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float,
+                 load_universal: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(SINGLE_PROCESS_ENV, MASTER_PORT=str(free_port()))
         backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, micro_batch_size, grad_accum, grad_clip))
+        ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, grad_clip, load_universal)
         # The LR schedule counts optimizer steps of the whole job; Accelerate would otherwise step it
         # once per process per step.
-        self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
-                                       step_scheduler_with_optimizer=False,
+        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+                                       gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
         self.cfg = cfg
         self.model: nn.Module | None = None
@@ -73,6 +94,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    def optimizer(self, param_groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+        """AdamW with decoupled weight decay: torch's, or DeepSpeed's CPU Adam when states are offloaded."""
+        if self.cfg.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler):
         """Wrap for DeepSpeed; returns (engine model, optimizer, scheduler)."""
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -89,13 +118,24 @@ class Engine:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward; at an accumulation boundary DeepSpeed also clips and steps the optimizer."""
+        """Backward; at an accumulation boundary DeepSpeed also clips and steps the optimizer.
+
+        DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks.
+        """
         self.accelerator.backward(loss)
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far because fp16 gradients overflowed (0 in fp32/bf16)."""
+        return int(self.model.skipped_steps)
 
     def grad_norm(self) -> float | None:
         """Global gradient norm (before clipping) of the last optimizer step."""
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a float64 tensor over all ranks."""
+        return self.accelerator.reduce(values.to(self.device, torch.float64), reduction="sum").cpu()
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -134,8 +174,19 @@ class Engine:
         return self.accelerator.get_state_dict(model)
 
     def save_shards(self, model: nn.Module, directory: Path) -> None:
-        """DeepSpeed's own per-rank model/optimizer shards (in ``directory/zero``), for resuming; every rank calls."""
-        model.save_checkpoint(str(directory), tag="zero")
+        """DeepSpeed's own per-rank model/optimizer shards (in ``directory/zero``); every rank calls.
+
+        The empty universal-checkpoint info lets ``ds_to_universal`` convert them for another world size.
+        """
+        model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}})
+
+    def load_shards(self, model: nn.Module, directory: Path) -> None:
+        """Restore model and optimizer shards saved by ``save_shards`` (or converted to universal form)."""
+        with safe_unpickling():
+            path, _ = model.load_checkpoint(str(directory), tag=SHARD_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint tagged {SHARD_TAG!r}")
 
     def close(self) -> None:
         self.accelerator.end_training()
@@ -143,19 +194,30 @@ class Engine:
             torch.distributed.destroy_process_group()
 
 
-def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
-    zero = {"stage": cfg.zero_stage}
+def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float,
+                     load_universal: bool = False) -> dict:
+    zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.bucket_size,
+                  "allgather_bucket_size": cfg.bucket_size}
     if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=cfg.bucket_size)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": cfg.initial_loss_scale_power,
+                 "loss_scale_window": cfg.loss_scale_window},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
 
 
 def free_port() -> int:

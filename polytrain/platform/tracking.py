@@ -37,6 +37,8 @@ class TrackingConfig:
     """Write metrics every this many optimizer steps (and at the last one)."""
     progress_bar: bool = True
     """Show the tqdm bar on the main process."""
+    log_samples: bool = False
+    """Write the sample ids of every micro-batch to RUN_DIR/samples/rank<r>.jsonl (to audit data order)."""
 
     def check(self) -> None:
         if self.log_every <= 0:
@@ -45,7 +47,7 @@ class TrackingConfig:
 
 class Tracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, total_steps: int, active: bool,
-                 wandb_id: str | None = None):
+                 wandb_id: str | None = None, start_step: int = 0):
         self.cfg, self.active = cfg, active
         self.wandb = None
         self.bar = None
@@ -55,7 +57,7 @@ class Tracker:
         if cfg.progress_bar:
             # In a terminal the bar redraws in place; piped into a log, one line every 30 s is plenty.
             interactive = sys.stderr.isatty()
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=0.1 if interactive else 30.0, maxinterval=60.0)
         if cfg.wandb.mode != "disabled":
             import wandb

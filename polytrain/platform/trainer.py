@@ -1,26 +1,30 @@
-"""The training loop: micro-batches, accumulation, clipping (in DeepSpeed), logging, eval, checkpoints."""
+"""The training loop: micro-batches, accumulation, loss normalization, logging, eval, checkpoints, resume."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 import torch
 
 from polytrain.errors import ConfigError
 from polytrain.platform import recipe
-from polytrain.platform.checkpoint import save_checkpoint
-from polytrain.platform.data import Mixture, micro_batches
+from polytrain.platform.checkpoint import (TOKENIZER, convert_to_universal, latest_checkpoint, read_state,
+                                           restore_rng, save_checkpoint)
+from polytrain.platform.data import MicroBatch, Mixture, Schedule, StreamState, micro_batches
 from polytrain.platform.evaluate import evaluate, format_table
+from polytrain.platform.finetune import freeze
 from polytrain.platform.tracking import Tracker
+from polytrain.tokens import IGNORE_INDEX, TaskBatch
 
 if TYPE_CHECKING:
     from polytrain.config import Config
@@ -35,13 +39,15 @@ NO_DECAY_MARKERS = ("embedders.",)
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    """Optimizer steps."""
+    """Optimizer steps (the total, counting steps done before a resume)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup."""
     warmup_steps: int = 100
     """Steps of linear warmup from lr/warmup_steps to lr."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear down to lr * min_lr_ratio on the last step, or constant."""
     min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio on the last step."""
+    """Where cosine and linear decay end, as a fraction of lr."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay for matrices (not embeddings, norms or biases)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -50,6 +56,8 @@ class TrainConfig:
     """Micro-batches per optimizer step on each process."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    global_batch: int | None = None
+    """If set, the samples per optimizer step the job must have: micro-batch x grad_accum x processes."""
     seed: int = 0
     """Seeds model init and data order; the same seed gives the same run."""
     eval_every: int = 0
@@ -62,6 +70,9 @@ class TrainConfig:
     """Run directories are created under this folder."""
     run_name: str | None = None
     """Name of the run directory; null: the config file's name and the start time."""
+    resume: str | None = None
+    """Continue the run in this run directory (its latest checkpoint) or from this checkpoint folder,
+    on any number of processes."""
 
     def check(self) -> None:
         for name in ("steps", "grad_accum", "eval_batch_size"):
@@ -76,14 +87,19 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError("betas", self.betas, "each must be in [0, 1)")
+        if self.global_batch is not None and self.global_batch <= 0:
+            raise ConfigError("global_batch", self.global_batch, "must be > 0 (or null: not checked)")
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio``; ``step`` counts optimizer steps from 0."""
+    """Linear warmup, then the configured decay; ``step`` counts optimizer steps from 0."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -105,14 +121,30 @@ def new_run_dir(cfg: Config, config_name: str) -> Path:
     return Path(cfg.train.out_dir) / name
 
 
+def needs_universal(saved: dict, world_size: int, zero_stage: int) -> bool:
+    """Whether ZeRO shards saved as ``saved`` describes must be converted to load here.
+
+    Stage-0 checkpoints hold whole optimizer state and load on any number of processes.
+    """
+    if saved["zero_stage"] == 0 or zero_stage == 0:
+        if saved["zero_stage"] != zero_stage:
+            raise ConfigError("engine.zero_stage", zero_stage, f"the checkpoint was written with zero_stage="
+                              f"{saved['zero_stage']}; resume between stage 0 and ZeRO stages is not supported")
+        return False
+    return saved["world_size"] != world_size or saved["zero_stage"] != zero_stage
+
+
 def train(cfg: Config, config_name: str = "run") -> Path:
     """Train as configured; every process of the job calls this. Returns the run directory."""
     from polytrain.platform.engine import Engine
 
+    resume = latest_checkpoint(cfg.train.resume) if cfg.train.resume else None
+    universal = resume is not None and needs_universal(read_state(resume), int(os.environ.get("WORLD_SIZE", "1")),
+                                                       cfg.engine.zero_stage)
     micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
-    engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip)
+    engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
     try:
-        return Trainer(cfg, engine, config_name).run()
+        return Trainer(cfg, engine, config_name, resume, universal).run()
     finally:
         engine.close()
 
@@ -120,11 +152,13 @@ def train(cfg: Config, config_name: str = "run") -> Path:
 class Trainer:
     """One run on one process of the job: its parts are built from the config, then ``run()`` trains."""
 
-    def __init__(self, cfg: Config, engine, config_name: str):
+    def __init__(self, cfg: Config, engine, config_name: str, resume: Path | None = None, universal: bool = False):
         from polytrain.config import dump_yaml, to_dict  # config.py imports this module
 
         self.cfg, self.engine = cfg, engine
-        self.run_dir = engine.broadcast(new_run_dir(cfg, config_name) if engine.is_main else None)
+        run_dir = resume.parent.parent if resume is not None else new_run_dir(cfg, config_name)
+        self.run_dir = engine.broadcast(run_dir if engine.is_main else None)
+        self.check_global_batch()
         self.config_yaml = dump_yaml(cfg)
         if engine.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +166,8 @@ class Trainer:
             log.info("run directory %s (%d process(es), ZeRO stage %d)", self.run_dir, engine.world_size,
                      cfg.engine.zero_stage)
         seed_everything(cfg.train.seed)
-        self.tokenizer_file = self.text_tokenizer_file()
+        self.prepare_data()
+        self.tokenizer_file = resume / TOKENIZER if resume is not None else self.text_tokenizer_file()
         self.tokenizers = recipe.build_tokenizers(cfg, self.tokenizer_file)
         self.text = self.tokenizers["text"]
         self.train_sets = recipe.build_datasets(cfg, "train", self.tokenizers)
@@ -140,29 +175,66 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = recipe.build_model(cfg, self.tokenizers)
         n_params = sum(p.numel() for p in model.parameters())
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                      betas=cfg.train.betas)
+        freeze(model, cfg.finetune.freeze)
+        optimizer = engine.optimizer(param_groups(model, cfg.train.weight_decay), cfg.train.lr, cfg.train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.train))
         self.model, self.optimizer, self.scheduler = engine.prepare(model, optimizer, scheduler)
         self.weights = {name: task.weight for name, task in cfg.data.tasks.items()}
-        self.samples_per_step = (sum(t.batch_size for t in cfg.data.tasks.values()) * cfg.train.grad_accum
-                                 * engine.world_size)
-        self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), cfg.train.steps, engine.is_main)
+        self.schedule = Schedule({n: len(ds) for n, ds in self.train_sets.items()},
+                                 {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.data.mixing, cfg.train.seed)
+        # With sampled mixing a rank may get no sample of a task; it then runs that task on a stand-in
+        # with zero loss weight, so every rank uses every parameter (ZeRO-3 gathers stay in step).
+        self.stand_ins = {n: ds.collate([ds[0]], self.text.pad_id) for n, ds in self.train_sets.items()}
+        self.step, self.stream, saved = 0, StreamState(), {}
+        if resume is not None:
+            saved = self.restore(resume, universal)
+        self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), cfg.train.steps, engine.is_main,
+                               wandb_id=saved.get("wandb_id"), start_step=self.step)
+        self.samples_log = self.open_samples_log() if cfg.tracking.log_samples else None
         if engine.is_main:
             sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
             log.info("model: %.2fM parameters; data: %s; vocab %d", n_params / 1e6, sizes, self.text.vocab_size)
 
+    def check_global_batch(self) -> None:
+        train, tasks = self.cfg.train, self.cfg.data.tasks
+        micro = sum(task.batch_size for task in tasks.values())
+        actual = micro * train.grad_accum * self.engine.world_size
+        if train.global_batch is not None and train.global_batch != actual:
+            parts = " + ".join(f"{name} {task.batch_size}" for name, task in tasks.items())
+            raise ConfigError("train.global_batch", train.global_batch,
+                              f"!= micro-batch {micro} ({parts}) x train.grad_accum {train.grad_accum} x "
+                              f"data-parallel processes {self.engine.world_size} = {actual}")
+
+    def restore(self, folder: Path, universal: bool) -> dict:
+        """Load shards, scheduler, data position and RNG from ``folder``; returns its trainer state."""
+        saved = read_state(folder)
+        shards = folder / "deepspeed"
+        if universal:
+            with self.engine.main_process_first():  # the main process converts, the others reuse it
+                shards = convert_to_universal(folder)
+        self.engine.load_shards(self.model, shards)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.step = saved["step"]
+        self.stream = StreamState(saved["stream"]["slot"], saved["stream"]["positions"])
+        same_world = saved["world_size"] == self.engine.world_size
+        if not (same_world and restore_rng(folder / "rng", self.engine.rank)):
+            seed_everything(self.cfg.train.seed + 1_000_003 * self.step + self.engine.rank)
+        log.info("resumed from %s at step %d (saved by %d process(es)%s)", folder, self.step, saved["world_size"],
+                 ", converted to DeepSpeed's universal format" if universal else "")
+        return saved
+
     def run(self) -> Path:
-        cfg = self.cfg
-        mixture = Mixture(self.train_sets, {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.train.seed,
-                          self.engine.rank, self.engine.world_size, self.text.pad_id)
-        batches = micro_batches(mixture, 0, cfg.data.num_workers)
+        cfg, engine = self.cfg, self.engine
+        slots = self.schedule.slots(self.stream, engine.rank, engine.world_size)
+        batches = micro_batches(Mixture(self.train_sets, self.text.pad_id), slots, cfg.data.num_workers)
         self.model.train()
+        first_step = self.step + 1
         start = last_log = time.perf_counter()
-        for step in range(1, cfg.train.steps + 1):
-            metrics = self.train_step(batches)
+        for step in range(first_step, cfg.train.steps + 1):
+            metrics = self.train_step(batches, step)
+            self.step = step
             elapsed = time.perf_counter() - start
-            metrics["samples_per_s"] = step * self.samples_per_step / elapsed
+            metrics["samples_per_s"] = (step - first_step + 1) * self.samples_per_step / elapsed
             self.tracker.progress(step, metrics["loss"], metrics["samples_per_s"])
             if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
@@ -174,28 +246,50 @@ class Trainer:
                 self.checkpoint(step)
         return self.finish(time.perf_counter() - start)
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
-        accum = self.cfg.train.grad_accum
-        task_losses = {name: 0.0 for name in self.weights}
-        target_tokens = 0
-        for _ in range(accum):
-            batch = next(batches).to(self.engine.device)
+    @property
+    def samples_per_step(self) -> int:
+        return sum(t.batch_size for t in self.cfg.data.tasks.values()) * self.cfg.train.grad_accum * \
+            self.engine.world_size
+
+    def train_step(self, batches: Iterator[MicroBatch], step: int) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics.
+
+        Each task's loss is normalized by its labelled tokens in the whole step (all micro-batches of
+        all ranks), so the gradient does not depend on how the step's samples are split into
+        micro-batches and processes.
+        """
+        accum, world, tasks = self.cfg.train.grad_accum, self.engine.world_size, list(self.weights)
+        micro = [next(batches) for _ in range(accum)]
+        if self.samples_log is not None:
+            for batch in micro:
+                self.samples_log.write(json.dumps({"step": step, "slot": batch.slot.index, "samples": {
+                    name: part.sample_ids for name, part in batch.tasks.items()}}) + "\n")
+        counts = torch.tensor([[labelled(b.tasks[t]) if t in b.tasks else 0 for t in tasks] for b in micro],
+                              dtype=torch.float64)
+        totals = self.engine.sum(counts.sum(0)).clamp(min=1)
+        loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
+        skipped_before = self.engine.skipped_steps()
+        for batch, n in zip(micro, counts):
+            parts = {t: batch.tasks.get(t, self.stand_ins[t]).to(self.engine.device) for t in tasks}
             with self.engine.accumulate(self.model):
-                losses = self.model(batch.tasks)
-                self.engine.backward(sum(self.weights[name] * value for name, value in losses.items()))
-            for name, value in losses.items():
-                task_losses[name] += float(value.detach()) / accum
-            target_tokens += sum(int((part.labels >= 0).sum()) for part in batch.tasks.values())
+                losses = self.model(parts)
+                factors = n * world * accum / totals  # DeepSpeed divides by accum and averages over ranks
+                self.engine.backward(sum(self.weights[t] * losses[t] * float(factors[i]) for i, t in enumerate(tasks)))
+            loss_sums += torch.tensor([float(losses[t].detach()) for t in tasks], dtype=torch.float64) * n
         self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped at the boundary
         self.optimizer.zero_grad()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.scheduler.step()
-        loss = sum(self.weights[name] * value for name, value in task_losses.items())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at this step; per task: {task_losses}")
-        return {"loss": loss, **{f"loss/{n}": v for n, v in task_losses.items()}, "lr": lr,
-                "grad_norm": self.engine.grad_norm(), "target_tokens": target_tokens * self.engine.world_size}
+        skipped = self.engine.skipped_steps() > skipped_before
+        if not skipped:  # an fp16 overflow step changed nothing, so the schedule does not advance
+            self.scheduler.step()
+        self.stream = self.schedule.advance(self.stream, accum * world)
+        task_losses = dict(zip(tasks, (self.engine.sum(loss_sums) / totals).tolist()))
+        loss = sum(self.weights[t] * v for t, v in task_losses.items())
+        if not math.isfinite(loss) and not skipped:
+            raise FloatingPointError(f"loss is {loss} at step {step}; per task: {task_losses}")
+        return {"loss": loss, **{f"loss/{t}": v for t, v in task_losses.items()}, "lr": lr,
+                "grad_norm": self.engine.grad_norm(), "skipped_steps": self.engine.skipped_steps(),
+                "target_tokens": int(totals.sum())}
 
     def finish(self, train_seconds: float) -> Path:
         """Final evaluation, checkpoint and eval.json."""
@@ -204,9 +298,11 @@ class Trainer:
         self.tracker.log(steps, {**flatten_eval(results), "train_seconds": train_seconds})
         final = self.checkpoint(steps)
         self.tracker.close()
+        if self.samples_log is not None:
+            self.samples_log.close()
         if self.engine.is_main:
             (self.run_dir / EVAL_FILE).write_text(json.dumps(results, indent=1) + "\n")
-            log.info("trained %d steps in %.1f s; checkpoint %s", steps, train_seconds, final)
+            log.info("trained to step %d in %.1f s; checkpoint %s", steps, train_seconds, final)
             print(format_table(results), flush=True)
             print(f"run directory: {self.run_dir}", flush=True)
         return self.run_dir
@@ -219,16 +315,22 @@ class Trainer:
         digests = self.engine.replica_digests(self.model)
         if len(set(digests)) > 1:
             raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
+        state = {"samples_seen": sum(self.stream.positions.values()), "zero_stage": self.cfg.engine.zero_stage,
+                 "stream": {"slot": self.stream.slot, "positions": self.stream.positions},
+                 "scheduler": self.scheduler.state_dict(), "skipped_steps": self.engine.skipped_steps(),
+                 "wandb_id": self.tracker.wandb_id, "replica_sha256": digests}
         return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
-                               {"samples_seen": step * self.samples_per_step, "wandb_id": self.tracker.wandb_id,
-                                "replica_sha256": digests})
+                               state)
 
-    def text_tokenizer_file(self) -> Path:
-        """The configured tokenizer.json, or one trained now on the main process and shared."""
-        with self.engine.main_process_first():  # the main process builds the built-in data first
+    def prepare_data(self) -> None:
+        """Resolve every manifest; the main process builds the built-in datasets first."""
+        with self.engine.main_process_first():
             for name in self.cfg.data.tasks:
                 for split in ("train", "val"):
                     recipe.manifest(self.cfg, name, split)
+
+    def text_tokenizer_file(self) -> Path:
+        """The configured tokenizer.json, or one trained now on the main process and shared."""
         if self.cfg.tokenizers.text.path:
             return Path(self.cfg.tokenizers.text.path)
         out = self.run_dir / "tokenizer"
@@ -238,6 +340,16 @@ class Trainer:
             log.info("trained the text tokenizer in %.1f s", time.perf_counter() - began)
         self.engine.barrier()
         return out / "tokenizer.json"
+
+    def open_samples_log(self):
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        return (folder / f"rank{self.engine.rank}.jsonl").open("a", encoding="utf-8")
+
+
+def labelled(part: TaskBatch) -> int:
+    """Positions that carry a loss in ``part``."""
+    return int((part.labels != IGNORE_INDEX).sum())
 
 
 def flatten_eval(results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from polytrain.errors import DataError
-from polytrain.platform.data import (LMDataset, Mixture, Seq2SeqDataset, TaskStream, eval_batches, micro_batches,
-                                     read_manifest)
+from polytrain.platform.data import (LMDataset, Mixture, Schedule, Seq2SeqDataset, StreamState, eval_batches,
+                                     micro_batches, read_manifest)
 from polytrain.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
 from polytrain.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer, TextTokenizerConfig
@@ -113,9 +113,8 @@ def test_error_in_loader_worker_surfaces_as_a_clean_data_error(image_set, text):
     folder, rows = image_set
     (folder / "1.png").write_bytes(b"garbage")
     ds = image_dataset(folder, rows, text)
-    mixture = Mixture({"caption": ds}, {"caption": 6}, seed=0, rank=0, world_size=1, pad_id=text.pad_id)
     with pytest.raises(DataError, match=r"m.jsonl:2: .*1.png: not a readable image") as err:
-        next(micro_batches(mixture, start=0, num_workers=1))
+        next(micro_batches(Mixture({"caption": ds}, text.pad_id), one_task_slots(len(ds), 6), num_workers=1))
     assert "Traceback" not in str(err.value)
 
 
@@ -123,8 +122,7 @@ def test_skipped_samples_are_logged_once_each(image_set, text, caplog):
     folder, rows = image_set
     (folder / "1.png").write_bytes(b"garbage")
     ds = image_dataset(folder, rows, text, skip=True)
-    mixture = Mixture({"caption": ds}, {"caption": 6}, seed=0, rank=0, world_size=1, pad_id=text.pad_id)
-    batches = micro_batches(mixture, start=0, num_workers=0)
+    batches = micro_batches(Mixture({"caption": ds}, text.pad_id), one_task_slots(len(ds), 6), num_workers=0)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             assert len(next(batches).tasks["caption"]) == 6
@@ -156,16 +154,50 @@ def test_lm_windows_are_contiguous_shifted_and_cover_the_stream(tmp_path, text):
     assert int((ds.tokens == text.eos_id).sum()) == 2  # one eos after each document
 
 
-@pytest.mark.parametrize("size, world", [(10, 1), (10, 2), (11, 3)])
-def test_task_stream_shards_are_disjoint_and_cover_each_epoch(size, world):
-    per_rank = size // world
-    epoch = [[TaskStream(size, 7, rank, world)[p] for p in range(per_rank)] for rank in range(world)]
-    flat = [i for shard in epoch for i in shard]
-    assert len(set(flat)) == len(flat) == per_rank * world
-    again = [TaskStream(size, 7, 0, world)[p] for p in range(per_rank)]
-    assert again == epoch[0]  # a pure function of (seed, position, rank)
-    next_epoch = [TaskStream(size, 7, 0, world)[p] for p in range(per_rank, 2 * per_rank)]
-    assert next_epoch != epoch[0] or per_rank == 1  # reshuffled
+def one_task_slots(size: int, batch: int):
+    return Schedule({"caption": size}, {"caption": batch}, "fixed", seed=0).slots(StreamState(), 0, 1)
+
+
+def stream(schedule: Schedule, start: StreamState, rank: int, world: int, n: int) -> list:
+    slots = schedule.slots(start, rank, world)
+    return [next(slots) for _ in range(n)]
+
+
+def test_each_epoch_is_a_permutation_then_reshuffled():
+    schedule = Schedule({"a": 7}, {"a": 1}, "fixed", seed=3)
+    first, second = ([schedule.index("a", p) for p in range(e * 7, (e + 1) * 7)] for e in range(2))
+    assert sorted(first) == sorted(second) == list(range(7)) and first != second
+
+
+def test_slots_are_dealt_round_robin_and_data_parallel_equals_a_bigger_micro_batch():
+    small = Schedule({"a": 50, "b": 9}, {"a": 2, "b": 1}, "fixed", seed=1)
+    big = Schedule({"a": 50, "b": 9}, {"a": 4, "b": 2}, "fixed", seed=1)
+    ranks = [stream(small, StreamState(), rank, 2, 6) for rank in range(2)]
+    assert [s.index for s in ranks[0]] == [0, 2, 4, 6, 8, 10] and [s.index for s in ranks[1]][0] == 1
+    single = stream(big, StreamState(), 0, 1, 6)
+    for step in range(6):  # step m: ranks 0 and 1 together hold exactly what one process with 2b holds
+        for task in ("a", "b"):
+            assert ranks[0][step].samples[task] + ranks[1][step].samples[task] == single[step].samples[task]
+
+
+def test_resuming_at_a_slot_continues_the_stream_on_any_world_size():
+    schedule = Schedule({"a": 13, "b": 5}, {"a": 3, "b": 2}, "sampled", seed=4)
+    straight = stream(schedule, StreamState(), 0, 1, 12)
+    state = schedule.advance(StreamState(), 4)
+    assert state.positions == {t: sum(schedule.counts(k)[t] for k in range(4)) for t in ("a", "b")}
+    resumed = [stream(schedule, state, rank, 2, 4) for rank in range(2)]
+    interleaved = [slot for pair in zip(*resumed) for slot in pair]
+    assert [(s.index, s.samples) for s in interleaved] == [(s.index, s.samples) for s in straight[4:12]]
+
+
+def test_sampled_mixing_draws_in_proportion_and_is_deterministic():
+    schedule = Schedule({"a": 100, "b": 100}, {"a": 3, "b": 1}, "sampled", seed=0)
+    counts = [schedule.counts(k) for k in range(400)]
+    assert all(c["a"] + c["b"] == 4 for c in counts)
+    assert sum(c["a"] for c in counts) / 1600 == pytest.approx(0.75, abs=0.03)
+    assert any(c["b"] == 0 for c in counts)  # some micro-batches miss a task entirely
+    assert counts == [Schedule({"a": 100, "b": 100}, {"a": 3, "b": 1}, "sampled", seed=0).counts(k)
+                      for k in range(400)]
 
 
 def test_eval_batches_are_ordered_and_limited(image_set, text):
