@@ -7,6 +7,7 @@ Shape legend: B batch, L length, D patch features, E model dim.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytrain.registry import Registry
@@ -18,7 +19,12 @@ EMBEDDERS: Registry[type[nn.Module]] = Registry("embedder")
 
 @EMBEDDERS.register("text")
 class TokenEmbedder(nn.Module):
-    """Token ids -> vectors, plus learned 1-D positions. Its table doubles as the LM output projection."""
+    """Token ids -> vectors, plus learned 1-D positions. Its table doubles as the LM output projection.
+
+    Called with a Segment it embeds; called with hidden states (B, T, E) it returns the tied
+    logits (B, T, V). Both uses run inside this module's forward, where sharded-parameter engines
+    (ZeRO-3) gather the table.
+    """
 
     def __init__(self, spec: EmbedSpec, dim: int):
         super().__init__()
@@ -26,8 +32,10 @@ class TokenEmbedder(nn.Module):
         self.position = nn.Embedding(spec.grid[1], dim)
         self.modality = nn.Parameter(0.02 * torch.randn(dim))
 
-    def forward(self, segment: Segment) -> Tensor:
-        return self.table(segment.values) + self.position(segment.positions[..., 1]) + self.modality
+    def forward(self, x: Segment | Tensor) -> Tensor:
+        if isinstance(x, Tensor):
+            return F.linear(x, self.table.weight)
+        return self.table(x.values) + self.position(x.positions[..., 1]) + self.modality
 
 
 @EMBEDDERS.register("image")

@@ -6,7 +6,6 @@ Shape legend: B batch, T text length, E model dim, V vocabulary.
 import math
 from dataclasses import dataclass, field
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytrain.errors import ConfigError
@@ -63,7 +62,7 @@ class PolyModel(nn.Module):
 
     def lm_logits(self, h_BTE: Tensor) -> Tensor:
         """Next-token logits (B, T, V), tied to the text embedding table."""
-        return F.linear(h_BTE, self.embedders["text"].table.weight)
+        return self.embedders["text"](h_BTE)
 
     def forward(self, batch: dict[str, TaskBatch]) -> dict[str, Tensor]:
         """The training loss of every task in ``batch``, as its head defines it."""

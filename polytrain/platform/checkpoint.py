@@ -50,6 +50,7 @@ DEEPSPEED_PICKLED_CLASSES = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
 )
 """The only non-tensor classes DeepSpeed's checkpoint files hold (found by loading every stage/precision)."""
 
@@ -66,8 +67,10 @@ def safe_unpickling():
         try:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as err:
-            reason = str(err).strip().splitlines()[0]
-            raise DataError(f"{f}: refused to load, it holds more than tensors ({reason})") from None
+            lines = str(err).strip().splitlines()
+            reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+            raise DataError(f"{f}: refused to load, it holds more than tensors and DeepSpeed's own state "
+                            f"({reason})") from None
 
     with torch.serialization.safe_globals(allowed):
         torch.load = restricted_load

@@ -20,13 +20,16 @@ Micro-batches are planned by ``Schedule`` per global slot (see its docstring),
 so the data order does not depend on how many processes read it.
 """
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from polytrain.errors import ConfigError, DataError, PolytrainError
@@ -178,24 +181,24 @@ class Sample:
 
 
 class LMDataset(Dataset):
-    """Documents concatenated (eos between them) and cut into windows of ``seq_len + 1`` tokens."""
+    """Documents concatenated (eos between them) and cut into windows of ``seq_len + 1`` tokens.
 
-    def __init__(self, records: list[Record], text: TextTokenizer, seq_len: int):
+    The token stream is cached under ``cache_dir/tokens``, keyed by a hash of the
+    tokenizer and the documents, so only the first run (or process) tokenizes.
+    """
+
+    def __init__(self, records: list[Record], text: TextTokenizer, seq_len: int, cache_dir: Path | None = None):
         texts = []
         for record in records:
             value = record.fields.get("text")
             if not isinstance(value, str):
                 raise DataError(f"{record.where}: a decoder_only sample needs a 'text' string, got {value!r}")
             texts.append(value)
-        stream = []
-        for ids in text.encode_batch(texts):
-            stream.extend(ids)
-            stream.append(text.eos_id)
-        self.tokens = torch.tensor(stream, dtype=torch.int32)
+        self.tokens = token_stream(texts, text, cache_dir)
         self.seq_len = seq_len
         self.name = records[0].where.rsplit(":", 1)[0]
         if len(self) == 0:
-            raise DataError(f"{self.name}: {len(stream)} tokens, fewer than one window of seq_len+1={seq_len + 1}")
+            raise DataError(f"{self.name}: {len(self.tokens)} tokens, fewer than one window of seq_len+1={seq_len + 1}")
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
@@ -209,6 +212,28 @@ class LMDataset(Dataset):
         ids = torch.stack([s.values.values for s in samples])
         inputs = Segment.collate([text_tokens(row[:-1]) for row in ids], pad_id)
         return TaskBatch(inputs, ids[:, 1:].clone(), sample_ids=[s.sample_id for s in samples])
+
+
+def token_stream(texts: list[str], text: TextTokenizer, cache_dir: Path | None) -> torch.Tensor:
+    """int32 ids of ``texts`` joined by eos (one after each), from the cache when present."""
+    digest = hashlib.sha256(text.hf.to_str().encode())
+    for value in texts:
+        digest.update(value.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    path = None if cache_dir is None else Path(cache_dir) / "tokens" / f"{digest.hexdigest()[:32]}.safetensors"
+    if path is not None and path.is_file():
+        return load_file(str(path))["tokens"]
+    stream = []
+    for ids in text.encode_batch(texts):
+        stream.extend(ids)
+        stream.append(text.eos_id)
+    tokens = torch.tensor(stream, dtype=torch.int32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"tokens": tokens}, tmp)
+        os.replace(tmp, path)
+    return tokens
 
 
 class Seq2SeqDataset(Dataset):
@@ -260,13 +285,13 @@ class Seq2SeqDataset(Dataset):
         return TaskBatch(inputs, labels, source, [s.sample_id for s in samples], [s.target for s in samples])
 
 
-def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any],
-                  skip_bad: bool) -> LMDataset | Seq2SeqDataset:
+def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any], skip_bad: bool,
+                  cache_dir: Path | None = None) -> LMDataset | Seq2SeqDataset:
     records = read_manifest(manifest, name, skip_bad)
     text = tokenizers["text"]
     if HEADS.get(task.head).needs_encoder:
         return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad)
-    return LMDataset(records, text, task.seq_len)
+    return LMDataset(records, text, task.seq_len, cache_dir)
 
 
 class Schedule:

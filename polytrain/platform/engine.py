@@ -94,16 +94,13 @@ class Engine:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def optimizer(self, param_groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-        """AdamW with decoupled weight decay: torch's, or DeepSpeed's CPU Adam when states are offloaded."""
-        if self.cfg.offload_optimizer:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
-
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler):
-        """Wrap for DeepSpeed; returns (engine model, optimizer, scheduler)."""
+        """Wrap for DeepSpeed; returns (engine model, optimizer, scheduler).
+
+        Pass a ``torch.optim.AdamW``: with optimizer offload Accelerate replaces it by DeepSpeed's
+        CPU Adam in AdamW mode (an optimizer of any other class comes back as plain Adam with
+        L2-coupled weight decay).
+        """
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.model = model
         return model, optimizer, scheduler
@@ -181,12 +178,26 @@ class Engine:
         model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}})
 
     def load_shards(self, model: nn.Module, directory: Path) -> None:
-        """Restore model and optimizer shards saved by ``save_shards`` (or converted to universal form)."""
+        """Restore model and optimizer shards saved by ``save_shards`` (or converted to universal form).
+
+        Two repairs after DeepSpeed's ZeRO-3 universal loader: it copies the first parameter
+        group's settings (weight decay included) into every group, so each group gets back the
+        hyperparameters it was built with (the learning rate is the scheduler's business); and it
+        hands every parameter the same ``step`` tensor, which torch's Adam then increments once per
+        sub-group, so each state gets its own copy.
+        """
+        groups = model.optimizer.param_groups
+        settings = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
         with safe_unpickling():
             path, _ = model.load_checkpoint(str(directory), tag=SHARD_TAG, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint tagged {SHARD_TAG!r}")
+        for group, own in zip(groups, settings):
+            group.update(own)
+        for state in base_optimizer(model.optimizer).state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
     def close(self) -> None:
         self.accelerator.end_training()
@@ -218,6 +229,13 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, 
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config
+
+
+def base_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, loss scaling)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def free_port() -> int:

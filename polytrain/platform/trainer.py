@@ -103,11 +103,13 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split by weight decay; an empty group (all of it frozen) is left out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or name.startswith(NO_DECAY_MARKERS) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def seed_everything(seed: int) -> None:
@@ -170,13 +172,15 @@ class Trainer:
         self.tokenizer_file = resume / TOKENIZER if resume is not None else self.text_tokenizer_file()
         self.tokenizers = recipe.build_tokenizers(cfg, self.tokenizer_file)
         self.text = self.tokenizers["text"]
-        self.train_sets = recipe.build_datasets(cfg, "train", self.tokenizers)
-        self.val_sets = recipe.build_datasets(cfg, "val", self.tokenizers)
+        with engine.main_process_first():  # the main process tokenizes and caches, the others read the cache
+            self.train_sets = recipe.build_datasets(cfg, "train", self.tokenizers)
+            self.val_sets = recipe.build_datasets(cfg, "val", self.tokenizers)
         torch.manual_seed(cfg.train.seed)
         model = recipe.build_model(cfg, self.tokenizers)
         n_params = sum(p.numel() for p in model.parameters())
         freeze(model, cfg.finetune.freeze)
-        optimizer = engine.optimizer(param_groups(model, cfg.train.weight_decay), cfg.train.lr, cfg.train.betas)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                      betas=cfg.train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.train))
         self.model, self.optimizer, self.scheduler = engine.prepare(model, optimizer, scheduler)
         self.weights = {name: task.weight for name, task in cfg.data.tasks.items()}
@@ -214,6 +218,8 @@ class Trainer:
                 shards = convert_to_universal(folder)
         self.engine.load_shards(self.model, shards)
         self.scheduler.load_state_dict(saved["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the rate the next step uses, per group
         self.step = saved["step"]
         self.stream = StreamState(saved["stream"]["slot"], saved["stream"]["positions"])
         same_world = saved["world_size"] == self.engine.world_size

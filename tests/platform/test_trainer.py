@@ -21,3 +21,5 @@ def test_no_weight_decay_for_vectors_and_embeddings():
     decay, no_decay = param_groups(model, 0.1)
     assert decay["params"] == [model["fc"].weight] and decay["weight_decay"] == 0.1
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+    model["fc"].weight.requires_grad_(False)
+    assert [len(g["params"]) for g in param_groups(model, 0.1)] == [4]  # the emptied decay group is dropped

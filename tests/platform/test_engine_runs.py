@@ -1,0 +1,247 @@
+"""The engine for real: DeepSpeed ZeRO 0-3 with 1, 2 and 4 gloo processes on the tiny recipe.
+
+Runs go through the CLI; module fixtures share runs between tests (the stage runs feed the
+resume and export tests). Losses are compared step by step from each run's metrics.jsonl.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from polytrain.platform.checkpoint import export_model, load_exported
+from tests.helpers import REPO, polytrain, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 20
+DOUBLE = ("data.tasks.image_to_text.batch_size=8", "data.tasks.text_lm.batch_size=4")
+
+
+class Runs:
+    """Starts tiny-recipe runs under one folder and reads back what they logged."""
+
+    def __init__(self, root, cache):
+        self.root, self.cache, self.port = root, cache, 29600 + os.getpid() % 300
+
+    def train(self, name, *overrides, procs=1, expect_ok=True):
+        args = ["launch" if procs > 1 else "train", TINY, f"train.out_dir={self.root}", f"train.run_name={name}",
+                f"data.cache_dir={self.cache}", "tracking.log_samples=true", *overrides]
+        if procs > 1:
+            self.port += 1
+            args += [f"launch.procs_per_node={procs}", f"launch.master_port={self.port}"]
+        proc = polytrain(*args, cwd=self.root)
+        if expect_ok:
+            assert proc.returncode == 0, proc.stderr[-4000:]
+        return self.root / name if expect_ok else proc
+
+    def resume_copy(self, source, name, step, *overrides, procs=1):
+        """Copy ``source`` to ``name`` as it was at ``step`` and resume it there."""
+        target = self.root / name
+        shutil.copytree(source / "checkpoints" / f"step_{step:08d}", target / "checkpoints" / f"step_{step:08d}")
+        shutil.copytree(source / "tokenizer", target / "tokenizer")
+        return self.train(name, f"train.resume={target / 'checkpoints' / f'step_{step:08d}'}", *overrides,
+                          procs=procs)
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
+
+
+def metric(run_dir, key) -> dict[int, float]:
+    return {row["step"]: row[key] for row in read_jsonl(run_dir / "metrics.jsonl") if key in row}
+
+
+def samples(run_dir, rank=None) -> dict[int, dict[str, list[str]]]:
+    """Sample ids per step (all micro-batches; all ranks unless ``rank``)."""
+    out: dict[int, dict[str, list[str]]] = {}
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        if rank is not None and path.stem != f"rank{rank}":
+            continue
+        for row in read_jsonl(path):
+            for task, ids in row["samples"].items():
+                out.setdefault(row["step"], {}).setdefault(task, []).extend(ids)
+    return out
+
+
+def assert_close_curves(a: dict, b: dict, atol: float, steps=None):
+    steps = steps or sorted(a)
+    worst = max(abs(a[s] - b[s]) for s in steps)
+    assert worst <= atol, f"max |loss difference| {worst:.3g} > {atol} over steps {steps[0]}..{steps[-1]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache):
+    return Runs(tmp_path_factory.mktemp("engine"), data_cache)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(runs):
+    """The tiny recipe on 2 processes under each ZeRO stage, checkpoints at 10 and 20."""
+    return {stage: runs.train(f"zero{stage}", f"engine.zero_stage={stage}", "train.save_every=10", procs=2)
+            for stage in (0, 1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def single_double(runs):
+    """One process with every micro-batch doubled: the same global batch as the 2-process runs."""
+    return runs.train("single", *DOUBLE, "train.save_every=10")
+
+
+def test_zero_stages_give_the_same_loss_curve(stage_runs):
+    reference = losses(stage_runs[0])
+    assert len(reference) == STEPS and reference[STEPS] < reference[1]
+    for stage in (1, 2, 3):
+        assert_close_curves(losses(stage_runs[stage]), reference, atol=1e-5)
+
+
+def test_zero_stages_shard_optimizer_states(stage_runs):
+    shards = {stage: sorted(p.name for p in (stage_runs[stage] / "checkpoints" / "step_00000020" / "deepspeed" /
+                                               "zero").glob("*optim_states.pt")) for stage in (0, 1, 2, 3)}
+    assert shards[0] == []  # stage 0 keeps the whole optimizer in the model states file
+    for stage in (1, 2, 3):
+        assert len(shards[stage]) == 2 and all(f"zero_pp_rank_{r}_" in shards[stage][r] for r in (0, 1))
+
+
+def test_two_processes_equal_one_with_double_micro_batch(stage_runs, single_double):
+    assert_close_curves(losses(stage_runs[2]), losses(single_double), atol=1e-5)
+    two, one = samples(stage_runs[2]), samples(single_double)
+    for step in range(1, STEPS + 1):
+        for task in one[step]:
+            assert sorted(two[step][task]) == sorted(one[step][task])
+
+
+def test_bf16_tracks_fp32_within_two_percent(runs, single_double):
+    bf16 = runs.train("bf16", "engine.precision=bf16", *DOUBLE)
+    fp32, low = losses(single_double), losses(bf16)
+    for step in fp32:
+        assert low[step] == pytest.approx(fp32[step], rel=0.02), step
+    assert losses(bf16) != fp32  # it really ran in bf16
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted(runs):
+    run = runs.train("fp16", "engine.precision=fp16", "engine.initial_loss_scale_power=24",
+                     "engine.loss_scale_window=2")
+    skipped, lr = metric(run, "skipped_steps"), metric(run, "lr")
+    assert skipped[1] == 1 and 0 < skipped[STEPS] < STEPS  # overflows at scale 2**24 until the scale settles
+    overflowed = [s for s in range(1, STEPS) if skipped[s] > skipped.get(s - 1, 0)]
+    for s in overflowed:  # a skipped step leaves the LR schedule where it was
+        assert lr[s + 1] == lr[s], s
+    assert losses(run)[STEPS] < losses(run)[1]
+
+
+def test_exact_resume_is_bitwise_and_sees_every_sample_once(runs, single_double):
+    resumed = runs.resume_copy(single_double, "resumed", 10, *DOUBLE)
+    straight = losses(single_double)
+    assert losses(resumed) == {s: straight[s] for s in range(11, STEPS + 1)}  # bitwise equal floats
+    assert samples(resumed) == {s: v for s, v in samples(single_double).items() if s > 10}
+    first_half = [i for s, v in samples(single_double).items() if s <= 10 for i in v["image_to_text"]]
+    seen = first_half + [i for v in samples(resumed).values() for i in v["image_to_text"]]
+    assert len(seen) == len(set(seen)) == STEPS * 8  # 160 of 1437 images: no repeats, none skipped
+
+
+@pytest.mark.parametrize("source_stage, procs, overrides", [
+    (2, 1, ["train.grad_accum=2"]),
+    (2, 4, ["data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1"]),
+    (3, 1, ["train.grad_accum=2"]),
+])
+def test_resume_on_another_world_size_continues_the_curve(runs, stage_runs, source_stage, procs, overrides):
+    source = stage_runs[source_stage]
+    resumed = runs.resume_copy(source, f"from{source_stage}on{procs}", 10, f"engine.zero_stage={source_stage}",
+                               *overrides, procs=procs)
+    assert (resumed / "checkpoints" / "step_00000010" / "deepspeed_universal").is_dir()
+    # Same global batch and data stream, restored optimizer state: the curve goes on as if never stopped.
+    assert_close_curves(losses(resumed), losses(source), atol=1e-5, steps=list(range(11, STEPS + 1)))
+    before = samples(source)
+    for step, tasks in samples(resumed).items():  # the same samples, dealt to other ranks
+        assert {t: sorted(ids) for t, ids in tasks.items()} == {t: sorted(ids) for t, ids in before[step].items()}
+    assert sorted(samples(resumed)) == list(range(11, STEPS + 1))
+
+
+def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
+    run = stage_runs[3]
+    out = export_model(run, tmp_path / "model.safetensors")
+    exported = load_file(str(out))
+    gathered = load_file(str(run / "checkpoints" / "step_00000020" / "model.safetensors"))
+    assert exported.keys() == gathered.keys()
+    for name in gathered:
+        assert torch.equal(exported[name], gathered[name]), name
+    assert (tmp_path / "model.yaml").is_file()
+    cfg, tokenizers, model = load_exported(out)
+    assert cfg.engine.zero_stage == 3 and tokenizers["text"].vocab_size == 512
+    assert all(torch.equal(p, exported[n]) for n, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_frozen_backbone_stays_fixed_under_every_stage(runs, stage):
+    run = runs.train(f"frozen{stage}", f"engine.zero_stage={stage}", "finetune.freeze=[backbone.*]",
+                     "train.steps=3", "train.save_every=1", procs=2)
+    first, last = (load_file(str(run / "checkpoints" / f"step_{s:08d}" / "model.safetensors")) for s in (1, 3))
+    for name in first:
+        if name.startswith("backbone."):
+            assert torch.equal(first[name], last[name]), name
+    assert not torch.equal(first["embedders.text.table.weight"], last["embedders.text.table.weight"])
+
+
+def test_ranks_with_different_modalities_do_not_hang_under_zero3(runs):
+    run = runs.train("mixed", "engine.zero_stage=3", "data.mixing=sampled", "data.tasks.image_to_text.batch_size=1",
+                     "data.tasks.text_lm.batch_size=1", "train.steps=16", procs=2)
+    rank0, rank1 = samples(run, 0), samples(run, 1)
+    uneven = [s for s in rank0 if set(rank0[s]) == {"text_lm"} and set(rank1[s]) == {"text_lm", "image_to_text"}]
+    assert uneven, "the seed should give a step where rank 0 is text-only and rank 1 has image+text"
+    assert losses(run)[16] < losses(run)[1]
+
+
+@pytest.mark.parametrize("stage, offload", [(2, ["engine.offload_optimizer=true"]),
+                                            (3, ["engine.offload_optimizer=true", "engine.offload_params=true"])])
+def test_offload_follows_the_same_curve(runs, stage_runs, stage, offload):
+    run = runs.train(f"offload{stage}", f"engine.zero_stage={stage}", *offload, procs=2)
+    assert_close_curves(losses(run), losses(stage_runs[stage]), atol=1e-5)  # CPU Adam in AdamW mode
+
+
+def test_global_batch_that_does_not_add_up_names_every_factor(runs):
+    proc = runs.train("badbatch", "train.global_batch=7", "train.grad_accum=2", expect_ok=False)
+    assert proc.returncode == 2
+    assert ("train.global_batch=7: != micro-batch 6 (image_to_text 4 + text_lm 2) x train.grad_accum 2 x "
+            "data-parallel processes 1 = 12") in proc.stderr
+
+
+def test_kill_during_save_leaves_latest_at_the_previous_checkpoint(runs):
+    run = runs.root / "killed"
+    args = [sys.executable, "-m", "polytrain.cli", "train", TINY, f"train.out_dir={runs.root}", "train.run_name=killed",
+            f"data.cache_dir={runs.cache}", "train.save_every=1", "train.steps=200", "model.backbone.dim=256",
+            "model.backbone.n_heads=4", "model.backbone.encoder_layers=2", "model.backbone.decoder_layers=2"]
+    proc = subprocess.Popen(args, cwd=runs.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoints, deadline = run / "checkpoints", time.time() + 300
+    try:
+        while time.time() < deadline:  # wait until a save is under way after one has completed
+            if (checkpoints / "latest").is_file() and list(checkpoints.glob(".tmp-step_*/deepspeed")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = sorted(checkpoints.glob(".tmp-step_*"))
+    assert partial, "the run was not caught in the middle of a save"
+    latest = (checkpoints / "latest").read_text().strip()
+    complete = int(latest.split("_")[1])
+    assert int(partial[-1].name.split("_")[1]) > complete and (checkpoints / latest / "model.safetensors").is_file()
+    logged_before = len(read_jsonl(run / "metrics.jsonl"))
+    runs.train("killed", f"train.resume={run}", f"train.steps={complete + 2}", "train.save_every=1",
+               "model.backbone.dim=256", "model.backbone.n_heads=4", "model.backbone.encoder_layers=2",
+               "model.backbone.decoder_layers=2")
+    state = json.loads((checkpoints / f"step_{complete + 2:08d}" / "trainer_state.json").read_text())
+    assert state["step"] == complete + 2 and not list(checkpoints.glob(".tmp-step_*"))[1:]
+    after = [row["step"] for row in read_jsonl(run / "metrics.jsonl")[logged_before:] if "loss" in row]
+    assert after == [complete + 1, complete + 2]  # continued right after the last complete checkpoint
