@@ -1,8 +1,10 @@
-"""polytrain train | launch | eval | tokenizer
+"""polytrain train | launch | eval | export | plan | tokenizer
 
     polytrain train configs/quickstart.yaml train.steps=50
     polytrain launch configs/quickstart.yaml launch.procs_per_node=2 [--dry-run]
     polytrain eval runs/quickstart-20261121-120000
+    polytrain export runs/quickstart-20261121-120000 --out model.safetensors
+    polytrain plan configs/quickstart.yaml --gpus-per-node 8 --nodes 2 --gpu-mem 80GB
     polytrain tokenizer train --input a.txt b.txt --vocab-size 4096 --out tok/
 """
 
@@ -49,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="run directory (or one checkpoint folder)")
     evaluate.add_argument("--out", help="also write the results as JSON here")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = commands.add_parser("export", help="consolidate a run's latest checkpoint (ZeRO shards included) "
+                                 "into one safetensors file plus its config")
+    export.add_argument("run_dir", help="run directory (or one checkpoint folder)")
+    export.add_argument("--out", required=True, help="the .safetensors file to write; the config goes beside it "
+                        "as .yaml")
+    export.set_defaults(func=cmd_export)
+
+    plan = commands.add_parser("plan", help="estimate per-rank memory under each ZeRO stage and offload choice "
+                               "and recommend the least sharding that fits")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB, 40GiB")
+    plan.set_defaults(func=cmd_plan)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tok_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
@@ -105,6 +123,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from polytrain.platform.checkpoint import export_model
+
+    out = export_model(args.run_dir, Path(args.out))
+    print(f"{out} (config: {out.with_suffix('.yaml')})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from polytrain.config import load_config
+    from polytrain.platform.plan import format_plan, parse_size, plan
+
+    cfg = load_config(args.config, args.overrides)
+    gpu_mem = parse_size(args.gpu_mem)
+    rows, best = plan(cfg, args.gpus_per_node, args.nodes, gpu_mem)
+    print(format_plan(cfg, rows, best, args.gpus_per_node, args.nodes, gpu_mem))
     return 0
 
 

@@ -22,7 +22,9 @@ from polytrain.platform.checkpoint import (TOKENIZER, convert_to_universal, late
                                            restore_rng, save_checkpoint)
 from polytrain.platform.data import MicroBatch, Mixture, Schedule, StreamState, micro_batches
 from polytrain.platform.evaluate import evaluate, format_table
+from polytrain.platform.engine import base_optimizer
 from polytrain.platform.finetune import freeze
+from polytrain.platform.plan import StateProbe
 from polytrain.platform.tracking import Tracker
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
 
@@ -175,6 +177,7 @@ class Trainer:
         with engine.main_process_first():  # the main process tokenizes and caches, the others read the cache
             self.train_sets = recipe.build_datasets(cfg, "train", self.tokenizers)
             self.val_sets = recipe.build_datasets(cfg, "val", self.tokenizers)
+        self.memory = StateProbe()
         torch.manual_seed(cfg.train.seed)
         model = recipe.build_model(cfg, self.tokenizers)
         n_params = sum(p.numel() for p in model.parameters())
@@ -183,6 +186,7 @@ class Trainer:
                                       betas=cfg.train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.train))
         self.model, self.optimizer, self.scheduler = engine.prepare(model, optimizer, scheduler)
+        self.memory.attach(base_optimizer(self.optimizer))
         self.weights = {name: task.weight for name, task in cfg.data.tasks.items()}
         self.schedule = Schedule({n: len(ds) for n, ds in self.train_sets.items()},
                                  {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.data.mixing, cfg.train.seed)
@@ -238,6 +242,9 @@ class Trainer:
         start = last_log = time.perf_counter()
         for step in range(first_step, cfg.train.steps + 1):
             metrics = self.train_step(batches, step)
+            measured = self.memory.take()
+            if measured is not None:  # the first step that stepped the optimizer
+                self.log_state_memory(step, measured)
             self.step = step
             elapsed = time.perf_counter() - start
             metrics["samples_per_s"] = (step - first_step + 1) * self.samples_per_step / elapsed
@@ -251,6 +258,18 @@ class Trainer:
             if step < cfg.train.steps and cfg.train.save_every and step % cfg.train.save_every == 0:
                 self.checkpoint(step)
         return self.finish(time.perf_counter() - start)
+
+    def log_state_memory(self, step: int, measured: int) -> None:
+        """Tensor memory per rank for parameters, gradients, optimizer states and DeepSpeed's buffers,
+        measured at the first optimizer step (compare with ``polytrain plan``)."""
+        own = torch.zeros(self.engine.world_size, dtype=torch.float64)
+        own[self.engine.rank] = measured / 2**30
+        per_rank = self.engine.sum(own)
+        self.tracker.log(step, {"memory/states_gib_max": float(per_rank.max()),
+                                "memory/states_gib_mean": float(per_rank.mean())})
+        if self.engine.is_main:
+            log.info("parameters + gradients + optimizer states per rank: %s GiB",
+                     " ".join(f"{v:.3f}" for v in per_rank.tolist()))
 
     @property
     def samples_per_step(self) -> int:

@@ -16,7 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polytrain.platform.checkpoint import export_model, load_exported
+from polytrain.config import load_config
+from polytrain.platform import recipe
+from polytrain.platform.checkpoint import load_exported
+from polytrain.platform.evaluate import evaluate
+from polytrain.platform.plan import GIB, Option, count_parameters, estimate
 from tests.helpers import REPO, polytrain, read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -24,6 +28,9 @@ pytestmark = pytest.mark.slow
 TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 20
 DOUBLE = ("data.tasks.image_to_text.batch_size=8", "data.tasks.text_lm.batch_size=4")
+PLANNED_MODEL = ("model.backbone.dim=384", "model.backbone.n_heads=6", "model.backbone.encoder_layers=3",
+                 "model.backbone.decoder_layers=3", "engine.bucket_size=1000000")
+"""About 10M parameters: the states dwarf everything else a rank allocates."""
 
 
 class Runs:
@@ -168,7 +175,9 @@ def test_resume_on_another_world_size_continues_the_curve(runs, stage_runs, sour
 
 def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
     run = stage_runs[3]
-    out = export_model(run, tmp_path / "model.safetensors")
+    out = tmp_path / "model.safetensors"
+    proc = polytrain("export", run, "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     exported = load_file(str(out))
     gathered = load_file(str(run / "checkpoints" / "step_00000020" / "model.safetensors"))
     assert exported.keys() == gathered.keys()
@@ -177,7 +186,26 @@ def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
     assert (tmp_path / "model.yaml").is_file()
     cfg, tokenizers, model = load_exported(out)
     assert cfg.engine.zero_stage == 3 and tokenizers["text"].vocab_size == 512
-    assert all(torch.equal(p, exported[n]) for n, p in model.state_dict().items())
+    n_params = sum(t.numel() for t in exported.values())
+    assert count_parameters(cfg) == (n_params, n_params)  # the planner's count, without building the model
+    # One process, the exported file: the same held-out results the 2-process ZeRO-3 run computed at its end.
+    results = evaluate(model, cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers), tokenizers["text"],
+                       torch.device("cpu"), cfg.train.eval_batch_size)
+    final = json.loads((run / "eval.json").read_text())
+    for task, metrics in final.items():
+        for key, value in metrics.items():
+            assert results[task][key] == pytest.approx(value, abs=1e-6), (task, key)
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16"), (3, "fp32")])
+def test_planner_matches_measured_state_memory(runs, stage, precision):
+    overrides = [f"engine.zero_stage={stage}", f"engine.precision={precision}", *PLANNED_MODEL]
+    run = runs.train(f"memory{stage}", *overrides, "train.steps=1", procs=2)
+    measured = max(metric(run, "memory/states_gib_max").values()) * GIB
+    cfg = load_config(TINY, overrides)
+    n_params, n_trainable = count_parameters(cfg)
+    planned = estimate(cfg, Option(stage), 2, n_params, n_trainable, activations=0).states
+    assert abs(measured / planned - 1) <= 0.15, f"measured {measured / GIB:.3f} GiB, planned {planned / GIB:.3f} GiB"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
