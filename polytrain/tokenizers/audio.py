@@ -72,15 +72,16 @@ class AudioTokenizerConfig:
     """SpecAugment: masks of each kind per clip."""
 
     def check(self) -> None:
+        if self.stride_mels == 0 and (self.patch_mels <= 0 or self.n_mels % self.patch_mels):
+            raise ConfigError("patch_mels", self.patch_mels, f"must be positive and divide n_mels={self.n_mels}")
         if not 0 < self.patch_mels <= self.n_mels:
             raise ConfigError("patch_mels", self.patch_mels, f"must be in 1..n_mels={self.n_mels}")
+        if not 0 <= self.stride_mels <= self.patch_mels or (self.n_mels - self.patch_mels) % self.mel_stride:
+            raise ConfigError("stride_mels", self.stride_mels,
+                              f"must be in 1..patch_mels={self.patch_mels} and divide n_mels - patch_mels = "
+                              f"{self.n_mels - self.patch_mels}, so patches cover every mel bin")
         if self.patch_frames <= 0:
             raise ConfigError("patch_frames", self.patch_frames, "must be positive")
-        if not 0 <= self.stride_mels <= self.patch_mels or (self.n_mels - self.patch_mels) % self.mel_stride:
-            raise ConfigError("stride_mels" if self.stride_mels else "patch_mels",
-                              self.stride_mels or self.patch_mels,
-                              f"must be in 1..patch_mels and divide n_mels - patch_mels = "
-                              f"{self.n_mels} - {self.patch_mels} so patches cover every mel bin")
         if not 0 <= self.stride_frames <= self.patch_frames:
             raise ConfigError("stride_frames", self.stride_frames, f"must be in 0..patch_frames={self.patch_frames}")
         if self.frame_shift_ms <= 0 or self.frame_length_ms < self.frame_shift_ms:

@@ -32,8 +32,8 @@ class PackedDocuments:
             starts.append(len(stream))
             stream.extend(ids)
             stream.append(eos_id)
-        self.tokens = torch.tensor(stream, dtype=torch.int64)
-        """(N,) the whole stream."""
+        self.tokens = torch.tensor(stream, dtype=torch.int32)
+        """(N,) the whole stream; int32 halves the memory of a large corpus, windows come out as int64."""
         self.starts = torch.tensor(starts, dtype=torch.int64)
         """(documents,) offset of each document's first token in the stream."""
         self.window, self.stride = window, stride
@@ -52,7 +52,7 @@ class PackedDocuments:
         document = torch.searchsorted(self.starts, offsets, right=True) - 1  # last start <= offset
         document_start = self.starts[document].clamp(min=begin)
         positions = torch.stack([torch.zeros_like(offsets), offsets - document_start], dim=1)
-        return Tokens(self.tokens[begin: begin + self.window], positions, "text", document - document[0])
+        return Tokens(self.tokens[begin: begin + self.window].long(), positions, "text", document - document[0])
 
 
 def next_token_pair(window: Tokens) -> tuple[Tokens, Tensor]:

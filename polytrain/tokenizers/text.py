@@ -144,6 +144,8 @@ class TextTokenizer:
         try:
             encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
         except TypeError:  # HF's message does not say which text; find it and say why
+            if isinstance(texts, str):
+                raise TypeError("encode_batch takes a list of strings; encode takes one") from None
             for index, text in enumerate(texts):
                 _check_text(text, index)
             raise

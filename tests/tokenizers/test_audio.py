@@ -139,8 +139,11 @@ def test_overlapping_patches_match_slicing_by_hand(patch, stride):
 def test_patch_strides_must_tile_the_mel_bins():
     from polytrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"stride_mels=10: must be in 1..patch_mels and divide n_mels - patch_mels"):
+    with pytest.raises(ConfigError, match=r"stride_mels=10: must be in 1..patch_mels=16 and divide n_mels - "
+                                          r"patch_mels = 112, so patches cover every mel bin"):
         AudioTokenizerConfig(n_mels=128, patch_mels=16, stride_mels=10).check()  # AST's 128/16/10 drops 2 bins
+    with pytest.raises(ConfigError, match=r"patch_mels=10: must be positive and divide n_mels=64"):
+        AudioTokenizerConfig(n_mels=64, patch_mels=10).check()
 
 
 def test_spec_augment_draws_like_torchaudio_and_only_when_asked():
