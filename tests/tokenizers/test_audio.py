@@ -190,18 +190,21 @@ def test_lossy_files_decode_to_the_same_duration_and_spectrum(tmp_path, suffix, 
     assert (decoded.mean(0)[below_5khz] - original.mean(0)[below_5khz]).abs().max() < 0.1
 
 
-def test_resampling_and_mixing_equal_torchaudio_called_directly(tmp_path):
-    left, right = tone(0.8, rate=22_050)[0], 0.5 * tone(0.8, rate=22_050)[0][::-1]
-    path = tmp_path / "stereo.wav"
-    soundfile.write(path, np.stack([left, right], 1), 22_050, subtype="FLOAT")
+@pytest.mark.parametrize("rate, channels", [(8_000, 1), (16_000, 4), (22_050, 2), (44_100, 6), (48_000, 2)])
+def test_resampling_and_mixing_equal_torchaudio_called_directly(tmp_path, rate, channels):
+    wave = tone(0.8, rate=rate)[0]
+    tracks = np.stack([(0.9 - 0.1 * c) * (wave if c % 2 == 0 else wave[::-1]) for c in range(channels)])
+    path = tmp_path / "multi.wav"
+    soundfile.write(path, tracks.T, rate, subtype="FLOAT")
     tok = AudioTokenizer(AudioTokenizerConfig())
-    mono = torch.from_numpy((left + right) / 2)
-    direct = torchaudio.functional.resample(mono, 22_050, RATE)
+    mono = torch.from_numpy(tracks.mean(0))
+    direct = mono if rate == RATE else torchaudio.functional.resample(mono, rate, RATE)
     expected = (torchaudio.compliance.kaldi.fbank(direct[None], sample_frequency=RATE, num_mel_bins=80,
                                                   window_type="hanning", dither=0.0, htk_compat=True,
                                                   use_energy=False) + 4.27) / 4.57
-    assert torch.allclose(tok.features(tok.waveform(mono, 22_050, "x")), expected, atol=1e-5)
-    assert torch.allclose(tok(path).values, tok(np.stack([left, right]), 22_050).values, atol=1e-6)
+    assert expected.shape == (1 + (int(0.8 * RATE) - 400) // 160, 80)  # 0.8 s at 16 kHz, whatever the file's rate
+    assert torch.allclose(tok.features(tok.waveform(torch.from_numpy(tracks), rate, "x")), expected, atol=1e-5)
+    assert torch.allclose(tok(path).values, tok(tracks, rate).values, atol=1e-6)
 
 
 def test_integer_pcm_is_scaled_to_full_scale():

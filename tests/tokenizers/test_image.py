@@ -49,6 +49,30 @@ def test_patches_through_a_timm_vit_patch_embedding_give_its_embedding():
     assert tokens.positions.tolist() == [[r, c] for r in range(4) for c in range(4)]
 
 
+@pytest.mark.parametrize("channels, height, width, grid", [
+    (3, 100, 170, (3, 5)),  # fit: scale sqrt(16 * 16^2 / (100 * 170)) = 0.49 -> 3.07 x 5.22 patches
+    (1, 61, 47, (4, 3)),  # native size, 3.81 x 2.94 patches rounded: grayscale through a 1-channel ViT
+])
+def test_variable_resolution_patches_through_a_timm_vit_with_dynamic_size(channels, height, width, grid):
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, in_chans=channels)
+    embed = vit.patch_embed  # timm's any-size path: (B, C, H, W) -> (B, H/16, W/16, dim)
+    linear = torch.nn.Linear(channels * 16 * 16, embed.proj.out_channels)
+    with torch.no_grad():
+        linear.weight.copy_(embed.proj.weight.flatten(1))
+        linear.bias.copy_(embed.proj.bias)
+    cfg = ImageTokenizerConfig(size=224, patch_size=16, channels=channels, resize="fit", max_patches=16,
+                               norm="inception")
+    tok = ImageTokenizer(cfg)
+    image = torch.rand(channels, height, width)
+    tokens = tok(image)
+    theirs = embed(tok.pixels(image)[None])[0]  # (rows, cols, dim)
+    assert tuple(theirs.shape[:2]) == grid
+    assert torch.allclose(linear(tokens.values), theirs.flatten(0, 1), atol=1e-6)
+    rows, cols = grid
+    assert tokens.positions.tolist() == [[r, c] for r in range(rows) for c in range(cols)]
+
+
 def test_resize_and_center_crop_match_torchvision():
     cfg = ImageTokenizerConfig(size=32, patch_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     image = torch.rand(3, 40, 61)
@@ -155,6 +179,27 @@ def test_transparent_pixels_are_composited_onto_white(tmp_path):
     # red over white at alpha 0.2: R = 1*0.2 + 1*0.8, G = B = 0*0.2 + 1*0.8
     assert pixels[:, 3, 3].tolist() == pytest.approx([1.0, 0.8, 0.8], abs=1e-6)
     assert torch.allclose(ImageTokenizer(PLAIN).pixels(rgba), pixels, atol=1e-6)  # same from an (H, W, 4) array
+
+
+def over_white(rgba: np.ndarray) -> torch.Tensor:
+    """(H, W, C+1) uint8 with alpha last -> (C, H, W) float, composited onto white by the closed form."""
+    color, alpha = rgba[..., :-1] / 255.0, rgba[..., -1:] / 255.0
+    return torch.from_numpy(color * alpha + (1 - alpha)).permute(2, 0, 1).float()
+
+
+def test_transparent_palette_and_gray_alpha_files_are_composited_onto_white(tmp_path):
+    path = tmp_path / "palette.png"
+    Image.fromarray(PICTURE).quantize(16).save(path, transparency=3)  # entry 3 is transparent: white it becomes
+    rgba = decode_image(str(path), mode=ImageReadMode.RGB_ALPHA).permute(1, 2, 0).numpy()  # torchvision's decode
+    expected = over_white(rgba)
+    assert (expected == 1.0).all(0).any()  # some pixels did go white
+    resize = v2.Compose([v2.Resize(16), v2.CenterCrop(16)])
+    assert torch.allclose(ImageTokenizer(PLAIN).pixels(path), resize(expected), atol=1e-5)
+    gray_alpha = np.stack([PICTURE[..., 0], PICTURE[..., 1]], axis=-1)  # (H, W, 2): gray, alpha
+    path = tmp_path / "gray_alpha.png"
+    Image.fromarray(gray_alpha, "LA").save(path)
+    gray_cfg = ImageTokenizerConfig(size=16, patch_size=8, channels=1, mean=(0.0,) * 3, std=(1.0,) * 3)
+    assert torch.allclose(ImageTokenizer(gray_cfg).pixels(path), resize(over_white(gray_alpha)), atol=1e-5)
 
 
 def test_arrays_are_channels_last_tensors_channels_first(tmp_path):
