@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from polytrain.errors import ConfigError, DataError, PolytrainError
 from polytrain.models.heads import HEADS
 from polytrain.tokenizers import TOKENIZERS
-from polytrain.tokenizers.text import TextTokenizer
+from polytrain.tokenizers.text import TextTokenizer, check_unicode
 from polytrain.tokens import IGNORE_INDEX, Segment, TaskBatch, Tokens, text_tokens
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,9 @@ def parse_line(line: str, where: str) -> dict[str, Any]:
     unknown = sorted(set(fields) - set(SAMPLE_FIELDS))
     if unknown:
         raise DataError(f"{where}: unknown field(s) {unknown}; known: {', '.join(SAMPLE_FIELDS)}")
+    for key, value in fields.items():  # JSON can spell lone surrogates ("\\ud800"); no tokenizer can take them
+        if isinstance(value, str):
+            check_unicode(value, f"{where}: field {key!r}")
     return fields
 
 

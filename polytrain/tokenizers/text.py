@@ -179,13 +179,17 @@ class TextTokenizer:
 
 
 def _check_text(text: str, index: int) -> None:
-    """Byte-level BPE needs UTF-8; a lone surrogate (e.g. from a bad decode) has none."""
     if not isinstance(text, str):
         raise DataError(f"text #{index} is a {type(text).__name__}, not a string")
+    check_unicode(text, f"text #{index}")
+
+
+def check_unicode(text: str, name: str) -> None:
+    """Byte-level BPE needs UTF-8; a lone surrogate (from a bad decode, or a JSON ``\\ud800`` escape) has none."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise DataError(f"text #{index} is not valid Unicode: {err.reason} at character {err.start} "
+        raise DataError(f"{name} is not valid Unicode: {err.reason} at character {err.start} "
                         f"({text[err.start]!r})") from None
 
 

@@ -90,3 +90,33 @@ def test_with_skip_bad_samples_every_bad_file_is_skipped_and_named(tmp_path, mod
     assert len(sample.skipped) == len(bad)
     for line, (name, skipped) in enumerate(zip(bad, sample.skipped), start=2):
         assert skipped.startswith(f"{tmp_path / 'm.jsonl'}:{line}: {tmp_path / name}: {messages[name]}")
+
+
+def test_lone_surrogate_in_a_manifest_names_the_line_or_is_a_counted_skip(tmp_path, caplog):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"text": "seven eight"}\n{"text": "bad \\ud800 text"}\n{"text": "nine"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{manifest}:2: field 'text' is not valid Unicode: surrogates not "
+                                                  f"allowed at character 4 ('\\ud800')")):
+        read_manifest(manifest, "t", False)
+    with caplog.at_level("WARNING", logger="polytrain.platform.data"):
+        records = read_manifest(manifest, "t", True)
+    assert [r.fields["text"] for r in records] == ["seven eight", "nine"]
+    assert f"{manifest}: skipped 1 bad line(s)" in caplog.text
+
+
+def test_with_skip_bad_samples_bad_text_sources_are_skipped_and_named(tmp_path):
+    rows = [{"text": "seven", "target": "eight"}, {"text": "", "target": "x"},
+            {"text": "nine " * 20, "target": "x"}, {"text": "eight", "target": "nine"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = TextTokenizer.train(["seven eight nine"] * 10, TextTokenizerConfig(vocab_size=300, max_len=8,
+                                                                              overflow="error"))
+    records = read_manifest(tmp_path / "m.jsonl", "t", False)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'm.jsonl'}:2: empty text")):
+        Seq2SeqDataset(records, text, text, max_target_len=4, skip_bad=False)[1]
+    sample = Seq2SeqDataset(records, text, text, max_target_len=4, skip_bad=True)[1]
+    assert sample.sample_id == f"{tmp_path / 'm.jsonl'}:4" and sample.target == "nine"
+    assert sample.skipped[0] == f"{tmp_path / 'm.jsonl'}:2: empty text: a text segment needs at least one token"
+    assert re.fullmatch(re.escape(f"{tmp_path / 'm.jsonl'}:3: text 'nine nine ") + r".*': \d+ tokens exceeds "
+                        r"tokenizers.text.max_len=8 \(overflow=error; overflow=truncate cuts it instead\)",
+                        sample.skipped[1])
+    assert len(sample.skipped) == 2
