@@ -12,9 +12,10 @@ TASK = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.
 
 
 def test_tokenizers_get_every_key_of_their_sections(tmp_path):
-    cfg = load_config(None, TASK + ["data.tasks.t.max_target_len=4", "tokenizers.text.max_len=6", "tokenizers.text.overflow=error",
-                                    "tokenizers.text.pad_to_multiple=8", "tokenizers.image.size=16",
-                                    "tokenizers.image.patch_size=8", "tokenizers.image.channels=1"])
+    cfg = load_config(None, TASK + ["data.tasks.t.max_target_len=4", "tokenizers.text.max_len=6",
+                                    "tokenizers.text.overflow=error", "tokenizers.text.pad_to_multiple=8",
+                                    "tokenizers.image.size=16", "tokenizers.image.patch_size=8",
+                                    "tokenizers.image.channels=1"])
     trained = TextTokenizer.train(["seven eight nine"] * 10, TextTokenizerConfig(vocab_size=300))
     tokenizers = recipe.build_tokenizers(cfg, trained.save(tmp_path))
     text, image = tokenizers["text"], tokenizers["image"]
