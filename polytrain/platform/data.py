@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from polytrain.errors import ConfigError, DataError, PolytrainError
 from polytrain.models.heads import HEADS
 from polytrain.tokenizers import TOKENIZERS
+from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokenizers.text import TextTokenizer, check_unicode
 from polytrain.tokens import IGNORE_INDEX, Segment, TaskBatch, Tokens, text_tokens
 
@@ -251,6 +252,8 @@ class Seq2SeqDataset(Dataset):
                     raise DataError(f"{record.where}: missing field {key!r}")
         self.records, self.source, self.text = records, source, text
         self.max_target_len, self.skip_bad = max_target_len, skip_bad
+        self.target_overflow = Overflow(text.cfg.overflow, "max_target_len")
+        """Targets longer than ``max_target_len`` tokens: cut (counted) or refused, per tokenizers.text.overflow."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -275,7 +278,10 @@ class Seq2SeqDataset(Dataset):
             raise DataError(f"{record.where}: {err}") from None
         if len(source) == 0:
             raise DataError(f"{record.where}: source {self.source_key} has no tokens")
-        target = self.text.encode(str(record.fields["target"]))[: self.max_target_len]
+        target = self.text.encode(str(record.fields["target"]))
+        if len(target) > self.max_target_len:
+            self.target_overflow(f"{record.where}: target", f"{len(target)} tokens", str(self.max_target_len))
+        target = target[: self.max_target_len]
         return source, [self.text.bos_id, *target, self.text.eos_id]
 
     def collate(self, samples: list[Sample], pad_id: int) -> TaskBatch:

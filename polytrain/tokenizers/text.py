@@ -43,8 +43,9 @@ class TextTokenizerConfig:
     min_frequency: int = 2
     """A pair must occur this often in the training text to be merged."""
     overflow: OverflowPolicy = "truncate"
-    """A text segment longer than ``max_len``: ``truncate`` keeps its first ``max_len`` tokens (counted, the
-    first and every 1000th logged); ``error`` refuses the sample."""
+    """A text segment longer than ``max_len`` (or a target longer than its task's ``max_target_len``):
+    ``truncate`` keeps its first tokens (counted, the first and every 1000th logged); ``error`` refuses the
+    sample."""
     pad_to_multiple: int = 1
     """``TextTokenizer.batch`` pads every batch to a length that is a multiple of this (8 suits tensor cores)."""
     pad: str = PAD

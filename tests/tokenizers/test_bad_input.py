@@ -120,3 +120,23 @@ def test_with_skip_bad_samples_bad_text_sources_are_skipped_and_named(tmp_path):
                         r"tokenizers.text.max_len=8 \(overflow=error; overflow=truncate cuts it instead\)",
                         sample.skipped[1])
     assert len(sample.skipped) == 2
+
+
+@pytest.mark.parametrize("overflow", ["truncate", "error"])
+def test_overlong_target_is_cut_and_counted_or_refused(tmp_path, caplog, overflow):
+    rows = [{"text": "seven", "target": "eight"}, {"text": "nine", "target": "seven eight nine " * 4}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = TextTokenizer.train(["seven eight nine"] * 10, TextTokenizerConfig(vocab_size=300, overflow=overflow))
+    dataset = Seq2SeqDataset(read_manifest(tmp_path / "m.jsonl", "t", False), text, text, max_target_len=4,
+                             skip_bad=False)
+    full = text.encode("seven eight nine " * 4)
+    where = f"{tmp_path / 'm.jsonl'}:2: target: {len(full)} tokens"
+    if overflow == "error":
+        with pytest.raises(DataError, match=re.escape(f"{where} exceeds max_target_len=4 (overflow=error")):
+            dataset[1]
+        return
+    with caplog.at_level("WARNING", logger="polytrain.tokenizers.overflow"):
+        assert dataset[0].values[1] == [text.bos_id, *text.encode("eight"), text.eos_id]
+        assert dataset[1].values[1] == [text.bos_id, *full[:4], text.eos_id]
+    assert dataset.target_overflow.count == 1
+    assert f"{where} cut to max_target_len=4 (1 sample(s) cut so far" in caplog.text
