@@ -1,8 +1,9 @@
 """Image input: files (anything Pillow reads), PIL images, tensors and arrays -> (C, H, W) float32 in [0, 1].
 
 Files are refused by their header when they are too large to decode, turned
-upright by their EXIF orientation, and read at full depth (16-bit PNGs keep
-their 16 bits). Transparent pixels are composited onto white.
+upright by their EXIF orientation, and read at full depth (16-bit grayscale
+PNGs keep their 16 bits; Pillow itself reads 16-bit color as 8-bit).
+Transparent pixels are composited onto white.
 
 Shape legend: C channels, H/W height/width in pixels.
 """
