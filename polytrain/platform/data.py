@@ -244,7 +244,7 @@ class Seq2SeqDataset(Dataset):
     """(source in any modality, target text) pairs, decoded lazily from the manifest's files."""
 
     def __init__(self, records: list[Record], source: Any, text: TextTokenizer, max_target_len: int,
-                 skip_bad: bool):
+                 skip_bad: bool, augment: bool = False):
         self.source_key = source.modality
         for record in records:
             for key in (self.source_key, "target"):
@@ -254,6 +254,9 @@ class Seq2SeqDataset(Dataset):
         self.max_target_len, self.skip_bad = max_target_len, skip_bad
         self.target_overflow = Overflow(text.cfg.overflow, "max_target_len")
         """Targets longer than ``max_target_len`` tokens: cut (counted) or refused, per tokenizers.text.overflow."""
+        self.augment = augment and getattr(source, "augments", False)
+        """Ask the source tokenizer to augment (training data, and a tokenizer configured to), drawing from the
+        loading process's torch RNG (seeded by the loader per worker)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -273,7 +276,8 @@ class Seq2SeqDataset(Dataset):
     def load(self, record: Record) -> tuple[Tokens, list[int]]:
         raw = record.fields[self.source_key]
         try:
-            source = self.source(raw if self.source_key == "text" else record.path(self.source_key))
+            source = self.source(raw if self.source_key == "text" else record.path(self.source_key),
+                                 **({"augment": True} if self.augment else {}))
         except DataError as err:
             raise DataError(f"{record.where}: {err}") from None
         if len(source) == 0:
@@ -295,11 +299,12 @@ class Seq2SeqDataset(Dataset):
 
 
 def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any], skip_bad: bool,
-                  cache_dir: Path | None = None) -> LMDataset | Seq2SeqDataset:
+                  cache_dir: Path | None = None, augment: bool = False) -> LMDataset | Seq2SeqDataset:
+    """``augment``: training data, which source tokenizers that augment (SpecAugment) may alter."""
     records = read_manifest(manifest, name, skip_bad)
     text = tokenizers["text"]
     if HEADS.get(task.head).needs_encoder:
-        return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad)
+        return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad, augment)
     return LMDataset(records, text, task.seq_len, cache_dir)
 
 

@@ -45,7 +45,7 @@ def build_tokenizers(cfg: Config, text_tokenizer_file: Path) -> dict[str, Any]:
 
 def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[str, Any]:
     return {name: build_dataset(task, manifest(cfg, name, split), name, tokenizers, cfg.data.skip_bad_samples,
-                                Path(cfg.data.cache_dir))
+                                Path(cfg.data.cache_dir), augment=split == "train")
             for name, task in cfg.data.tasks.items()}
 
 

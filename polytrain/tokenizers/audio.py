@@ -149,6 +149,11 @@ class AudioTokenizer:
         self.cfg = cfg
         self.overflow = Overflow(cfg.overflow, "tokenizers.audio.max_seconds")
 
+    @property
+    def augments(self) -> bool:
+        """Whether ``augment=True`` changes anything: SpecAugment is configured."""
+        return self.cfg.masks > 0 and (self.cfg.freq_mask > 0 or self.cfg.time_mask > 0)
+
     def __call__(self, audio: AudioInput, sample_rate: int | None = None, augment: bool = False,
                  generator: torch.Generator | None = None) -> Tokens:
         """Spectrogram patches (N, patch_mels*patch_frames) with (mel row, time col) positions.
