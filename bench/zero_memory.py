@@ -5,7 +5,7 @@ GPUs).  The trainer logs what building the model and taking the first step added
 memory (``memory/states_gib_max``: resident memory on CPU, allocated memory on a GPU) and the step
 time; next to it the figure ``polytrain plan`` estimates for the same run.
 
-    python bench/zero_memory.py [--procs 2] [--steps 6] [CONFIG] [key=value ...]
+    python bench/zero_memory.py [--procs 2] [--steps 6] [--config CONFIG] [key=value ...]
 
 Last line: one JSON object with the figures.
 """
@@ -44,7 +44,7 @@ def run_stage(config: str, overrides: list[str], stage: int, procs: int, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)

@@ -5,7 +5,7 @@
     polytrain eval runs/quickstart-20261121-120000
     polytrain export runs/quickstart-20261121-120000 --out model.safetensors
     polytrain plan configs/quickstart.yaml --gpus-per-node 8 --nodes 2 --gpu-mem 80GB
-    polytrain tokenizer train --input a.txt b.txt --vocab-size 4096 --out tok/
+    polytrain tokenizer train --modality text --input a.txt b.txt --vocab-size 4096 --out tok/
 """
 
 import argparse
@@ -71,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tok_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
     tok_train = tok_commands.add_parser("train", help="train a byte-level BPE text tokenizer")
-    tok_train.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
-    tok_train.add_argument("--vocab-size", type=int, default=4096)
+    tok_train.add_argument("--modality", default="text",
+                           help="modality whose tokenizer to train; only text tokenizers learn from data")
+    tok_train.add_argument("--input", nargs="+", required=True, help="UTF-8 text files, one document each")
+    tok_train.add_argument("--vocab-size", type=int, default=4096,
+                           help="tokens in the vocabulary, the 256 bytes and the special tokens included")
+    tok_train.add_argument("--min-frequency", type=int, default=2, help="occurrences a pair needs to be merged")
     tok_train.add_argument("--out", required=True, help="folder for tokenizer.json")
     tok_train.set_defaults(func=cmd_tokenizer_train)
     return parser
@@ -146,18 +150,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from polytrain.errors import DataError
+    from polytrain.errors import ConfigError, DataError
+    from polytrain.tokenizers import TOKENIZERS
     from polytrain.tokenizers.text import TextTokenizer, TextTokenizerConfig
 
-    cfg = TextTokenizerConfig(vocab_size=args.vocab_size)
-    cfg.check()
-    texts = []
-    for name in args.input:
-        try:
-            texts.append(Path(name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"{name}: cannot read as UTF-8 text ({err})") from None
-    path = TextTokenizer.train(texts, cfg).save(args.out)
+    if TOKENIZERS.get(args.modality) is not TextTokenizer:
+        raise ConfigError("--modality", args.modality, "only text tokenizers are trained; the others have no "
+                          "learned state and are set up by the recipe's tokenizers section")
+    try:
+        cfg = TextTokenizerConfig(vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+        cfg.check()
+    except ConfigError as err:
+        raise ConfigError(f"--{err.key.replace('_', '-')}", err.value, err.allowed) from None
+    missing = [name for name in args.input if not Path(name).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such file")
+
+    def documents():
+        for name in args.input:
+            try:
+                yield Path(name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise DataError(f"{name}: cannot read as UTF-8 text ({err})") from None
+
+    path = TextTokenizer.train(documents(), cfg).save(args.out)
     print(path)
     return 0
 

@@ -1,18 +1,34 @@
-"""Named lookups that fail loudly: every pluggable thing (tokenizer, embedder, head) lives in one."""
+"""Named lookups that fail loudly: every pluggable thing (tokenizer, embedder, head) lives in one.
 
+A registry may also name an entry-point ``group``: installed packages that
+declare entry points in it (``[project.entry-points."polytrain.tokenizers"]``
+``video = "mypkg.video:VideoTokenizer"``) add their objects under the entry
+point's name, with no edit to polytrain.  The group is read on the first
+lookup or listing; a plugin's module is imported only when its name is looked
+up, so a broken plugin fails only the runs that use it, with a message that
+names it.
+"""
+
+import logging
+from importlib.metadata import EntryPoint, entry_points
 from typing import Callable, Generic, TypeVar
 
 from polytrain.errors import PolytrainError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Registry(Generic[T]):
     """A name -> object table; ``get`` of an unknown name lists the known ones."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, group: str | None = None):
         self.kind = kind
+        self.group = group
+        """Entry-point group whose plugins join this registry; None: built-ins only."""
         self._items: dict[str, T] = {}
+        self._plugins: dict[str, EntryPoint] = {}
+        self._discovered = group is None
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
@@ -24,12 +40,44 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        self._discover()
+        if name in self._plugins:
+            self._load(name)
         if name not in self._items:
             raise PolytrainError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        self._discover()
+        return sorted({*self._items, *self._plugins})
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        self._discover()
+        return name in self._items or name in self._plugins
+
+    def _discover(self) -> None:
+        """Note the group's entry points (without importing them); names already taken keep their owner."""
+        if self._discovered:
+            return
+        self._discovered = True
+        for point in entry_points(group=self.group):
+            if point.name in self._items or point.name in self._plugins:
+                log.warning("ignoring %s: %s %r is already registered", describe(point), self.kind, point.name)
+                continue
+            self._plugins[point.name] = point
+
+    def _load(self, name: str) -> None:
+        point = self._plugins.pop(name)
+        try:
+            item = point.load()
+        except Exception as err:  # any failure inside third-party code: report whose code it was
+            self._plugins[name] = point
+            raise PolytrainError(f"{self.kind} {name!r} comes from {describe(point)}, which failed to load: "
+                                 f"{type(err).__name__}: {err}") from err
+        self._items[name] = item
+
+
+def describe(point: EntryPoint) -> str:
+    """``entry point 'video = mypkg.video:VideoTokenizer' (group polytrain.tokenizers) of package mypkg 0.1``."""
+    package = f" of package {point.dist.name} {point.dist.version}" if point.dist is not None else ""
+    return f"entry point '{point.name} = {point.value}' (group {point.group}){package}"

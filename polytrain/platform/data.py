@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from polytrain.errors import ConfigError, DataError, PolytrainError
 from polytrain.models.heads import HEADS
 from polytrain.tokenizers import TOKENIZERS
-from polytrain.tokenizers.text import TextTokenizer
+from polytrain.tokenizers.overflow import Overflow
+from polytrain.tokenizers.text import TextTokenizer, check_unicode
 from polytrain.tokens import IGNORE_INDEX, Segment, TaskBatch, Tokens, text_tokens
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,9 @@ def parse_line(line: str, where: str) -> dict[str, Any]:
     unknown = sorted(set(fields) - set(SAMPLE_FIELDS))
     if unknown:
         raise DataError(f"{where}: unknown field(s) {unknown}; known: {', '.join(SAMPLE_FIELDS)}")
+    for key, value in fields.items():  # JSON can spell lone surrogates ("\\ud800"); no tokenizer can take them
+        if isinstance(value, str):
+            check_unicode(value, f"{where}: field {key!r}")
     return fields
 
 
@@ -240,7 +244,7 @@ class Seq2SeqDataset(Dataset):
     """(source in any modality, target text) pairs, decoded lazily from the manifest's files."""
 
     def __init__(self, records: list[Record], source: Any, text: TextTokenizer, max_target_len: int,
-                 skip_bad: bool):
+                 skip_bad: bool, augment: bool = False):
         self.source_key = source.modality
         for record in records:
             for key in (self.source_key, "target"):
@@ -248,6 +252,11 @@ class Seq2SeqDataset(Dataset):
                     raise DataError(f"{record.where}: missing field {key!r}")
         self.records, self.source, self.text = records, source, text
         self.max_target_len, self.skip_bad = max_target_len, skip_bad
+        self.target_overflow = Overflow(text.cfg.overflow, "max_target_len")
+        """Targets longer than ``max_target_len`` tokens: cut (counted) or refused, per tokenizers.text.overflow."""
+        self.augment = augment and getattr(source, "augments", False)
+        """Ask the source tokenizer to augment (training data, and a tokenizer configured to), drawing from the
+        loading process's torch RNG (seeded by the loader per worker)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -267,12 +276,16 @@ class Seq2SeqDataset(Dataset):
     def load(self, record: Record) -> tuple[Tokens, list[int]]:
         raw = record.fields[self.source_key]
         try:
-            source = self.source(raw if self.source_key == "text" else record.path(self.source_key))
+            source = self.source(raw if self.source_key == "text" else record.path(self.source_key),
+                                 **({"augment": True} if self.augment else {}))
         except DataError as err:
             raise DataError(f"{record.where}: {err}") from None
         if len(source) == 0:
             raise DataError(f"{record.where}: source {self.source_key} has no tokens")
-        target = self.text.encode(str(record.fields["target"]))[: self.max_target_len]
+        target = self.text.encode(str(record.fields["target"]))
+        if len(target) > self.max_target_len:
+            self.target_overflow(f"{record.where}: target", f"{len(target)} tokens", str(self.max_target_len))
+        target = target[: self.max_target_len]
         return source, [self.text.bos_id, *target, self.text.eos_id]
 
     def collate(self, samples: list[Sample], pad_id: int) -> TaskBatch:
@@ -286,11 +299,12 @@ class Seq2SeqDataset(Dataset):
 
 
 def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any], skip_bad: bool,
-                  cache_dir: Path | None = None) -> LMDataset | Seq2SeqDataset:
+                  cache_dir: Path | None = None, augment: bool = False) -> LMDataset | Seq2SeqDataset:
+    """``augment``: training data, which source tokenizers that augment (SpecAugment) may alter."""
     records = read_manifest(manifest, name, skip_bad)
     text = tokenizers["text"]
     if HEADS.get(task.head).needs_encoder:
-        return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad)
+        return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad, augment)
     return LMDataset(records, text, task.seq_len, cache_dir)
 
 

@@ -36,7 +36,7 @@ def train_text_tokenizer(cfg: Config, out_dir: Path) -> Path:
 
 def build_tokenizers(cfg: Config, text_tokenizer_file: Path) -> dict[str, Any]:
     """The text tokenizer and one tokenizer per source modality the tasks read."""
-    tokenizers = {"text": TextTokenizer.load(text_tokenizer_file, cfg.tokenizers.text.max_len)}
+    tokenizers = {"text": TextTokenizer.load(text_tokenizer_file, cfg=cfg.tokenizers.text)}
     for task in cfg.data.tasks.values():
         if task.source is not None and task.source not in tokenizers:
             tokenizers[task.source] = build_patch_tokenizer(task.source, cfg.tokenizers)
@@ -45,7 +45,7 @@ def build_tokenizers(cfg: Config, text_tokenizer_file: Path) -> dict[str, Any]:
 
 def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[str, Any]:
     return {name: build_dataset(task, manifest(cfg, name, split), name, tokenizers, cfg.data.skip_bad_samples,
-                                Path(cfg.data.cache_dir))
+                                Path(cfg.data.cache_dir), augment=split == "train")
             for name, task in cfg.data.tasks.items()}
 
 

@@ -1,4 +1,4 @@
-"""Image: decode, resize (shorter side + center crop), normalize, cut into ViT patches.
+"""Image: decode, resize (crop, pad or fit), normalize, cut into ViT patches with their 2-D grid positions.
 
 A patch's features are ordered (channel, row, col), the order in which a
 ViT's patch-embedding convolution (weight ``(dim, C, p, p)``) reads them, so
@@ -7,34 +7,59 @@ ViT's patch-embedding convolution (weight ``(dim, C, p, p)``) reads them, so
 Shape legend: C channels, H/W image height/width in pixels, p patch side.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from polytrain.errors import ConfigError, DataError
+from polytrain.registry import Registry
+from polytrain.tokenizers.image_files import array_to_tensor, pil_to_tensor, read_image
 from polytrain.tokens import EmbedSpec, Tokens
 
-MAX_PIXELS = 64_000_000
-"""Images with more pixels are refused from their header, before the pixels are decoded."""
+ImageInput = str | Path | Image.Image | Tensor | np.ndarray
+Triple = tuple[float, float, float]
+
+NORMALIZATIONS: Registry[tuple[Triple, Triple]] = Registry("image normalization")
+"""(mean, std) presets by name: timm's (``timm.data.constants``)."""
+NORMALIZATIONS.register("imagenet")(((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+NORMALIZATIONS.register("inception")(((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+NORMALIZATIONS.register("openai_clip")(((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
+NORMALIZATIONS.register("dpn")(((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3))
 
 
 @dataclass(frozen=True)
 class ImageTokenizerConfig:
     size: int = 224
-    """Side of the square the image is resized and center-cropped to, in pixels."""
+    """crop/pad: side of the square output, in pixels. fit: the longest side an image may get."""
     patch_size: int = 16
     """Side of one square patch, in pixels; must divide ``size``."""
     channels: int = 3
     """3 reads images as RGB, 1 as grayscale."""
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: Literal["crop", "pad", "fit"] = "crop"
+    """crop: shorter side to ``size``, then the center square (torchvision Resize + CenterCrop, timm's eval
+    transform). pad: longer side to ``size``, centered on a square whose border is the mean color.
+    fit: keep the aspect ratio and the native resolution, scaled down only as far as ``max_patches`` and
+    ``size`` require, each side rounded to whole patches: a variable patch grid per image."""
+    max_patches: int = 0
+    """fit: the token budget, the most patches one image may give (0: (size / patch_size)^2)."""
+    mean: Triple = (0.5, 0.5, 0.5)
     """Per-channel mean subtracted after scaling pixels to [0, 1] (first entry used when channels=1)."""
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: Triple = (0.5, 0.5, 0.5)
     """Per-channel std divided by after subtracting the mean."""
+    norm: str | None = None
+    """A named (mean, std) preset instead of ``mean``/``std``: imagenet, inception, openai_clip, dpn (timm's)."""
+    min_side: int = 0
+    """Images with a side shorter than this many pixels are refused (0: one patch, ``patch_size``)."""
+    max_aspect: float = 20.0
+    """Images whose long side exceeds this many short sides are refused: a center crop would drop most of
+    the image, padding or fitting would squeeze the short side into a sliver."""
 
     def check(self) -> None:
         if self.patch_size <= 0 or self.size % self.patch_size:
@@ -43,68 +68,91 @@ class ImageTokenizerConfig:
             raise ConfigError("channels", self.channels, "must be 1 (grayscale) or 3 (RGB)")
         if min(self.std) <= 0:
             raise ConfigError("std", self.std, "every entry must be > 0")
+        if self.norm is not None:
+            if self.norm not in NORMALIZATIONS:
+                raise ConfigError("norm", self.norm, f"unknown preset; known: {', '.join(NORMALIZATIONS.names())}")
+            if (self.mean, self.std) != (ImageTokenizerConfig.mean, ImageTokenizerConfig.std):
+                raise ConfigError("norm", self.norm, "set either norm or mean/std, not both")
+        if self.max_patches < 0:
+            raise ConfigError("max_patches", self.max_patches, "must be >= 0 (0: (size / patch_size)^2)")
+        if self.min_side < 0:
+            raise ConfigError("min_side", self.min_side, "must be >= 0 (0: patch_size)")
+        if self.max_aspect < 1:
+            raise ConfigError("max_aspect", self.max_aspect, "must be >= 1")
 
     @property
     def grid(self) -> int:
-        """Patches per side."""
+        """Patches per side of a crop/pad image; the most per side of a fit image."""
         return self.size // self.patch_size
+
+    @property
+    def budget(self) -> int:
+        """The most patches one image gives."""
+        return self.max_patches if self.resize == "fit" and self.max_patches else self.grid**2
+
+    @property
+    def normalization(self) -> tuple[Triple, Triple]:
+        return NORMALIZATIONS.get(self.norm) if self.norm else (self.mean, self.std)
 
 
 class ImageTokenizer:
     modality = "image"
+    config_class = ImageTokenizerConfig
 
     def __init__(self, cfg: ImageTokenizerConfig):
         self.cfg = cfg
-        self.mean = torch.tensor(cfg.mean[: cfg.channels]).view(-1, 1, 1)
-        self.std = torch.tensor(cfg.std[: cfg.channels]).view(-1, 1, 1)
+        mean, std = cfg.normalization
+        self.mean = torch.tensor(mean[: cfg.channels]).view(-1, 1, 1)
+        self.std = torch.tensor(std[: cfg.channels]).view(-1, 1, 1)
 
-    def __call__(self, image: str | Path | Image.Image | Tensor | np.ndarray) -> Tokens:
+    def __call__(self, image: ImageInput) -> Tokens:
         """Patches (N, C*p*p) of ``image`` with their (row, col) grid positions."""
-        pixels = self.pixels(image)
-        return patchify(pixels, self.cfg.patch_size)
+        return patchify(self.pixels(image), self.cfg.patch_size)
 
-    def pixels(self, image: str | Path | Image.Image | Tensor | np.ndarray) -> Tensor:
-        """``image`` resized, cropped and normalized: (C, size, size) float32."""
+    def pixels(self, image: ImageInput) -> Tensor:
+        """``image`` resized per ``resize`` and normalized: (C, H, W) float32, H and W multiples of the patch."""
+        name = str(image) if isinstance(image, (str, Path)) else f"image {type(image).__name__}"
         if isinstance(image, (str, Path)):
             image = read_image(image)
-        if isinstance(image, Image.Image):
-            image = pil_to_tensor(image, self.cfg.channels)
-        elif isinstance(image, np.ndarray):
-            image = torch.from_numpy(image)
-        pixels = image.float()
-        if pixels.dim() == 2:
-            pixels = pixels.unsqueeze(0)
-        if pixels.dim() != 3 or pixels.shape[0] != self.cfg.channels:
-            raise DataError(f"image tensor of shape {tuple(image.shape)} is not ({self.cfg.channels}, H, W) in [0, 1]")
-        return (resize_center_crop(pixels, self.cfg.size) - self.mean) / self.std
+        try:
+            if isinstance(image, Image.Image):
+                pixels = pil_to_tensor(image, self.cfg.channels)
+            elif isinstance(image, (Tensor, np.ndarray)):
+                pixels = array_to_tensor(image, self.cfg.channels)
+            else:
+                raise DataError(f"is a {type(image).__name__}; give a path, PIL image, tensor or array")
+        except DataError as err:
+            raise DataError(f"{name}: {err}") from None
+        self.check_shape(pixels.shape[1], pixels.shape[2], name)
+        size, patch = self.cfg.size, self.cfg.patch_size
+        if self.cfg.resize == "crop":
+            return self.normalize(resize_center_crop(pixels, size))
+        if self.cfg.resize == "pad":
+            return pad_to_square(self.normalize(resize_longer_side(pixels, size)), size)
+        rows, cols = fit_grid(pixels.shape[1], pixels.shape[2], patch, self.cfg.grid, self.cfg.budget)
+        return self.normalize(resize(pixels, rows * patch, cols * patch))
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        return (pixels - self.mean) / self.std
+
+    def check_shape(self, height: int, width: int, name: str) -> None:
+        """Refuse images too small to hold a patch of their own, or too elongated to keep most of."""
+        min_side = self.cfg.min_side or self.cfg.patch_size
+        if min(height, width) < min_side:
+            raise DataError(f"{name}: {width}x{height} image has a side shorter than min_side={min_side} pixels")
+        if max(height, width) > self.cfg.max_aspect * min(height, width):
+            raise DataError(f"{name}: {width}x{height} image is more than max_aspect={self.cfg.max_aspect} times "
+                            f"longer than wide")
 
     def embed_spec(self) -> EmbedSpec:
         return EmbedSpec("image", self.cfg.channels * self.cfg.patch_size**2, (self.cfg.grid, self.cfg.grid))
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image file, refusing undecodable files and oversized images by their header."""
-    try:
-        image = Image.open(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from None
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise DataError(f"{path}: {width}x{height} image has more than {MAX_PIXELS} pixels; refused before decoding")
-    try:
-        image.load()
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: image data is corrupt or truncated ({err})") from None
-    return image
-
-
-def pil_to_tensor(image: Image.Image, channels: int) -> Tensor:
-    """(C, H, W) float32 in [0, 1]."""
-    image = image.convert("RGB" if channels == 3 else "L")
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).reshape(image.height, image.width, channels).permute(2, 0, 1)
+def resize(pixels: Tensor, height: int, width: int) -> Tensor:
+    """(C, H, W) -> (C, height, width), bilinear and antialiased (torchvision's default)."""
+    if pixels.shape[1:] == (height, width):
+        return pixels
+    return F.interpolate(pixels[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def resize_center_crop(pixels: Tensor, size: int) -> Tensor:
@@ -114,15 +162,43 @@ def resize_center_crop(pixels: Tensor, size: int) -> Tensor:
     truncated, the crop offset rounded), so the pixels equal timm's eval transform.
     """
     _, height, width = pixels.shape
-    if (height, width) != (size, size):
-        short, long = sorted((height, width))
-        scaled_long = int(size * long / short)
-        new_h, new_w = (size, scaled_long) if height <= width else (scaled_long, size)
-        pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear", antialias=True,
-                               align_corners=False)[0]
-        top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
-        pixels = pixels[:, top: top + size, left: left + size]
-    return pixels
+    short, long = sorted((height, width))
+    scaled_long = int(size * long / short)
+    new_h, new_w = (size, scaled_long) if height <= width else (scaled_long, size)
+    pixels = resize(pixels, new_h, new_w)
+    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+    return pixels[:, top: top + size, left: left + size]
+
+
+def resize_longer_side(pixels: Tensor, size: int) -> Tensor:
+    """Scale (C, H, W) so the longer side is ``size``; the shorter is truncated, as torchvision's
+    ``Resize(None, max_size=size)`` does."""
+    _, height, width = pixels.shape
+    short, long = sorted((height, width))
+    scaled_short = max(1, int(size * short / long))
+    return resize(pixels, *((scaled_short, size) if height <= width else (size, scaled_short)))
+
+
+def pad_to_square(pixels: Tensor, size: int) -> Tensor:
+    """Center (C, h, w) on a (C, size, size) canvas of zeros (the odd pixel goes right/bottom, as torchvision's
+    ``CenterCrop`` pads)."""
+    _, height, width = pixels.shape
+    left, top = (size - width) // 2, (size - height) // 2
+    return F.pad(pixels, (left, size - width - left, top, size - height - top))
+
+
+def fit_grid(height: int, width: int, patch: int, max_side: int, budget: int) -> tuple[int, int]:
+    """(rows, cols) of patches for an H x W image that keeps its aspect ratio and native resolution, scaled
+    down until rows * cols <= budget and both <= max_side; each side rounded to whole patches, at least one."""
+    scale = min(1.0, max_side * patch / max(height, width), math.sqrt(budget * patch * patch / (height * width)))
+    rows = min(max_side, max(1, round(height * scale / patch)))
+    cols = min(max_side, max(1, round(width * scale / patch)))
+    while rows * cols > budget:  # rounding up overshot: take a patch off the longer side
+        if rows >= cols:
+            rows -= 1
+        else:
+            cols -= 1
+    return rows, cols
 
 
 def patchify(pixels: Tensor, patch: int) -> Tokens:

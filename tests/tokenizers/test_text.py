@@ -76,3 +76,104 @@ def test_loading_a_non_tokenizer_file_names_it(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(DataError, match=str(bad)):
         TextTokenizer.load(bad, 16)
+
+
+def test_batch_encoding_equals_hf_encode_batch(text):
+    texts = [CORPUS[0], "", HARD_CASES[5], "seven eight nine " * 3]
+    reference = [e.ids for e in text.hf.encode_batch(texts, add_special_tokens=False)]
+    assert text.encode_batch(texts) == reference
+
+
+def test_non_string_in_a_batch_is_named(text):
+    with pytest.raises(DataError, match=r"text #2 is a bytes, not a string"):
+        text.encode_batch(["fine", "also fine", b"raw bytes"])
+
+
+@pytest.mark.parametrize("multiple, length", [(1, 5), (4, 8), (8, 8), (3, 6)])
+def test_batch_pads_to_a_multiple_and_truncates_to_max_len(multiple, length):
+    cfg = TextTokenizerConfig(vocab_size=300, max_len=5, pad_to_multiple=multiple)
+    tok = TextTokenizer.train(CORPUS, cfg)
+    texts = ["seven", "word " * 40]  # one short, one cut to max_len=5
+    segment = tok.batch(texts)
+    assert segment.values.shape == (2, length)
+    short = tok.encode("seven")
+    assert segment.values[0].tolist() == short + [tok.pad_id] * (length - len(short))
+    assert segment.values[1].tolist() == tok.encode("word " * 40)[:5] + [tok.pad_id] * (length - 5)
+    assert segment.mask.sum(1).tolist() == [len(short), 5]
+    assert tok.overflow.count == 1
+
+
+def test_overlong_text_is_truncated_with_a_counted_logged_warning(caplog):
+    tok = TextTokenizer.train(CORPUS, TextTokenizerConfig(vocab_size=300, max_len=8))
+    with caplog.at_level("WARNING", logger="polytrain.tokenizers.overflow"):
+        for _ in range(3):
+            assert len(tok("word " * 100)) == 8
+        assert len(tok("seven")) == len(tok.encode("seven"))  # short text: not counted
+    assert tok.overflow.count == 3
+    assert len(caplog.records) == 1  # the first cut is logged, then every 1000th
+    assert "cut to tokenizers.text.max_len=8" in caplog.text and "1 sample(s) cut so far" in caplog.text
+
+
+def test_overlong_text_is_refused_when_overflow_is_error():
+    tok = TextTokenizer.train(CORPUS, TextTokenizerConfig(vocab_size=300, max_len=8, overflow="error"))
+    with pytest.raises(DataError, match=r"text 'word word .*': \d+ tokens exceeds tokenizers.text.max_len=8"):
+        tok("word " * 100)
+    assert tok("seven eight").values.tolist() == tok.encode("seven eight")  # within max_len: untouched
+
+
+def test_empty_text_segment_is_refused(text):
+    assert text.encode("") == []  # as a document (LM) it is just nothing
+    with pytest.raises(DataError, match="empty text"):
+        text("")
+
+
+def gpt2_style_tokenizer_json(folder) -> str:
+    """A GPT-2-format tokenizer.json built offline by transformers: byte alphabet, 3 merges, <|endoftext|> last."""
+    import transformers
+
+    vocab = {c: i for i, c in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path = str(folder / "gpt2.json")
+    transformers.GPT2Tokenizer(vocab=vocab, merges=merges).backend_tokenizer.save(path)
+    return path
+
+
+def test_gpt2_style_tokenizer_json_loads_with_named_and_added_specials(tmp_path, caplog):
+    path = gpt2_style_tokenizer_json(tmp_path)
+    original = tokenizers.Tokenizer.from_file(path)
+    cfg = TextTokenizerConfig(bos="<|endoftext|>", eos="<|endoftext|>")
+    with caplog.at_level("INFO", logger="polytrain.tokenizers.text"):
+        tok = TextTokenizer.load(path, cfg=cfg)
+    endoftext = original.token_to_id("<|endoftext|>")
+    assert (tok.bos_id, tok.eos_id) == (endoftext, endoftext) == (259, 259)
+    added = ["<pad>", "<unk>", "<mask>", "<text>", "<image>", "<audio>"]  # what GPT-2 lacks, appended in order
+    assert [tok.hf.token_to_id(t) for t in added] == list(range(260, 266))
+    assert tok.pad_id == 260 and tok.vocab_size == 266
+    assert "added them as ids 260..265" in caplog.text
+    plain = "the theme: 東京 🎉"
+    assert tok.encode(plain) == original.encode(plain, add_special_tokens=False).ids
+    sample = plain + " <|endoftext|>"
+    assert tok.decode(tok.encode(sample)) == sample
+    assert endoftext not in tok.encode(sample)  # spelled in the text, it stays text
+    assert tok.encode(" the") == [258]  # GPT-2's merges apply
+    reloaded = TextTokenizer.load(tok.save(tmp_path / "saved"), cfg=cfg)
+    assert (reloaded.pad_id, reloaded.vocab_size) == (260, 266) and reloaded.encode(sample) == tok.encode(sample)
+
+
+def test_default_specials_are_all_added_to_a_gpt2_style_file(tmp_path):
+    tok = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), max_len=32)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (260, 261, 262)
+    assert tok.marker_ids == {"text": 265, "image": 266, "audio": 267}
+    assert tok.max_len == 32
+
+
+def test_special_token_config_is_checked():
+    from polytrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pad='<eos>': must differ from bos and eos"):
+        TextTokenizerConfig(pad="<eos>").check()
+    with pytest.raises(ConfigError, match="pad_to_multiple=0"):
+        TextTokenizerConfig(pad_to_multiple=0).check()
