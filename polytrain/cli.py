@@ -1,9 +1,10 @@
-"""polytrain train | launch | eval | tokenizer
+"""polytrain train | launch | eval | tokenizer | model
 
     polytrain train configs/quickstart.yaml train.steps=50
     polytrain launch configs/quickstart.yaml launch.procs_per_node=2 [--dry-run]
     polytrain eval runs/quickstart-20261121-120000
     polytrain tokenizer train --input a.txt b.txt --vocab-size 4096 --out tok/
+    polytrain model info decoder_1b
 """
 
 import argparse
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--vocab-size", type=int, default=4096)
     tok_train.add_argument("--out", required=True, help="folder for tokenizer.json")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    model = commands.add_parser("model", help="model presets")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    model_info = model_commands.add_parser("info", help="a preset's shape and parameter counts")
+    model_info.add_argument("name", help="preset name, e.g. tiny, base, decoder_1b, vit_tiny_patch16_224")
+    model_info.set_defaults(func=cmd_model_info)
     return parser
 
 
@@ -122,6 +129,24 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
             raise DataError(f"{name}: cannot read as UTF-8 text ({err})") from None
     path = TextTokenizer.train(texts, cfg).save(args.out)
     print(path)
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from polytrain.models.presets import PRESETS, parameter_counts
+
+    preset = PRESETS.get(args.name)
+    b = preset.model.backbone
+    print(f"{args.name}: {preset.about}")
+    print(f"  dim {b.dim}, heads {b.n_heads} (key/value heads {b.kv_heads}), layers {b.encoder_layers} encoder + "
+          f"{b.decoder_layers} decoder, mlp {b.mlp} x{b.mlp_ratio:g}, {b.norm} {b.norm_position}-norm, "
+          f"positions {b.position}")
+    print("  sized for: " + ", ".join(f"{s.modality} {s.input_dim} x grid {s.grid[0]}x{s.grid[1]}" for s in preset.specs))
+    print("  heads: " + ", ".join(f"{task} ({head})" for task, head in preset.task_heads.items()))
+    counts = parameter_counts(preset.build("meta"))
+    width = max(len(part) for part in counts)
+    for part, count in counts.items():
+        print(f"  {part.ljust(width)}  {count:>15,}")
     return 0
 
 

@@ -150,7 +150,7 @@ class Stack(nn.Module):
         norm = NORMS.get(cfg.norm)
         self.input_norm = norm(cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        rates = torch.linspace(0, cfg.drop_path, n_layers).tolist()
+        rates = [cfg.drop_path * i / max(n_layers - 1, 1) for i in range(n_layers)]
         self.blocks = nn.ModuleList(Block(cfg, cross_attention, rate) for rate in rates)
         self.norm = norm(cfg.dim, cfg.norm_eps) if cfg.norm_position == "pre" else None
         slopes = alibi_slopes(cfg.n_heads) if POSITIONS.get(cfg.position).alibi else None
