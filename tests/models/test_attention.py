@@ -96,7 +96,8 @@ def kernel_case(mask: str, kv_heads: int = 2, seed: int = 0):
     return rule, allowed, q, k, v
 
 
-CPU_KERNELS = ["sdpa", "sdpa_math", "flex"]
+CPU_KERNELS = ["sdpa", "sdpa_math", "sdpa_flash", "flex"]
+"""What runs on CPU: SDPA's own choice, its math and (CPU) flash backends, and FlexAttention unfused."""
 
 
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
@@ -114,6 +115,23 @@ def test_every_cpu_kernel_equals_longhand_attention(kernel, mask, alibi):
     want = reference_attention(q, k, v, allowed, bias).float()
     real = VALID[:, :, None, None].expand_as(got)  # padded queries' outputs are ignored by design
     assert torch.allclose(got[real], want[real], atol=1e-5)
+
+
+def test_flex_block_mask_skips_other_documents_and_equals_the_dense_mask():
+    length, tile = 512, 128  # FlexAttention's default block is 128 x 128 tokens
+    docs = (torch.arange(length) // tile)[None]  # four packed documents, one per tile
+    valid = torch.ones(1, length, dtype=torch.bool)
+    rule = MaskRule(valid, valid, causal=True, query_docs_BL=docs, key_docs_BS=docs)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, length, h, 8, generator=g) for h in (HEADS, 2, 2))
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        flex = plan(rule, "flex")
+        got = flex(q, k, v, 0.0)
+        dense = plan(rule, "sdpa_math")
+        want = dense(q, k, v, 0.0)
+    assert torch.equal(flex.block_mask.to_dense()[0, 0].bool(), torch.eye(4, dtype=torch.bool))  # 12 of 16 skipped
+    assert torch.equal(dense.mask[0, 0], torch.block_diag(*[torch.ones(tile, tile).tril()] * 4).bool())
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_auto_picks_sdpa_on_cpu_and_logs_the_choice_once(caplog):

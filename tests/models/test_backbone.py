@@ -162,12 +162,17 @@ def test_packed_documents_equal_separate_rows(stack, position):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    grads = []
+    grads, block_calls = [], []
     for checkpointing in (False, True):
         model = backbone(checkpointing=checkpointing).train()
+        calls = []
+        for block in model.encoder.blocks:
+            block.register_forward_pre_hook(lambda *_: calls.append(1))
         x = torch.randn(2, 6, DIM)
         model.decode(embedded(x), model.encode(embedded(x)), torch.ones(2, 6, dtype=torch.bool)).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        block_calls.append(len(calls))
+    assert block_calls == [2, 4]  # checkpointed blocks run again in the backward pass
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 

@@ -51,6 +51,7 @@ def test_label_smoothing_mixes_in_the_uniform_target():
     uniform = -log_p.mean(-1)
     want = (0.9 * nll + 0.1 * uniform).mean()
     assert torch.allclose(token_loss(logits, labels, label_smoothing=0.1), want, atol=1e-6)
+    assert torch.allclose(F.cross_entropy(logits[keep], labels[keep], label_smoothing=0.1), want, atol=1e-6)
 
 
 PROMPT = torch.tensor([[1, 9], [1, 17], [1, 23]])
@@ -83,6 +84,20 @@ def test_greedy_generation_with_kv_cache_equals_no_cache_argmax(task, case):
         ids = torch.cat([ids, next_ids], dim=1)
         finished = (generated[:, :step] == EOS).any(1)  # rows pad with eos once done
         assert torch.equal(generated[~finished, step], ids[~finished, -1])
+
+
+@pytest.mark.parametrize("task", GENERATING)
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_kv_cache_logits_equal_the_no_cache_forward(task, case):
+    m = model(**CACHE_CASES[case])
+    source = image_segment(3, lengths=[9, 6, 4]) if GENERATING[task] else None
+    head_task = task.split("_with")[0]
+    ids = torch.cat([PROMPT, torch.randint(8, VOCAB, (3, 4), generator=torch.Generator().manual_seed(0))], 1)
+    session = m.heads[head_task].session(m, source, 1, ids.shape[1])
+    with torch.no_grad():
+        cached = [session.feed(ids[:, :2])] + [session.feed(ids[:, t: t + 1]) for t in range(2, ids.shape[1])]
+        uncached = [no_cache_step_logits(m, head_task, ids[:, :t], source) for t in range(2, ids.shape[1] + 1)]
+    assert torch.allclose(torch.stack(cached), torch.stack(uncached), atol=1e-5)
 
 
 @pytest.mark.parametrize("task", GENERATING)
@@ -248,13 +263,16 @@ def test_prefix_lm_scores_text_only_and_reads_its_source():
     assert not torch.allclose(a, plain)
 
 
-def test_head_loss_applies_label_smoothing():
+def test_head_loss_applies_label_smoothing_and_ignores_padding():
     m = model()
     m.heads["lm"].label_smoothing = 0.2
     ids = torch.randint(8, VOCAB, (2, 6))
-    batch = TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:])
-    want = token_loss(m.heads["lm"](m, batch), batch.labels, label_smoothing=0.2)
-    assert torch.allclose(m.heads["lm"].loss(m, batch), want)
+    labels = ids[:, 1:].clone()
+    labels[1, 3:] = IGNORE_INDEX
+    batch = TaskBatch(text_segment(ids[:, :-1]), labels)
+    keep = labels != IGNORE_INDEX
+    want = F.cross_entropy(m.heads["lm"](m, batch)[keep], labels[keep], label_smoothing=0.2)
+    assert torch.allclose(m.heads["lm"].loss(m, batch), want, atol=1e-6)
 
 
 def test_head_configs_check_their_values():

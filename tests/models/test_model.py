@@ -9,6 +9,7 @@ import torch
 
 from polytrain.errors import ConfigError
 from polytrain.models.backbone import BackboneConfig
+from polytrain.models.generation import DecodingConfig
 from polytrain.models.heads import text_segment
 from polytrain.models.model import ModelConfig, PolyModel
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens
@@ -71,6 +72,38 @@ def test_residual_outputs_start_smaller_with_depth():
     m = model()
     std = m.backbone.decoder.blocks[0].mlp.proj.weight.std().item()
     assert std == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.1)
+
+
+def hold_table_only_inside_forward(embedder: torch.nn.Module) -> None:
+    """Keep the text table empty except during the embedder's forward, as ZeRO-3 keeps a partitioned parameter."""
+    weight = embedder.table.weight
+    full = weight.data
+    embedder.register_forward_pre_hook(lambda *_: setattr(weight, "data", full))
+    embedder.register_forward_hook(lambda *_: setattr(weight, "data", full.new_empty(0)))
+    weight.data = full.new_empty(0)
+
+
+def test_every_use_of_the_tied_table_runs_inside_the_text_embedders_forward():
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4))
+    m = PolyModel(cfg, SPECS, {"lm": "decoder_only", "caption": "encoder_decoder", "mlm": "masked_lm"}).eval()
+    ids, image = torch.randint(10, VOCAB, (2, 6)), image_segment(2)
+    batch = {"lm": TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:]),
+             "caption": TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:], image),
+             "mlm": TaskBatch(text_segment(ids), ids)}
+    beam = DecodingConfig(strategy="beam", num_beams=3)
+
+    def run():
+        torch.manual_seed(1)  # masked_lm draws its masking from the global RNG
+        with torch.no_grad():
+            return (m(batch), m.heads["lm"].generate(m, ids[:, :2], None, 4, eos_id=2),
+                    m.heads["caption"].generate(m, ids[:, :2], image, 4, eos_id=2, decoding=beam))
+
+    want = run()
+    hold_table_only_inside_forward(m.embedders["text"])
+    got = run()
+    assert got[0].keys() == want[0].keys() and all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 def test_untied_model_has_its_own_output_projection():
