@@ -5,6 +5,17 @@ import math
 import torch
 from torch import Tensor
 
+from polytrain.models.masks import MaskRule
+
+MASK_CASES = {
+    "padding": dict(),
+    "causal_padding": dict(causal=True),
+    "prefix_lm": dict(causal=True, prefix=4),
+    "packed_documents": dict(causal=True, docs=True),
+    "packed_bidirectional": dict(docs=True),
+}
+"""Named attention masks: ``MaskRule`` options, with ``docs=True`` for packed documents."""
+
 
 def allowed_by_loops(key_valid: Tensor, query_valid: Tensor, causal: bool = False, prefix: int = 0, offset: int = 0,
                      docs_q: Tensor | None = None, docs_k: Tensor | None = None,
@@ -25,6 +36,14 @@ def allowed_by_loops(key_valid: Tensor, query_valid: Tensor, causal: bool = Fals
                     ok = True
                 out[b, q, k] = ok
     return out
+
+
+def mask_case(name: str, valid_BL: Tensor, docs_BL: Tensor) -> tuple[MaskRule, Tensor]:
+    """Self-attention rule ``name`` of ``MASK_CASES`` over these rows, and the same rule by ``allowed_by_loops``."""
+    opts = dict(MASK_CASES[name])
+    docs = docs_BL if opts.pop("docs", False) else None
+    rule = MaskRule(valid_BL, valid_BL, query_docs_BL=docs, key_docs_BS=docs, **opts)
+    return rule, allowed_by_loops(valid_BL, valid_BL, docs_q=docs, docs_k=docs, **opts)
 
 
 def reference_attention(q_BLHD: Tensor, k_BSGD: Tensor, v_BSGD: Tensor, allowed_BLS: Tensor,

@@ -8,7 +8,7 @@ from polytrain.errors import PolytrainError
 from polytrain.models.attention import KERNELS, Attention, flash_attn_module, plan_attention
 from polytrain.models.masks import MaskRule
 from polytrain.models.positions import alibi_slopes
-from tests.models.reference import allowed_by_loops, reference_attention
+from tests.models.reference import MASK_CASES, allowed_by_loops, mask_case, reference_attention
 
 DIM, HEADS = 32, 4
 
@@ -77,20 +77,10 @@ def test_grouped_and_multi_query_attention_share_key_value_heads(kv_heads):
 
 VALID = torch.tensor([[1] * 10, [1] * 7 + [0] * 3], dtype=torch.bool)
 DOCS = torch.tensor([[0] * 4 + [1] * 3 + [2] * 3, [0] * 2 + [1] * 5 + [-1] * 3])
-MASKS = {
-    "padding": dict(),
-    "causal_padding": dict(causal=True),
-    "prefix_lm": dict(causal=True, prefix=4),
-    "packed_documents": dict(causal=True, docs=True),
-    "packed_bidirectional": dict(docs=True),
-}
 
 
 def kernel_case(mask: str, kv_heads: int = 2, seed: int = 0):
-    opts = dict(MASKS[mask])
-    docs = DOCS if opts.pop("docs", False) else None
-    rule = MaskRule(VALID, VALID, query_docs_BL=docs, key_docs_BS=docs, **opts)
-    allowed = allowed_by_loops(VALID, VALID, docs_q=docs, docs_k=docs, **opts)
+    rule, allowed = mask_case(mask, VALID, DOCS)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 10, h, 8, generator=g) for h in (HEADS, kv_heads, kv_heads))
     return rule, allowed, q, k, v
@@ -101,7 +91,7 @@ CPU_KERNELS = ["sdpa", "sdpa_math", "sdpa_flash", "flex"]
 
 
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
-@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("mask", MASK_CASES)
 @pytest.mark.parametrize("alibi", [False, True], ids=["no_alibi", "alibi"])
 def test_every_cpu_kernel_equals_longhand_attention(kernel, mask, alibi):
     rule, allowed, q, k, v = kernel_case(mask)
@@ -164,7 +154,7 @@ GPU_KERNELS = ["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "fl
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
-@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("mask", MASK_CASES)
 def test_gpu_kernels_equal_the_cpu_math_path_within_bf16_tolerance(kernel, mask):
     rule, allowed, q, k, v = kernel_case(mask, kv_heads=2)
     want = plan(rule, "sdpa_math")(q, k, v, 0.0)

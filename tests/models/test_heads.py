@@ -71,12 +71,16 @@ CACHE_CASES = {
 GENERATING = {"lm": None, "lm_with_image_prefix": "image", "caption": "image"}
 
 
+def generation_case(task: str, case: str) -> tuple[PolyModel, Segment | None, str]:
+    """The model of ``case``, the source of ``task`` (rows of 9, 6 and 4 patches) and the head to use."""
+    source = image_segment(3, lengths=[9, 6, 4]) if GENERATING[task] else None
+    return model(**CACHE_CASES[case]), source, task.split("_with")[0]
+
+
 @pytest.mark.parametrize("task", GENERATING)
 @pytest.mark.parametrize("case", CACHE_CASES)
 def test_greedy_generation_with_kv_cache_equals_no_cache_argmax(task, case):
-    m = model(**CACHE_CASES[case])
-    source = image_segment(3, lengths=[9, 6, 4]) if GENERATING[task] else None
-    head_task = task.split("_with")[0]
+    m, source, head_task = generation_case(task, case)
     generated = m.heads[head_task].generate(m, PROMPT, source, max_new_tokens=6, eos_id=EOS)
     ids = PROMPT
     for step in range(generated.shape[1]):
@@ -89,9 +93,7 @@ def test_greedy_generation_with_kv_cache_equals_no_cache_argmax(task, case):
 @pytest.mark.parametrize("task", GENERATING)
 @pytest.mark.parametrize("case", CACHE_CASES)
 def test_kv_cache_logits_equal_the_no_cache_forward(task, case):
-    m = model(**CACHE_CASES[case])
-    source = image_segment(3, lengths=[9, 6, 4]) if GENERATING[task] else None
-    head_task = task.split("_with")[0]
+    m, source, head_task = generation_case(task, case)
     ids = torch.cat([PROMPT, torch.randint(8, VOCAB, (3, 4), generator=torch.Generator().manual_seed(0))], 1)
     session = m.heads[head_task].session(m, source, 1, ids.shape[1])
     with torch.no_grad():

@@ -2,26 +2,14 @@ import pytest
 import torch
 
 from polytrain.models.masks import MaskRule
-from tests.models.reference import allowed_by_loops
+from tests.models.reference import MASK_CASES, allowed_by_loops, mask_case
 
 VALID = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
 DOCS = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 1, 1, -1, -1, -1, -1, -1]])
 
-CASES = {
-    "padding": dict(),
-    "causal": dict(causal=True),
-    "prefix": dict(causal=True, prefix=3),
-    "packed": dict(causal=True, docs=True),
-    "packed_bidirectional": dict(docs=True),
-}
-
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", MASK_CASES)
 def test_dense_mask_equals_the_rule_written_out(case):
-    opts = dict(CASES[case])
-    docs = DOCS if opts.pop("docs", False) else None
-    rule = MaskRule(VALID, VALID, query_docs_BL=docs, key_docs_BS=docs, **opts)
-    want = allowed_by_loops(VALID, VALID, docs_q=docs, docs_k=docs, **opts)
+    rule, want = mask_case(case, VALID, DOCS)
     assert torch.equal(rule.dense()[:, 0].expand_as(want), want)
 
 
