@@ -1,8 +1,10 @@
 import math
+import re
 
 import pytest
 import torch
 
+from polytrain.cli import main
 from polytrain.models.heads import text_segment
 from polytrain.models.presets import PRESETS, parameter_counts
 from polytrain.tokenizers.image import patchify
@@ -87,6 +89,13 @@ def test_tiny_preset_trains_a_step():
         assert loss.item() == pytest.approx(math.log(32000), abs=0.2)
     sum(losses.values()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", PRESETS.names())
+def test_model_info_prints_the_independent_count_of_every_preset(name, capsys):
+    assert main(["model", "info", name]) == 0
+    total = re.search(r"^  total +([\d,]+)$", capsys.readouterr().out, re.MULTILINE)
+    assert int(total.group(1).replace(",", "")) == REFERENCE_COUNTS[name](name)
 
 
 def test_cli_model_info_prints_the_counts(tmp_path):
