@@ -156,7 +156,13 @@ class LearnedGrid(nn.Module):
 
 
 class LearnedRaster(nn.Module):
-    """One learned vector per patch in row-major order; entry 0 belongs to the [CLS] token (timm's layout)."""
+    """One learned vector per patch in row-major order; entry 0 belongs to the [CLS] token (timm's layout).
+
+    The [CLS] token sits at position (0, -1), just before the first patch, so its vector is looked up
+    through this module's forward like every other (where sharded-parameter engines gather the table).
+    """
+
+    CLS_POSITION = (0, -1)
 
     def __init__(self, grid: tuple[int, int], dim: int):
         super().__init__()
@@ -222,7 +228,7 @@ class PatchEmbedder(Embedder):
         """Prepend [CLS]: real, in the first token's document, unrotated, at raster position 0 when raster."""
         cls_E = self.cls
         if isinstance(self.position, LearnedRaster):
-            cls_E = cls_E + self.position.table.weight[0]
+            cls_E = cls_E + self.position(torch.tensor(LearnedRaster.CLS_POSITION, device=cls_E.device))
         if self.modality is not None:
             cls_E = cls_E + self.modality
         batch = e.x_BLE.shape[0]
