@@ -1,4 +1,4 @@
-"""polytrain train | launch | eval | export | plan | tokenizer
+"""polytrain train | launch | eval | export | plan | tokenizer | model
 
     polytrain train configs/quickstart.yaml train.steps=50
     polytrain launch configs/quickstart.yaml launch.procs_per_node=2 [--dry-run]
@@ -6,6 +6,7 @@
     polytrain export runs/quickstart-20261121-120000 --out model.safetensors
     polytrain plan configs/quickstart.yaml --gpus-per-node 8 --nodes 2 --gpu-mem 80GB
     polytrain tokenizer train --modality text --input a.txt b.txt --vocab-size 4096 --out tok/
+    polytrain model info decoder_1b
 """
 
 import argparse
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--min-frequency", type=int, default=2, help="occurrences a pair needs to be merged")
     tok_train.add_argument("--out", required=True, help="folder for tokenizer.json")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    model = commands.add_parser("model", help="model presets")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    model_info = model_commands.add_parser("info", help="a preset's shape and parameter counts")
+    model_info.add_argument("name", help="preset name, e.g. tiny, base, decoder_1b, vit_tiny_patch16_224")
+    model_info.set_defaults(func=cmd_model_info)
     return parser
 
 
@@ -175,6 +182,24 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
     path = TextTokenizer.train(documents(), cfg).save(args.out)
     print(path)
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from polytrain.models.presets import PRESETS, parameter_counts
+
+    preset = PRESETS.get(args.name)
+    b = preset.model.backbone
+    print(f"{args.name}: {preset.about}")
+    print(f"  dim {b.dim}, heads {b.n_heads} (key/value heads {b.kv_heads}), layers {b.encoder_layers} encoder + "
+          f"{b.decoder_layers} decoder, mlp {b.mlp} x{b.mlp_ratio:g}, {b.norm} {b.norm_position}-norm, "
+          f"positions {b.position}")
+    print("  sized for: " + ", ".join(f"{s.modality} {s.input_dim} x grid {s.grid[0]}x{s.grid[1]}" for s in preset.specs))
+    print("  heads: " + ", ".join(f"{task} ({head})" for task, head in preset.task_heads.items()))
+    counts = parameter_counts(preset.build("meta"))
+    width = max(len(part) for part in counts)
+    for part, count in counts.items():
+        print(f"  {part.ljust(width)}  {count:>15,}")
     return 0
 
 

@@ -36,7 +36,7 @@ def test_defaults_fill_missing_sections():
     ("model.backbone.n_heads=7", "model.backbone.n_heads", "divide dim=192"),
     ("engine.zero_stage=4", "engine.zero_stage", "must be 0, 1, 2 or 3"),
     ("engine.precision=fp8", "engine.precision", "one of 'fp32', 'bf16'"),
-    ("data.tasks.image_to_text.head=vit", "data.tasks.image_to_text.head", "known: decoder_only, encoder_decoder"),
+    ("data.tasks.image_to_text.head=vit", "data.tasks.image_to_text.head", "known: decoder_only, encoder_classifier, encoder_decoder, masked_lm"),
     ("data.tasks.audio_to_text.source=vidoe", "data.tasks.audio_to_text.source", "known: audio, image, text"),
     ("data.tasks.text_lm.seq_len=512", "data.tasks.text_lm.seq_len", "tokenizers.text.max_len=128"),
     ("model.backbone.encoder_layers=0", "data.tasks.image_to_text.head", "model.backbone.encoder_layers=0"),

@@ -1,18 +1,28 @@
-"""The shared Transformer: pre-norm blocks stacked into an encoder and a decoder.
+"""The shared Transformer: blocks stacked into an encoder and a decoder.
 
 One ``Block`` serves both stacks: the encoder's are bidirectional, the
-decoder's causal with cross-attention to the encoder output when there is one.
+decoder's causal, with cross-attention to the encoder output when the
+backbone has an encoder.  Pre-norm (GPT-2, ViT) or post-norm (the original
+Transformer, BERT, BART); LayerNorm or RMSNorm; GELU or SwiGLU MLP.  A stack
+builds its attention masks once per forward and hands them to every block.
 
 Shape legend: B batch, L length, S memory length, E model dim.
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from polytrain.errors import ConfigError
-from polytrain.models.attention import MultiHeadAttention
+from polytrain.models.attention import KERNELS, Attention, AttentionPlan, plan_attention
+from polytrain.models.cache import KVCache, LayerCache
+from polytrain.models.embed import Embedded
+from polytrain.models.layers import MLPS, NORMS, DropPath
+from polytrain.models.masks import MaskRule
+from polytrain.models.positions import POSITIONS, alibi_slopes
 
 
 @dataclass(frozen=True)
@@ -20,113 +30,192 @@ class BackboneConfig:
     dim: int = 256
     """Width of every token vector (d_model)."""
     n_heads: int = 4
-    """Attention heads per layer; must divide ``dim``."""
+    """Query heads per attention layer; must divide ``dim``."""
+    n_kv_heads: int = 0
+    """Key/value heads: 0 means ``n_heads`` (multi-head), 1 is multi-query, a divisor of ``n_heads``
+    in between is grouped-query attention."""
     encoder_layers: int = 2
     """Bidirectional blocks; 0 builds a decoder-only backbone."""
     decoder_layers: int = 2
-    """Causal blocks (with cross-attention when there is an encoder)."""
+    """Causal blocks (with cross-attention when there is an encoder); 0 builds an encoder-only backbone."""
     mlp_ratio: float = 4.0
-    """MLP hidden width as a multiple of ``dim``."""
-    dropout: float = 0.0
-    """Dropout on attention weights and residual branches, during training only."""
+    """MLP hidden width as a multiple of ``dim`` (for swiglu, the width of each of its two branches)."""
+    mlp: str = "gelu"
+    """MLP kind: gelu (erf), gelu_tanh (GPT-2), relu, swiglu."""
+    norm: str = "layernorm"
+    """Normalization: layernorm or rmsnorm."""
     norm_eps: float = 1e-5
-    """LayerNorm epsilon."""
+    """Epsilon added to the variance in every norm."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """pre: x + f(norm(x)) and a final norm after the stack; post: norm(x + f(x)), no final norm."""
+    embed_norm: bool = False
+    """Normalize each stack's input embeddings (BERT, BART's ``layernorm_embedding``)."""
+    bias: bool = True
+    """Biases in the attention and MLP projections."""
+    position: str = "learned"
+    """Position encoding: learned, sinusoidal (added to the embeddings), rope, alibi (inside attention)."""
+    rope_base: float = 10000.0
+    """RoPE: wavelength base theta; rotation pair i turns at base^(-i / pairs) radians per position."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches, during training only."""
+    drop_path: float = 0.0
+    """Stochastic depth: the last block of each stack drops its residual branches at this rate, the first
+    at 0, linearly in between (as in DeiT / timm)."""
+    attention: str = "auto"
+    """Attention kernel: auto, sdpa, sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math, flex, flash_attn
+    (see ``polytrain.models.attention``)."""
+    checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
+    compile: bool = False
+    """Compile each block with torch.compile (per block, so masks and caches stay in eager Python)."""
 
     def check(self) -> None:
         if self.dim <= 0 or self.n_heads <= 0 or self.dim % self.n_heads:
             raise ConfigError("n_heads", self.n_heads, f"must be positive and divide dim={self.dim}")
+        if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
+            raise ConfigError("n_kv_heads", self.n_kv_heads, f"must be 0 or divide n_heads={self.n_heads}")
         if self.encoder_layers < 0:
             raise ConfigError("encoder_layers", self.encoder_layers, "must be >= 0")
-        if self.decoder_layers < 1:
-            raise ConfigError("decoder_layers", self.decoder_layers, "must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
+        if self.decoder_layers < 0 or self.encoder_layers + self.decoder_layers == 0:
+            raise ConfigError("decoder_layers", self.decoder_layers,
+                              f"must be >= 0, and encoder_layers + decoder_layers >= 1 (encoder_layers={self.encoder_layers})")
         if self.mlp_ratio <= 0:
             raise ConfigError("mlp_ratio", self.mlp_ratio, "must be > 0")
+        for key, registry in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
+            if getattr(self, key) not in registry:
+                raise ConfigError(key, getattr(self, key), f"unknown; known: {', '.join(registry.names())}")
+        if self.attention != "auto" and self.attention not in KERNELS:
+            raise ConfigError("attention", self.attention, f"unknown; known: auto, {', '.join(KERNELS.names())}")
+        if self.position == "rope" and self.head_dim % 4:
+            raise ConfigError("position", self.position, f"2-D RoPE splits each head in row and column halves of "
+                              f"rotation pairs, so dim / n_heads = {self.head_dim} must be divisible by 4")
+        if self.norm_eps <= 0:
+            raise ConfigError("norm_eps", self.norm_eps, "must be > 0")
+        if self.rope_base <= 1:
+            raise ConfigError("rope_base", self.rope_base, "must be > 1")
+        for key in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(key, getattr(self, key), "must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def mlp_hidden(self) -> int:
         return int(self.dim * self.mlp_ratio)
 
 
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.fc = nn.Linear(dim, hidden)
-        self.proj = nn.Linear(hidden, dim)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(self.act(self.fc(x))))
-
-
 class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)) [+ cross(norm(x), memory)] + mlp(norm(x))."""
+    """Self-attention [+ cross-attention to ``memory``] + MLP, each a residual branch, pre- or post-norm."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_hidden: int, dropout: float, eps: float,
-                 cross_attention: bool):
+    def __init__(self, cfg: BackboneConfig, cross_attention: bool, drop_path: float = 0.0):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(dim, eps=eps)
-        self.attn = MultiHeadAttention(dim, n_heads, dropout)
-        self.cross_norm = nn.LayerNorm(dim, eps=eps) if cross_attention else None
-        self.cross = MultiHeadAttention(dim, n_heads, dropout, cross=True) if cross_attention else None
-        self.mlp_norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, mlp_hidden, dropout)
-        self.drop = nn.Dropout(dropout)
+        norm, dim = NORMS.get(cfg.norm), cfg.dim
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = norm(dim, cfg.norm_eps)
+        self.attn = Attention(dim, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout)
+        self.cross_norm = norm(dim, cfg.norm_eps) if cross_attention else None
+        self.cross = Attention(dim, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout, cross=True) if cross_attention else None
+        self.mlp_norm = norm(dim, cfg.norm_eps)
+        self.mlp = MLPS.get(cfg.mlp)(dim, cfg.mlp_hidden, cfg.bias, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
 
-    def forward(self, x_BLE: Tensor, mask: Tensor, memory_BSE: Tensor | None = None,
-                memory_mask: Tensor | None = None) -> Tensor:
-        x_BLE = x_BLE + self.drop(self.attn(self.attn_norm(x_BLE), mask))
+    def forward(self, x_BLE: Tensor, plan: AttentionPlan, rope: tuple[Tensor, Tensor] | None = None,
+                memory_BSE: Tensor | None = None, memory_plan: AttentionPlan | None = None,
+                cache: LayerCache | None = None) -> Tensor:
+        x_BLE = self.residual(x_BLE, self.attn_norm, lambda h: self.drop(self.attn(h, plan, rope, cache=cache)))
         if self.cross is not None and memory_BSE is not None:
-            x_BLE = x_BLE + self.drop(self.cross(self.cross_norm(x_BLE), memory_mask, memory_BSE))
-        return x_BLE + self.mlp(self.mlp_norm(x_BLE))
+            x_BLE = self.residual(x_BLE, self.cross_norm,
+                                  lambda h: self.drop(self.cross(h, memory_plan, memory_BSE=memory_BSE, cache=cache)))
+        return self.residual(x_BLE, self.mlp_norm, self.mlp)
+
+    def residual(self, x_BLE: Tensor, norm: nn.Module, branch) -> Tensor:
+        if self.pre_norm:
+            return x_BLE + self.drop_path(branch(norm(x_BLE)))
+        return norm(x_BLE + self.drop_path(branch(x_BLE)))
 
 
 class Stack(nn.Module):
-    """``n_layers`` blocks and the final norm a pre-norm stack needs."""
+    """``n_layers`` blocks, the input norm/dropout, the final norm of a pre-norm stack, and the masks."""
 
     def __init__(self, cfg: BackboneConfig, n_layers: int, causal: bool, cross_attention: bool):
         super().__init__()
-        self.causal = causal
-        self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.n_heads, cfg.mlp_hidden, cfg.dropout, cfg.norm_eps, cross_attention)
-            for _ in range(n_layers))
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.cfg, self.causal = cfg, causal
+        norm = NORMS.get(cfg.norm)
+        self.input_norm = norm(cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(n_layers - 1, 1) for i in range(n_layers)]
+        self.blocks = nn.ModuleList(Block(cfg, cross_attention, rate) for rate in rates)
+        self.norm = norm(cfg.dim, cfg.norm_eps) if cfg.norm_position == "pre" else None
+        slopes = alibi_slopes(cfg.n_heads) if POSITIONS.get(cfg.position).alibi else None
+        self.register_buffer("alibi_H", slopes, persistent=False)
+        if cfg.compile:
+            for block in self.blocks:
+                block.compile()
 
-    def forward(self, x_BLE: Tensor, valid_BL: Tensor, memory_BSE: Tensor | None = None,
-                memory_valid_BS: Tensor | None = None) -> Tensor:
-        mask = self_attention_mask(valid_BL, self.causal)
-        memory_mask = None if memory_valid_BS is None else memory_valid_BS[:, None, None, :]
-        for block in self.blocks:
-            x_BLE = block(x_BLE, mask, memory_BSE, memory_mask)
-        return self.norm(x_BLE)
+    def forward(self, seq: Embedded, memory_BSE: Tensor | None = None, memory_valid_BS: Tensor | None = None,
+                prefix: int = 0, cache: KVCache | None = None) -> Tensor:
+        """``prefix``: the first ``prefix`` tokens attend bidirectionally (prefix-LM); ``cache``: decode incrementally."""
+        x_BLE = seq.x_BLE if self.input_norm is None else self.input_norm(seq.x_BLE)
+        x_BLE = self.drop(x_BLE)
+        plan, memory_plan = self.plans(seq, x_BLE, memory_valid_BS if memory_BSE is not None else None, prefix, cache)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
+                x_BLE = checkpoint(block, x_BLE, plan, seq.rope, memory_BSE, memory_plan, layer_cache,
+                                   use_reentrant=False)
+            else:
+                x_BLE = block(x_BLE, plan, seq.rope, memory_BSE, memory_plan, layer_cache)
+        if cache is not None:
+            cache.advance(seq.length)
+        return x_BLE if self.norm is None else self.norm(x_BLE)
+
+    def plans(self, seq: Embedded, x_BLE: Tensor, memory_valid_BS: Tensor | None, prefix: int,
+              cache: KVCache | None) -> tuple[AttentionPlan, AttentionPlan | None]:
+        """The self-attention and cross-attention plans every block of this forward shares."""
+        dtype, cfg = compute_dtype(x_BLE), self.cfg
+        dropout = cfg.dropout if self.training else 0.0
+        if cache is None:
+            rule = MaskRule(seq.valid_BL, seq.valid_BL, self.causal, prefix, 0, seq.documents_BL, seq.documents_BL)
+        else:
+            assert seq.documents_BL is None, "incremental decoding takes one document per row"
+            offset = cache.length
+            rule = MaskRule(cache.extend(seq.valid_BL), seq.valid_BL, self.causal, prefix, offset)
+        plan = plan_attention(cfg.attention, rule, dtype, cfg.head_dim, dropout, self.alibi_H)
+        if memory_valid_BS is None:
+            return plan, None
+        cross_rule = MaskRule(memory_valid_BS, seq.valid_BL, self_attention=False)
+        return plan, plan_attention(cfg.attention, cross_rule, dtype, cfg.head_dim, dropout)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention will see: autocast's when it is on, else the activations'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class Backbone(nn.Module):
-    """An encoder stack (absent when ``encoder_layers`` is 0) and a decoder stack."""
+    """An encoder stack (absent when ``encoder_layers`` is 0) and a decoder stack (absent when ``decoder_layers`` is 0)."""
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         with_encoder = cfg.encoder_layers > 0
         self.encoder = Stack(cfg, cfg.encoder_layers, causal=False, cross_attention=False) if with_encoder else None
-        self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=with_encoder)
+        self.decoder = (Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=with_encoder)
+                        if cfg.decoder_layers else None)
 
-    def encode(self, x_BSE: Tensor, valid_BS: Tensor) -> Tensor:
-        return self.encoder(x_BSE, valid_BS)
+    def encode(self, seq: Embedded) -> Tensor:
+        """Bidirectional: (B, S, E)."""
+        return self.encoder(seq)
 
-    def decode(self, x_BTE: Tensor, valid_BT: Tensor, memory_BSE: Tensor | None = None,
-               memory_valid_BS: Tensor | None = None) -> Tensor:
-        return self.decoder(x_BTE, valid_BT, memory_BSE, memory_valid_BS)
-
-
-def self_attention_mask(valid_BL: Tensor, causal: bool) -> Tensor:
-    """(B, 1, L, L) bool: keys must be real tokens (and not in the future, when causal).
-
-    A padded query still sees the real keys, so no row is empty and no NaN appears.
-    """
-    mask = valid_BL[:, None, None, :]
-    if causal:
-        length = valid_BL.shape[1]
-        mask = mask & torch.ones(length, length, dtype=torch.bool, device=valid_BL.device).tril()
-    return mask
+    def decode(self, seq: Embedded, memory_BSE: Tensor | None = None, memory_valid_BS: Tensor | None = None,
+               prefix: int = 0, cache: KVCache | None = None) -> Tensor:
+        """Causal over ``seq`` (bidirectional over its first ``prefix`` tokens), cross-attending to ``memory``."""
+        return self.decoder(seq, memory_BSE, memory_valid_BS, prefix, cache)

@@ -1,66 +1,242 @@
-"""One embedder per modality: Segment -> (B, L, dim), with position and modality embeddings added.
+"""One embedder per modality: Segment -> ``Embedded`` (B, L, dim) vectors and what attention needs of them.
 
-Every embedder adds a learned modality vector, so the shared backbone can
-tell a text token from an image patch without branching on modality.
+Absolute positions (learned or sinusoidal) are added here; for RoPE the
+embedder computes the rotation angles of its tokens (1-D for text, 2-D for
+patch grids), since only it knows the shape of its modality's grid.  An
+optional learned modality vector lets the shared backbone tell a text token
+from an image patch without branching on modality.
 
-Shape legend: B batch, L length, D patch features, E model dim.
+Shape legend: B batch, L length, D patch features, E model dim, P rotation pairs per head.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polytrain.models.positions import POSITIONS, Rotary, sinusoidal_table
 from polytrain.registry import Registry
 from polytrain.tokens import EmbedSpec, Segment
 
+if TYPE_CHECKING:
+    from polytrain.models.model import ModelConfig
+
 EMBEDDERS: Registry[type[nn.Module]] = Registry("embedder")
-"""Embedder class by modality name; built as ``cls(spec, dim)``."""
+"""Embedder class by modality name; built as ``cls(spec, model_config)``."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    modality_vector: bool = True
+    """Add one learned vector per modality to its tokens (off for timm / Hugging Face parity)."""
+    patch_positions: Literal["factorized", "raster"] = "factorized"
+    """Learned patch positions: "factorized" adds a row and a column vector (any grid up to the
+    tokenizer's); "raster" is one vector per patch in row-major order, as timm's ViT ``pos_embed``."""
+    cls_token: bool = False
+    """Prepend a learned [CLS] vector to every image/audio segment (for pooling="cls" classifiers)."""
+    scale_tokens: bool = False
+    """Multiply token embeddings by sqrt(dim) before adding positions (Vaswani et al. 2017)."""
+
+    def check(self) -> None:
+        """Field types and the Literal are checked by the config loader; nothing spans fields here."""
+
+
+@dataclass
+class Embedded:
+    """Token vectors and, per token, what attention needs: validity, document, rotation."""
+
+    x_BLE: Tensor
+    valid_BL: Tensor
+    """True at real tokens."""
+    documents_BL: Tensor | None = None
+    """Document index per token of packed rows (-1 at padding); None: one document per row."""
+    rope: tuple[Tensor, Tensor] | None = None
+    """RoPE (cos, sin), (B, L, P) each; None unless ``position`` is ``rope``."""
+
+    @property
+    def length(self) -> int:
+        return self.x_BLE.shape[1]
+
+    def then(self, after: Embedded) -> Embedded:
+        """This sequence followed by ``after`` (a prefix-LM input: [source ; text])."""
+        docs = None
+        if self.documents_BL is not None or after.documents_BL is not None:
+            docs = torch.cat([self.documents_or_zeros(), after.documents_or_zeros()], dim=1)
+        rope = None
+        if self.rope is not None:
+            rope = (torch.cat([self.rope[0], after.rope[0]], 1), torch.cat([self.rope[1], after.rope[1]], 1))
+        return Embedded(torch.cat([self.x_BLE, after.x_BLE], 1), torch.cat([self.valid_BL, after.valid_BL], 1),
+                        docs, rope)
+
+    def documents_or_zeros(self) -> Tensor:
+        if self.documents_BL is not None:
+            return self.documents_BL
+        return torch.where(self.valid_BL, 0, -1)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """A fixed sinusoidal table behind the ``nn.Embedding`` call; a buffer, so not in the state dict."""
+
+    def __init__(self, n_positions: int, dim: int):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(n_positions, dim), persistent=False)
+
+    def forward(self, index: Tensor) -> Tensor:
+        return self.table[index]
+
+
+class Embedder(nn.Module):
+    """What every embedder shares: the modality vector and the RoPE angles."""
+
+    rope_two_d = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        backbone = cfg.backbone
+        self.kind = POSITIONS.get(backbone.position)
+        self.modality = nn.Parameter(0.02 * torch.randn(backbone.dim)) if cfg.embed.modality_vector else None
+        self.rotary = Rotary(backbone.head_dim, backbone.rope_base, self.rope_two_d) if self.kind.rotary else None
+
+    def finish(self, x_BLE: Tensor, segment: Segment) -> Embedded:
+        if self.modality is not None:
+            x_BLE = x_BLE + self.modality
+        rope = None if self.rotary is None else self.rotary(segment.positions)
+        return Embedded(x_BLE, segment.mask, segment.documents, rope)
 
 
 @EMBEDDERS.register("text")
-class TokenEmbedder(nn.Module):
-    """Token ids -> vectors, plus learned 1-D positions. Its table doubles as the LM output projection.
+class TokenEmbedder(Embedder):
+    """Token ids -> vectors plus 1-D positions. Its table doubles as the LM output projection when tied.
 
     Called with a Segment it embeds; called with hidden states (B, T, E) it returns the tied
     logits (B, T, V). Both uses run inside this module's forward, where sharded-parameter engines
     (ZeRO-3) gather the table.
     """
 
-    def __init__(self, spec: EmbedSpec, dim: int):
-        super().__init__()
+    def __init__(self, spec: EmbedSpec, cfg: ModelConfig):
+        super().__init__(cfg)
+        dim = cfg.backbone.dim
         self.table = nn.Embedding(spec.input_dim, dim)
-        self.position = nn.Embedding(spec.grid[1], dim)
-        self.modality = nn.Parameter(0.02 * torch.randn(dim))
+        self.scale = dim**0.5 if cfg.embed.scale_tokens else 1.0
+        if self.kind.table is None:
+            self.position = None
+        elif self.kind.table == "sinusoidal":
+            self.position = SinusoidalEmbedding(spec.grid[1], dim)
+        else:
+            self.position = nn.Embedding(spec.grid[1], dim)
 
-    def forward(self, x: Segment | Tensor) -> Tensor:
+    def forward(self, x: Segment | Tensor) -> Embedded | Tensor:
         if isinstance(x, Tensor):
             return F.linear(x, self.table.weight)
-        return self.table(x.values) + self.position(x.positions[..., 1]) + self.modality
+        return self.embed(x)
+
+    def embed(self, segment: Segment) -> Embedded:
+        x_BLE = self.table(segment.values)
+        if self.scale != 1.0:
+            x_BLE = x_BLE * self.scale
+        if self.position is not None:
+            x_BLE = x_BLE + self.position(segment.positions[..., 1])
+        return self.finish(x_BLE, segment)
+
+
+class LearnedGrid(nn.Module):
+    """A learned row vector plus a learned column vector: positions on any grid up to (rows, cols)."""
+
+    def __init__(self, grid: tuple[int, int], dim: int):
+        super().__init__()
+        self.row = nn.Embedding(grid[0], dim)
+        self.col = nn.Embedding(grid[1], dim)
+
+    def forward(self, positions_BL2: Tensor) -> Tensor:
+        return self.row(positions_BL2[..., 0]) + self.col(positions_BL2[..., 1])
+
+
+class LearnedRaster(nn.Module):
+    """One learned vector per patch in row-major order; entry 0 belongs to the [CLS] token (timm's layout).
+
+    The [CLS] token sits at position (0, -1), just before the first patch, so its vector is looked up
+    through this module's forward like every other (where sharded-parameter engines gather the table).
+    """
+
+    CLS_POSITION = (0, -1)
+
+    def __init__(self, grid: tuple[int, int], dim: int):
+        super().__init__()
+        self.cols = grid[1]
+        self.table = nn.Embedding(1 + grid[0] * grid[1], dim)
+
+    def forward(self, positions_BL2: Tensor) -> Tensor:
+        return self.table(1 + positions_BL2[..., 0] * self.cols + positions_BL2[..., 1])
+
+
+class SinusoidalGrid(nn.Module):
+    """2-D sinusoidal positions: the first half of the channels encode the row, the second the column (MAE)."""
+
+    def __init__(self, grid: tuple[int, int], dim: int):
+        super().__init__()
+        self.row = SinusoidalEmbedding(grid[0], dim // 2)
+        self.col = SinusoidalEmbedding(grid[1], dim - dim // 2)
+
+    def forward(self, positions_BL2: Tensor) -> Tensor:
+        return torch.cat([self.row(positions_BL2[..., 0]), self.col(positions_BL2[..., 1])], dim=-1)
 
 
 @EMBEDDERS.register("image")
 @EMBEDDERS.register("audio")
-class PatchEmbedder(nn.Module):
-    """Patch features -> vectors by one linear map, plus learned row and column positions (any grid size)."""
+class PatchEmbedder(Embedder):
+    """Patch features -> vectors by one linear map (a ViT's patch convolution), plus 2-D positions."""
 
-    def __init__(self, spec: EmbedSpec, dim: int):
-        super().__init__()
+    rope_two_d = True
+
+    def __init__(self, spec: EmbedSpec, cfg: ModelConfig):
+        super().__init__(cfg)
+        dim = cfg.backbone.dim
         self.proj = nn.Linear(spec.input_dim, dim)
-        self.row = nn.Embedding(spec.grid[0], dim)
-        self.col = nn.Embedding(spec.grid[1], dim)
-        self.modality = nn.Parameter(0.02 * torch.randn(dim))
+        self.cls = nn.Parameter(torch.zeros(dim)) if cfg.embed.cls_token else None
+        if self.kind.table is None:
+            self.position = None
+        elif self.kind.table == "sinusoidal":
+            self.position = SinusoidalGrid(spec.grid, dim)
+        elif cfg.embed.patch_positions == "raster":
+            self.position = LearnedRaster(spec.grid, dim)
+        else:
+            self.position = LearnedGrid(spec.grid, dim)
 
-    def init_weights(self) -> None:
-        """Fan-in init: normalized patches keep unit scale, well above the 0.02-scale positions.
+    def init_weights(self, std: float) -> None:
+        """Fan-in init of the patch projection: normalized patches keep unit scale, above the positions.
 
-        With the generic 0.02 init a patch's content is no larger than its position
-        embedding and every image starts out looking alike (a ViT's patch convolution
-        is fan-in initialized for the same reason).
+        With the generic ``std`` a patch's content is no larger than its position
+        embedding and every image starts out looking alike (a ViT's patch
+        convolution is fan-in initialized for the same reason).
         """
         nn.init.normal_(self.proj.weight, std=self.proj.in_features**-0.5)
+        if self.cls is not None:
+            nn.init.normal_(self.cls, std=std)
 
-    def forward(self, segment: Segment) -> Tensor:
-        x_BLD = segment.values.to(self.proj.weight.dtype)  # patches arrive fp32; weights may be bf16
-        rows, cols = segment.positions.unbind(-1)
-        return self.proj(x_BLD) + self.row(rows) + self.col(cols) + self.modality
+    def forward(self, segment: Segment) -> Embedded:
+        x_BLE = self.proj(segment.values.to(self.proj.weight.dtype))  # patches arrive fp32; weights may be bf16
+        if self.position is not None:
+            x_BLE = x_BLE + self.position(segment.positions)
+        embedded = self.finish(x_BLE, segment)
+        return embedded if self.cls is None else self.with_cls(embedded)
 
+    def with_cls(self, e: Embedded) -> Embedded:
+        """Prepend [CLS]: real, in the first token's document, unrotated, at raster position 0 when raster."""
+        cls_E = self.cls
+        if isinstance(self.position, LearnedRaster):
+            cls_E = cls_E + self.position(torch.tensor(LearnedRaster.CLS_POSITION, device=cls_E.device))
+        if self.modality is not None:
+            cls_E = cls_E + self.modality
+        batch = e.x_BLE.shape[0]
+        x_BLE = torch.cat([cls_E.to(e.x_BLE.dtype).expand(batch, 1, -1), e.x_BLE], dim=1)
+        valid_BL = torch.cat([e.valid_BL.new_ones(batch, 1), e.valid_BL], dim=1)
+        docs_BL = None if e.documents_BL is None else torch.cat([e.documents_BL[:, :1], e.documents_BL], dim=1)
+        rope = None
+        if e.rope is not None:
+            cos, sin = e.rope
+            rope = (torch.cat([torch.ones_like(cos[:, :1]), cos], 1), torch.cat([torch.zeros_like(sin[:, :1]), sin], 1))
+        return Embedded(x_BLE, valid_BL, docs_BL, rope)

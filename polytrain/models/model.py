@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from polytrain.errors import ConfigError
 from polytrain.models.backbone import Backbone, BackboneConfig
-from polytrain.models.embed import EMBEDDERS
-from polytrain.models.heads import HEADS
+from polytrain.models.embed import EMBEDDERS, EmbedConfig, Embedded
+from polytrain.models.heads import HEADS, HeadsConfig
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
@@ -21,8 +21,12 @@ RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     init_std: float = 0.02
     """Std of the normal init of every linear and embedding weight (residual outputs: / sqrt(2 * layers))."""
+    tie_embeddings: bool = True
+    """Text LM logits use the text embedding table (GPT-2, BART); false adds a separate ``lm_head``."""
 
     def check(self) -> None:
         if self.init_std <= 0:
@@ -30,16 +34,20 @@ class ModelConfig:
 
 
 class PolyModel(nn.Module):
-    """``forward(batch)`` returns the mean next-token loss of every task in ``batch``."""
+    """``forward(batch)`` returns the training loss of every task in ``batch``, as its head defines it."""
 
     def __init__(self, cfg: ModelConfig, specs: list[EmbedSpec], task_heads: dict[str, str]):
         super().__init__()
-        if "text" not in {s.modality for s in specs}:
-            raise ValueError("the model decodes text, so it needs the text embed spec")
-        dim = cfg.backbone.dim
-        self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, dim) for s in specs})
+        self.cfg = cfg
+        by_modality = {s.modality: s for s in specs}
+        head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
+        check_heads_fit(cfg.backbone, by_modality, task_heads, head_classes)
+        self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg) for s in specs})
         self.backbone = Backbone(cfg.backbone)
-        self.heads = nn.ModuleDict({task: HEADS.get(head)() for task, head in task_heads.items()})
+        self.lm_head = None
+        if not cfg.tie_embeddings and "text" in by_modality:
+            self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=False)
+        self.heads = nn.ModuleDict({task: cls(cfg, by_modality) for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
 
     def init_weights(self, std: float) -> None:
@@ -51,19 +59,36 @@ class PolyModel(nn.Module):
                 nn.init.zeros_(module.bias)
         for embedder in self.embedders.values():
             if hasattr(embedder, "init_weights"):
-                embedder.init_weights()
-        layers = len(self.backbone.decoder.blocks) + (len(self.backbone.encoder.blocks) if self.backbone.encoder else 0)
+                embedder.init_weights(std)
+        layers = sum(len(stack.blocks) for stack in (self.backbone.encoder, self.backbone.decoder) if stack)
         for name, param in self.named_parameters():
             if name.endswith(RESIDUAL_OUTPUTS):
                 nn.init.normal_(param, std=std / math.sqrt(2 * layers))
 
-    def embed(self, segment: Segment) -> Tensor:
+    def embed(self, segment: Segment) -> Embedded:
         return self.embedders[segment.modality](segment)
 
     def lm_logits(self, h_BTE: Tensor) -> Tensor:
-        """Next-token logits (B, T, V), tied to the text embedding table."""
+        """Next-token logits (B, T, V): tied to the text embedding table, or the separate ``lm_head``."""
+        if self.lm_head is not None:
+            return self.lm_head(h_BTE)
         return self.embedders["text"](h_BTE)
 
     def forward(self, batch: dict[str, TaskBatch]) -> dict[str, Tensor]:
         """The training loss of every task in ``batch``, as its head defines it."""
         return {task: self.heads[task].loss(self, part) for task, part in batch.items()}
+
+
+def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_heads: dict[str, str],
+                    head_classes: dict[str, type]) -> None:
+    """Every head finds the stacks and embedders it needs; errors name the model key to change."""
+    for task, cls in head_classes.items():
+        if cls.needs_encoder and backbone.encoder_layers == 0:
+            raise ConfigError("model.backbone.encoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
+                              "which needs an encoder")
+        if cls.needs_decoder and backbone.decoder_layers == 0:
+            raise ConfigError("model.backbone.decoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
+                              "which needs a decoder")
+        if cls.needs_text_output and "text" not in specs:
+            raise ConfigError("model", sorted(specs), f"task {task!r} uses head {task_heads[task]}, which predicts "
+                              "text, so the model needs the text embed spec")

@@ -1,23 +1,26 @@
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from polytrain.errors import ConfigError
 from polytrain.models.backbone import BackboneConfig
-from polytrain.models.heads import text_segment, token_loss
+from polytrain.models.generation import DecodingConfig
+from polytrain.models.heads import text_segment
 from polytrain.models.model import ModelConfig, PolyModel
-from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch, Tokens
+from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens
 
 VOCAB, DIM = 50, 32
 SPECS = [EmbedSpec("text", VOCAB, (1, 24)), EmbedSpec("image", 12, (3, 3))]
 
 
-def model() -> PolyModel:
+def model(**backbone) -> PolyModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, encoder_layers=2, decoder_layers=2))
+    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, encoder_layers=2, decoder_layers=2, **backbone))
     return PolyModel(cfg, SPECS, {"lm": "decoder_only", "caption": "encoder_decoder"}).eval()
 
 
@@ -25,14 +28,6 @@ def image_segment(batch: int, seed: int = 0) -> Segment:
     g = torch.Generator().manual_seed(seed)
     pos = torch.tensor([[r, c] for r in range(3) for c in range(3)])
     return Segment.collate([Tokens(torch.randn(9, 12, generator=g), pos, "image") for _ in range(batch)])
-
-
-def test_token_loss_is_masked_mean_cross_entropy():
-    logits = torch.randn(2, 4, VOCAB)
-    labels = torch.tensor([[3, 4, IGNORE_INDEX, IGNORE_INDEX], [5, 6, 7, IGNORE_INDEX]])
-    keep = labels != IGNORE_INDEX
-    manual = -F.log_softmax(logits, -1)[keep].gather(1, labels[keep][:, None]).mean()
-    assert torch.allclose(token_loss(logits, labels), manual)
 
 
 def test_loss_at_init_is_near_uniform():
@@ -51,19 +46,20 @@ def test_encoder_decoder_reads_its_source_and_decoder_only_does_not_need_one():
     assert m.heads["lm"](m, TaskBatch(text_segment(ids), ids)).shape == (2, 5, VOCAB)
 
 
-@pytest.mark.parametrize("task", ["lm", "caption"])
-def test_greedy_generation_equals_stepwise_argmax(task):
-    m = model()
-    head = m.heads[task]
-    source = image_segment(3) if task == "caption" else None
-    prompt = torch.full((3, 1), 1)
-    generated = head.generate(m, prompt, source, max_new_tokens=6, eos_id=2)
-    ids = prompt
-    for step in range(generated.shape[1]):
-        logits = head(m, TaskBatch(text_segment(ids), ids, source))
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        finished = (generated[:, :step] == 2).any(1)  # rows pad with eos once done
-        assert torch.equal(generated[~finished, step], ids[~finished, -1])
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope", "alibi"])
+def test_packed_text_documents_give_the_logits_of_separate_rows(position):
+    m = model(position=position)
+    a, b = torch.randint(10, VOCAB, (7,)), torch.randint(10, VOCAB, (4,))
+    head = m.heads["lm"]
+    separate = [head(m, TaskBatch(text_segment(t[None]), t[None]))[0] for t in (a, b)]
+    packed = text_tokens(torch.cat([a, b]))
+    packed.positions[7:, 1] -= 7  # every document starts at position 0
+    packed.documents = torch.tensor([0] * 7 + [1] * 4)
+    segment = Segment.collate([packed, text_tokens(a)])  # a second, shorter row pads
+    logits = head(m, TaskBatch(segment, segment.values))
+    assert torch.allclose(logits[0, :7], separate[0], atol=1e-5)
+    assert torch.allclose(logits[0, 7:11], separate[1], atol=1e-5)
+    assert torch.allclose(logits[1, :7], separate[0], atol=1e-5)
 
 
 def test_patch_embedder_keeps_patch_content_at_unit_scale():
@@ -72,8 +68,80 @@ def test_patch_embedder_keeps_patch_content_at_unit_scale():
     assert m.embedders["text"].table.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
+def test_residual_outputs_start_smaller_with_depth():
+    m = model()
+    std = m.backbone.decoder.blocks[0].mlp.proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.1)
+
+
+def hold_table_only_inside_forward(embedder: torch.nn.Module) -> None:
+    """Keep the text table empty except during the embedder's forward, as ZeRO-3 keeps a partitioned parameter."""
+    weight = embedder.table.weight
+    full = weight.data
+    embedder.register_forward_pre_hook(lambda *_: setattr(weight, "data", full))
+    embedder.register_forward_hook(lambda *_: setattr(weight, "data", full.new_empty(0)))
+    weight.data = full.new_empty(0)
+
+
+def test_every_use_of_the_tied_table_runs_inside_the_text_embedders_forward():
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4))
+    m = PolyModel(cfg, SPECS, {"lm": "decoder_only", "caption": "encoder_decoder", "mlm": "masked_lm"}).eval()
+    ids, image = torch.randint(10, VOCAB, (2, 6)), image_segment(2)
+    batch = {"lm": TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:]),
+             "caption": TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:], image),
+             "mlm": TaskBatch(text_segment(ids), ids)}
+    beam = DecodingConfig(strategy="beam", num_beams=3)
+
+    def run():
+        torch.manual_seed(1)  # masked_lm draws its masking from the global RNG
+        with torch.no_grad():
+            return (m(batch), m.heads["lm"].generate(m, ids[:, :2], None, 4, eos_id=2),
+                    m.heads["caption"].generate(m, ids[:, :2], image, 4, eos_id=2, decoding=beam))
+
+    want = run()
+    hold_table_only_inside_forward(m.embedders["text"])
+    got = run()
+    assert got[0].keys() == want[0].keys() and all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_untied_model_has_its_own_output_projection():
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, encoder_layers=0), tie_embeddings=False)
+    m = PolyModel(cfg, SPECS[:1], {"lm": "decoder_only"})
+    h = torch.randn(1, 3, DIM)
+    assert m.lm_head.weight.shape == (VOCAB, DIM)
+    assert torch.allclose(m.lm_logits(h), h @ m.lm_head.weight.T)
+
+
+@pytest.mark.parametrize("head, backbone, key", [
+    ("encoder_decoder", dict(encoder_layers=0), "model.backbone.encoder_layers"),
+    ("encoder_classifier", dict(encoder_layers=0), "model.backbone.encoder_layers"),
+    ("decoder_only", dict(decoder_layers=0), "model.backbone.decoder_layers"),
+])
+def test_a_head_without_its_stack_names_the_key(head, backbone, key):
+    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, **backbone))
+    with pytest.raises(ConfigError) as err:
+        PolyModel(cfg, SPECS, {"task": head})
+    assert err.value.key == key
+
+
+def test_text_heads_need_the_text_spec_but_an_image_classifier_does_not():
+    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, decoder_layers=0))
+    PolyModel(cfg, SPECS[1:], {"classify": "encoder_classifier"})
+    with pytest.raises(ConfigError, match="text embed spec"):
+        PolyModel(cfg, SPECS[1:], {"mlm": "masked_lm"})
+
+
 def test_models_import_no_distributed_or_tracking_library():
-    code = ("import sys, polytrain.models.model, polytrain.models.heads, polytrain.models.embed; "
-            "bad = [m for m in ('deepspeed', 'accelerate', 'wandb') if m in sys.modules]; "
+    code = ("import sys, polytrain.models.model, polytrain.models.heads, polytrain.models.embed, "
+            "polytrain.models.convert, polytrain.models.presets; "
+            "bad = [m for m in ('deepspeed', 'accelerate', 'wandb', 'transformers', 'timm') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+    import polytrain.models
+
+    banned = re.compile(r"^\s*(import|from)\s+(deepspeed|accelerate|wandb|torch\.distributed)\b", re.MULTILINE)
+    for path in Path(polytrain.models.__file__).parent.glob("*.py"):  # torch itself loads torch.distributed
+        assert not banned.search(path.read_text()), path

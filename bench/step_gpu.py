@@ -1,0 +1,131 @@
+"""Training throughput on one CUDA GPU: the ~1B decoder per attention kernel, and ViT-B/16 vs timm.
+
+Decoder: the ``decoder_1b`` preset at seq 2048 under bf16 autocast, one full
+training step (forward, backward, fused AdamW) per kernel that can take the
+call; tokens/s and MFU = model FLOPs/s (``polytrain.models.flops``, PaLM's
+count) / the GPU's dense bf16 peak.  ViT-B/16: polytrain holding timm's
+``vit_base_patch16_224`` weights (``convert.import_timm_vit``) vs timm itself,
+same batch and step, taking turns; images/s.  Goals: MFU >= 55%, ViT >= 1.3x
+timm.  Needs CUDA; on CPU use ``bench/step_cpu.py``.
+
+    python bench/step_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--vit-batch 128] [--peak-tflops N] [--no-compile]
+
+Last line: one JSON object with the figures.
+"""
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from polytrain.errors import PolytrainError
+from polytrain.models import convert, presets
+from polytrain.models.flops import train_flops_per_token
+from polytrain.models.heads import text_segment
+from polytrain.tokenizers.image import patchify
+from polytrain.tokens import Segment, TaskBatch
+from side_by_side import race
+
+DENSE_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0,
+                     "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+"""Vendor dense (no sparsity) bf16 tensor-core peaks, by a fragment of ``torch.cuda.get_device_name()``."""
+DECODER_KERNELS = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn")
+
+
+def peak_tflops(override: float | None) -> float:
+    if override is not None:
+        return override
+    name = torch.cuda.get_device_name()
+    for fragment, tflops in DENSE_BF16_TFLOPS.items():
+        if fragment in name:
+            return tflops
+    sys.exit(f"step_gpu.py: no bf16 peak known for {name!r} (known: {', '.join(DENSE_BF16_TFLOPS)}); "
+             "pass --peak-tflops")
+
+
+def training_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One forward + backward + fused AdamW step under bf16 autocast."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def run() -> None:
+        with torch.autocast("cuda", torch.bfloat16):
+            value = loss()
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def decoder(kernel: str, batch: int, seq: int, steps: int, compiled: bool, peak: float) -> dict:
+    """tokens/s and MFU of ``decoder_1b`` with attention ``kernel``, or why that kernel cannot run."""
+    preset = presets.with_backbone(presets.PRESETS.get("decoder_1b"), attention=kernel, compile=compiled)
+    model = preset.build("cuda").train()
+    vocab = preset.specs[0].input_dim
+    ids = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
+    lm = TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:])
+    try:
+        seconds = race({kernel: training_step(model, lambda: model({"lm": lm})["lm"])}, steps,
+                       sync=torch.cuda.synchronize)[kernel].wall
+    except PolytrainError as err:
+        return {"error": str(err)}
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    tokens_per_s = batch * seq / seconds
+    flops_per_token = train_flops_per_token(preset.build("meta"), seq)
+    return {"tokens_per_s": round(tokens_per_s), "mfu": round(tokens_per_s * flops_per_token / (peak * 1e12), 4),
+            "ms": round(1000 * seconds, 1)}
+
+
+def vit_base(batch: int, steps: int, compiled: bool) -> dict:
+    """images/s of timm's ViT-B/16 and of polytrain holding the same weights, taking turns."""
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().train()
+    preset = presets.with_backbone(presets.PRESETS.get("vit_base_patch16_224"), compile=compiled)
+    ours = preset.build("cuda").train()
+    convert.import_timm_vit(ours, reference.state_dict(), "classify")
+    pixels = torch.randn(batch, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+    patches = Segment.collate([patchify(p, 16) for p in pixels.cpu()]).to("cuda")  # the tokenizer's job, untimed
+    classify = TaskBatch(patches, labels)
+    seconds = race({"timm": training_step(reference, lambda: F.cross_entropy(reference(pixels), labels)),
+                    "polytrain": training_step(ours, lambda: ours({"classify": classify})["classify"])},
+                   steps, sync=torch.cuda.synchronize)
+    per_s = {name: batch / t.wall for name, t in seconds.items()}
+    return {"images_per_s": {name: round(v, 1) for name, v in per_s.items()},
+            "speedup_vs_timm": round(per_s["polytrain"] / per_s["timm"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4, help="decoder rows per step")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--vit-batch", type=int, default=128)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known")
+    parser.add_argument("--no-compile", action="store_true", help="run the blocks eagerly")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("step_gpu.py needs a CUDA GPU and torch.cuda.is_available() is False here; "
+                 "for CPU step times run bench/step_cpu.py")
+    peak = peak_tflops(args.peak_tflops)
+    compiled = not args.no_compile
+    print(f"{torch.cuda.get_device_name()}, peak {peak:g} bf16 TFLOP/s, torch {torch.__version__}; "
+          f"median of {args.steps} steps")
+    results = {"device": torch.cuda.get_device_name(), "decoder_1b": {}}
+    for kernel in DECODER_KERNELS:
+        results["decoder_1b"][kernel] = figures = decoder(kernel, args.batch, args.seq, args.steps, compiled, peak)
+        print(f"decoder_1b seq {args.seq} x {args.batch}  {kernel:15s} {figures}")
+    results["vit_base_patch16_224"] = vit = vit_base(args.vit_batch, args.steps, compiled)
+    print(f"vit_base_patch16_224 batch {args.vit_batch}  {vit}")
+    results["goal"] = "MFU >= 0.55; ViT >= 1.3x timm"
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

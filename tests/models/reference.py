@@ -1,0 +1,59 @@
+"""Independent references the model tests compare against: attention and its mask written out longhand."""
+
+import math
+
+import torch
+from torch import Tensor
+
+from polytrain.models.masks import MaskRule
+
+MASK_CASES = {
+    "padding": dict(),
+    "causal_padding": dict(causal=True),
+    "prefix_lm": dict(causal=True, prefix=4),
+    "packed_documents": dict(causal=True, docs=True),
+    "packed_bidirectional": dict(docs=True),
+}
+"""Named attention masks: ``MaskRule`` options, with ``docs=True`` for packed documents."""
+
+
+def allowed_by_loops(key_valid: Tensor, query_valid: Tensor, causal: bool = False, prefix: int = 0, offset: int = 0,
+                     docs_q: Tensor | None = None, docs_k: Tensor | None = None,
+                     self_attention: bool = True) -> Tensor:
+    """(B, L, S) bool, one Python comparison per query/key pair, from the rule as the docs state it."""
+    batch, length = query_valid.shape
+    keys = key_valid.shape[1]
+    out = torch.zeros(batch, length, keys, dtype=torch.bool)
+    for b in range(batch):
+        for q in range(length):
+            for k in range(keys):
+                ok = bool(key_valid[b, k])
+                if causal and not (k <= offset + q or k < prefix):
+                    ok = False
+                if docs_q is not None and bool(query_valid[b, q]) and docs_q[b, q] != docs_k[b, k]:
+                    ok = False
+                if self_attention and k == offset + q:
+                    ok = True
+                out[b, q, k] = ok
+    return out
+
+
+def mask_case(name: str, valid_BL: Tensor, docs_BL: Tensor) -> tuple[MaskRule, Tensor]:
+    """Self-attention rule ``name`` of ``MASK_CASES`` over these rows, and the same rule by ``allowed_by_loops``."""
+    opts = dict(MASK_CASES[name])
+    docs = docs_BL if opts.pop("docs", False) else None
+    rule = MaskRule(valid_BL, valid_BL, query_docs_BL=docs, key_docs_BS=docs, **opts)
+    return rule, allowed_by_loops(valid_BL, valid_BL, docs_q=docs, docs_k=docs, **opts)
+
+
+def reference_attention(q_BLHD: Tensor, k_BSGD: Tensor, v_BSGD: Tensor, allowed_BLS: Tensor,
+                        bias_HLS: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D) + bias, disallowed -> -inf) v in float64; key/value heads shared by query groups."""
+    q, k, v = (t.double() for t in (q_BLHD, k_BSGD, v_BSGD))
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores_BHLS = torch.einsum("blhd,bshd->bhls", q, k) / math.sqrt(q.shape[-1])
+    if bias_HLS is not None:
+        scores_BHLS = scores_BHLS + bias_HLS.double()
+    scores_BHLS = scores_BHLS.masked_fill(~allowed_BLS[:, None], float("-inf"))
+    return torch.einsum("bhls,bshd->blhd", scores_BHLS.softmax(-1), v)
