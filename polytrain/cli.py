@@ -1,9 +1,13 @@
-"""polytrain train | launch | eval | export | plan | tokenizer | model
+"""polytrain train | finetune | launch | doctor | eval | export | report | plan | tokenizer | model
 
     polytrain train configs/quickstart.yaml train.steps=50
+    polytrain finetune configs/finetune_audio.yaml init_from=runs/pretrain finetune.lora.rank=8
     polytrain launch configs/quickstart.yaml launch.procs_per_node=2 [--dry-run]
+    polytrain launch configs/multinode.yaml launch.slurm.partition=gpu --submit
+    polytrain doctor configs/quickstart.yaml engine.offload_optimizer=true
     polytrain eval runs/quickstart-20261121-120000
     polytrain export runs/quickstart-20261121-120000 --out model.safetensors
+    polytrain report runs/quickstart-20261121-120000 [--out DIR]
     polytrain plan configs/quickstart.yaml --gpus-per-node 8 --nodes 2 --gpu-mem 80GB
     polytrain tokenizer train --modality text --input a.txt b.txt --vocab-size 4096 --out tok/
     polytrain model info decoder_1b
@@ -17,6 +21,7 @@ import sys
 from pathlib import Path
 
 from polytrain.errors import PolytrainError
+from polytrain.launch.failures import record_failure
 
 log = logging.getLogger("polytrain")
 
@@ -29,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except PolytrainError as err:
         print(f"polytrain: error: {err}", file=sys.stderr, flush=True)
+        record_failure(err)
         return 2
+    except Exception as err:
+        record_failure(err)  # a process of a launched job: its launcher reports the error in one line
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=50")
     train.set_defaults(func=cmd_train)
 
-    launch = commands.add_parser("launch", help="start launch.procs_per_node training processes with torchrun")
-    launch.add_argument("config")
-    launch.add_argument("overrides", nargs="*")
-    launch.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    finetune = commands.add_parser("finetune", help="train starting from pretrained weights: "
+                                   "polytrain finetune CONFIG init_from=RUN_DIR_OR_SAFETENSORS [overrides]")
+    finetune.add_argument("config", help="YAML recipe of the fine-tuning tasks")
+    finetune.add_argument("overrides", nargs="*", help="init_from=PATH (short for finetune.init_from=PATH) and "
+                          "section.key=value, e.g. finetune.freeze=[backbone.*] finetune.lora.rank=8")
+    finetune.set_defaults(func=cmd_finetune)
+
+    launch = commands.add_parser("launch", help="start a job on launch.nodes x launch.procs_per_node processes "
+                                 "with launch.backend: torchrun, deepspeed or slurm")
+    launch.add_argument("config", help="YAML recipe, e.g. configs/multinode.yaml")
+    launch.add_argument("overrides", nargs="*", help="section.key=value, e.g. launch.nodes=2 launch.procs_per_node=8")
+    launch.add_argument("--dry-run", action="store_true", help="print the exact command(s) or SLURM script each "
+                        "node would run; start nothing")
+    launch.add_argument("--submit", action="store_true", help="launch.backend=slurm: submit the written script "
+                        "with sbatch")
     launch.set_defaults(func=cmd_launch)
+
+    doctor = commands.add_parser("doctor", help="print versions and GPUs; check that the DeepSpeed ops and "
+                                 "launcher tools a config needs are there")
+    doctor.add_argument("config", nargs="?", help="recipe to check for (default: the default engine and launch "
+                        "settings)")
+    doctor.add_argument("overrides", nargs="*")
+    doctor.set_defaults(func=cmd_doctor)
 
     evaluate = commands.add_parser("eval", help="reload a run's latest checkpoint and evaluate it on held-out data")
     evaluate.add_argument("run_dir", help="run directory (or one checkpoint folder)")
@@ -59,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .safetensors file to write; the config goes beside it "
                         "as .yaml")
     export.set_defaults(func=cmd_export)
+
+    report = commands.add_parser("report", help="draw a run's loss, learning-rate and eval curves to report.png "
+                                 "and a report.html page with them and a summary")
+    report.add_argument("run_dir", help="run directory (the one holding metrics.jsonl)")
+    report.add_argument("--out", help="folder for report.png and report.html (default: the run directory)")
+    report.set_defaults(func=cmd_report)
 
     plan = commands.add_parser("plan", help="estimate per-rank memory under each ZeRO stage and offload choice "
                                "and recommend the least sharding that fits")
@@ -106,12 +139,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_launch(args: argparse.Namespace) -> int:
+def cmd_finetune(args: argparse.Namespace) -> int:
     from polytrain.config import load_config
-    from polytrain.launch.local import launch
+    from polytrain.errors import ConfigError
+    from polytrain.platform.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    return launch(cfg.launch, args.config, args.overrides, args.dry_run)
+    overrides = [f"finetune.{item}" if item.startswith("init_from=") else item for item in args.overrides]
+    cfg = load_config(args.config, overrides)
+    if not cfg.finetune.init_from:
+        raise ConfigError("finetune.init_from", None, "polytrain finetune needs the weights to start from: "
+                          "init_from=RUN_DIR, a checkpoint folder or an exported .safetensors file")
+    train(cfg, Path(args.config).stem)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from polytrain.launch.backends import launch
+
+    # torch's C++ layer logs each failed rendezvous connection attempt with a stack trace; the launcher
+    # reports a failed rendezvous itself, in one line. The level is read when torch loads (with
+    # polytrain.config); the processes the launcher starts get the user's setting back.
+    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    try:
+        from polytrain.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+    finally:
+        if quiet:
+            del os.environ["TORCH_CPP_LOG_LEVEL"]
+    return launch(cfg, args.config, args.overrides, args.dry_run, args.submit)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from polytrain.launch.doctor import doctor
+
+    return doctor(args.config, args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -142,6 +206,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_model(args.run_dir, Path(args.out))
     print(f"{out} (config: {out.with_suffix('.yaml')})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from polytrain.platform.report import write_report
+
+    png, page = write_report(Path(args.run_dir), None if args.out is None else Path(args.out))
+    print(png)
+    print(page)
     return 0
 
 

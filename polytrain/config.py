@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from polytrain.errors import ConfigError
-from polytrain.launch.local import LaunchConfig
+from polytrain.launch.config import LaunchConfig
 from polytrain.models.heads import HEADS
 from polytrain.models.model import ModelConfig
 from polytrain.platform.data import DataConfig
@@ -26,6 +26,7 @@ from polytrain.platform.engine import EngineConfig
 from polytrain.platform.finetune import FinetuneConfig
 from polytrain.platform.tracking import TrackingConfig
 from polytrain.platform.trainer import TrainConfig
+from polytrain.registry import import_plugins
 from polytrain.tokenizers import TokenizersConfig
 
 _MISSING = object()
@@ -43,6 +44,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before the config is checked, so that their registry calls (a tokenizer,
+    an embedder, a head of their own) exist; installed packages with entry points need no entry here."""
 
     def check(self) -> None:
         """Checks that need more than one section."""
@@ -76,6 +80,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError("config", str(path), "must hold a mapping of sections at the top level")
     for item in overrides:
         apply_override(tree, item)
+    import_plugins(tree.get("plugins", []))
     return from_dict(Config, tree)
 
 

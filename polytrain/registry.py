@@ -7,13 +7,20 @@ point's name, with no edit to polytrain.  The group is read on the first
 lookup or listing; a plugin's module is imported only when its name is looked
 up, so a broken plugin fails only the runs that use it, with a message that
 names it.
+
+A user module can also register things itself (``TOKENIZERS.register("video")
+(VideoTokenizer)``); naming it in the recipe's ``plugins`` list imports it
+before the config is checked (``import_plugins``).
 """
 
+import importlib
 import logging
+import sys
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
-from polytrain.errors import PolytrainError
+from polytrain.errors import ConfigError, PolytrainError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -81,3 +88,19 @@ def describe(point: EntryPoint) -> str:
     """``entry point 'video = mypkg.video:VideoTokenizer' (group polytrain.tokenizers) of package mypkg 0.1``."""
     package = f" of package {point.dist.name} {point.dist.version}" if point.dist is not None else ""
     return f"entry point '{point.name} = {point.value}' (group {point.group}){package}"
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the user modules a recipe's ``plugins`` list names, so their registry calls run.
+
+    They are looked up as ``python -m`` would: installed, on PYTHONPATH, or in the working directory.
+    """
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError("plugins", modules, "must be a list of module names, e.g. [my_modality]")
+    if modules and "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for index, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # whatever the user's module raises: name the module and the config key
+            raise ConfigError(f"plugins.{index}", name, f"failed to import: {type(err).__name__}: {err}") from err

@@ -14,10 +14,11 @@ REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
-def polytrain(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the ``polytrain`` CLI in a fresh interpreter; returns the finished process."""
+def polytrain(*args: str, cwd: Path, timeout: float = 600, python: str | Path = sys.executable
+              ) -> subprocess.CompletedProcess:
+    """Run the ``polytrain`` CLI in a fresh interpreter (``python``'s); returns the finished process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "polytrain.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([str(python), "-m", "polytrain.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -29,18 +30,18 @@ WANDB_BLOCK = 32 * 1024
 WANDB_HEADER = 7  # b":W&B", 2-byte magic, 1-byte version
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The ``history`` rows of an offline W&B run file (``run-<id>.wandb``).
+def wandb_records(path: Path) -> list:
+    """The ``wandb_internal_pb2.Record`` protobufs of an offline W&B run file (``run-<id>.wandb``).
 
     The file is a LevelDB-style log: 32 KiB blocks of records, each a 7-byte header
     (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and a
-    fragment of a ``wandb_internal_pb2.Record`` protobuf.
+    fragment of a record.
     """
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run log"
-    pos, parts, rows = WANDB_HEADER, [], []
+    pos, parts, records = WANDB_HEADER, [], []
     while pos + 7 <= len(data):
         if WANDB_BLOCK - pos % WANDB_BLOCK < 7:  # block trailer too short for a header: padding
             pos += WANDB_BLOCK - pos % WANDB_BLOCK
@@ -52,7 +53,25 @@ def wandb_history(path: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(b"".join(parts))
             parts = []
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+            records.append(record)
+    return records
+
+
+def wandb_items(items) -> dict:
+    """History or config items as {key: value}; nested keys joined with '/'."""
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The ``history`` rows of an offline W&B run file."""
+    return [wandb_items(r.history.item) for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+
+
+def wandb_config(path: Path) -> dict:
+    """The run config of an offline W&B run file: the one it started with, then every update."""
+    config = {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            config.update(wandb_items((record.run.config if kind == "run" else record.config).update))
+    return config

@@ -75,12 +75,13 @@ def test_skip_bad_samples_trains_through_and_logs_the_skip(tmp_path):
 
 
 def test_launch_dry_run_prints_the_torchrun_command(tmp_path):
-    proc = polytrain("launch", QUICKSTART, "launch.procs_per_node=2", "launch.master_port=29999", "train.steps=5",
-                     "--dry-run", cwd=tmp_path)
+    proc = polytrain("launch", QUICKSTART, "launch.procs_per_node=2", "launch.rdzv.backend=static",
+                     "launch.master_port=29999", "train.steps=5", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.strip().splitlines()[-1]
-    assert "-m torch.distributed.run --nnodes=1 --nproc_per_node=2 --node_rank=0" in command
-    assert "--master_port=29999 -m polytrain.cli train" in command and command.endswith("train.steps=5")
+    assert "-m torch.distributed.run --nnodes=1 --nproc-per-node=2 --node-rank=0 --master-addr=127.0.0.1" in command
+    assert "--master-port=29999 --rdzv-backend=static" in command
+    assert "-m polytrain.cli train" in command and command.endswith("train.steps=5")
 
 
 def test_tokenizer_train_writes_a_standard_tokenizer_json(tmp_path):

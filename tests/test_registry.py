@@ -146,3 +146,45 @@ def test_an_installed_plugin_is_a_modality_of_the_recipe(plugin_site, tmp_path):
         "data.tasks.t.source='vidoe': head encoder_decoder needs a source modality; known: audio, broken, image, "
         "scalar, text",
     ]
+
+
+USER_MODULE_PROBE = """
+import json
+from polytrain.config import load_config
+from polytrain.errors import ConfigError
+from polytrain.models.embed import EMBEDDERS
+from polytrain.tokenizers import TOKENIZERS
+
+base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",
+        "data.tasks.t.val=m.jsonl"]
+cfg = load_config(None, base + ["plugins=[myscalar]", "tokenizers.plugins.scalar.bins=2"])
+errors = []
+for bad in (["plugins=[nosuchmodule]"], ["plugins=[brokenplug]"]):
+    try:
+        load_config(None, base + bad)
+    except ConfigError as err:
+        errors.append(str(err))
+print(json.dumps({"plugins": cfg.plugins, "tokenizer": TOKENIZERS.get("scalar").__module__,
+                  "embedder": EMBEDDERS.get("scalar").__name__, "errors": errors}))
+"""
+
+
+def test_a_user_module_named_in_the_recipe_registers_a_modality(tmp_path):
+    """No package, no entry point: registry calls in a module the recipe lists under ``plugins``."""
+    (tmp_path / "myscalar.py").write_text(PLUGIN + textwrap.dedent("""
+        from polytrain.models.embed import EMBEDDERS, PatchEmbedder
+        from polytrain.tokenizers import TOKENIZERS
+
+        TOKENIZERS.register("scalar")(ScalarTokenizer)
+        EMBEDDERS.register("scalar")(PatchEmbedder)
+        """))
+    (tmp_path / "brokenplug.py").write_text("raise RuntimeError('half-written plugin')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", USER_MODULE_PROBE], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["plugins"] == ["myscalar"] and result["tokenizer"] == "myscalar"
+    assert result["embedder"] == "PatchEmbedder"
+    assert result["errors"][0].startswith("plugins.0='nosuchmodule': failed to import: ModuleNotFoundError")
+    assert result["errors"][1:] == ["plugins.0='brokenplug': failed to import: RuntimeError: half-written plugin"]

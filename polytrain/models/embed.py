@@ -25,8 +25,9 @@ from polytrain.tokens import EmbedSpec, Segment
 if TYPE_CHECKING:
     from polytrain.models.model import ModelConfig
 
-EMBEDDERS: Registry[type[nn.Module]] = Registry("embedder")
-"""Embedder class by modality name; built as ``cls(spec, model_config)``."""
+EMBEDDERS: Registry[type[nn.Module]] = Registry("embedder", group="polytrain.embedders")
+"""Embedder class by modality name; built as ``cls(spec, model_config)``. Installed packages add
+their own through the ``polytrain.embedders`` entry-point group."""
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,9 @@ from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch
 if TYPE_CHECKING:
     from polytrain.models.model import ModelConfig, PolyModel
 
-HEADS: Registry[type["Head"]] = Registry("head")
-"""Head class by name, as written in ``data.tasks.<task>.head``; built as ``cls(model_config, specs)``."""
+HEADS: Registry[type["Head"]] = Registry("head", group="polytrain.heads")
+"""Head class by name, as written in ``data.tasks.<task>.head``; built as ``cls(model_config, specs)``.
+Installed packages add their own through the ``polytrain.heads`` entry-point group."""
 
 
 @dataclass(frozen=True)

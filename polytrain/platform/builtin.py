@@ -34,8 +34,9 @@ HELD_OUT_SPEAKERS = 6
 IMAGE_HOLDOUT_EVERY = 5
 STDLIB_HOLDOUT_MOD = 20
 
-BUILTINS: Registry[Callable[[Path], dict[str, list[dict]]]] = Registry("builtin dataset")
-"""Builder by name: given a folder to put files in, returns the manifest lines of each split."""
+BUILTINS: Registry[Callable[[Path], dict[str, list[dict]]]] = Registry("builtin dataset", group="polytrain.datasets")
+"""Builder by name: given a folder to put files in, returns the manifest lines of each split. Installed
+packages add their own through the ``polytrain.datasets`` entry-point group."""
 
 
 def resolve_manifest(spec: str, cache_dir: str | Path) -> Path:

@@ -27,15 +27,18 @@ import random
 import shutil
 from argparse import Namespace
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytrain.errors import DataError
+from polytrain.models.lora import merge_lora
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -181,9 +184,10 @@ def convert_to_universal(folder: Path) -> Path:
     return out
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load safetensors weights (never a pickle); names and shapes must match exactly."""
-    state = load_file(str(path))
+def load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load the safetensors weights at ``path`` (never a pickle), or ``state`` read from it already;
+    names and shapes must match exactly."""
+    state = load_file(str(path)) if state is None else state
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -198,7 +202,9 @@ def export_model(run_dir: str | Path, out: Path) -> Path:
     """Consolidate a checkpoint into one fp32 safetensors file that carries its config and tokenizer.
 
     ZeRO shards (stage >= 1) are merged from the fp32 master copies in the optimizer shards;
-    stage-0 checkpoints already hold whole weights.  Also writes the config beside it as ``<out>.yaml``.
+    stage-0 checkpoints already hold whole weights.  LoRA adapters are folded into the weights they
+    adapt, and the exported config has LoRA off, so the file loads into the plain model.  Also
+    writes the config beside it as ``<out>.yaml``.
     """
     folder = latest_checkpoint(run_dir)
     if read_state(folder).get("zero_stage", 0) >= 1:
@@ -208,13 +214,57 @@ def export_model(run_dir: str | Path, out: Path) -> Path:
             weights = get_fp32_state_dict_from_zero_checkpoint(str(folder / SHARDS), tag="zero")
     else:
         weights = load_file(str(folder / WEIGHTS))
-    config_yaml = (folder / CONFIG).read_text()
+    weights, config_yaml = without_lora(weights, (folder / CONFIG).read_text())
     metadata = {"polytrain_config": config_yaml, "polytrain_tokenizer": (folder / TOKENIZER).read_text(),
                 "step": str(read_state(folder)["step"])}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: t.float().contiguous() for name, t in weights.items()}, out, metadata=metadata)
     out.with_suffix(".yaml").write_text(config_yaml)
     return out
+
+
+def without_lora(weights: dict[str, torch.Tensor], config_yaml: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights with LoRA adapters merged, and the config with LoRA off; unchanged when the run had none."""
+    tree = yaml.safe_load(config_yaml)
+    lora = tree.get("finetune", {}).get("lora", {})
+    if not lora.get("rank"):
+        return weights, config_yaml
+    merged = merge_lora(weights, lora["alpha"] / lora["rank"])
+    lora["rank"] = 0
+    return merged, yaml.safe_dump(tree, sort_keys=False)
+
+
+@dataclass
+class Pretrained:
+    """Weights to start from, with the config and text tokenizer they were trained with."""
+
+    path: Path
+    """The safetensors file holding the weights."""
+    config_yaml: str
+    tokenizer_json: str
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Read now (not before: they can be large), LoRA adapters merged into the weights they adapted."""
+        return without_lora(load_file(str(self.path)), self.config_yaml)[0]
+
+
+def read_pretrained(path: str | Path) -> Pretrained:
+    """A run directory, a checkpoint folder or an exported file, checked; nothing is ever unpickled."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        folder = latest_checkpoint(path)
+        return Pretrained(folder / WEIGHTS, (folder / CONFIG).read_text(), (folder / TOKENIZER).read_text())
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"{path}: not a safetensors file, a run directory or a checkpoint folder ({err})") from None
+    if "polytrain_config" not in metadata:
+        raise DataError(f"{path}: not a polytrain export (no polytrain_config in its metadata); write one with "
+                        "polytrain export RUN_DIR --out FILE")
+    return Pretrained(path, metadata["polytrain_config"], metadata["polytrain_tokenizer"])
 
 
 def load_exported(path: Path):
@@ -224,15 +274,12 @@ def load_exported(path: Path):
     from polytrain.config import load_config
     from polytrain.platform import recipe
 
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    if "polytrain_config" not in metadata:
-        raise DataError(f"{path}: not a polytrain export (no polytrain_config in its metadata)")
+    pretrained = read_pretrained(path)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / CONFIG).write_text(metadata["polytrain_config"])
-        (Path(tmp) / TOKENIZER).write_text(metadata["polytrain_tokenizer"])
+        (Path(tmp) / CONFIG).write_text(pretrained.config_yaml)
+        (Path(tmp) / TOKENIZER).write_text(pretrained.tokenizer_json)
         cfg = load_config(Path(tmp) / CONFIG)
         tokenizers = recipe.build_tokenizers(cfg, Path(tmp) / TOKENIZER)
     model = recipe.build_model(cfg, tokenizers)
-    load_weights(model, path)
+    load_weights(model, path, pretrained.weights())
     return cfg, tokenizers, model

@@ -8,7 +8,8 @@ Manifest format (JSONL, one sample per line, UTF-8)::
     {"text": "good morning", "target": "bonjour"}                  text -> text
 
 Fields: ``text`` (inline string), ``image`` / ``audio`` (file path, relative
-to the manifest's folder or absolute), ``target`` (text the model must
+to the manifest's folder or absolute; a plugin modality's name works the same
+way), ``target`` (text the model must
 produce), ``id`` (optional; defaults to ``<manifest>:<line>``) and ``task``
 (optional; when present, only the task of that name reads the line, so one
 manifest may serve several tasks).  Blank lines are ignored.
@@ -134,13 +135,14 @@ def read_manifest(path: Path, task: str, skip_bad: bool) -> list[Record]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
     records, bad = [], 0
+    known = (*SAMPLE_FIELDS, *(m for m in TOKENIZERS.names() if m not in SAMPLE_FIELDS))  # plugin modalities too
     with path.open(encoding="utf-8", errors="strict") as lines:
         for number, line in enumerate(lines, start=1):
             where = f"{path}:{number}"
             if not line.strip():
                 continue
             try:
-                fields = parse_line(line, where)
+                fields = parse_line(line, where, known)
             except DataError as err:
                 if not skip_bad:
                     raise
@@ -156,16 +158,16 @@ def read_manifest(path: Path, task: str, skip_bad: bool) -> list[Record]:
     return records
 
 
-def parse_line(line: str, where: str) -> dict[str, Any]:
+def parse_line(line: str, where: str, known: tuple[str, ...]) -> dict[str, Any]:
     try:
         fields = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(fields, dict):
         raise DataError(f"{where}: a manifest line must be a JSON object, got {type(fields).__name__}")
-    unknown = sorted(set(fields) - set(SAMPLE_FIELDS))
+    unknown = sorted(set(fields) - set(known))
     if unknown:
-        raise DataError(f"{where}: unknown field(s) {unknown}; known: {', '.join(SAMPLE_FIELDS)}")
+        raise DataError(f"{where}: unknown field(s) {unknown}; known: {', '.join(known)}")
     for key, value in fields.items():  # JSON can spell lone surrogates ("\\ud800"); no tokenizer can take them
         if isinstance(value, str):
             check_unicode(value, f"{where}: field {key!r}")

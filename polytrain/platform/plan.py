@@ -100,7 +100,7 @@ def parse_size(text: str) -> int:
 def count_parameters(cfg: Config) -> tuple[int, int]:
     """(all, trainable) parameters of the model the config builds, counted without allocating it."""
     from polytrain.models.model import PolyModel
-    from polytrain.platform.finetune import freeze
+    from polytrain.platform.finetune import adapt, freeze
     from polytrain.tokenizers import build_patch_tokenizer
     from polytrain.tokens import EmbedSpec
 
@@ -109,7 +109,8 @@ def count_parameters(cfg: Config) -> tuple[int, int]:
         specs.append(build_patch_tokenizer(source, cfg.tokenizers).embed_spec())
     with torch.device("meta"):
         model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()})
-    freeze(model, cfg.finetune.freeze)
+        adapt(model, cfg.finetune)
+    freeze(model, cfg.finetune)
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -226,10 +227,13 @@ def tensor_bytes() -> int:
 class StateProbe:
     """Measures what the model, its gradients and the optimizer states add to a rank's tensor memory.
 
-    Create it before the model exists, then ``attach`` it to the optimizer: right after the first
-    optimizer step, when parameters, gradients and optimizer states all exist and the activations
-    are gone, it records the growth of ``tensor_bytes``, which ``take`` hands out once (resident
-    memory is not used: the allocator keeps freed pages, so it would not show what ZeRO shards away).
+    Create it before the model exists, then ``attach`` it to the optimizer; after the first training
+    step, ``take`` hands out (once) the largest growth of ``tensor_bytes`` seen right after the
+    optimizer stepped, when parameters, gradients and optimizer states all exist and the activations
+    are gone.  DeepSpeed's ZeRO optimizers step the torch optimizer once per parameter group (or
+    sub-group), so the optimizer states are complete only after the last of those calls: the probe
+    measures after every one of them and keeps the largest.  (Resident memory is not used: the
+    allocator keeps freed pages, so it would not show what ZeRO shards away.)
     """
 
     def __init__(self):
@@ -241,9 +245,12 @@ class StateProbe:
         self.handle = optimizer.register_step_post_hook(self.after_step)
 
     def after_step(self, optimizer, args, kwargs) -> None:
-        self.measured = tensor_bytes() - self.baseline
-        self.handle.remove()
+        self.measured = max(self.measured or 0, tensor_bytes() - self.baseline)
 
     def take(self) -> int | None:
+        """The measurement once the first optimizer step is over (then never again); None before it."""
+        if self.measured is None:
+            return None
+        self.handle.remove()
         measured, self.measured = self.measured, None
         return measured

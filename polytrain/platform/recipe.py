@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from polytrain.models.model import PolyModel
 from polytrain.platform.builtin import resolve_manifest
 from polytrain.platform.data import build_dataset, read_manifest
+from polytrain.platform.finetune import adapt
 from polytrain.tokenizers import build_patch_tokenizer
 from polytrain.tokenizers.text import TextTokenizer
 
@@ -50,5 +51,8 @@ def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[
 
 
 def build_model(cfg: Config, tokenizers: dict[str, Any]) -> PolyModel:
+    """The model the config describes, LoRA adapters included (weights as initialized)."""
     specs = [tok.embed_spec() for tok in tokenizers.values()]
-    return PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()})
+    model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()})
+    adapt(model, cfg.finetune)
+    return model

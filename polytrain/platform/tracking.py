@@ -1,20 +1,41 @@
 """Run tracking: a JSONL metrics log, a console progress bar, and Weights & Biases when configured.
 
-Only the main process tracks; the other ranks get an inactive tracker.
+Only the main process tracks; the other ranks get an inactive tracker.  ``RUN_DIR/metrics.jsonl`` holds
+one line per ``log`` call, ``{"step", "time", <metric>: value, ...}``, plus one ``"event": "start"``
+line each time the run starts or resumes, with the config's name and the machine (``system_info``).
+
+On resume the run continues at the checkpoint's step: lines a crashed attempt logged after that step
+are dropped from the JSONL log, and the same W&B run id is resumed.  W&B 0.31 records ``resume`` in an
+offline run but ``wandb sync`` does not act on it yet (each offline segment uploads as the whole run),
+so a W&B run that starts empty (offline, or online with an id the server has not seen) is first sent
+the history up to the checkpoint from the JSONL log: the newest segment
+(``RUN_DIR/wandb/latest-run``) then holds the whole run, one row per step.
 """
 
+from __future__ import annotations
+
 import json
+import logging
+import os
+import platform
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+import torch
 from tqdm import tqdm
 
 from polytrain.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
+START = "start"
+"""The ``event`` of the line written when a run starts or resumes."""
 
 
 @dataclass(frozen=True)
@@ -22,67 +43,147 @@ class WandbConfig:
     mode: Literal["disabled", "offline", "online"] = "disabled"
     """offline writes the run under RUN_DIR/wandb for a later ``wandb sync``; online needs a login."""
     project: str = "polytrain"
+    """W&B project the run belongs to."""
     entity: str | None = None
     """W&B team or user; null uses the logged-in default."""
     name: str | None = None
     """Display name; null uses the run directory's name."""
     tags: list[str] = field(default_factory=list)
+    """Labels to filter runs by in the W&B UI."""
     group: str | None = None
+    """Groups related runs (e.g. the seeds of one experiment) in the W&B UI; null: no group."""
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     log_every: int = 10
-    """Write metrics every this many optimizer steps (and at the last one)."""
+    """Write metrics every this many optimizer steps (and at the last one); rates are over those steps."""
     progress_bar: bool = True
-    """Show the tqdm bar on the main process."""
+    """Show the tqdm bar (loss, tokens/s, MFU, ETA) on the main process."""
     log_samples: bool = False
     """Write the sample ids of every micro-batch to RUN_DIR/samples/rank<r>.jsonl (to audit data order)."""
+    peak_tflops: float | None = None
+    """Dense peak of one device in the training precision, in TFLOP/s, for MFU; null: looked up from the
+    GPU's name (``polytrain.platform.meters.PEAK_TFLOPS``), and no MFU on CPUs or unlisted GPUs."""
 
     def check(self) -> None:
         if self.log_every <= 0:
             raise ConfigError("log_every", self.log_every, "must be > 0")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError("peak_tflops", self.peak_tflops, "must be > 0 (or null: looked up for known GPUs)")
+
+
+def system_info(world_size: int, device: torch.device) -> dict:
+    """The machine of the main process and the library versions, for the logs."""
+    versions = {name: version(name) for name in ("polytrain", "torch", "deepspeed", "accelerate", "wandb")}
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+            **versions, "cuda": torch.version.cuda, "world_size": world_size, "nodes": max(1, world_size // local),
+            "device": device.type}
+    if device.type == "cuda":
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["devices"] = sorted({f"{names.count(n)} x {n}" for n in names})
+        info["cudnn"] = torch.backends.cudnn.version()
+    else:
+        info["devices"] = [f"{os.cpu_count()} CPU cores ({platform.machine()})"]
+    return info
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every line of a metrics log, in order."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def keep_until(path: Path, step: int) -> list[dict]:
+    """Drop the lines logged after ``step`` (by an attempt that did not reach its next checkpoint);
+    returns the lines kept."""
+    if not path.exists():
+        return []
+    lines = read_metrics(path)
+    kept = [line for line in lines if line["step"] <= step]
+    if len(kept) < len(lines):
+        log.warning("%s: dropping %d line(s) logged after step %d, which the resumed run trains again",
+                    path, len(lines) - len(kept), step)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return kept
 
 
 class Tracker:
+    """Writes the metrics of the main process to the JSONL log, the progress bar and W&B."""
+
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, total_steps: int, active: bool,
-                 wandb_id: str | None = None, start_step: int = 0):
+                 wandb_id: str | None = None, start_step: int = 0, config_name: str = "run", world_size: int = 1,
+                 device: torch.device = torch.device("cpu")):
         self.cfg, self.active = cfg, active
         self.wandb = None
         self.bar = None
         if not active:
             return
+        history = keep_until(run_dir / METRICS_FILE, start_step)
         self.metrics = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        system = system_info(world_size, device)
+        self.write({"step": start_step, "time": time.time(), "event": START, "config_name": config_name,
+                    "system": system})
+        log.info("%s on %s: %s, torch %s, deepspeed %s", config_name, system["hostname"],
+                 ", ".join(system["devices"]), system["torch"], system["deepspeed"])
         if cfg.progress_bar:
             # In a terminal the bar redraws in place; piped into a log, one line every 30 s is plenty.
             interactive = sys.stderr.isatty()
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=0.1 if interactive else 30.0, maxinterval=60.0)
         if cfg.wandb.mode != "disabled":
-            import wandb
+            self.start_wandb(cfg.wandb, run_dir, config, wandb_id, start_step, history, system)
 
-            self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
-                                    name=cfg.wandb.name or run_dir.name, tags=cfg.wandb.tags,
-                                    group=cfg.wandb.group, mode=cfg.wandb.mode, dir=str(run_dir),
-                                    config=config, id=wandb_id, resume="allow" if wandb_id else None)
+    def start_wandb(self, cfg: WandbConfig, run_dir: Path, config: dict, wandb_id: str | None, start_step: int,
+                    history: list[dict], system: dict) -> None:
+        import wandb
+
+        self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
+                                tags=cfg.tags, group=cfg.group, mode=cfg.mode, dir=str(run_dir), config=config,
+                                id=wandb_id, resume="allow" if wandb_id else None)
+        self.wandb.config.update({"system": system}, allow_val_change=True)
+        if self.wandb.starting_step == 0:  # a new W&B run (or offline segment) of a run that may have history
+            for line in history:
+                if "event" not in line:
+                    self.wandb.log({k: v for k, v in line.items() if k not in ("step", "time")}, step=line["step"])
+        elif self.wandb.starting_step > start_step + 1:
+            log.warning("W&B run %s already holds steps up to %d, logged after the checkpoint at step %d; W&B "
+                        "ignores rows for steps it has, so steps %d-%d keep the interrupted attempt's values",
+                        wandb_id, self.wandb.starting_step - 1, start_step, start_step + 1,
+                        self.wandb.starting_step - 1)
 
     @property
     def wandb_id(self) -> str | None:
         return None if self.wandb is None else self.wandb.id
 
+    def write(self, line: dict) -> None:
+        self.metrics.write(json.dumps(line) + "\n")
+        self.metrics.flush()
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
-        self.metrics.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        self.metrics.flush()
+        self.write({"step": step, "time": time.time(), **metrics})
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def progress(self, step: int, loss: float, samples_per_s: float) -> None:
-        """Move the bar to ``step`` (tqdm shows the ETA from its rate)."""
+    def progress(self, step: int, loss: float, rates: dict[str, float]) -> None:
+        """Move the bar to ``step`` showing the loss, tokens/s and MFU (where known); tqdm adds the ETA."""
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
+            postfix = {"loss": f"{loss:.3f}", "tok/s": tqdm.format_sizeof(rates["tokens_per_s"])}
+            if "mfu" in rates:
+                postfix["mfu"] = f"{rates['mfu']:.1%}"
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(step - self.bar.n)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal
 
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 
 from polytrain.errors import ConfigError
+from polytrain.models.flops import TrainFlops, input_tokens
 from polytrain.platform import recipe
-from polytrain.platform.checkpoint import (TOKENIZER, convert_to_universal, latest_checkpoint, read_state,
-                                           restore_rng, save_checkpoint)
+from polytrain.platform.checkpoint import (TOKENIZER, convert_to_universal, latest_checkpoint, read_pretrained,
+                                           read_state, restore_rng, save_checkpoint)
 from polytrain.platform.data import MicroBatch, Mixture, Schedule, StreamState, micro_batches
 from polytrain.platform.evaluate import evaluate, format_table
 from polytrain.platform.engine import base_optimizer
-from polytrain.platform.finetune import freeze
+from polytrain.platform.finetune import first_match, freeze, load_initial_weights
+from polytrain.platform.meters import Throughput, memory_gib, peak_flops
 from polytrain.platform.plan import StateProbe
 from polytrain.platform.tracking import Tracker
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
@@ -104,14 +107,31 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split by weight decay; an empty group (all of it frozen) is left out."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None,
+                 starts: dict[str, int] | None = None) -> list[dict]:
+    """Trainable parameters grouped by weight decay, learning-rate multiplier (the first ``lr_scale``
+    pattern a name matches) and the step they start training at (``starts``, default 1).
+
+    Each group carries ``lr_scale`` and ``start_step`` for ``group_lr_multiplier``; groups are
+    ordered by first appearance, so the same model and settings give the same groups.
+    """
+    groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or name.startswith(NO_DECAY_MARKERS) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if param.ndim < 2 or name.startswith(NO_DECAY_MARKERS) else weight_decay
+        scale = first_match(name, lr_scale or {})
+        key = (decay, 1.0 if scale is None else scale, (starts or {}).get(name, 1))
+        groups.setdefault(key, {"params": [], "weight_decay": key[0], "lr_scale": key[1], "start_step": key[2]})
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def group_lr_multiplier(step: int, group: dict, cfg: TrainConfig) -> float:
+    """The schedule's multiplier for one parameter group: 0 before its start step, then scaled."""
+    if step + 1 < group["start_step"]:  # ``step`` counts from 0; the group's start counts optimizer steps from 1
+        return 0.0
+    return group["lr_scale"] * lr_multiplier(step, cfg)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,6 +191,8 @@ class Trainer:
                      cfg.engine.zero_stage)
         seed_everything(cfg.train.seed)
         self.prepare_data()
+        init_from = cfg.finetune.init_from if resume is None else None  # a resumed run has its own weights
+        self.pretrained = read_pretrained(init_from) if init_from else None
         self.tokenizer_file = resume / TOKENIZER if resume is not None else self.text_tokenizer_file()
         self.tokenizers = recipe.build_tokenizers(cfg, self.tokenizer_file)
         self.text = self.tokenizers["text"]
@@ -181,10 +203,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = recipe.build_model(cfg, self.tokenizers)
         n_params = sum(p.numel() for p in model.parameters())
-        freeze(model, cfg.finetune.freeze)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                      betas=cfg.train.betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.train))
+        if self.pretrained is not None:
+            self.load_pretrained(model)
+        starts = freeze(model, cfg.finetune)
+        groups = param_groups(model, cfg.train.weight_decay, cfg.finetune.lr_scale, starts)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [partial(group_lr_multiplier, group=group,
+                                                                          cfg=cfg.train) for group in groups])
         self.model, self.optimizer, self.scheduler = engine.prepare(model, optimizer, scheduler)
         self.memory.attach(base_optimizer(self.optimizer))
         self.weights = {name: task.weight for name, task in cfg.data.tasks.items()}
@@ -197,7 +222,8 @@ class Trainer:
         if resume is not None:
             saved = self.restore(resume, universal)
         self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), cfg.train.steps, engine.is_main,
-                               wandb_id=saved.get("wandb_id"), start_step=self.step)
+                               wandb_id=saved.get("wandb_id"), start_step=self.step, config_name=config_name,
+                               world_size=engine.world_size, device=engine.device)
         self.samples_log = self.open_samples_log() if cfg.tracking.log_samples else None
         if engine.is_main:
             sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
@@ -238,21 +264,23 @@ class Trainer:
         slots = self.schedule.slots(self.stream, engine.rank, engine.world_size)
         batches = micro_batches(Mixture(self.train_sets, self.text.pad_id), slots, cfg.data.num_workers)
         self.model.train()
-        first_step = self.step + 1
-        start = last_log = time.perf_counter()
-        for step in range(first_step, cfg.train.steps + 1):
+        self.flops = TrainFlops(engine.unwrap(self.model))
+        meter = Throughput(engine.world_size, peak_flops(cfg.tracking.peak_tflops, cfg.engine.precision,
+                                                         engine.device))
+        start = time.perf_counter()
+        for step in range(self.step + 1, cfg.train.steps + 1):
+            began = time.perf_counter()
             metrics = self.train_step(batches, step)
+            meter.add(time.perf_counter() - began, self.samples_per_step, metrics.pop("tokens"), metrics.pop("flops"))
             measured = self.memory.take()
             if measured is not None:  # the first step that stepped the optimizer
                 self.log_state_memory(step, measured)
             self.step = step
-            elapsed = time.perf_counter() - start
-            metrics["samples_per_s"] = (step - first_step + 1) * self.samples_per_step / elapsed
-            self.tracker.progress(step, metrics["loss"], metrics["samples_per_s"])
+            rates = meter.rates()
+            self.tracker.progress(step, metrics["loss"], rates)
             if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
-                now = time.perf_counter()
-                self.tracker.log(step, {**metrics, "step_time_s": (now - last_log) / cfg.tracking.log_every})
-                last_log = now
+                self.tracker.log(step, {**metrics, **rates, **self.memory_metrics()})
+                meter.reset()
             if step < cfg.train.steps and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 self.tracker.log(step, flatten_eval(self.evaluate()))
             if step < cfg.train.steps and cfg.train.save_every and step % cfg.train.save_every == 0:
@@ -271,13 +299,22 @@ class Trainer:
             log.info("parameters + gradients + optimizer states per rank: %s GiB",
                      " ".join(f"{v:.3f}" for v in per_rank.tolist()))
 
+    def memory_metrics(self) -> dict[str, float]:
+        """``meters.memory_gib`` of the rank that uses the most (every rank must call this)."""
+        own = memory_gib(self.engine.device)
+        table = torch.zeros(self.engine.world_size, len(own), dtype=torch.float64)
+        table[self.engine.rank] = torch.tensor(list(own.values()), dtype=torch.float64)
+        return dict(zip(own, self.engine.sum(table).max(0).values.tolist()))
+
     @property
     def samples_per_step(self) -> int:
         return sum(t.batch_size for t in self.cfg.data.tasks.values()) * self.cfg.train.grad_accum * \
             self.engine.world_size
 
     def train_step(self, batches: Iterator[MicroBatch], step: int) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics.
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics, and ``tokens`` and
+        ``flops``: the input tokens (``flops.input_tokens``) and model FLOPs (None where a head has no
+        count) of the step's samples on all ranks (stand-ins for missing tasks are not counted).
 
         Each task's loss is normalized by its labelled tokens in the whole step (all micro-batches of
         all ranks), so the gradient does not depend on how the step's samples are split into
@@ -291,6 +328,8 @@ class Trainer:
                     name: part.sample_ids for name, part in batch.tasks.items()}}) + "\n")
         counts = torch.tensor([[labelled(b.tasks[t]) if t in b.tasks else 0 for t in tasks] for b in micro],
                               dtype=torch.float64)
+        work = torch.tensor([sum(input_tokens(part) for b in micro for part in b.tasks.values()),
+                             sum(self.flops(b.tasks) for b in micro) if self.flops.known else 0], dtype=torch.float64)
         totals = self.engine.sum(counts.sum(0)).clamp(min=1)
         loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
         skipped_before = self.engine.skipped_steps()
@@ -303,18 +342,21 @@ class Trainer:
             loss_sums += torch.tensor([float(losses[t].detach()) for t in tasks], dtype=torch.float64) * n
         self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped at the boundary
         self.optimizer.zero_grad()
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        # The schedule's rate this step used (parameter groups apply their lr_scale and start step to it).
+        lr = self.cfg.train.lr * lr_multiplier(self.scheduler.state_dict()["last_epoch"], self.cfg.train)
         skipped = self.engine.skipped_steps() > skipped_before
         if not skipped:  # an fp16 overflow step changed nothing, so the schedule does not advance
             self.scheduler.step()
         self.stream = self.schedule.advance(self.stream, accum * world)
-        task_losses = dict(zip(tasks, (self.engine.sum(loss_sums) / totals).tolist()))
+        reduced = self.engine.sum(torch.cat([loss_sums, work]))  # one all-reduce for the losses and the work
+        task_losses = dict(zip(tasks, (reduced[:len(tasks)] / totals).tolist()))
         loss = sum(self.weights[t] * v for t, v in task_losses.items())
         if not math.isfinite(loss) and not skipped:
             raise FloatingPointError(f"loss is {loss} at step {step}; per task: {task_losses}")
         return {"loss": loss, **{f"loss/{t}": v for t, v in task_losses.items()}, "lr": lr,
                 "grad_norm": self.engine.grad_norm(), "skipped_steps": self.engine.skipped_steps(),
-                "target_tokens": int(totals.sum())}
+                "target_tokens": int(totals.sum()), "tokens": int(reduced[-2]),
+                "flops": float(reduced[-1]) if self.flops.known else None}
 
     def finish(self, train_seconds: float) -> Path:
         """Final evaluation, checkpoint and eval.json."""
@@ -355,16 +397,27 @@ class Trainer:
                     recipe.manifest(self.cfg, name, split)
 
     def text_tokenizer_file(self) -> Path:
-        """The configured tokenizer.json, or one trained now on the main process and shared."""
+        """The configured tokenizer.json, the pretrained weights' own (their embedding rows are its ids),
+        or one trained now on the main process and shared."""
         if self.cfg.tokenizers.text.path:
             return Path(self.cfg.tokenizers.text.path)
         out = self.run_dir / "tokenizer"
-        if self.engine.is_main:
+        if self.engine.is_main and self.pretrained is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "tokenizer.json").write_text(self.pretrained.tokenizer_json)
+        elif self.engine.is_main:
             began = time.perf_counter()
             recipe.train_text_tokenizer(self.cfg, out)
             log.info("trained the text tokenizer in %.1f s", time.perf_counter() - began)
         self.engine.barrier()
         return out / "tokenizer.json"
+
+    def load_pretrained(self, model: torch.nn.Module) -> None:
+        """``finetune.init_from``'s weights into ``model``, reporting what was loaded, new and ignored."""
+        report = load_initial_weights(model, str(self.pretrained.path), self.pretrained.weights())
+        if self.engine.is_main:
+            report.write(self.run_dir)
+            log.info("%s", report.summary())
 
     def open_samples_log(self):
         folder = self.run_dir / "samples"

@@ -4,9 +4,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from polytrain.errors import ConfigError
 from polytrain.models import presets
-from polytrain.models.flops import train_flops_per_token
-from polytrain.models.heads import text_segment
-from polytrain.tokens import TaskBatch
+from polytrain.models.backbone import BackboneConfig
+from polytrain.models.embed import EmbedConfig
+from polytrain.models.flops import TrainFlops, input_tokens, train_flops_per_token
+from polytrain.models.heads import ClassifierConfig, DecoderOnlyHead, HeadsConfig, text_segment
+from polytrain.models.model import ModelConfig, PolyModel
+from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens
 
 
 def test_decoder_1b_flops_are_palms_six_n_plus_attention():
@@ -34,3 +37,66 @@ def test_flops_equal_torchs_flop_counter_over_a_training_step(preset):
 def test_flops_refuse_a_model_with_an_encoder():
     with pytest.raises(ConfigError, match="encoder_layers"):
         train_flops_per_token(presets.PRESETS.get("tiny").build("meta"), 128)
+
+
+def image_tokens(rows: int, cols: int, features: int) -> Tokens:
+    grid = torch.cartesian_prod(torch.arange(rows), torch.arange(cols))
+    return Tokens(torch.randn(rows * cols, features), grid, "image")
+
+
+def row(segment: Segment, i: int) -> Segment:
+    """Row ``i`` alone, its padding cut off."""
+    n = int(segment.mask[i].sum())
+    return Segment(segment.values[i:i + 1, :n], segment.positions[i:i + 1, :n], segment.mask[i:i + 1, :n],
+                   segment.modality)
+
+
+def sample(part: TaskBatch, i: int) -> TaskBatch:
+    return TaskBatch(row(part.inputs, i), part.labels[i:i + 1, :int(part.inputs.mask[i].sum())],
+                     None if part.source is None else row(part.source, i))
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_every_head_matches_torchs_flop_counter_sample_by_sample(cls_token):
+    """The count of a padded batch equals FlopCounterMode over each sample run alone (its real tokens)."""
+    torch.manual_seed(0)
+    vocab, features = 40, 12
+    backbone = BackboneConfig(dim=32, n_heads=4, n_kv_heads=2, encoder_layers=2, decoder_layers=1, mlp="swiglu",
+                              attention="sdpa_math")
+    cfg = ModelConfig(backbone=backbone, embed=EmbedConfig(cls_token=cls_token), tie_embeddings=cls_token,
+                      heads=HeadsConfig(classifier=ClassifierConfig(classes=3, pooling="cls" if cls_token else "mean")))
+    specs = [EmbedSpec("text", vocab, (1, 16)), EmbedSpec("image", features, (3, 3))]
+    heads = {"lm": "decoder_only", "prefix_lm": "decoder_only", "caption": "encoder_decoder",
+             "classify": "encoder_classifier", "mlm": "masked_lm"}
+    model = PolyModel(cfg, specs, heads)
+    texts = [text_tokens(torch.randint(8, vocab, (n,))) for n in (5, 9)]
+    images = [image_tokens(r, c, features) for r, c in ((3, 3), (1, 2))]
+    inputs, sources = Segment.collate(texts), Segment.collate(images)
+    labels = torch.randint(0, vocab, inputs.mask.shape)
+    batch = {"lm": TaskBatch(inputs, labels), "prefix_lm": TaskBatch(inputs, labels, sources),
+             "caption": TaskBatch(inputs, labels, sources), "mlm": TaskBatch(inputs, labels),
+             "classify": TaskBatch(sources, torch.tensor([0, 2]))}
+    counter = TrainFlops(model)
+    assert counter.known
+    for task, part in batch.items():
+        reference = 0
+        for i in range(len(texts)):
+            one = sample(part, i) if task != "classify" else TaskBatch(row(sources, i), part.labels[i:i + 1])
+            with FlopCounterMode(display=False) as flops:
+                model({task: one})[task].backward()
+            reference += flops.get_total_flops()
+        assert counter({task: part}) == reference, task
+
+
+def test_a_plugin_head_has_no_count():
+    p = presets.gpt2("tiny gpt2", 32, 1, 4, vocab=50, positions=8)
+    model = p.build("meta")
+    model.heads["lm"].__class__ = type("PluginHead", (DecoderOnlyHead,), {})
+    assert not TrainFlops(model).known
+
+
+def test_input_tokens_are_text_plus_source_without_padding():
+    texts = [text_tokens([8, 9, 10]), text_tokens([8])]
+    images = [image_tokens(2, 2, 4), image_tokens(1, 3, 4)]
+    part = TaskBatch(Segment.collate(texts), torch.zeros(2, 3, dtype=torch.long), Segment.collate(images))
+    assert input_tokens(part) == (3 + 1) + (4 + 3)

@@ -83,7 +83,22 @@ def test_state_probe_sees_adam_states_after_the_first_step():
     weight = torch.nn.Parameter(torch.zeros(1000, 250))  # 1 MB of fp32
     optimizer = torch.optim.AdamW([weight])
     probe.attach(optimizer)
+    assert probe.take() is None  # no step yet
     weight.grad = torch.ones_like(weight)
     optimizer.step()
     assert probe.take() == pytest.approx(4 * 1_000_000, rel=0.01)  # weight, grad, exp_avg, exp_avg_sq
     assert probe.take() is None
+
+
+def test_state_probe_waits_for_every_group_of_a_step():
+    """DeepSpeed steps the torch optimizer once per parameter group: the states are whole after the last call."""
+    probe = StateProbe()
+    small, large = torch.nn.Parameter(torch.zeros(250)), torch.nn.Parameter(torch.zeros(1000, 250))
+    optimizer = torch.optim.AdamW([{"params": [small]}, {"params": [large]}])
+    probe.attach(optimizer)
+    groups = optimizer.param_groups
+    small.grad, large.grad = torch.ones_like(small), torch.ones_like(large)
+    for group in groups:  # as DeepSpeed's ZeRO optimizer does
+        optimizer.param_groups = [group]
+        optimizer.step()
+    assert probe.take() == pytest.approx(4 * 1_001_000, rel=0.01)

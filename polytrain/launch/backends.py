@@ -1,0 +1,52 @@
+"""The launchers ``launch.backend`` names, and ``launch()``, which hands a job to one of them.
+
+Each launcher is a ``Backend``: its own config checks, the exact commands (or
+script) a dry run prints, and how it runs.  Installed packages may add one under
+the entry-point group ``polytrain.launchers`` (an object with the same three members).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from polytrain.errors import ConfigError
+from polytrain.launch import deepspeed, slurm, torchrun
+from polytrain.launch.job import Job
+from polytrain.registry import Registry
+
+if TYPE_CHECKING:
+    from polytrain.config import Config
+    from polytrain.launch.config import LaunchConfig
+
+
+@dataclass(frozen=True)
+class Backend:
+    check: Callable[[LaunchConfig], None]
+    """Raise ``ConfigError`` for launch settings this launcher cannot honour (pure: reads no files)."""
+    describe: Callable[[Job], str]
+    """The exact commands, or the script, the job's nodes would run (``--dry-run``)."""
+    run: Callable[[Job], None]
+    """Start the job and wait for it (slurm: write the script, submit it with ``--submit``);
+    raise ``LaunchError`` when it fails."""
+
+
+BACKENDS: Registry[Backend] = Registry("launch backend", group="polytrain.launchers")
+for _name, _module in (("torchrun", torchrun), ("deepspeed", deepspeed), ("slurm", slurm)):
+    BACKENDS.register(_name)(Backend(_module.check, _module.describe, _module.run))
+
+
+def launch(cfg: Config, config_path: str, overrides: list[str], dry_run: bool = False, submit: bool = False) -> int:
+    """``polytrain launch``: print the job's commands (dry run) or start it."""
+    if submit and cfg.launch.backend != "slurm":
+        raise ConfigError("--submit", True, f"submits SLURM jobs; launch.backend={cfg.launch.backend!r} "
+                          f"(set launch.backend=slurm)")
+    if submit and dry_run:
+        raise ConfigError("--submit", True, "cannot be combined with --dry-run, which starts nothing")
+    job = Job.create(cfg.launch, config_path, overrides, cfg.train.out_dir, submit)
+    backend = BACKENDS.get(cfg.launch.backend)
+    if dry_run:
+        print(backend.describe(job), flush=True)
+        return 0
+    backend.run(job)
+    return 0
