@@ -11,7 +11,7 @@ quickstart: $(READY)
 	$(BIN)/polytrain train configs/quickstart.yaml
 
 test: $(READY)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 install: $(READY)
 

@@ -200,6 +200,15 @@ class Engine:
                 state["step"] = state["step"].clone()
 
     def close(self) -> None:
+        """After a successful run, on every rank: tear down DeepSpeed, then the process group.
+
+        The DeepSpeed engine goes first, while the interpreter is whole: ZeRO-3 keeps gloo work
+        objects for prefetched gathers, and one destroyed during interpreter shutdown aborts the
+        process (SIGABRT) after the run has finished.  Not called after an error: destroying a
+        group other ranks still use can hang, and the launcher stops the job anyway.
+        """
+        self.model = None
+        self.accelerator.free_memory()  # DeepSpeedEngine.destroy() and Accelerate's references
         self.accelerator.end_training()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

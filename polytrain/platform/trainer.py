@@ -167,10 +167,9 @@ def train(cfg: Config, config_name: str = "run") -> Path:
                                                        cfg.engine.zero_stage)
     micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
     engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
-    try:
-        return Trainer(cfg, engine, config_name, resume, universal).run()
-    finally:
-        engine.close()
+    run_dir = Trainer(cfg, engine, config_name, resume, universal).run()
+    engine.close()
+    return run_dir
 
 
 class Trainer:
