@@ -7,7 +7,8 @@ scratch. Reports, per arm, the first evaluated step whose held-out exact match r
 and the accuracy at the end; ``polytrain report`` draws each run's curves.
 
 The new modalities: spoken digits (audio, shipped) and, when the example plugin
-``examples/new_modality`` is installed in this environment, wrist-accelerometer activities (motion).
+``examples/new_modality`` is installed in this environment, digits written in the air as a wrist
+accelerometer felt them (motion).
 
     python bench/finetune_transfer.py [--pretrain-steps 300] [--steps 200] [--target 0.8] [--out DIR]
 

@@ -142,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from polytrain.config import load_config
     from polytrain.errors import ConfigError
+    from polytrain.platform.checkpoint import read_pretrained
     from polytrain.platform.trainer import train
 
     overrides = [f"finetune.{item}" if item.startswith("init_from=") else item for item in args.overrides]
@@ -149,6 +150,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not cfg.finetune.init_from:
         raise ConfigError("finetune.init_from", None, "polytrain finetune needs the weights to start from: "
                           "init_from=RUN_DIR, a checkpoint folder or an exported .safetensors file")
+    read_pretrained(cfg.finetune.init_from)  # a wrong path fails now, before any process group starts
     train(cfg, Path(args.config).stem)
     return 0
 

@@ -7,7 +7,7 @@ import pytest
 import tokenizers
 from PIL import Image
 
-from tests.helpers import QUICKSTART, polytrain
+from tests.helpers import QUICKSTART, REPO, polytrain
 
 
 def assert_clean_error(proc, *fragments):
@@ -97,3 +97,14 @@ def test_tokenizer_train_writes_a_standard_tokenizer_json(tmp_path):
 
 def test_eval_of_a_folder_that_is_not_a_run(tmp_path):
     assert_clean_error(polytrain("eval", tmp_path, cwd=tmp_path), "no checkpoint")
+
+
+def test_finetune_from_weights_that_are_not_there_or_not_weights(tmp_path):
+    recipe = REPO / "configs" / "finetune_audio.yaml"
+    assert_clean_error(polytrain("finetune", recipe, cwd=tmp_path), "finetune.init_from=None",
+                       "needs the weights to start from")
+    assert_clean_error(polytrain("finetune", recipe, f"init_from={tmp_path / 'pretrain'}", cwd=tmp_path),
+                       f"{tmp_path / 'pretrain'}: no such file or directory")
+    (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 a zip, as torch.save writes")
+    assert_clean_error(polytrain("finetune", recipe, f"init_from={tmp_path / 'model.ckpt'}", cwd=tmp_path),
+                       "model.ckpt: not a safetensors file, a run directory or a checkpoint folder")

@@ -11,7 +11,10 @@ Each pair runs item by item on both sides back to back, several rounds, keeping 
 side, so both sides see the same machine load and neither is charged for another process's bursts.
 Ratios are throughput ratios, polytrain / reference: above 1 polytrain is faster.
 
-    python bench/tokenizers.py [--rounds 3]
+    python bench/tokenizer_throughput.py [--rounds 3]
+
+(Not ``bench/tokenizers.py``: a script folder is first on ``sys.path``, and that name would shadow the Hugging
+Face library for every other benchmark.)
 
 Last line: one JSON object with the figures.
 """
