@@ -54,9 +54,10 @@ class LoraLinear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight gets a trainable rank-``rank`` update."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device=base.weight.device, dtype=base.weight.dtype)
-        self.weight, self.bias = base.weight, base.bias  # the same tensors: pretrained weights load unchanged
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight only to drop it
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_parameter("weight", base.weight)  # the same tensors: pretrained weights load unchanged
+        self.register_parameter("bias", base.bias)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
