@@ -1,13 +1,22 @@
 """The CLI as a user meets it: clear one-line errors (exit 2, no traceback) for bad configs and data."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
 import tokenizers
 from PIL import Image
 
+from polytrain.cli import main
 from tests.helpers import QUICKSTART, REPO, polytrain
+
+
+def cli(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI in this process, for mistakes it reports before training starts (as a finished process)."""
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def assert_clean_error(proc, *fragments):
@@ -24,8 +33,12 @@ def assert_clean_error(proc, *fragments):
     ("model.backbone.n_heads=5", ["model.backbone.n_heads=5", "divide dim=192"]),
     ("data.tasks.image_to_text.source=vidoe", ["data.tasks.image_to_text.source='vidoe'", "known: audio, image, text"]),
 ])
-def test_bad_config_exits_2_with_the_key(tmp_path, override, fragments):
-    assert_clean_error(polytrain("train", QUICKSTART, override, cwd=tmp_path), *fragments)
+def test_bad_config_exits_2_with_the_key(capsys, override, fragments):
+    assert_clean_error(cli(capsys, "train", QUICKSTART, override), *fragments)
+
+
+def test_a_bad_config_stops_a_fresh_interpreter_the_same_way(tmp_path):
+    assert_clean_error(polytrain("train", QUICKSTART, "train.steps=ten", cwd=tmp_path), "train.steps='ten'")
 
 
 def tiny_recipe(tmp_path, manifest, extra=()):
@@ -95,16 +108,15 @@ def test_tokenizer_train_writes_a_standard_tokenizer_json(tmp_path):
     assert len(hf.encode(" cat sat").ids) == 2 and hf.decode(hf.encode("the cat").ids) == "the cat"
 
 
-def test_eval_of_a_folder_that_is_not_a_run(tmp_path):
-    assert_clean_error(polytrain("eval", tmp_path, cwd=tmp_path), "no checkpoint")
+def test_eval_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    assert_clean_error(cli(capsys, "eval", tmp_path), "no checkpoint")
 
 
-def test_finetune_from_weights_that_are_not_there_or_not_weights(tmp_path):
+def test_finetune_from_weights_that_are_not_there_or_not_weights(capsys, tmp_path):
     recipe = REPO / "configs" / "finetune_audio.yaml"
-    assert_clean_error(polytrain("finetune", recipe, cwd=tmp_path), "finetune.init_from=None",
-                       "needs the weights to start from")
-    assert_clean_error(polytrain("finetune", recipe, f"init_from={tmp_path / 'pretrain'}", cwd=tmp_path),
+    assert_clean_error(cli(capsys, "finetune", recipe), "finetune.init_from=None", "needs the weights to start from")
+    assert_clean_error(cli(capsys, "finetune", recipe, f"init_from={tmp_path / 'pretrain'}"),
                        f"{tmp_path / 'pretrain'}: no such file or directory")
     (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 a zip, as torch.save writes")
-    assert_clean_error(polytrain("finetune", recipe, f"init_from={tmp_path / 'model.ckpt'}", cwd=tmp_path),
+    assert_clean_error(cli(capsys, "finetune", recipe, f"init_from={tmp_path / 'model.ckpt'}"),
                        "model.ckpt: not a safetensors file, a run directory or a checkpoint folder")

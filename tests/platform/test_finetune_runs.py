@@ -116,4 +116,4 @@ def test_export_folds_lora_into_the_weights(finetune_runs, tmp_path):
                        torch.device("cpu"), cfg.train.eval_batch_size)
     for task, metrics in json.loads((run / "eval.json").read_text()).items():
         for key, value in metrics.items():
-            assert results[task][key] == pytest.approx(value, abs=1e-4), (task, key)
+            assert results[task][key] == pytest.approx(value, rel=1e-5, abs=1e-4), (task, key)  # perplexity ~1e3
