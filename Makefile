@@ -4,14 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.polytrain-installed
-OPS := $(VENV)/.deepspeed-ops-built
 
 .PHONY: quickstart test install bench clean
 
 quickstart: $(READY)
 	$(BIN)/polytrain train configs/quickstart.yaml
 
-test: $(OPS)
+test: $(READY)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 install: $(READY)
@@ -23,12 +22,6 @@ $(READY): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $@
-
-# DeepSpeed JIT-builds its CPU ops (collectives, CPU Adam) on first use and caches them with torch's extensions.
-# The doctor builds them once up front, with both cores free, rather than in the middle of the test runs.
-$(OPS): $(READY)
-	$(BIN)/polytrain doctor configs/tiny.yaml engine.offload_optimizer=true
 	touch $@
 
 clean:

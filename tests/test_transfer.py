@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 EXAMPLE = REPO / "examples" / "new_modality"
 MODEL = ["model.backbone.dim=64", "model.backbone.n_heads=4", "model.backbone.encoder_layers=2",
          "model.backbone.decoder_layers=2", "tokenizers.text.vocab_size=512", "tokenizers.text.max_len=32"]
-STEPS, EVAL_EVERY, TARGET = 60, 10, 0.4
+STEPS, EVAL_EVERY, TARGET = 50, 10, 0.4
 RECIPE = f"""
 model:
   backbone: {{dim: 64, n_heads: 4, encoder_layers: 2, decoder_layers: 2, mlp_ratio: 4.0}}
