@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytrain.errors import DataError
-from polytrain.models.lora import merge_lora
+from polytrain.models.lora import LoraConfig, merge_lora
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -207,7 +207,8 @@ def export_model(run_dir: str | Path, out: Path) -> Path:
     writes the config beside it as ``<out>.yaml``.
     """
     folder = latest_checkpoint(run_dir)
-    if read_state(folder).get("zero_stage", 0) >= 1:
+    state = read_state(folder)
+    if state.get("zero_stage", 0) >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with safe_unpickling():
@@ -216,7 +217,7 @@ def export_model(run_dir: str | Path, out: Path) -> Path:
         weights = load_file(str(folder / WEIGHTS))
     weights, config_yaml = without_lora(weights, (folder / CONFIG).read_text())
     metadata = {"polytrain_config": config_yaml, "polytrain_tokenizer": (folder / TOKENIZER).read_text(),
-                "step": str(read_state(folder)["step"])}
+                "step": str(state["step"])}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: t.float().contiguous() for name, t in weights.items()}, out, metadata=metadata)
     out.with_suffix(".yaml").write_text(config_yaml)
@@ -229,7 +230,7 @@ def without_lora(weights: dict[str, torch.Tensor], config_yaml: str) -> tuple[di
     lora = tree.get("finetune", {}).get("lora", {})
     if not lora.get("rank"):
         return weights, config_yaml
-    merged = merge_lora(weights, lora["alpha"] / lora["rank"])
+    merged = merge_lora(weights, LoraConfig(**lora).scale)
     lora["rank"] = 0
     return merged, yaml.safe_dump(tree, sort_keys=False)
 

@@ -23,9 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from polytrain.errors import DataError
-from polytrain.platform.tracking import METRICS_FILE, START
+from polytrain.platform.tracking import EVAL_FILE, METRICS_FILE, START, read_metrics
 
-EVAL_FILE = "eval.json"
 PNG, HTML = "report.png", "report.html"
 COLUMNS = 2
 PANEL_INCHES = (6.0, 3.2)
@@ -77,13 +76,7 @@ def load_run(run_dir: Path) -> RunLog:
         raise DataError(f"{run_dir}: not a run directory (no {METRICS_FILE}; pass the folder `polytrain train` "
                         "printed as its run directory)")
     rows, starts = [], []
-    for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{metrics}:{number}: not valid JSON ({err.msg})") from None
+    for row in read_metrics(metrics):
         (starts if row.get("event") == START else rows).append(row)
     if not rows:
         raise DataError(f"{metrics}: no metrics logged yet")

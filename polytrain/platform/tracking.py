@@ -29,11 +29,13 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from polytrain.errors import ConfigError
+from polytrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+"""The final evaluation, ``{"<task>": {"<metric>": value}}``, written when a run finishes."""
 START = "start"
 """The ``event`` of the line written when a run starts or resumes."""
 
@@ -98,8 +100,16 @@ def version(package: str) -> str | None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Every line of a metrics log, in order."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every line of a metrics log, in order; a line that is not JSON is a ``DataError`` naming it."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    return rows
 
 
 def keep_until(path: Path, step: int) -> list[dict]:

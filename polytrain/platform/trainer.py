@@ -28,7 +28,7 @@ from polytrain.platform.engine import base_optimizer
 from polytrain.platform.finetune import first_match, freeze, load_initial_weights
 from polytrain.platform.meters import Throughput, memory_gib, peak_flops
 from polytrain.platform.plan import StateProbe
-from polytrain.platform.tracking import Tracker
+from polytrain.platform.tracking import EVAL_FILE, Tracker
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
 NO_DECAY_MARKERS = ("embedders.",)
 """Parameters under these names (and every vector: norms, biases) get no weight decay."""
 
