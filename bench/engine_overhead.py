@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from polytrain.config import load_config
-from polytrain.platform import recipe
-from polytrain.platform.data import Mixture, Schedule, StreamState
-from polytrain.platform.engine import Engine
-from polytrain.platform.trainer import lr_multiplier, param_groups
+from polytrain.platform.data.loader import Mixture
+from polytrain.platform.data.order import DataOrder, StreamState
+from polytrain.platform.distributed.engine import Engine
+from polytrain.platform.train import recipe
+from polytrain.platform.train.optimizer import lr_multiplier, param_groups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = recipe.build_tokenizers(cfg, recipe.train_text_tokenizer(cfg, Path(tmp)))
     datasets = recipe.build_datasets(cfg, "train", tokenizers)
-    schedule = Schedule({n: len(ds) for n, ds in datasets.items()},
+    schedule = DataOrder({n: len(ds) for n, ds in datasets.items()},
                         {n: t.batch_size for n, t in cfg.data.tasks.items()}, "fixed", cfg.train.seed)
     slots, mixture = schedule.slots(StreamState(), rank=0, world_size=1), Mixture(datasets, tokenizers["text"].pad_id)
     batches = [mixture.build(next(slots)).tasks for _ in range(args.steps + 1)]  # +1 for the untimed warm-up step

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from polytrain.platform.report import load_run
+from polytrain.platform.observe.report import load_run
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = {"audio_to_text": REPO / "configs" / "finetune_audio.yaml",
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="transfer-"))
-    from polytrain.tokenizers import TOKENIZERS
+    from polytrain.tokenizers.config import TOKENIZERS
 
     tasks = {task: recipe for task, recipe in TASKS.items() if task != "motion_to_text" or "motion" in TOKENIZERS}
     if len(tasks) < len(TASKS):

@@ -22,12 +22,12 @@ import timm
 import torch
 import torch.nn.functional as F
 import transformers
+from side_by_side import race
 
 from polytrain.models import convert, presets
 from polytrain.models.heads import text_segment
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
-from side_by_side import race
 
 GPT2_TINY = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=4096, n_positions=256, bos_token_id=0, eos_token_id=0,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

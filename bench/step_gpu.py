@@ -21,6 +21,7 @@ from typing import Callable
 import timm
 import torch
 import torch.nn.functional as F
+from side_by_side import race
 
 from polytrain.errors import PolytrainError
 from polytrain.models import convert, presets
@@ -28,7 +29,6 @@ from polytrain.models.flops import train_flops_per_token
 from polytrain.models.heads import text_segment
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
-from side_by_side import race
 
 DENSE_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0,
                      "A100": 312.0, "L40S": 362.0, "A10G": 125.0}

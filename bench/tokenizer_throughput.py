@@ -28,7 +28,6 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sysconfig  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -39,9 +38,10 @@ import torch
 import torchaudio
 from PIL import Image
 
-from polytrain.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
-from polytrain.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, patchify
-from polytrain.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from polytrain.tokenizers.audio import AudioTokenizer
+from polytrain.tokenizers.config import AudioTokenizerConfig, ImageTokenizerConfig, TextTokenizerConfig
+from polytrain.tokenizers.image import ImageTokenizer, patchify
+from polytrain.tokenizers.text import TextTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SPOKEN_DIGITS = REPO / "polytrain" / "assets" / "spoken_digits"

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from polytrain.config import load_config
-from polytrain.platform.plan import GIB, Option, activation_bytes, count_parameters, estimate
+from polytrain.platform.distributed.memory_planner import Option, activation_bytes, count_parameters, estimate
+from polytrain.platform.observe.meters import GIB
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = ["model.backbone.dim=512", "model.backbone.n_heads=8", "model.backbone.encoder_layers=4",

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from polytrain import atomic
 from polytrain.errors import PolytrainError
 from polytrain.launch.failures import record_failure
 
@@ -27,18 +28,39 @@ log = logging.getLogger("polytrain")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(build_parser(), sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
         return args.func(args) or 0
     except PolytrainError as err:
         print(f"polytrain: error: {err}", file=sys.stderr, flush=True)
         record_failure(err)
+        if process_group_alive():
+            # Interpreter teardown with a live gloo/NCCL group can abort the process (SIGABRT from a
+            # communication thread) instead of exiting 2; the error is reported, so leave at once.
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except Exception as err:
         record_failure(err)  # a process of a launched job: its launcher reports the error in one line
         raise
+
+
+def process_group_alive() -> bool:
+    """Whether this process joined a torch.distributed process group (looked up without importing torch)."""
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line, with a command's flags allowed anywhere among its ``key=value`` overrides
+    (``polytrain launch CONFIG --dry-run a.b=c``): a command without subcommands of its own is parsed by
+    its own parser, intermixed."""
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    command = commands.choices.get(argv[0]) if argv else None
+    if command is None or command._subparsers is not None:
+        return parser.parse_args(argv)
+    return command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +154,7 @@ def setup_logging() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from polytrain.config import load_config
-    from polytrain.platform.trainer import train
+    from polytrain.platform.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, Path(args.config).stem)
@@ -142,36 +164,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from polytrain.config import load_config
     from polytrain.errors import ConfigError
-    from polytrain.platform.checkpoint import read_pretrained
-    from polytrain.platform.trainer import train
+    from polytrain.platform.train.trainer import train
 
     overrides = [f"finetune.{item}" if item.startswith("init_from=") else item for item in args.overrides]
     cfg = load_config(args.config, overrides)
     if not cfg.finetune.init_from:
         raise ConfigError("finetune.init_from", None, "polytrain finetune needs the weights to start from: "
                           "init_from=RUN_DIR, a checkpoint folder or an exported .safetensors file")
-    read_pretrained(cfg.finetune.init_from)  # a wrong path fails now, before any process group starts
     train(cfg, Path(args.config).stem)
     return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from polytrain.config import load_config
     from polytrain.launch.backends import launch
 
-    # torch's C++ layer logs each failed rendezvous connection attempt with a stack trace; the launcher
-    # reports a failed rendezvous itself, in one line. The level is read when torch loads (with
-    # polytrain.config); the processes the launcher starts get the user's setting back.
-    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
-    if quiet:
-        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
-    try:
-        from polytrain.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    if not args.dry_run:
+        load_torch_quietly()
+    return launch(cfg.launch, cfg.train.out_dir, args.config, args.overrides, args.dry_run, args.submit)
 
-        cfg = load_config(args.config, args.overrides)
+
+def load_torch_quietly() -> None:
+    """Import torch with its C++ log level at FATAL.
+
+    torch's C++ layer logs each failed rendezvous connection attempt with a stack trace; the launcher
+    reports a failed rendezvous itself, in one line. The level is read when torch loads, so it is set for
+    that moment only: the processes the launcher starts get the user's setting back.
+    """
+    if "TORCH_CPP_LOG_LEVEL" in os.environ or "torch" in sys.modules:
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    try:
+        import torch  # noqa: F401  (loaded for its log level; the launcher uses it next)
     finally:
-        if quiet:
-            del os.environ["TORCH_CPP_LOG_LEVEL"]
-    return launch(cfg, args.config, args.overrides, args.dry_run, args.submit)
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -183,28 +210,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from polytrain.config import load_config
-    from polytrain.platform import recipe
-    from polytrain.platform.checkpoint import CONFIG, TOKENIZER, WEIGHTS, latest_checkpoint, load_weights
-    from polytrain.platform.evaluate import evaluate, format_table
+    from polytrain.platform.train import recipe
+    from polytrain.platform.train.evaluate import evaluate, format_table
+    from polytrain.platform.train.init_from import load_model
 
-    folder = latest_checkpoint(args.run_dir)
-    cfg = load_config(folder / CONFIG)
-    tokenizers = recipe.build_tokenizers(cfg, folder / TOKENIZER)
-    model = recipe.build_model(cfg, tokenizers)
-    load_weights(model, folder / WEIGHTS)
+    cfg, tokenizers, model = load_model(args.run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = evaluate(model.to(device), cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers),
                        tokenizers["text"], device, cfg.train.eval_batch_size)
     print(format_table(results))
     print(json.dumps(results))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        atomic.write_text(Path(args.out), json.dumps(results, indent=1) + "\n")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from polytrain.platform.checkpoint import export_model
+    from polytrain.platform.distributed.checkpoint import export_model
 
     out = export_model(args.run_dir, Path(args.out))
     print(f"{out} (config: {out.with_suffix('.yaml')})")
@@ -212,7 +234,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from polytrain.platform.report import write_report
+    from polytrain.platform.observe.report import write_report
 
     png, page = write_report(Path(args.run_dir), None if args.out is None else Path(args.out))
     print(png)
@@ -222,7 +244,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from polytrain.config import load_config
-    from polytrain.platform.plan import format_plan, parse_size, plan
+    from polytrain.platform.distributed.memory_planner import format_plan, parse_size, plan
 
     cfg = load_config(args.config, args.overrides)
     gpu_mem = parse_size(args.gpu_mem)
@@ -233,8 +255,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from polytrain.errors import ConfigError, DataError
-    from polytrain.tokenizers import TOKENIZERS
-    from polytrain.tokenizers.text import TextTokenizer, TextTokenizerConfig
+    from polytrain.tokenizers.config import TOKENIZERS, TextTokenizerConfig
+    from polytrain.tokenizers.text import TextTokenizer
 
     if TOKENIZERS.get(args.modality) is not TextTokenizer:
         raise ConfigError("--modality", args.modality, "only text tokenizers are trained; the others have no "

@@ -8,6 +8,9 @@ lookup or listing; a plugin's module is imported only when its name is looked
 up, so a broken plugin fails only the runs that use it, with a message that
 names it.
 
+Built-in entries are declared by name with a ``"module:attribute"`` target (``lazy``), so a config names
+and checks them without importing torch; the target is imported on the first ``get``.
+
 A user module can also register things itself (``TOKENIZERS.register("video")
 (VideoTokenizer)``); naming it in the recipe's ``plugins`` list imports it
 before the config is checked (``import_plugins``).
@@ -34,33 +37,55 @@ class Registry(Generic[T]):
         self.group = group
         """Entry-point group whose plugins join this registry; None: built-ins only."""
         self._items: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}
+        """Built-in name -> ``"module:attribute"``, imported on the first ``get``."""
         self._plugins: dict[str, EntryPoint] = {}
         self._discovered = group is None
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
-            if name in self._items and self._items[name] is not item:
-                raise PolytrainError(f"{self.kind} {name!r} is already registered to {self._items[name]!r}")
+            if (name in self._items and self._items[name] is not item) or not self._declared_by_importing(name):
+                raise PolytrainError(f"{self.kind} {name!r} is already registered to "
+                                     f"{self._items.get(name, self._lazy.get(name))!r}")
             self._items[name] = item
             return item
 
         return add
 
+    def _declared_by_importing(self, name: str) -> bool:
+        """Whether registering ``name`` now is allowed: it is not a built-in, or it is one whose declared module
+        (a target without ``:attribute``) is being imported and registers its own objects."""
+        target = self._lazy.get(name)
+        return target is None or (":" not in target and target in sys.modules)
+
+    def lazy(self, name: str, target: str) -> None:
+        """Declare built-in ``name`` as ``"module:attribute"``, or as ``"module"`` when that module registers it
+        itself; either way the module is imported when ``name`` is first looked up."""
+        if name in self._items or name in self._lazy:
+            raise PolytrainError(f"{self.kind} {name!r} is already registered")
+        self._lazy[name] = target
+
     def get(self, name: str) -> T:
         self._discover()
         if name in self._plugins:
             self._load(name)
+        elif name in self._lazy and name not in self._items:
+            module, _, attribute = self._lazy[name].partition(":")
+            imported = importlib.import_module(module)
+            if attribute:
+                self._items[name] = getattr(imported, attribute)
+            assert name in self._items, f"{module} does not register {self.kind} {name!r}"
         if name not in self._items:
             raise PolytrainError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:
         self._discover()
-        return sorted({*self._items, *self._plugins})
+        return sorted({*self._items, *self._lazy, *self._plugins})
 
     def __contains__(self, name: str) -> bool:
         self._discover()
-        return name in self._items or name in self._plugins
+        return name in self._items or name in self._lazy or name in self._plugins
 
     def _discover(self) -> None:
         """Note the group's entry points (without importing them); names already taken keep their owner."""
@@ -68,7 +93,7 @@ class Registry(Generic[T]):
             return
         self._discovered = True
         for point in entry_points(group=self.group):
-            if point.name in self._items or point.name in self._plugins:
+            if point.name in self._items or point.name in self._lazy or point.name in self._plugins:
                 log.warning("ignoring %s: %s %r is already registered", describe(point), self.kind, point.name)
                 continue
             self._plugins[point.name] = point

@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from polytrain.config import Config, apply_override, dump_yaml, from_dict, load_config
+from polytrain.config import Config, apply_override, load_config
 from polytrain.errors import ConfigError
+from polytrain.schema import dump_yaml, from_dict
 from tests.helpers import QUICKSTART
 
 

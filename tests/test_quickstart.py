@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from polytrain.cli import main
 from polytrain.config import load_config
-from polytrain.platform import recipe
+from polytrain.platform.train import recipe
 from tests.helpers import QUICKSTART, polytrain, read_jsonl, wandb_config, wandb_history
-from tests.platform.test_report import Rows, black, check_png, drawn_at
+from tests.platform.observe.test_report import Rows, black, check_png, drawn_at
 
 pytestmark = pytest.mark.slow
 

@@ -110,7 +110,7 @@ PROBE = """
 import json, sys
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
-from polytrain.tokenizers import TOKENIZERS, build_patch_tokenizer
+from polytrain.tokenizers.config import TOKENIZERS, build_patch_tokenizer
 
 base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",
         "data.tasks.t.val=m.jsonl"]
@@ -153,7 +153,7 @@ import json
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
 from polytrain.models.embed import EMBEDDERS
-from polytrain.tokenizers import TOKENIZERS
+from polytrain.tokenizers.config import TOKENIZERS
 
 base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",
         "data.tasks.t.val=m.jsonl"]
@@ -173,7 +173,7 @@ def test_a_user_module_named_in_the_recipe_registers_a_modality(tmp_path):
     """No package, no entry point: registry calls in a module the recipe lists under ``plugins``."""
     (tmp_path / "myscalar.py").write_text(PLUGIN + textwrap.dedent("""
         from polytrain.models.embed import EMBEDDERS, PatchEmbedder
-        from polytrain.tokenizers import TOKENIZERS
+        from polytrain.tokenizers.config import TOKENIZERS
 
         TOKENIZERS.register("scalar")(ScalarTokenizer)
         EMBEDDERS.register("scalar")(PatchEmbedder)

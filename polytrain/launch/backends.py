@@ -8,16 +8,13 @@ the entry-point group ``polytrain.launchers`` (an object with the same three mem
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from polytrain.errors import ConfigError
 from polytrain.launch import deepspeed, slurm, torchrun
+from polytrain.launch.config import LaunchConfig
 from polytrain.launch.job import Job
 from polytrain.registry import Registry
-
-if TYPE_CHECKING:
-    from polytrain.config import Config
-    from polytrain.launch.config import LaunchConfig
 
 
 @dataclass(frozen=True)
@@ -36,15 +33,16 @@ for _name, _module in (("torchrun", torchrun), ("deepspeed", deepspeed), ("slurm
     BACKENDS.register(_name)(Backend(_module.check, _module.describe, _module.run))
 
 
-def launch(cfg: Config, config_path: str, overrides: list[str], dry_run: bool = False, submit: bool = False) -> int:
-    """``polytrain launch``: print the job's commands (dry run) or start it."""
-    if submit and cfg.launch.backend != "slurm":
-        raise ConfigError("--submit", True, f"submits SLURM jobs; launch.backend={cfg.launch.backend!r} "
+def launch(cfg: LaunchConfig, out_dir: str, config_path: str, overrides: list[str], dry_run: bool = False,
+           submit: bool = False) -> int:
+    """``polytrain launch``: print the job's commands (dry run) or start it; ``out_dir`` is train.out_dir."""
+    if submit and cfg.backend != "slurm":
+        raise ConfigError("--submit", True, f"submits SLURM jobs; launch.backend={cfg.backend!r} "
                           f"(set launch.backend=slurm)")
     if submit and dry_run:
         raise ConfigError("--submit", True, "cannot be combined with --dry-run, which starts nothing")
-    job = Job.create(cfg.launch, config_path, overrides, cfg.train.out_dir, submit)
-    backend = BACKENDS.get(cfg.launch.backend)
+    job = Job.create(cfg, config_path, overrides, out_dir, submit)
+    backend = BACKENDS.get(cfg.backend)
     if dry_run:
         print(backend.describe(job), flush=True)
         return 0

@@ -5,12 +5,96 @@ nodes that lack the launching node's files); the hostfile is read when a job
 is launched.
 """
 
+import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from polytrain.errors import ConfigError
 from polytrain.launch.hostfile import is_reachable_name
-from polytrain.launch.rendezvous import RendezvousConfig
-from polytrain.launch.slurm import SlurmConfig
+
+
+@dataclass(frozen=True)
+class RendezvousConfig:
+    backend: Literal["c10d", "static"] = "c10d"
+    """c10d: nodes join in any order and are numbered as they join (torchrun's recommended multi-node
+    form). static: node k runs with launch.node_rank=k, as with `accelerate launch` (under SLURM: its
+    $SLURM_NODEID), and rank 0 is on node 0."""
+    id: str = "polytrain"
+    """Job id every node passes to the rendezvous; jobs sharing master_addr:master_port need different ids
+    (under SLURM: the job id)."""
+    timeout: int = 600
+    """Seconds a node waits for all launch.nodes nodes to arrive (or to reach node 0) before giving up."""
+
+    def check(self) -> None:
+        if self.timeout < 1:
+            raise ConfigError("timeout", self.timeout, "must be >= 1 second")
+        if not self.id or any(c.isspace() for c in self.id):
+            raise ConfigError("id", self.id, "must be a non-empty word without spaces")
+
+    def torchrun_args(self, master_addr: str, master_port: int, nodes: int, node_rank: int) -> list[str]:
+        """torchrun's rendezvous options for this node."""
+        if self.backend == "c10d" and nodes == 1:
+            # A store on a free port: a busy master_port would otherwise make this node a client of
+            # whatever store holds it (c10d falls back to joining when it cannot host).
+            return ["--standalone"]
+        if self.backend == "static":
+            # The TCP store's timeout bounds both node 0's wait for the others and their wait for node 0.
+            return [f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}",
+                    "--rdzv-backend=static", f"--rdzv-id={self.id}", f"--rdzv-conf=timeout={self.timeout}"]
+        # join_timeout bounds the wait for all nodes; read_timeout the wait to reach the hosting node.
+        return ["--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{master_port}", f"--rdzv-id={self.id}",
+                f"--rdzv-conf=join_timeout={self.timeout},read_timeout={self.timeout}"]
+
+
+TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}")
+"""SLURM's time limit formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    partition: str | None = None
+    """sbatch --partition; null: the cluster's default."""
+    account: str | None = None
+    """sbatch --account to charge; null: the user's default."""
+    time: str | int = "01:00:00"
+    """Wall-clock limit (sbatch --time): M, M:S, H:M:S, D-H, D-H:M or D-H:M:S. Write hours with two digits
+    (02:00:00): YAML reads an unquoted 2:00:00 as the number 7200."""
+    gpus_per_node: int | None = None
+    """GPUs to request per node (sbatch --gpus-per-node); null: launch.procs_per_node; 0: a CPU-only job."""
+    cpus_per_node: int | None = None
+    """CPU cores per node for its processes (sbatch --cpus-per-task of the one task per node); null: default."""
+    job_name: str | None = None
+    """sbatch --job-name; null: the recipe's file name."""
+    output: str | None = None
+    """sbatch --output, the job's log (%x: job name, %j: job id); null: <train.out_dir>/%x-%j.out."""
+    env_setup: list[str] = field(default_factory=list)
+    """Shell lines run before srun, e.g. `module load cuda/12.4`, `source .venv/bin/activate`; srun
+    passes the resulting environment to every node."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Further sbatch options, one per #SBATCH line, e.g. `--qos=high`, `--exclusive`."""
+    python: str | None = None
+    """Python on the compute nodes; null: the interpreter running polytrain launch (a shared venv)."""
+    script: str | None = None
+    """Where to write the script; null: <train.out_dir>/<job name>.sbatch."""
+
+    def check(self) -> None:
+        if isinstance(self.time, int):
+            raise ConfigError("time", self.time, "YAML read an unquoted time such as 30 or 2:00:00 as a number; "
+                              "write it with a leading zero (02:00:00, 00:30) or in quotes")
+        if not TIME.fullmatch(self.time):
+            raise ConfigError("time", self.time, "must be a SLURM time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
+            raise ConfigError("gpus_per_node", self.gpus_per_node, "must be >= 0 (0: no GPUs) or null")
+        if self.cpus_per_node is not None and self.cpus_per_node < 1:
+            raise ConfigError("cpus_per_node", self.cpus_per_node, "must be >= 1 or null")
+        if self.job_name is not None and (not self.job_name or any(c.isspace() for c in self.job_name)):
+            raise ConfigError("job_name", self.job_name, "must be a non-empty word without spaces")
+        for i, arg in enumerate(self.sbatch_args):
+            if not arg.startswith("-") or "\n" in arg:
+                raise ConfigError(f"sbatch_args.{i}", arg, "must be one sbatch option, e.g. --qos=high")
+        for i, line in enumerate(self.env_setup):
+            if "\n" in line:
+                raise ConfigError(f"env_setup.{i}", line, "must be one shell line; give each line its own entry")
 
 
 @dataclass(frozen=True)
@@ -40,10 +124,7 @@ class LaunchConfig:
     """The sbatch script's resources and environment (slurm backend)."""
 
     def check(self) -> None:
-        from polytrain.launch.backends import BACKENDS  # the backends import this module
-
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", self.backend, f"unknown launcher; known: {', '.join(BACKENDS.names())}")
+        """Value checks; what each launcher allows is checked by the root config (``launch.backends``)."""
         for name in ("nodes", "procs_per_node"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be >= 1")
@@ -58,7 +139,6 @@ class LaunchConfig:
             raise ConfigError("node_rank", self.node_rank, f"is only used by torchrun's static rendezvous "
                               f"(launch.rdzv.backend=static); with backend={self.backend} and "
                               f"rdzv.backend={self.rdzv.backend} the launcher numbers the nodes itself")
-        BACKENDS.get(self.backend).check(self)
 
     @property
     def world_size(self) -> int:

@@ -15,15 +15,14 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from polytrain.config import load_config
 from polytrain.errors import ConfigError
 from polytrain.launch.config import LaunchConfig
 from polytrain.launch.hostfile import HostfileError, read_hostfile
 from polytrain.launch.job import check_hosts
-
-if TYPE_CHECKING:
-    from polytrain.platform.engine import EngineConfig
+from polytrain.platform.distributed.config import EngineConfig
 
 PACKAGES = ("polytrain", "torch", "deepspeed", "accelerate", "transformers", "wandb")
 """Modules whose versions a bug report needs."""
@@ -55,9 +54,6 @@ class Check:
 
 
 def doctor(config: str | None, overrides: list[str]) -> int:
-    from polytrain.config import load_config
-    from polytrain.platform.engine import EngineConfig
-
     cfg = load_config(config, overrides) if config else None
     engine = cfg.engine if cfg else EngineConfig()
     launch = cfg.launch if cfg else LaunchConfig()

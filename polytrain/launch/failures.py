@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from polytrain import atomic
 from polytrain.errors import PolytrainError
 
 FAILURE_DIR = "POLYTRAIN_FAILURE_DIR"
@@ -55,11 +56,8 @@ def record_failure(err: BaseException) -> None:
     text = " ".join(f"{type(err).__name__}: {err}".split())
     failure = Failure(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), socket.gethostname(),
                       os.getpid(), text[:MAX_MESSAGE], time.time())
-    path = Path(folder) / f"rank{failure.rank}.json"
-    partial = path.with_suffix(".partial")  # renamed into place: the launcher never reads half a file
-    try:
-        partial.write_text(json.dumps(asdict(failure)))
-        partial.replace(path)
+    try:  # written atomically: the launcher never reads half a file
+        atomic.write_text(Path(folder) / f"rank{failure.rank}.json", json.dumps(asdict(failure)))
     except OSError:  # the launcher is gone (its folder with it); the error itself is what must surface
         pass
 

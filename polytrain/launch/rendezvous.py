@@ -10,44 +10,9 @@ message naming the rendezvous, instead of a silent hang.
 """
 
 import re
-from dataclasses import dataclass
-from typing import Literal
 
-from polytrain.errors import ConfigError
+from polytrain.launch.config import RendezvousConfig
 from polytrain.launch.failures import LaunchError
-
-
-@dataclass(frozen=True)
-class RendezvousConfig:
-    backend: Literal["c10d", "static"] = "c10d"
-    """c10d: nodes join in any order and are numbered as they join (torchrun's recommended multi-node
-    form). static: node k runs with launch.node_rank=k, as with `accelerate launch` (under SLURM: its
-    $SLURM_NODEID), and rank 0 is on node 0."""
-    id: str = "polytrain"
-    """Job id every node passes to the rendezvous; jobs sharing master_addr:master_port need different ids
-    (under SLURM: the job id)."""
-    timeout: int = 600
-    """Seconds a node waits for all launch.nodes nodes to arrive (or to reach node 0) before giving up."""
-
-    def check(self) -> None:
-        if self.timeout < 1:
-            raise ConfigError("timeout", self.timeout, "must be >= 1 second")
-        if not self.id or any(c.isspace() for c in self.id):
-            raise ConfigError("id", self.id, "must be a non-empty word without spaces")
-
-    def torchrun_args(self, master_addr: str, master_port: int, nodes: int, node_rank: int) -> list[str]:
-        """torchrun's rendezvous options for this node."""
-        if self.backend == "c10d" and nodes == 1:
-            # A store on a free port: a busy master_port would otherwise make this node a client of
-            # whatever store holds it (c10d falls back to joining when it cannot host).
-            return ["--standalone"]
-        if self.backend == "static":
-            # The TCP store's timeout bounds both node 0's wait for the others and their wait for node 0.
-            return [f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}",
-                    "--rdzv-backend=static", f"--rdzv-id={self.id}", f"--rdzv-conf=timeout={self.timeout}"]
-        # join_timeout bounds the wait for all nodes; read_timeout the wait to reach the hosting node.
-        return ["--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{master_port}", f"--rdzv-id={self.id}",
-                f"--rdzv-conf=join_timeout={self.timeout},read_timeout={self.timeout}"]
 
 
 class RendezvousError(LaunchError):

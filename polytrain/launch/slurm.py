@@ -12,12 +12,10 @@ the other nodes when one fails.
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,58 +26,9 @@ if TYPE_CHECKING:
     from polytrain.launch.config import LaunchConfig
     from polytrain.launch.job import Job
 
-TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}")
-"""SLURM's time limit formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
 FIRST_NODE = ('NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))', "MASTER_ADDR=${NODES[0]}")
 """The rendezvous host: the allocation's first node (the one the script runs on). Not `scontrol ... | head -n 1`:
 under pipefail, scontrol killed by SIGPIPE when head exits early would fail the job."""
-
-
-@dataclass(frozen=True)
-class SlurmConfig:
-    partition: str | None = None
-    """sbatch --partition; null: the cluster's default."""
-    account: str | None = None
-    """sbatch --account to charge; null: the user's default."""
-    time: str | int = "01:00:00"
-    """Wall-clock limit (sbatch --time): M, M:S, H:M:S, D-H, D-H:M or D-H:M:S. Write hours with two digits
-    (02:00:00): YAML reads an unquoted 2:00:00 as the number 7200."""
-    gpus_per_node: int | None = None
-    """GPUs to request per node (sbatch --gpus-per-node); null: launch.procs_per_node; 0: a CPU-only job."""
-    cpus_per_node: int | None = None
-    """CPU cores per node for its processes (sbatch --cpus-per-task of the one task per node); null: default."""
-    job_name: str | None = None
-    """sbatch --job-name; null: the recipe's file name."""
-    output: str | None = None
-    """sbatch --output, the job's log (%x: job name, %j: job id); null: <train.out_dir>/%x-%j.out."""
-    env_setup: list[str] = field(default_factory=list)
-    """Shell lines run before srun, e.g. `module load cuda/12.4`, `source .venv/bin/activate`; srun
-    passes the resulting environment to every node."""
-    sbatch_args: list[str] = field(default_factory=list)
-    """Further sbatch options, one per #SBATCH line, e.g. `--qos=high`, `--exclusive`."""
-    python: str | None = None
-    """Python on the compute nodes; null: the interpreter running polytrain launch (a shared venv)."""
-    script: str | None = None
-    """Where to write the script; null: <train.out_dir>/<job name>.sbatch."""
-
-    def check(self) -> None:
-        if isinstance(self.time, int):
-            raise ConfigError("time", self.time, "YAML read an unquoted time such as 30 or 2:00:00 as a number; "
-                              "write it with a leading zero (02:00:00, 00:30) or in quotes")
-        if not TIME.fullmatch(self.time):
-            raise ConfigError("time", self.time, "must be a SLURM time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
-        if self.gpus_per_node is not None and self.gpus_per_node < 0:
-            raise ConfigError("gpus_per_node", self.gpus_per_node, "must be >= 0 (0: no GPUs) or null")
-        if self.cpus_per_node is not None and self.cpus_per_node < 1:
-            raise ConfigError("cpus_per_node", self.cpus_per_node, "must be >= 1 or null")
-        if self.job_name is not None and (not self.job_name or any(c.isspace() for c in self.job_name)):
-            raise ConfigError("job_name", self.job_name, "must be a non-empty word without spaces")
-        for i, arg in enumerate(self.sbatch_args):
-            if not arg.startswith("-") or "\n" in arg:
-                raise ConfigError(f"sbatch_args.{i}", arg, "must be one sbatch option, e.g. --qos=high")
-        for i, line in enumerate(self.env_setup):
-            if "\n" in line:
-                raise ConfigError(f"env_setup.{i}", line, "must be one shell line; give each line its own entry")
 
 
 def check(cfg: LaunchConfig) -> None:

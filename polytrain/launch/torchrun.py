@@ -80,9 +80,13 @@ def run(job: Job) -> None:
 
 
 def rank_failure(err, recorded: dict) -> RankFailure:
-    """The first of the ranks torchrun saw fail, with the error it recorded (or how it died)."""
+    """The first of the ranks torchrun saw fail that recorded an error (or, when none did, how the first died)."""
     failed = err.failures  # global rank -> torch's ProcessFailure (exit code or signal, pid, local rank)
-    first = min(failed, key=lambda rank: recorded[rank].time if rank in recorded else failed[rank].timestamp)
+    # A rank that recorded its error is the cause; the ones the launcher then stopped recorded none. (torch
+    # stamps a failure in whole seconds, so comparing its stamp with a recorded time could pick a victim.)
+    reporters = [rank for rank in failed if rank in recorded]
+    first = (min(reporters, key=lambda rank: recorded[rank].time) if reporters else
+             min(failed, key=lambda rank: failed[rank].timestamp))
     process = failed[first]
     if first in recorded:
         return RankFailure(first_failure_message(recorded[first], len(failed), process.exitcode))

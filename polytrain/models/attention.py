@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from polytrain.errors import PolytrainError
-from polytrain.models.masks import MaskRule
+from polytrain.models.attention_mask import MaskRule
+from polytrain.models.config import KERNELS
 from polytrain.models.positions import apply_rotary
-from polytrain.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,6 @@ class Kernel(ABC):
     @abstractmethod
     def run(self, q_BLHD: Tensor, k_BSGD: Tensor, v_BSGD: Tensor, plan: AttentionPlan, dropout_p: float) -> Tensor:
         """(B, L, H, D) attention output."""
-
-
-KERNELS: Registry[Kernel] = Registry("attention kernel")
-"""Attention kernel by name; ``auto`` is resolved by ``plan_attention``."""
 
 
 class SDPA(Kernel):

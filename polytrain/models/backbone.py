@@ -9,105 +9,17 @@ builds its attention masks once per forward and hands them to every block.
 Shape legend: B batch, L length, S memory length, E model dim.
 """
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from polytrain.errors import ConfigError
-from polytrain.models.attention import KERNELS, Attention, AttentionPlan, plan_attention
+from polytrain.models.attention import Attention, AttentionPlan, plan_attention
+from polytrain.models.attention_mask import MaskRule
 from polytrain.models.cache import KVCache, LayerCache
+from polytrain.models.config import MLPS, NORMS, POSITIONS, BackboneConfig
 from polytrain.models.embed import Embedded
-from polytrain.models.layers import MLPS, NORMS, DropPath
-from polytrain.models.masks import MaskRule
-from polytrain.models.positions import POSITIONS, alibi_slopes
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    dim: int = 256
-    """Width of every token vector (d_model)."""
-    n_heads: int = 4
-    """Query heads per attention layer; must divide ``dim``."""
-    n_kv_heads: int = 0
-    """Key/value heads: 0 means ``n_heads`` (multi-head), 1 is multi-query, a divisor of ``n_heads``
-    in between is grouped-query attention."""
-    encoder_layers: int = 2
-    """Bidirectional blocks; 0 builds a decoder-only backbone."""
-    decoder_layers: int = 2
-    """Causal blocks (with cross-attention when there is an encoder); 0 builds an encoder-only backbone."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width as a multiple of ``dim`` (for swiglu, the width of each of its two branches)."""
-    mlp: str = "gelu"
-    """MLP kind: gelu (erf), gelu_tanh (GPT-2), relu, swiglu."""
-    norm: str = "layernorm"
-    """Normalization: layernorm or rmsnorm."""
-    norm_eps: float = 1e-5
-    """Epsilon added to the variance in every norm."""
-    norm_position: Literal["pre", "post"] = "pre"
-    """pre: x + f(norm(x)) and a final norm after the stack; post: norm(x + f(x)), no final norm."""
-    embed_norm: bool = False
-    """Normalize each stack's input embeddings (BERT, BART's ``layernorm_embedding``)."""
-    bias: bool = True
-    """Biases in the attention and MLP projections."""
-    position: str = "learned"
-    """Position encoding: learned, sinusoidal (added to the embeddings), rope, alibi (inside attention)."""
-    rope_base: float = 10000.0
-    """RoPE: wavelength base theta; rotation pair i turns at base^(-i / pairs) radians per position."""
-    dropout: float = 0.0
-    """Dropout on embeddings, attention weights and residual branches, during training only."""
-    drop_path: float = 0.0
-    """Stochastic depth: the last block of each stack drops its residual branches at this rate, the first
-    at 0, linearly in between (as in DeiT / timm)."""
-    attention: str = "auto"
-    """Attention kernel: auto, sdpa, sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math, flex, flash_attn
-    (see ``polytrain.models.attention``)."""
-    checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
-    compile: bool = False
-    """Compile each block with torch.compile (per block, so masks and caches stay in eager Python)."""
-
-    def check(self) -> None:
-        if self.dim <= 0 or self.n_heads <= 0 or self.dim % self.n_heads:
-            raise ConfigError("n_heads", self.n_heads, f"must be positive and divide dim={self.dim}")
-        if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
-            raise ConfigError("n_kv_heads", self.n_kv_heads, f"must be 0 or divide n_heads={self.n_heads}")
-        if self.encoder_layers < 0:
-            raise ConfigError("encoder_layers", self.encoder_layers, "must be >= 0")
-        if self.decoder_layers < 0 or self.encoder_layers + self.decoder_layers == 0:
-            raise ConfigError("decoder_layers", self.decoder_layers,
-                              f"must be >= 0, and encoder_layers + decoder_layers >= 1 (encoder_layers={self.encoder_layers})")
-        if self.mlp_ratio <= 0:
-            raise ConfigError("mlp_ratio", self.mlp_ratio, "must be > 0")
-        for key, registry in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
-            if getattr(self, key) not in registry:
-                raise ConfigError(key, getattr(self, key), f"unknown; known: {', '.join(registry.names())}")
-        if self.attention != "auto" and self.attention not in KERNELS:
-            raise ConfigError("attention", self.attention, f"unknown; known: auto, {', '.join(KERNELS.names())}")
-        if self.position == "rope" and self.head_dim % 4:
-            raise ConfigError("position", self.position, f"2-D RoPE splits each head in row and column halves of "
-                              f"rotation pairs, so dim / n_heads = {self.head_dim} must be divisible by 4")
-        if self.norm_eps <= 0:
-            raise ConfigError("norm_eps", self.norm_eps, "must be > 0")
-        if self.rope_base <= 1:
-            raise ConfigError("rope_base", self.rope_base, "must be > 1")
-        for key in ("dropout", "drop_path"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(key, getattr(self, key), "must be in [0, 1)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.dim * self.mlp_ratio)
+from polytrain.models.layers import DropPath
+from polytrain.models.positions import alibi_slopes
 
 
 class Block(nn.Module):

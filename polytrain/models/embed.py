@@ -12,38 +12,23 @@ Shape legend: B batch, L length, D patch features, E model dim, P rotation pairs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytrain.models.positions import POSITIONS, Rotary, sinusoidal_table
+from polytrain.models.config import POSITIONS
+from polytrain.models.positions import Rotary, sinusoidal_table
 from polytrain.registry import Registry
 from polytrain.tokens import EmbedSpec, Segment
 
 if TYPE_CHECKING:
-    from polytrain.models.model import ModelConfig
+    from polytrain.models.config import ModelConfig
 
 EMBEDDERS: Registry[type[nn.Module]] = Registry("embedder", group="polytrain.embedders")
 """Embedder class by modality name; built as ``cls(spec, model_config)``. Installed packages add
 their own through the ``polytrain.embedders`` entry-point group."""
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    modality_vector: bool = True
-    """Add one learned vector per modality to its tokens (off for timm / Hugging Face parity)."""
-    patch_positions: Literal["factorized", "raster"] = "factorized"
-    """Learned patch positions: "factorized" adds a row and a column vector (any grid up to the
-    tokenizer's); "raster" is one vector per patch in row-major order, as timm's ViT ``pos_embed``."""
-    cls_token: bool = False
-    """Prepend a learned [CLS] vector to every image/audio segment (for pooling="cls" classifiers)."""
-    scale_tokens: bool = False
-    """Multiply token embeddings by sqrt(dim) before adding positions (Vaswani et al. 2017)."""
-
-    def check(self) -> None:
-        """Field types and the Literal are checked by the config loader; nothing spans fields here."""
 
 
 @dataclass

@@ -14,14 +14,13 @@ beat the worst of them (the bound of HF's ``early_stopping="never"``), or after
 Shape legend: B batch (prompts), K beams, P prompt length, N generated length, V vocabulary.
 """
 
-from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polytrain.errors import ConfigError
+from polytrain.models.config import DecodingConfig
 from polytrain.registry import Registry
 
 
@@ -31,32 +30,6 @@ class Session(Protocol):
 
     def reorder(self, rows_B: Tensor) -> None:
         """Continue row ``rows_B[i]`` as row i."""
-
-
-@dataclass(frozen=True)
-class DecodingConfig:
-    strategy: Literal["greedy", "sample", "beam"] = "greedy"
-    """greedy: argmax; sample: draw from the filtered softmax; beam: beam search."""
-    temperature: float = 1.0
-    """sample: logits are divided by this before the softmax (lower is sharper)."""
-    top_k: int = 0
-    """sample: keep only the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """sample: keep the smallest set of most likely tokens whose probability reaches p (1: all)."""
-    num_beams: int = 4
-    """beam: hypotheses kept per prompt."""
-    length_penalty: float = 1.0
-    """beam: exponent alpha of score = log-prob sum / length ** alpha (0: raw sum; > 0 favours longer)."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError("temperature", self.temperature, "must be > 0 (use strategy=greedy for argmax)")
-        if self.top_k < 0:
-            raise ConfigError("top_k", self.top_k, "must be >= 0 (0 keeps every token)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError("top_p", self.top_p, "must be in (0, 1]")
-        if self.num_beams < 1:
-            raise ConfigError("num_beams", self.num_beams, "must be >= 1")
 
 
 Strategy = Callable[[Callable[[int], Session], Tensor, int, int, DecodingConfig, torch.Generator | None], Tensor]

@@ -19,70 +19,23 @@ Shape legend: B batch, T text length, S source length, E model dim, V vocabulary
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytrain.errors import ConfigError
 from polytrain.models.cache import KVCache
+from polytrain.models.config import HEAD_KINDS, HEADS, NORMS, DecodingConfig, HeadKind
 from polytrain.models.embed import Embedded
-from polytrain.models.generation import STRATEGIES, DecodingConfig
-from polytrain.models.layers import NORMS
-from polytrain.models.masking import mask_tokens
-from polytrain.registry import Registry
+from polytrain.models.generation import STRATEGIES
+from polytrain.models.mlm_corruption import mask_tokens
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch
 
 if TYPE_CHECKING:
-    from polytrain.models.model import ModelConfig, PolyModel
-
-HEADS: Registry[type["Head"]] = Registry("head", group="polytrain.heads")
-"""Head class by name, as written in ``data.tasks.<task>.head``; built as ``cls(model_config, specs)``.
-Installed packages add their own through the ``polytrain.heads`` entry-point group."""
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    classes: int = 2
-    """Number of classes; labels are ids 0..classes-1."""
-    pooling: Literal["cls", "mean"] = "mean"
-    """cls: the first token's output (the patch embedders' [CLS] with ``embed.cls_token``, or a text
-    segment's first token); mean: the average over real tokens."""
-
-    def check(self) -> None:
-        if self.classes < 2:
-            raise ConfigError("classes", self.classes, "must be >= 2")
-
-
-@dataclass(frozen=True)
-class MaskedLMConfig:
-    probability: float = 0.15
-    """Share of the real, regular text tokens selected for prediction (then 80% mask, 10% random, 10% kept)."""
-    mask_id: int = 4
-    """Id of ``<mask>`` in the text vocabulary."""
-    first_regular_id: int = 8
-    """Ids below this are special (pad, bos, eos, unk, mask, modality markers): never selected or drawn."""
-
-    def check(self) -> None:
-        if not 0.0 < self.probability < 1.0:
-            raise ConfigError("probability", self.probability, "must be in (0, 1)")
-        if not 0 <= self.mask_id < self.first_regular_id:
-            raise ConfigError("mask_id", self.mask_id, f"must be a special id, in [0, first_regular_id={self.first_regular_id})")
-
-
-@dataclass(frozen=True)
-class HeadsConfig:
-    label_smoothing: float = 0.0
-    """Share of each target's probability spread uniformly over the vocabulary (or classes) in the loss."""
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
-
-    def check(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("label_smoothing", self.label_smoothing, "must be in [0, 1)")
-
+    from polytrain.models.config import ModelConfig
+    from polytrain.models.model import PolyModel
 
 def token_loss(logits_XV: Tensor, labels_X: Tensor, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy in fp32 over positions whose label is not ``IGNORE_INDEX``.
@@ -94,14 +47,8 @@ def token_loss(logits_XV: Tensor, labels_X: Tensor, reduction: str = "mean", lab
 
 
 class Head(nn.Module):
-    needs_encoder = False
-    """Runs the backbone's encoder stack."""
-    needs_decoder = True
-    """Runs the backbone's decoder stack."""
-    needs_text_output = True
-    """Projects onto the text vocabulary (so the model needs the text embedder)."""
-    generates = False
-    """Has ``generate``."""
+    kind: HeadKind
+    """What the head needs (encoder, decoder, text output) and whether it generates; a plugin head sets its own."""
 
     def __init__(self, cfg: ModelConfig, specs: dict[str, EmbedSpec]):
         super().__init__()
@@ -123,8 +70,6 @@ class Head(nn.Module):
 
 class TextDecoderHead(Head):
     """A causal decoder over text that can continue a prompt: greedy, sampling, beam search, with a KV cache."""
-
-    generates = True
 
     @torch.no_grad()
     def generate(self, model: PolyModel, prompt_BP: Tensor, source: Segment | None, max_new_tokens: int, eos_id: int,
@@ -173,6 +118,8 @@ class DecoderSession:
 class DecoderOnlyHead(TextDecoderHead):
     """Causal LM over text, no encoder; an image/audio ``batch.source`` becomes a bidirectional prefix."""
 
+    kind = HEAD_KINDS["decoder_only"]
+
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         text = model.embed(batch.inputs)
         if batch.source is None:
@@ -192,7 +139,7 @@ class DecoderOnlyHead(TextDecoderHead):
 class EncoderDecoderHead(TextDecoderHead):
     """Encoder over the source (any modality), causal decoder over text with cross-attention."""
 
-    needs_encoder = True
+    kind = HEAD_KINDS["encoder_decoder"]
 
     def memory(self, model: PolyModel, source: Segment | None) -> tuple[Tensor, Tensor]:
         """The encoder's view of the source and which of it is real: (B, S, E), (B, S)."""
@@ -216,7 +163,7 @@ class EncoderDecoderHead(TextDecoderHead):
 class EncoderClassifierHead(Head):
     """Bidirectional encoder over ``batch.inputs`` (any modality), pooled, then a linear map to class logits."""
 
-    needs_encoder, needs_decoder, needs_text_output = True, False, False
+    kind = HEAD_KINDS["encoder_classifier"]
 
     def __init__(self, cfg: ModelConfig, specs: dict[str, EmbedSpec]):
         super().__init__(cfg, specs)
@@ -238,7 +185,7 @@ class EncoderClassifierHead(Head):
 class MaskedLMHead(Head):
     """BERT's masked LM: the encoder reads corrupted text; dense + GELU + norm, then the (tied) vocabulary map."""
 
-    needs_encoder, needs_decoder = True, False
+    kind = HEAD_KINDS["masked_lm"]
 
     def __init__(self, cfg: ModelConfig, specs: dict[str, EmbedSpec]):
         super().__init__(cfg, specs)

@@ -10,15 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytrain.registry import Registry
+from polytrain.models.config import MLPS, NORMS
 
-NORMS: Registry = Registry("norm")
-"""Normalization layer by name, built as ``NORMS.get(name)(dim, eps)``."""
 NORMS.register("layernorm")(nn.LayerNorm)
 NORMS.register("rmsnorm")(nn.RMSNorm)
-
-MLPS: Registry[type[nn.Module]] = Registry("mlp")
-"""MLP by name, built as ``MLPS.get(name)(dim, hidden, bias, dropout)``."""
 
 
 class MLP(nn.Module):

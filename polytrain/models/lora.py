@@ -12,42 +12,15 @@ Shape legend: R rank, I in features, O out features.
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytrain.errors import ConfigError
+from polytrain.models.config import LoraConfig
 
 ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 0
-    """Rank of each adapter (0: no LoRA)."""
-    alpha: float = 16.0
-    """The update is scaled by alpha / rank, so changing the rank does not change the step size."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input during training."""
-    targets: list[str] = field(default_factory=lambda: ["*.attn.qkv", "*.attn.out", "*.mlp.fc", "*.mlp.proj"])
-    """Glob patterns of linear-layer module names to adapt (names as ``model.named_modules()`` lists them,
-    e.g. ``backbone.encoder.blocks.0.attn.qkv``)."""
-
-    def check(self) -> None:
-        if self.rank < 0:
-            raise ConfigError("rank", self.rank, "must be >= 0 (0 turns LoRA off)")
-        if self.alpha <= 0:
-            raise ConfigError("alpha", self.alpha, "must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
-        if self.rank and not self.targets:
-            raise ConfigError("targets", self.targets, "needs at least one module-name pattern when rank > 0")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoraLinear(nn.Linear):

@@ -4,33 +4,17 @@ Shape legend: B batch, T text length, E model dim, V vocabulary.
 """
 
 import math
-from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from polytrain.errors import ConfigError
-from polytrain.models.backbone import Backbone, BackboneConfig
-from polytrain.models.embed import EMBEDDERS, EmbedConfig, Embedded
-from polytrain.models.heads import HEADS, HeadsConfig
+from polytrain.models.backbone import Backbone
+from polytrain.models.config import HEADS, BackboneConfig, ModelConfig, head_kind
+from polytrain.models.embed import EMBEDDERS, Embedded
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
 """Projections that write into the residual stream; initialized smaller so depth does not blow it up."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
-    init_std: float = 0.02
-    """Std of the normal init of every linear and embedding weight (residual outputs: / sqrt(2 * layers))."""
-    tie_embeddings: bool = True
-    """Text LM logits use the text embedding table (GPT-2, BART); false adds a separate ``lm_head``."""
-
-    def check(self) -> None:
-        if self.init_std <= 0:
-            raise ConfigError("init_std", self.init_std, "must be > 0")
 
 
 class PolyModel(nn.Module):
@@ -41,7 +25,7 @@ class PolyModel(nn.Module):
         self.cfg = cfg
         by_modality = {s.modality: s for s in specs}
         head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
-        check_heads_fit(cfg.backbone, by_modality, task_heads, head_classes)
+        check_heads_fit(cfg.backbone, by_modality, task_heads)
         self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg) for s in specs})
         self.backbone = Backbone(cfg.backbone)
         self.lm_head = None
@@ -79,16 +63,16 @@ class PolyModel(nn.Module):
         return {task: self.heads[task].loss(self, part) for task, part in batch.items()}
 
 
-def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_heads: dict[str, str],
-                    head_classes: dict[str, type]) -> None:
+def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_heads: dict[str, str]) -> None:
     """Every head finds the stacks and embedders it needs; errors name the model key to change."""
-    for task, cls in head_classes.items():
-        if cls.needs_encoder and backbone.encoder_layers == 0:
+    for task, head in task_heads.items():
+        kind = head_kind(head)
+        if kind.encoder and backbone.encoder_layers == 0:
             raise ConfigError("model.backbone.encoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
                               "which needs an encoder")
-        if cls.needs_decoder and backbone.decoder_layers == 0:
+        if kind.decoder and backbone.decoder_layers == 0:
             raise ConfigError("model.backbone.decoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
                               "which needs a decoder")
-        if cls.needs_text_output and "text" not in specs:
+        if kind.text_output and "text" not in specs:
             raise ConfigError("model", sorted(specs), f"task {task!r} uses head {task_heads[task]}, which predicts "
                               "text, so the model needs the text embed spec")

@@ -11,32 +11,9 @@ Shape legend: B batch, L length, E model dim, H heads, D head dim, P = D/2 rotat
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-
-from polytrain.registry import Registry
-
-
-@dataclass(frozen=True)
-class PositionKind:
-    """What a position encoding needs from each part of the model."""
-
-    table: str | None
-    """Absolute table the embedders add: "learned", "sinusoidal", or None."""
-    rotary: bool
-    """Queries and keys are rotated (RoPE)."""
-    alibi: bool
-    """Attention scores get a linear distance penalty (ALiBi)."""
-
-
-POSITIONS: Registry[PositionKind] = Registry("position encoding")
-"""Position encoding by name, as written in ``model.backbone.position``."""
-POSITIONS.register("learned")(PositionKind("learned", rotary=False, alibi=False))
-POSITIONS.register("sinusoidal")(PositionKind("sinusoidal", rotary=False, alibi=False))
-POSITIONS.register("rope")(PositionKind(None, rotary=True, alibi=False))
-POSITIONS.register("alibi")(PositionKind(None, rotary=False, alibi=True))
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> Tensor:

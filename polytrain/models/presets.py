@@ -9,10 +9,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from polytrain.models.backbone import BackboneConfig
-from polytrain.models.embed import EmbedConfig
-from polytrain.models.heads import ClassifierConfig, HeadsConfig
-from polytrain.models.model import ModelConfig, PolyModel
+from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.models.model import PolyModel
 from polytrain.registry import Registry
 from polytrain.tokens import EmbedSpec
 

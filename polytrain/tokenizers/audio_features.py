@@ -24,14 +24,6 @@ WHISPER_SCALE = 4.0
 """Whisper maps log10 power x to (x + 4) / 4, roughly [-1, 1] for speech."""
 
 
-def kaldi_frames(samples: int, window: int, hop: int) -> int:
-    return 0 if samples < window else 1 + (samples - window) // hop
-
-
-def whisper_frames(samples: int, hop: int) -> int:
-    return samples // hop
-
-
 def kaldi_fbank(waveform: Tensor, sample_rate: int, n_mels: int, frame_length_ms: float,
                 frame_shift_ms: float) -> Tensor:
     """Kaldi's log-mel filterbank of (S,): (T, M), Hann window, no dither, no energy term (AST's settings)."""

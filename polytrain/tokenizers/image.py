@@ -8,9 +8,7 @@ Shape legend: C channels, H/W image height/width in pixels, p patch side.
 """
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -18,81 +16,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from polytrain.errors import ConfigError, DataError
-from polytrain.registry import Registry
+from polytrain.errors import DataError
+from polytrain.tokenizers.config import ImageTokenizerConfig
 from polytrain.tokenizers.image_files import array_to_tensor, pil_to_tensor, read_image
 from polytrain.tokens import EmbedSpec, Tokens
 
 ImageInput = str | Path | Image.Image | Tensor | np.ndarray
-Triple = tuple[float, float, float]
 
-NORMALIZATIONS: Registry[tuple[Triple, Triple]] = Registry("image normalization")
-"""(mean, std) presets by name: timm's (``timm.data.constants``)."""
-NORMALIZATIONS.register("imagenet")(((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-NORMALIZATIONS.register("inception")(((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
-NORMALIZATIONS.register("openai_clip")(((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
-NORMALIZATIONS.register("dpn")(((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3))
-
-
-@dataclass(frozen=True)
-class ImageTokenizerConfig:
-    size: int = 224
-    """crop/pad: side of the square output, in pixels. fit: the longest side an image may get."""
-    patch_size: int = 16
-    """Side of one square patch, in pixels; must divide ``size``."""
-    channels: int = 3
-    """3 reads images as RGB, 1 as grayscale."""
-    resize: Literal["crop", "pad", "fit"] = "crop"
-    """crop: shorter side to ``size``, then the center square (torchvision Resize + CenterCrop, timm's eval
-    transform). pad: longer side to ``size``, centered on a square whose border is the mean color.
-    fit: keep the aspect ratio and the native resolution, scaled down only as far as ``max_patches`` and
-    ``size`` require, each side rounded to whole patches: a variable patch grid per image."""
-    max_patches: int = 0
-    """fit: the token budget, the most patches one image may give (0: (size / patch_size)^2)."""
-    mean: Triple = (0.5, 0.5, 0.5)
-    """Per-channel mean subtracted after scaling pixels to [0, 1] (first entry used when channels=1)."""
-    std: Triple = (0.5, 0.5, 0.5)
-    """Per-channel std divided by after subtracting the mean."""
-    norm: str | None = None
-    """A named (mean, std) preset instead of ``mean``/``std``: imagenet, inception, openai_clip, dpn (timm's)."""
-    min_side: int = 0
-    """Images with a side shorter than this many pixels are refused (0: one patch, ``patch_size``)."""
-    max_aspect: float = 20.0
-    """Images whose long side exceeds this many short sides are refused: a center crop would drop most of
-    the image, padding or fitting would squeeze the short side into a sliver."""
-
-    def check(self) -> None:
-        if self.patch_size <= 0 or self.size % self.patch_size:
-            raise ConfigError("patch_size", self.patch_size, f"must be positive and divide size={self.size}")
-        if self.channels not in (1, 3):
-            raise ConfigError("channels", self.channels, "must be 1 (grayscale) or 3 (RGB)")
-        if min(self.std) <= 0:
-            raise ConfigError("std", self.std, "every entry must be > 0")
-        if self.norm is not None:
-            if self.norm not in NORMALIZATIONS:
-                raise ConfigError("norm", self.norm, f"unknown preset; known: {', '.join(NORMALIZATIONS.names())}")
-            if (self.mean, self.std) != (ImageTokenizerConfig.mean, ImageTokenizerConfig.std):
-                raise ConfigError("norm", self.norm, "set either norm or mean/std, not both")
-        if self.max_patches < 0:
-            raise ConfigError("max_patches", self.max_patches, "must be >= 0 (0: (size / patch_size)^2)")
-        if self.min_side < 0:
-            raise ConfigError("min_side", self.min_side, "must be >= 0 (0: patch_size)")
-        if self.max_aspect < 1:
-            raise ConfigError("max_aspect", self.max_aspect, "must be >= 1")
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of a crop/pad image; the most per side of a fit image."""
-        return self.size // self.patch_size
-
-    @property
-    def budget(self) -> int:
-        """The most patches one image gives."""
-        return self.max_patches if self.resize == "fit" and self.max_patches else self.grid**2
-
-    @property
-    def normalization(self) -> tuple[Triple, Triple]:
-        return NORMALIZATIONS.get(self.norm) if self.norm else (self.mean, self.std)
 
 
 class ImageTokenizer:

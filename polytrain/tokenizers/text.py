@@ -9,7 +9,7 @@ lacks are appended as new ids.
 """
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
@@ -17,65 +17,15 @@ import tokenizers
 import torch.nn.functional as F
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from polytrain.errors import ConfigError, DataError
-from polytrain.tokenizers.overflow import Overflow, OverflowPolicy
+from polytrain.errors import DataError
+from polytrain.tokenizers.config import MASK, MODALITY_MARKERS, UNK, TextTokenizerConfig
+from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokens import EmbedSpec, Segment, Tokens, text_tokens
 
 log = logging.getLogger(__name__)
 
-PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
-MODALITY_MARKERS = {"text": "<text>", "image": "<image>", "audio": "<audio>"}
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK, *MODALITY_MARKERS.values())
-"""Ids 0.. in this order in a tokenizer polytrain trains; ``<pad>`` is 0."""
-N_BYTES = 256
 PREVIEW_CHARS = 40
 """Characters of a text quoted in messages about it."""
-
-
-@dataclass(frozen=True)
-class TextTokenizerConfig:
-    vocab_size: int = 4096
-    """Tokens in the trained vocabulary, special tokens and the 256 byte tokens included."""
-    max_len: int = 256
-    """Longest token sequence a model sees for one text segment; sizes the text position table."""
-    path: str | None = None
-    """An existing ``tokenizer.json`` to load; when null, polytrain trains one on the run's text."""
-    min_frequency: int = 2
-    """A pair must occur this often in the training text to be merged."""
-    overflow: OverflowPolicy = "truncate"
-    """A text segment longer than ``max_len`` (or a target longer than its task's ``max_target_len``):
-    ``truncate`` keeps its first tokens (counted, the first and every 1000th logged); ``error`` refuses the
-    sample."""
-    pad_to_multiple: int = 1
-    """``TextTokenizer.batch`` pads every batch to a length that is a multiple of this (8 suits tensor cores)."""
-    pad: str = PAD
-    """The token that pads batches. A loaded ``tokenizer.json`` that lacks it gets it as a new id."""
-    bos: str = BOS
-    """The token that starts a target sequence; for a GPT-2 ``tokenizer.json`` name ``<|endoftext|>``."""
-    eos: str = EOS
-    """The token that ends a sequence and separates packed documents; GPT-2: ``<|endoftext|>``."""
-
-    def check(self) -> None:
-        floor = N_BYTES + len(SPECIAL_TOKENS)
-        if self.vocab_size <= floor:
-            raise ConfigError("vocab_size", self.vocab_size, f"must exceed {floor} (256 bytes + special tokens)")
-        if self.max_len < 4:
-            raise ConfigError("max_len", self.max_len, "must be >= 4")
-        if self.path is not None and not Path(self.path).is_file():
-            raise ConfigError("path", self.path, "no such tokenizer.json file")
-        if self.pad_to_multiple < 1:
-            raise ConfigError("pad_to_multiple", self.pad_to_multiple, "must be >= 1 (1: no rounding)")
-        for key in ("pad", "bos", "eos"):
-            if not getattr(self, key):
-                raise ConfigError(key, getattr(self, key), "must name a token")
-        if self.pad in (self.bos, self.eos):
-            raise ConfigError("pad", self.pad, "must differ from bos and eos: padding is dropped from the loss")
-
-    @property
-    def special_tokens(self) -> list[str]:
-        """Every special token the tokenizer must have, in id order for a new one."""
-        names = [self.pad, self.bos, self.eos, UNK, MASK, *MODALITY_MARKERS.values()]
-        return list(dict.fromkeys(names))
 
 
 class TextTokenizer:
@@ -121,9 +71,19 @@ class TextTokenizer:
         if max_len is not None:
             cfg = replace(cfg, max_len=max_len)
         try:
-            hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as err:  # the HF loader raises bare Exception on a bad file
-            raise DataError(f"{path}: not a loadable tokenizer.json ({err})") from None
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot read the tokenizer ({err})") from None
+        return cls.from_json(text, cfg, str(path))
+
+    @classmethod
+    def from_json(cls, text: str, cfg: TextTokenizerConfig, where: str) -> "TextTokenizer":
+        """A ``tokenizer.json``'s contents (a file's, a checkpoint's or an export's: ``where``) with ``cfg``'s
+        settings."""
+        try:
+            hf = tokenizers.Tokenizer.from_str(text)
+        except Exception as err:  # the HF loader raises bare Exception on bad JSON
+            raise DataError(f"{where}: not a loadable tokenizer.json ({err})") from None
         return cls(hf, cfg)
 
     def save(self, directory: str | Path) -> Path:

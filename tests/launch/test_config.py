@@ -69,3 +69,9 @@ def test_submit_is_for_slurm_only(cli):
     assert result.error == "--submit=True: submits SLURM jobs; launch.backend='torchrun' (set launch.backend=slurm)"
     both = cli("launch", QUICKSTART, "launch.backend=slurm", "--submit", "--dry-run")
     assert both.code == 2 and "cannot be combined with --dry-run" in both.error
+
+
+def test_dry_run_may_stand_anywhere_among_the_overrides(cli):
+    after = cli("launch", QUICKSTART, "launch.procs_per_node=2", "--dry-run")
+    between = cli("launch", QUICKSTART, "--dry-run", "launch.procs_per_node=2")
+    assert after.code == between.code == 0 and after.out == between.out and "--nproc-per-node=2" in after.out

@@ -14,7 +14,7 @@ import time
 import pytest
 from torch.distributed.run import config_from_args, parse_args
 
-from polytrain.platform.data import Schedule, StreamState
+from polytrain.platform.data.order import DataOrder, StreamState
 from tests.helpers import QUICKSTART, polytrain
 from tests.test_cli import assert_clean_error, tiny_recipe, write_images
 
@@ -113,7 +113,7 @@ def test_nodes_that_never_arrive_end_with_the_rendezvous_named(tmp_path, free_po
 def test_a_rank_that_dies_stops_the_job_with_its_error(tmp_path, free_port):
     rows = write_images(tmp_path, 8)
     # Rank 1 of 2 reads the second micro-batch of the first step: spoil one of its images.
-    first_of_rank_1 = next(Schedule({"cap": 8}, {"cap": 4}, "fixed", seed=0).slots(StreamState(), rank=1, world_size=2))
+    first_of_rank_1 = next(DataOrder({"cap": 8}, {"cap": 4}, "fixed", seed=0).slots(StreamState(), rank=1, world_size=2))
     bad = first_of_rank_1.samples["cap"][1]
     (tmp_path / f"{bad}.png").write_bytes(b"\x89PNG truncated")
     (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")

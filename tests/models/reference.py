@@ -5,7 +5,7 @@ import math
 import torch
 from torch import Tensor
 
-from polytrain.models.masks import MaskRule
+from polytrain.models.attention_mask import MaskRule
 
 MASK_CASES = {
     "padding": dict(),

@@ -6,9 +6,10 @@ from torch import nn
 
 from polytrain.errors import ConfigError
 from polytrain.models.attention import plan_attention
-from polytrain.models.backbone import Backbone, BackboneConfig, Block
+from polytrain.models.attention_mask import MaskRule
+from polytrain.models.backbone import Backbone, Block
+from polytrain.models.config import BackboneConfig
 from polytrain.models.embed import Embedded
-from polytrain.models.masks import MaskRule
 from polytrain.models.positions import Rotary
 
 DIM, HEADS, HIDDEN = 32, 4, 64

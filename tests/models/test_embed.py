@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from polytrain.models.backbone import BackboneConfig
-from polytrain.models.embed import EMBEDDERS, EmbedConfig, Embedded
-from polytrain.models.model import ModelConfig
+from polytrain.models.config import BackboneConfig, EmbedConfig, ModelConfig
+from polytrain.models.embed import EMBEDDERS, Embedded
 from polytrain.models.positions import sinusoidal_table
 from polytrain.tokens import EmbedSpec, Segment, Tokens, text_tokens
 

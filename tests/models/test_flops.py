@@ -4,11 +4,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from polytrain.errors import ConfigError
 from polytrain.models import presets
-from polytrain.models.backbone import BackboneConfig
-from polytrain.models.embed import EmbedConfig
+from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
 from polytrain.models.flops import TrainFlops, input_tokens, train_flops_per_token
-from polytrain.models.heads import ClassifierConfig, DecoderOnlyHead, HeadsConfig, text_segment
-from polytrain.models.model import ModelConfig, PolyModel
+from polytrain.models.heads import DecoderOnlyHead, text_segment
+from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens
 
 

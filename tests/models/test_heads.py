@@ -6,11 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polytrain.models.backbone import BackboneConfig
-from polytrain.models.generation import DecodingConfig, filter_logits, sample_next
-from polytrain.models.heads import ClassifierConfig, HeadsConfig, MaskedLMConfig, text_segment, token_loss
-from polytrain.models.masking import mask_tokens
-from polytrain.models.model import ModelConfig, PolyModel
+from polytrain.models.config import (
+    BackboneConfig,
+    ClassifierConfig,
+    DecodingConfig,
+    HeadsConfig,
+    MaskedLMConfig,
+    ModelConfig,
+)
+from polytrain.models.generation import filter_logits, sample_next
+from polytrain.models.heads import text_segment, token_loss
+from polytrain.models.mlm_corruption import mask_tokens
+from polytrain.models.model import PolyModel
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch, Tokens
 
 VOCAB, DIM, EOS = 40, 32, 2

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polytrain.models.layers import MLPS, NORMS, DropPath
+from polytrain.models.config import MLPS, NORMS
+from polytrain.models.layers import DropPath
 
 
 def randomized(module):

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from polytrain.errors import ConfigError
-from polytrain.models.lora import LoraConfig, LoraLinear, add_lora, merge_lora
-from polytrain.models.model import ModelConfig, PolyModel
+from polytrain.models.config import LoraConfig, ModelConfig
+from polytrain.models.lora import LoraLinear, add_lora, merge_lora
+from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch, text_tokens
 
 SPECS = [EmbedSpec("text", 50, (1, 16)), EmbedSpec("image", 12, (2, 2))]

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from polytrain.errors import ConfigError
-from polytrain.models.backbone import BackboneConfig
-from polytrain.models.generation import DecodingConfig
+from polytrain.models.config import BackboneConfig, DecodingConfig, ModelConfig
 from polytrain.models.heads import text_segment
-from polytrain.models.model import ModelConfig, PolyModel
+from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens
 
 VOCAB, DIM = 50, 32

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from polytrain.models.positions import POSITIONS, Rotary, alibi_slopes, apply_rotary, sinusoidal_table
+from polytrain.models.config import POSITIONS
+from polytrain.models.positions import Rotary, alibi_slopes, apply_rotary, sinusoidal_table
 
 
 def test_sinusoidal_table_is_the_papers_formula():

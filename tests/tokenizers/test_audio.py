@@ -8,8 +8,9 @@ import torch
 import torchaudio
 
 from polytrain.errors import DataError
-from polytrain.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+from polytrain.tokenizers.audio import AudioTokenizer
 from polytrain.tokenizers.audio_files import read_audio
+from polytrain.tokenizers.config import AudioTokenizerConfig
 
 RATE = 16_000
 

@@ -9,11 +9,18 @@ import soundfile
 from PIL import Image
 
 from polytrain.errors import DataError, PolytrainError
-from polytrain.platform.data import Seq2SeqDataset, read_manifest
-from polytrain.tokenizers import TokenizersConfig, build_patch_tokenizer
-from polytrain.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
-from polytrain.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from polytrain.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from polytrain.platform.data.datasets import Seq2SeqDataset
+from polytrain.platform.data.manifest import read_manifest
+from polytrain.tokenizers.audio import AudioTokenizer
+from polytrain.tokenizers.config import (
+    AudioTokenizerConfig,
+    ImageTokenizerConfig,
+    TextTokenizerConfig,
+    TokenizersConfig,
+    build_patch_tokenizer,
+)
+from polytrain.tokenizers.image import ImageTokenizer
+from polytrain.tokenizers.text import TextTokenizer
 from tests.tokenizers.test_image import png_header_only
 
 RATE = 16_000
@@ -98,7 +105,7 @@ def test_lone_surrogate_in_a_manifest_names_the_line_or_is_a_counted_skip(tmp_pa
     with pytest.raises(DataError, match=re.escape(f"{manifest}:2: field 'text' is not valid Unicode: surrogates not "
                                                   f"allowed at character 4 ('\\ud800')")):
         read_manifest(manifest, "t", False)
-    with caplog.at_level("WARNING", logger="polytrain.platform.data"):
+    with caplog.at_level("WARNING", logger="polytrain.platform.data.datasets"):
         records = read_manifest(manifest, "t", True)
     assert [r.fields["text"] for r in records] == ["seven eight", "nine"]
     assert f"{manifest}: skipped 1 bad line(s)" in caplog.text

@@ -10,7 +10,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from polytrain.errors import ConfigError, DataError
-from polytrain.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, patchify
+from polytrain.tokenizers.config import ImageTokenizerConfig
+from polytrain.tokenizers.image import ImageTokenizer, patchify
 
 
 @pytest.mark.parametrize("size, patch, channels, expected", [

@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polytrain.errors import DataError
-from polytrain.tokenizers.text import SPECIAL_TOKENS, TextTokenizer, TextTokenizerConfig
+from polytrain.tokenizers.config import SPECIAL_TOKENS, TextTokenizerConfig
+from polytrain.tokenizers.text import TextTokenizer
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
           "seven eight nine", "naïve café — 東京 🎉"] * 50

@@ -1,0 +1,184 @@
+"""Checkpoints: save, resume (on any number of processes), export; atomic; never an unrestricted unpickle.
+
+A checkpoint folder (``RUN_DIR/checkpoints/step_00000300/``, laid out in
+``observe/run_dir.py``) holds the consolidated weights, DeepSpeed's per-rank
+shards, every rank's RNG state, the config, the tokenizer and the trainer
+state.  Everything is written to a temporary folder beside it and renamed into
+place (``polytrain.atomic``); only then is ``checkpoints/latest`` replaced,
+atomically too, so a crash mid-save leaves it naming the previous complete
+checkpoint.
+
+DeepSpeed keeps its shards in ``torch.save`` pickles and loads them with
+``weights_only=False``.  Every DeepSpeed load here runs inside
+``safe_unpickling()``, which forces ``weights_only=True`` and allows only the few
+DeepSpeed classes those files hold, so a crafted file cannot run code.
+"""
+
+import importlib
+import json
+import pickle
+import shutil
+from argparse import Namespace
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polytrain import atomic
+from polytrain.errors import DataError
+from polytrain.models.config import LoraConfig
+from polytrain.models.lora import merge_lora
+from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
+from polytrain.platform.train.state import read_state, save_rng
+
+UNIVERSAL_INFO = "universal_checkpoint_info"
+DEEPSPEED_PICKLED_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""The only non-tensor classes DeepSpeed's checkpoint files hold (found by loading every stage/precision)."""
+
+
+@contextmanager
+def safe_unpickling():
+    """While active, ``torch.load`` is ``weights_only=True`` with DeepSpeed's few classes allowed."""
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, name in (path.rsplit(".", 1) for path in DEEPSPEED_PICKLED_CLASSES)]
+    original = torch.load
+
+    def restricted_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            lines = str(err).strip().splitlines()
+            reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+            raise DataError(f"{f}: refused to load, it holds more than tensors and DeepSpeed's own state "
+                            f"({reason})") from None
+
+    with torch.serialization.safe_globals(allowed):
+        torch.load = restricted_load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def save_checkpoint(engine, model: nn.Module, run_dir: RunDir, step: int, config_yaml: str, tokenizer_file: Path,
+                    state: dict) -> CheckpointDir:
+    """Save on every rank (ZeRO shards and RNG states are per rank); returns the final folder.
+
+    ``state`` is the trainer's resumable state (``TrainerState.state_dict()``) plus what the checkpoint
+    says about itself (ZeRO stage, replica digests); the world size is added here.
+    """
+    final = run_dir.checkpoint(step)
+    tmp = CheckpointDir(atomic.temporary(final.path, private=False))  # every rank writes into it
+    if engine.is_main:
+        shutil.rmtree(tmp.path, ignore_errors=True)
+        tmp.rng.mkdir(parents=True)
+    engine.barrier()
+    engine.save_shards(model, tmp.shards)
+    save_rng(tmp.rng, engine.rank)
+    weights = engine.full_state_dict(model)
+    if engine.is_main:
+        save_file({name: t.contiguous() for name, t in weights.items()}, tmp.weights, metadata={"step": str(step)})
+        tmp.config.write_text(config_yaml)
+        shutil.copyfile(tokenizer_file, tmp.tokenizer)
+        tmp.state.write_text(json.dumps({"step": step, "world_size": engine.world_size, **state}, indent=1) + "\n")
+    engine.barrier()
+    if engine.is_main:
+        atomic.publish(tmp.path, final.path)
+        atomic.write_text(run_dir.latest, final.path.name + "\n")
+    engine.barrier()
+    return final
+
+
+def latest_checkpoint(path: str | Path) -> CheckpointDir:
+    """The newest complete checkpoint of a run directory (or a checkpoint folder given directly)."""
+    given = CheckpointDir(Path(path))
+    if given.weights.is_file():
+        return given
+    run = RunDir(Path(path))
+    if not run.latest.is_file():
+        raise DataError(f"{path}: no checkpoint ({run.latest} not found); is this a polytrain run directory?")
+    folder = CheckpointDir(run.checkpoints / run.latest.read_text().strip())
+    if not folder.weights.is_file():
+        raise DataError(f"{run.latest} names {folder.path.name}, which has no {folder.weights.name}")
+    return folder
+
+
+def convert_to_universal(folder: CheckpointDir) -> Path:
+    """DeepSpeed's universal (world-size independent) form of ``folder``'s shards, converted once.
+
+    Run on one process; returns the folder to pass to ``Engine.load_shards``.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    if folder.universal.is_dir():
+        return folder.universal
+    with atomic.folder(folder.universal, replace=False) as tmp:
+        args = Namespace(input_folder=str(folder.shards / "zero"), output_folder=str(tmp / "zero"),
+                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                         inject_missing_state=False)
+        with safe_unpickling():
+            ds_to_universal.main(args)
+    return folder.universal
+
+
+def load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load the safetensors weights at ``path`` (never a pickle), or ``state`` read from it already;
+    names and shapes must match exactly."""
+    state = load_file(str(path)) if state is None else state
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise DataError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                        f"shape mismatches {wrong[:5]}")
+    model.load_state_dict(state)
+
+
+def export_model(run_dir: str | Path, out: Path) -> Path:
+    """Consolidate a checkpoint into one fp32 safetensors file that carries its config and tokenizer.
+
+    ZeRO shards (stage >= 1) are merged from the fp32 master copies in the optimizer shards;
+    stage-0 checkpoints already hold whole weights.  LoRA adapters are folded into the weights they
+    adapt, and the exported config has LoRA off, so the file loads into the plain model.  Also
+    writes the config beside it as ``<out>.yaml``.
+    """
+    folder = latest_checkpoint(run_dir)
+    state = read_state(folder.state)
+    if state.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with safe_unpickling():
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.shards), tag="zero")
+    else:
+        weights = load_file(str(folder.weights))
+    weights, config_yaml = without_lora(weights, folder.config.read_text())
+    metadata = {"polytrain_config": config_yaml, "polytrain_tokenizer": folder.tokenizer.read_text(),
+                "step": str(state["step"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fp32 = {name: t.float().contiguous() for name, t in weights.items()}
+    atomic.write(out, lambda tmp: save_file(fp32, tmp, metadata=metadata))
+    atomic.write_text(out.with_suffix(".yaml"), config_yaml)
+    return out
+
+
+def without_lora(weights: dict[str, torch.Tensor], config_yaml: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights with LoRA adapters merged, and the config with LoRA off; unchanged when the run had none."""
+    tree = yaml.safe_load(config_yaml)
+    lora = tree.get("finetune", {}).get("lora", {})
+    if not lora.get("rank"):
+        return weights, config_yaml
+    merged = merge_lora(weights, LoraConfig(**lora).scale)
+    lora["rank"] = 0
+    return merged, yaml.safe_dump(tree, sort_keys=False)
+
+

@@ -1,0 +1,37 @@
+"""The ``engine`` section: ZeRO stage, precision, offload and communication settings of the DeepSpeed engine."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from polytrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 + gradients, 3 + parameters."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter/activation dtype in training; bf16 and fp16 keep fp32 master weights in the optimizer,
+    fp16 adds dynamic loss scaling (steps whose gradients overflow are skipped and counted)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory and step them with DeepSpeed's CPU Adam (ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
+    initial_loss_scale_power: int = 16
+    """fp16: the loss scale starts at 2**this."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the loss scale doubles."""
+    bucket_size: int = 50_000_000
+    """Elements per gradient reduce / parameter all-gather bucket (communication granularity)."""
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto picks nccl when CUDA is present, else gloo."""
+
+    def check(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer", True, "needs zero_stage >= 1 (ZeRO-Offload shards the optimizer)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params", True, f"needs zero_stage=3, got zero_stage={self.zero_stage}")
+        if self.bucket_size <= 0:
+            raise ConfigError("bucket_size", self.bucket_size, "must be > 0")

@@ -1,0 +1,218 @@
+"""DeepSpeed ZeRO behind one small interface, driven through ``accelerate.Accelerator``'s DeepSpeed plugin.
+
+The same code path serves one process (no launcher: a world of one is set up
+here) and N processes started by ``torchrun`` / ``accelerate launch`` /
+``deepspeed``.  On a machine without CUDA the process group is gloo.
+"""
+
+import hashlib
+import os
+import socket
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, safe_unpickling
+from polytrain.platform.distributed.config import EngineConfig
+
+SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                      "MASTER_ADDR": "127.0.0.1"}
+SHARD_TAG = "zero"
+"""DeepSpeed writes its shards to ``<dir>/zero/``."""
+
+
+class Engine:
+    """Process group, device, DeepSpeed engine; everything distributed the trainer needs."""
+
+    def __init__(self, cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float,
+                 load_universal: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(SINGLE_PROCESS_ENV, MASTER_PORT=str(free_port()))
+        backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, grad_clip, load_universal)
+        # The LR schedule counts optimizer steps of the whole job; Accelerate would otherwise step it
+        # once per process per step.
+        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+                                       gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
+                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+        self.cfg = cfg
+        self.model: nn.Module | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler):
+        """Wrap for DeepSpeed; returns (engine model, optimizer, scheduler).
+
+        Pass a ``torch.optim.AdamW``: with optimizer offload Accelerate replaces it by DeepSpeed's
+        CPU Adam in AdamW mode (an optimizer of any other class comes back as plain Adam with
+        L2-coupled weight decay).
+        """
+        model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model = model
+        return model, optimizer, scheduler
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    @contextmanager
+    def accumulate(self, model: nn.Module):
+        """Around each micro-batch: marks which backward ends an accumulation window."""
+        with self.accelerator.accumulate(model):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward; at an accumulation boundary DeepSpeed also clips and steps the optimizer.
+
+        DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks.
+        """
+        self.accelerator.backward(loss)
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far because fp16 gradients overflowed (0 in fp32/bf16)."""
+        return int(self.model.skipped_steps)
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm (before clipping) of the last optimizer step."""
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a float64 tensor over all ranks."""
+        return self.accelerator.reduce(values.to(self.device, torch.float64), reduction="sum").cpu()
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def main_process_first(self):
+        with self.accelerator.main_process_first():
+            yield
+
+    def broadcast(self, value):
+        """``value`` as the main process has it, on every rank."""
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+    def replica_digests(self, model: nn.Module) -> list[str]:
+        """SHA-256 of each rank's full parameters, gathered from all ranks; equal while replicas agree."""
+        from accelerate.utils import gather_object
+
+        digest = hashlib.sha256()
+        for param in self.unwrap(model).parameters():
+            with self.gathered(param):
+                digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return gather_object([digest.hexdigest()])
+
+    def gathered(self, param: nn.Parameter):
+        """Context in which ``param`` is whole on this rank (ZeRO-3 shards parameters)."""
+        if self.cfg.zero_stage < 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param])
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Unsharded weights (gathered from all ranks under ZeRO-3); call on every rank."""
+        return self.accelerator.get_state_dict(model)
+
+    def save_shards(self, model: nn.Module, directory: Path) -> None:
+        """DeepSpeed's own per-rank model/optimizer shards (in ``directory/zero``); every rank calls.
+
+        The empty universal-checkpoint info lets ``ds_to_universal`` convert them for another world size.
+        """
+        model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}})
+
+    def load_shards(self, model: nn.Module, directory: Path) -> None:
+        """Restore model and optimizer shards saved by ``save_shards`` (or converted to universal form).
+
+        Two repairs after DeepSpeed's ZeRO-3 universal loader: it copies the first parameter
+        group's settings (weight decay included) into every group, so each group gets back the
+        hyperparameters it was built with (the learning rate is the scheduler's business); and it
+        hands every parameter the same ``step`` tensor, which torch's Adam then increments once per
+        sub-group, so each state gets its own copy.
+        """
+        groups = model.optimizer.param_groups
+        settings = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
+        with safe_unpickling():
+            path, _ = model.load_checkpoint(str(directory), tag=SHARD_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint tagged {SHARD_TAG!r}")
+        for group, own in zip(groups, settings):
+            group.update(own)
+        for state in base_optimizer(model.optimizer).state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    def close(self) -> None:
+        """After a successful run, on every rank: tear down DeepSpeed, then the process group.
+
+        The DeepSpeed engine goes first, while the interpreter is whole: ZeRO-3 keeps gloo work
+        objects for prefetched gathers, and one destroyed during interpreter shutdown aborts the
+        process (SIGABRT) after the run has finished.  Not called after an error: destroying a
+        group other ranks still use can hang, and the launcher stops the job anyway.
+        """
+        self.model = None
+        self.accelerator.free_memory()  # DeepSpeedEngine.destroy() and Accelerate's references
+        self.accelerator.end_training()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float,
+                     load_universal: bool = False) -> dict:
+    zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.bucket_size,
+                  "allgather_bucket_size": cfg.bucket_size}
+    if cfg.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=cfg.bucket_size)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": cfg.initial_loss_scale_power,
+                 "loss_scale_window": cfg.loss_scale_window},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
+
+
+def base_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, loss scaling)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

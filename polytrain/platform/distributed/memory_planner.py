@@ -1,0 +1,200 @@
+"""Per-rank memory: what a config will need under each ZeRO stage and offload choice, and what a rank holds.
+
+The estimate counts what DeepSpeed allocates for Ψ parameters (Ψt of them trainable) on each of N
+data-parallel ranks, with ``low`` bytes per value in the training precision (4 fp32, 2 bf16/fp16),
+at the optimizer step, when parameters, gradients and optimizer states all exist:
+
+=====  ===========  ===================================  ==========================================
+stage  parameters   gradients                            optimizer states
+=====  ===========  ===================================  ==========================================
+0      low·Ψ        low·Ψt (+ 4·Ψt fp32 copy if low=2)   8·Ψt Adam moments (+ 4·Ψt fp32 master if low=2)
+1      low·Ψ        max(low·Ψt, (low + 4)·Ψt / N)        (8 + 4)·Ψt / N
+2      low·Ψ        (low + 4)·Ψt / N                     (8 + 4)·Ψt / N
+3      low·Ψ / N    (low + 4)·Ψt / N                     (8 + 4)·Ψt / N
+=====  ===========  ===================================  ==========================================
+
+Every ZeRO stage keeps an fp32 master partition and steps it with an fp32 copy of the reduced
+gradient partition, even when training in fp32 (measured with DeepSpeed 0.19.8).  Stage 1 holds
+whole low-precision gradients until they are reduced at the end of the backward pass, then only
+its partition, so its gradient figure is the larger of the two moments.
+Stages 2 and 3 also keep one gradient bucket of ``engine.bucket_size`` values.  Optimizer offload
+moves the optimizer states and the fp32 gradient copy to CPU memory; parameter offload (stage 3)
+moves the parameter partition too.  Activations are an estimate per micro-batch (see
+``activation_bytes``); everything else is a count of the tensors DeepSpeed allocates, checked
+against ``StateProbe`` measurements by the tests and ``bench/zero_memory.py``.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from polytrain.config import Config
+from polytrain.errors import ConfigError
+from polytrain.models.model import PolyModel
+from polytrain.platform.observe.meters import GIB
+from polytrain.platform.train.finetune import adapt, freeze
+from polytrain.tokenizers.config import build_patch_tokenizer
+from polytrain.tokens import EmbedSpec
+
+USABLE_FRACTION = 0.9
+"""Share of a GPU's memory the plan may fill: the CUDA context and allocator fragmentation take the rest."""
+ADAM_BYTES = 8
+"""Two fp32 moments per trainable parameter."""
+FP32_BYTES = 4
+"""The fp32 master copy of a trainable parameter, and the fp32 gradient the optimizer steps it with."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run the job: a ZeRO stage and what is offloaded to CPU."""
+
+    zero_stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @property
+    def label(self) -> str:
+        offload = [name for name, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
+        return f"ZeRO-{self.zero_stage}" + (f" + offload {'/'.join(offload)}" if offload else "")
+
+
+OPTIONS = (Option(0), Option(1), Option(2), Option(3), Option(2, offload_optimizer=True),
+           Option(3, offload_optimizer=True), Option(3, offload_optimizer=True, offload_params=True))
+"""From the least sharding and traffic to the most: the plan recommends the first that fits."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per rank for one option: on the accelerator, and in CPU memory for what is offloaded."""
+
+    option: Option
+    params: int
+    grads: int
+    optimizer: int
+    buffers: int
+    activations: int
+    cpu: int
+
+    @property
+    def device_total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.buffers + self.activations
+
+    @property
+    def states(self) -> int:
+        """Parameters, gradients and optimizer states wherever they live (what ``measure`` sees on CPU)."""
+        return self.params + self.grads + self.optimizer + self.buffers + self.cpu
+
+
+def parse_size(text: str) -> int:
+    """'80GB', '80GiB', '40G', '512MB' -> bytes (GB counts as GiB, the way GPU memory is quoted)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError("--gpu-mem", text, "a size like 80GB, 40GiB or 24G")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
+def count_parameters(cfg: Config) -> tuple[int, int]:
+    """(all, trainable) parameters of the model the config builds, counted without allocating it."""
+    specs = [EmbedSpec("text", cfg.tokenizers.text.vocab_size, (1, cfg.tokenizers.text.max_len))]
+    for source in sorted({t.source for t in cfg.data.tasks.values() if t.source is not None}):
+        specs.append(build_patch_tokenizer(source, cfg.tokenizers).embed_spec())
+    with torch.device("meta"):
+        model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()})
+        adapt(model, cfg.finetune)
+    freeze(model, cfg.finetune)
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def sequence_lengths(cfg: Config) -> dict[str, tuple[int, int]]:
+    """Per task: (encoder tokens, decoder tokens) of one sample at the most."""
+    lengths = {}
+    for name, task in cfg.data.tasks.items():
+        if task.source is None:
+            lengths[name] = (0, task.seq_len)
+        else:
+            rows, cols = build_patch_tokenizer(task.source, cfg.tokenizers).embed_spec().grid
+            lengths[name] = (rows * cols, task.max_target_len + 1)
+    return lengths
+
+
+def activation_bytes(cfg: Config) -> int:
+    """Activations kept for the backward pass of one micro-batch (all tasks), an estimate.
+
+    Per token and block a pre-norm block saves about 10·E values for attention and norms plus
+    2·H for the MLP (E model width, H MLP width; SDPA's fused kernels keep no T×T matrix); decoder
+    blocks with cross-attention save 4·E more.  Logits and their softmax gradient add 2·V per
+    decoder token in fp32.
+    """
+    backbone, vocab = cfg.model.backbone, cfg.tokenizers.text.vocab_size
+    low = 4 if cfg.engine.precision == "fp32" else 2
+    block = 10 * backbone.dim + 2 * backbone.mlp_hidden
+    total = 0
+    for name, (enc, dec) in sequence_lengths(cfg).items():
+        batch = cfg.data.tasks[name].batch_size
+        cross = 4 * backbone.dim if enc else 0
+        per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers) * low
+        total += batch * (per_sample + dec * 2 * vocab * 4)
+    return total
+
+
+def estimate(cfg: Config, option: Option, world_size: int, n_params: int, n_trainable: int,
+             activations: int) -> Estimate:
+    """Bytes per rank for ``option`` on ``world_size`` data-parallel ranks (see the module docstring)."""
+    low = 4 if cfg.engine.precision == "fp32" else 2
+    stage, n = option.zero_stage, world_size
+    shards = n if stage >= 1 else 1
+    fp32_copies = FP32_BYTES if (stage >= 1 or low == 2) else 0  # master weights and the gradient to step them
+    params = low * n_params // (n if stage == 3 else 1)
+    grads = (low + fp32_copies) * n_trainable // shards
+    if stage == 1:  # its gradients are whole until reduced at the end of the backward pass
+        grads = max(grads, low * n_trainable)
+    optimizer = (ADAM_BYTES + fp32_copies) * n_trainable // shards
+    buffers = low * cfg.engine.bucket_size if stage >= 2 else 0
+    cpu = 0
+    if option.offload_optimizer:
+        cpu += optimizer + fp32_copies * n_trainable // shards
+        grads -= fp32_copies * n_trainable // shards
+        optimizer = 0
+    if option.offload_params:
+        cpu += params
+        params = 0
+    return Estimate(option, params, grads, optimizer, buffers, activations, cpu)
+
+
+def plan(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem: int) -> tuple[list[Estimate], Estimate | None]:
+    """Every option's estimate and the first (least sharded) one that fits ``gpu_mem`` per GPU."""
+    if gpus_per_node <= 0 or nodes <= 0:
+        raise ConfigError("--gpus-per-node/--nodes", (gpus_per_node, nodes), "both must be > 0")
+    n_params, n_trainable = count_parameters(cfg)
+    activations = activation_bytes(cfg)
+    rows = [estimate(cfg, option, gpus_per_node * nodes, n_params, n_trainable, activations) for option in OPTIONS]
+    fits = [row for row in rows if row.device_total <= USABLE_FRACTION * gpu_mem]
+    return rows, (fits[0] if fits else None)
+
+
+def format_plan(cfg: Config, rows: list[Estimate], best: Estimate | None, gpus_per_node: int, nodes: int,
+                gpu_mem: int) -> str:
+    n_params, n_trainable = count_parameters(cfg)
+    lines = [f"model: {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable), precision "
+             f"{cfg.engine.precision}; {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks, "
+             f"{gpu_mem / GIB:.1f} GiB each ({USABLE_FRACTION:.0%} usable)",
+             "per-rank GiB: params grads optim buffers activations | GPU total | CPU (offload)"]
+    for row in rows:
+        mark = "  <- recommended" if row is best else ""
+        lines.append(f"  {row.option.label:32s} {row.params / GIB:7.2f} {row.grads / GIB:6.2f} "
+                     f"{row.optimizer / GIB:6.2f} {row.buffers / GIB:7.2f} {row.activations / GIB:11.2f} | "
+                     f"{row.device_total / GIB:9.2f} | {row.cpu / GIB:6.2f}{mark}")
+    if cfg.engine.bucket_size > n_trainable:
+        lines.append(f"note: engine.bucket_size={cfg.engine.bucket_size} is more than the trainable parameters; "
+                     f"ZeRO-2/3 buffers shrink with engine.bucket_size={max(n_trainable // 4, 1)}")
+    if best is None:
+        lines.append("nothing fits: add GPUs, shrink train micro-batches (data.tasks.*.batch_size) or the model")
+    else:
+        lines.append(f"recommended: engine.zero_stage={best.option.zero_stage} engine.offload_optimizer="
+                     f"{str(best.option.offload_optimizer).lower()} engine.offload_params="
+                     f"{str(best.option.offload_params).lower()}")
+    return "\n".join(lines)
+
+

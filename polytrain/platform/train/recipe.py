@@ -1,0 +1,56 @@
+"""From a ``Config`` to concrete parts: manifests, tokenizers, datasets, model. Shared by train and eval."""
+
+from pathlib import Path
+from typing import Any
+
+from polytrain.config import Config
+from polytrain.models.model import PolyModel
+from polytrain.platform.data.builtin import resolve_manifest
+from polytrain.platform.data.datasets import build_dataset
+from polytrain.platform.data.manifest import read_manifest
+from polytrain.platform.train.finetune import adapt
+from polytrain.tokenizers.config import build_patch_tokenizer
+from polytrain.tokenizers.text import TextTokenizer
+
+
+def manifest(cfg: Config, task: str, split: str) -> Path:
+    """The manifest file of ``task``'s ``split`` (train or val), building built-in data on first use."""
+    return resolve_manifest(getattr(cfg.data.tasks[task], split), cfg.data.cache_dir)
+
+
+def tokenizer_corpus(cfg: Config) -> list[str]:
+    """Every training string the text tokenizer will meet: LM documents, targets, text sources."""
+    texts = []
+    for name in cfg.data.tasks:
+        for record in read_manifest(manifest(cfg, name, "train"), name, cfg.data.skip_bad_samples):
+            texts += [record.fields[k] for k in ("text", "target") if isinstance(record.fields.get(k), str)]
+    return texts
+
+
+def train_text_tokenizer(cfg: Config, out_dir: Path) -> Path:
+    """Train byte-level BPE on the run's training text; returns the saved ``tokenizer.json``."""
+    return TextTokenizer.train(tokenizer_corpus(cfg), cfg.tokenizers.text).save(out_dir)
+
+
+def build_tokenizers(cfg: Config, text_tokenizer_file: Path) -> dict[str, Any]:
+    """The text tokenizer (``tokenizer.json`` with ``tokenizers.text``'s settings) and one tokenizer per source
+    modality the tasks read."""
+    tokenizers: dict[str, Any] = {"text": TextTokenizer.load(text_tokenizer_file, cfg=cfg.tokenizers.text)}
+    for task in cfg.data.tasks.values():
+        if task.source is not None and task.source not in tokenizers:
+            tokenizers[task.source] = build_patch_tokenizer(task.source, cfg.tokenizers)
+    return tokenizers
+
+
+def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[str, Any]:
+    return {name: build_dataset(task, manifest(cfg, name, split), name, tokenizers, cfg.data.skip_bad_samples,
+                                Path(cfg.data.cache_dir), augment=split == "train")
+            for name, task in cfg.data.tasks.items()}
+
+
+def build_model(cfg: Config, tokenizers: dict[str, Any]) -> PolyModel:
+    """The model the config describes, LoRA adapters included (weights as initialized)."""
+    specs = [tok.embed_spec() for tok in tokenizers.values()]
+    model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()})
+    adapt(model, cfg.finetune)
+    return model

@@ -1,0 +1,304 @@
+"""The training loop: set-up from the config, steps, logging, evaluation, checkpoints, resume."""
+
+import json
+import logging
+import os
+import time
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polytrain import atomic
+from polytrain.config import Config
+from polytrain.errors import ConfigError
+from polytrain.models.flops import TrainFlops
+from polytrain.platform.data.loader import Mixture, micro_batches
+from polytrain.platform.data.order import DataOrder
+from polytrain.platform.distributed.checkpoint import convert_to_universal, latest_checkpoint, save_checkpoint
+from polytrain.platform.distributed.engine import Engine, base_optimizer
+from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
+from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
+from polytrain.platform.observe.tracking import Tracker
+from polytrain.platform.train import recipe
+from polytrain.platform.train.evaluate import evaluate, format_table
+from polytrain.platform.train.finetune import freeze
+from polytrain.platform.train.init_from import load_initial_weights, read_pretrained
+from polytrain.platform.train.optimizer import group_lr_multiplier, param_groups
+from polytrain.platform.train.preflight import preflight
+from polytrain.platform.train.state import (
+    Progress,
+    SchedulerState,
+    TrackingState,
+    TrainerState,
+    read_state,
+    restore_rng,
+    seed_everything,
+)
+from polytrain.platform.train.step import Stepper
+from polytrain.schema import dump_yaml, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, config_name: str = "run") -> Path:
+    """Train as configured; every process of the job calls this. Returns the run directory.
+
+    What can be checked before any process group exists is checked first, so a mistake is one line from
+    every process and never a collective left waiting.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    preflight(cfg)
+    check_global_batch(cfg, world_size)
+    resume = latest_checkpoint(cfg.train.resume) if cfg.train.resume else None
+    universal = resume is not None and needs_universal(read_state(resume.state), world_size, cfg.engine.zero_stage)
+    micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
+    engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
+    run_dir = Trainer(cfg, engine, config_name, resume, universal).run()
+    engine.close()
+    return run_dir.path
+
+
+def check_global_batch(cfg: Config, world_size: int) -> None:
+    train, tasks = cfg.train, cfg.data.tasks
+    micro = sum(task.batch_size for task in tasks.values())
+    actual = micro * train.grad_accum * world_size
+    if train.global_batch is not None and train.global_batch != actual:
+        parts = " + ".join(f"{name} {task.batch_size}" for name, task in tasks.items())
+        raise ConfigError("train.global_batch", train.global_batch,
+                          f"!= micro-batch {micro} ({parts}) x train.grad_accum {train.grad_accum} x "
+                          f"data-parallel processes {world_size} = {actual}")
+
+
+def needs_universal(saved: dict, world_size: int, zero_stage: int) -> bool:
+    """Whether ZeRO shards saved as ``saved`` describes must be converted to load here.
+
+    Stage-0 checkpoints hold whole optimizer state and load on any number of processes.
+    """
+    if saved["zero_stage"] == 0 or zero_stage == 0:
+        if saved["zero_stage"] != zero_stage:
+            raise ConfigError("engine.zero_stage", zero_stage, f"the checkpoint was written with zero_stage="
+                              f"{saved['zero_stage']}; resume between stage 0 and ZeRO stages is not supported")
+        return False
+    return saved["world_size"] != world_size or saved["zero_stage"] != zero_stage
+
+
+def new_run_dir(cfg: Config, config_name: str) -> RunDir:
+    name = cfg.train.run_name or f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    return RunDir(Path(cfg.train.out_dir) / name)
+
+
+class Trainer:
+    """One run on one process of the job: its parts are built from the config, then ``run()`` trains.
+
+    The set-up runs in an order that matters, step by step below: the tokenizer needs the manifests (it
+    trains on their text) and the pretrained weights (whose tokenizer it may be); the datasets need the
+    tokenizer; the optimizer needs the frozen parameters; the resumed state needs the prepared model; the
+    tracker needs the resumed W&B id.
+    """
+
+    def __init__(self, cfg: Config, engine: Engine, config_name: str, resume: CheckpointDir | None = None,
+                 universal: bool = False):
+        self.cfg, self.engine = cfg, engine
+        # 1. The run directory: the main process names it (a timestamp), every rank uses that name.
+        run_dir = resume.run if resume is not None else new_run_dir(cfg, config_name)
+        self.run_dir: RunDir = engine.broadcast(run_dir if engine.is_main else None)
+        self.config_yaml = dump_yaml(cfg)
+        if engine.is_main:
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.run_dir.config, self.config_yaml)
+            log.info("run directory %s (%d process(es), ZeRO stage %d)", self.run_dir.path, engine.world_size,
+                     cfg.engine.zero_stage)
+        seed_everything(cfg.train.seed)
+        # 2. Manifests (the main process builds the built-in datasets, the others wait and reuse them).
+        with engine.main_process_first():
+            for name in cfg.data.tasks:
+                for split in ("train", "val"):
+                    recipe.manifest(cfg, name, split)
+        # 3. Where the weights start (a resumed run has its own), then the text tokenizer.
+        init_from = cfg.finetune.init_from if resume is None else None
+        self.pretrained = read_pretrained(init_from) if init_from else None
+        self.tokenizer_file = resume.tokenizer if resume is not None else self.text_tokenizer_file()
+        self.tokenizers = recipe.build_tokenizers(cfg, self.tokenizer_file)
+        self.text = self.tokenizers["text"]
+        # 4. Datasets: the main process tokenizes and caches, the others read the cache.
+        with engine.main_process_first():
+            self.train_sets = recipe.build_datasets(cfg, "train", self.tokenizers)
+            self.val_sets = recipe.build_datasets(cfg, "val", self.tokenizers)
+        # 5. The model: initialized, pretrained weights loaded, frozen where configured; then the optimizer
+        #    over what trains, and the engine (the memory probe's baseline is taken before the model exists).
+        self.memory = StateProbe()
+        torch.manual_seed(cfg.train.seed)
+        model = recipe.build_model(cfg, self.tokenizers)
+        n_params = sum(p.numel() for p in model.parameters())
+        if self.pretrained is not None:
+            self.load_pretrained(model)
+        starts = freeze(model, cfg.finetune)
+        groups = param_groups(model, cfg.train.weight_decay, cfg.finetune.lr_scale, starts)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [partial(group_lr_multiplier, group=group,
+                                                                          cfg=cfg.train) for group in groups])
+        self.model, self.optimizer, self.scheduler = engine.prepare(model, optimizer, scheduler)
+        self.memory.attach(base_optimizer(self.optimizer))
+        # 6. The data order and what a step runs.
+        self.order = DataOrder({n: len(ds) for n, ds in self.train_sets.items()},
+                               {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.data.mixing, cfg.train.seed)
+        stand_ins = {n: ds.collate([ds[0]], self.text.pad_id) for n, ds in self.train_sets.items()}
+        self.stepper = Stepper(engine, self.model, self.optimizer, self.scheduler, cfg.train,
+                               {name: task.weight for name, task in cfg.data.tasks.items()}, stand_ins,
+                               TrainFlops(engine.unwrap(self.model)))
+        # 7. The resumable state, loaded from the checkpoint when resuming (after the engine has the shards).
+        self.progress, self.tracking = Progress(), TrackingState()
+        self.state = TrainerState(progress=self.progress, scheduler=SchedulerState(self.scheduler, self.optimizer),
+                                  tracking=self.tracking)
+        if resume is not None:
+            self.restore(resume, universal)
+        # 8. Tracking, continuing the resumed W&B run.
+        self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), cfg.train.steps, engine.is_main,
+                               wandb_id=self.tracking.wandb_id, start_step=self.progress.step,
+                               config_name=config_name, world_size=engine.world_size, device=engine.device)
+        self.tracking.wandb_id = self.tracker.wandb_id
+        self.samples_log = self.open_samples_log() if cfg.tracking.log_samples else None
+        if engine.is_main:
+            sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
+            log.info("model: %.2fM parameters; data: %s; vocab %d", n_params / 1e6, sizes, self.text.vocab_size)
+
+    def restore(self, folder: CheckpointDir, universal: bool) -> None:
+        """Load shards, the resumable state and the RNG from ``folder``."""
+        saved = read_state(folder.state)
+        shards = folder.shards
+        if universal:
+            with self.engine.main_process_first():  # the main process converts, the others reuse it
+                shards = convert_to_universal(folder)
+        self.engine.load_shards(self.model, shards)
+        self.state.load_state_dict(saved)
+        same_world = saved["world_size"] == self.engine.world_size
+        if not (same_world and restore_rng(folder.rng, self.engine.rank)):
+            seed_everything(self.cfg.train.seed + 1_000_003 * self.progress.step + self.engine.rank)
+        log.info("resumed from %s at step %d (saved by %d process(es)%s)", folder.path, self.progress.step,
+                 saved["world_size"], ", converted to DeepSpeed's universal format" if universal else "")
+
+    def run(self) -> RunDir:
+        cfg, engine = self.cfg, self.engine
+        slots = self.order.slots(self.progress.stream, engine.rank, engine.world_size)
+        batches = micro_batches(Mixture(self.train_sets, self.text.pad_id), slots, cfg.data.num_workers)
+        self.model.train()
+        meter = Throughput(engine.world_size, peak_flops(cfg.tracking.peak_tflops, cfg.engine.precision,
+                                                         engine.device))
+        start = time.perf_counter()
+        for step in range(self.progress.step + 1, cfg.train.steps + 1):
+            began = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            self.log_samples(micro, step)
+            result = self.stepper(micro, step)
+            meter.add(time.perf_counter() - began, self.samples_per_step, result.tokens, result.flops)
+            measured = self.memory.take()
+            if measured is not None:  # the first step that stepped the optimizer
+                self.log_state_memory(step, measured)
+            self.progress.step = step
+            self.progress.stream = self.order.advance(self.progress.stream, cfg.train.grad_accum * engine.world_size)
+            rates = meter.rates()
+            self.tracker.progress(step, result.metrics["loss"], rates)
+            if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
+                self.tracker.log(step, {**result.metrics, **rates, **self.memory_metrics()})
+                meter.reset()
+            if step < cfg.train.steps and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                self.tracker.log(step, flatten_eval(self.evaluate()))
+            if step < cfg.train.steps and cfg.train.save_every and step % cfg.train.save_every == 0:
+                self.checkpoint(step)
+        return self.finish(time.perf_counter() - start)
+
+    def log_samples(self, micro: list, step: int) -> None:
+        if self.samples_log is None:
+            return
+        for batch in micro:
+            self.samples_log.write(json.dumps({"step": step, "slot": batch.slot.index, "samples": {
+                name: part.sample_ids for name, part in batch.tasks.items()}}) + "\n")
+
+    def log_state_memory(self, step: int, measured: int) -> None:
+        """Tensor memory per rank for parameters, gradients, optimizer states and DeepSpeed's buffers,
+        measured at the first optimizer step (compare with ``polytrain plan``)."""
+        own = torch.zeros(self.engine.world_size, dtype=torch.float64)
+        own[self.engine.rank] = measured / 2**30
+        per_rank = self.engine.sum(own)
+        self.tracker.log(step, {"memory/states_gib_max": float(per_rank.max()),
+                                "memory/states_gib_mean": float(per_rank.mean())})
+        if self.engine.is_main:
+            log.info("parameters + gradients + optimizer states per rank: %s GiB",
+                     " ".join(f"{v:.3f}" for v in per_rank.tolist()))
+
+    def memory_metrics(self) -> dict[str, float]:
+        """``meters.memory_gib`` of the rank that uses the most (every rank must call this)."""
+        own = memory_gib(self.engine.device)
+        table = torch.zeros(self.engine.world_size, len(own), dtype=torch.float64)
+        table[self.engine.rank] = torch.tensor(list(own.values()), dtype=torch.float64)
+        return dict(zip(own, self.engine.sum(table).max(0).values.tolist()))
+
+    @property
+    def samples_per_step(self) -> int:
+        return sum(t.batch_size for t in self.cfg.data.tasks.values()) * self.cfg.train.grad_accum * \
+            self.engine.world_size
+
+    def finish(self, train_seconds: float) -> RunDir:
+        """Final evaluation, checkpoint and eval.json."""
+        steps = self.cfg.train.steps
+        results = self.evaluate()
+        self.tracker.log(steps, {**flatten_eval(results), "train_seconds": train_seconds})
+        final = self.checkpoint(steps)
+        self.tracker.close()
+        if self.samples_log is not None:
+            self.samples_log.close()
+        if self.engine.is_main:
+            atomic.write_text(self.run_dir.eval, json.dumps(results, indent=1) + "\n")
+            log.info("trained to step %d in %.1f s; checkpoint %s", steps, train_seconds, final.path)
+            print(format_table(results), flush=True)
+            print(f"run directory: {self.run_dir.path}", flush=True)
+        return self.run_dir
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        return evaluate(self.engine.unwrap(self.model), self.cfg.data.tasks, self.val_sets, self.text,
+                        self.engine.device, self.cfg.train.eval_batch_size)
+
+    def checkpoint(self, step: int) -> CheckpointDir:
+        digests = self.engine.replica_digests(self.model)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
+        state: dict[str, Any] = {**self.state.state_dict(), "zero_stage": self.cfg.engine.zero_stage,
+                                 "skipped_steps": self.engine.skipped_steps(), "replica_sha256": digests}
+        return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
+                               state)
+
+    def text_tokenizer_file(self) -> Path:
+        """The configured tokenizer.json, the pretrained weights' own (their embedding rows are its ids),
+        or one trained now on the main process and shared."""
+        if self.cfg.tokenizers.text.path:
+            return Path(self.cfg.tokenizers.text.path)
+        out = self.run_dir.tokenizer
+        if self.engine.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if self.pretrained is not None:
+                atomic.write_text(out, self.pretrained.tokenizer_json)
+            else:
+                began = time.perf_counter()
+                recipe.train_text_tokenizer(self.cfg, out.parent)
+                log.info("trained the text tokenizer in %.1f s", time.perf_counter() - began)
+        self.engine.barrier()
+        return out
+
+    def load_pretrained(self, model: torch.nn.Module) -> None:
+        """``finetune.init_from``'s weights into ``model``, reporting what was loaded, new and ignored."""
+        report = load_initial_weights(model, str(self.pretrained.path), self.pretrained.weights())
+        if self.engine.is_main:
+            report.write(self.run_dir)
+            log.info("%s", report.summary())
+
+    def open_samples_log(self):
+        path = self.run_dir.samples(self.engine.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a", encoding="utf-8")
+
+
+def flatten_eval(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"eval/{task}/{metric}": value for task, metrics in results.items() for metric, value in metrics.items()}

@@ -1,0 +1,307 @@
+"""The tokenizers' config sections, and the modality registry, known without importing torch.
+
+``TokenizersConfig`` (``tokenizers``) holds one section per built-in modality
+(``text``, ``image``, ``audio``) and the sections of plugin tokenizers
+(``tokenizers.plugins.<name>``).  ``TOKENIZERS`` names the tokenizer class of
+each modality; the built-in ones are imported when first looked up.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from polytrain.errors import ConfigError
+from polytrain.registry import Registry
+from polytrain.schema import from_dict
+from polytrain.tokenizers.overflow import OverflowPolicy
+
+ENTRY_POINT_GROUP = "polytrain.tokenizers"
+TOKENIZERS: Registry[type] = Registry("modality", group=ENTRY_POINT_GROUP)
+"""Tokenizer class by modality name: the built-in ones, then installed plugins."""
+TOKENIZERS.lazy("text", "polytrain.tokenizers.text:TextTokenizer")
+TOKENIZERS.lazy("image", "polytrain.tokenizers.image:ImageTokenizer")
+TOKENIZERS.lazy("audio", "polytrain.tokenizers.audio:AudioTokenizer")
+BUILT_IN = ("text", "image", "audio")
+
+PluginValue = str | int | float | bool
+
+PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
+MODALITY_MARKERS = {"text": "<text>", "image": "<image>", "audio": "<audio>"}
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK, *MODALITY_MARKERS.values())
+"""Ids 0.. in this order in a tokenizer polytrain trains; ``<pad>`` is 0."""
+N_BYTES = 256
+
+
+@dataclass(frozen=True)
+class TextTokenizerConfig:
+    vocab_size: int = 4096
+    """Tokens in the trained vocabulary, special tokens and the 256 byte tokens included."""
+    max_len: int = 256
+    """Longest token sequence a model sees for one text segment; sizes the text position table."""
+    path: str | None = None
+    """An existing ``tokenizer.json`` to load; when null, polytrain trains one on the run's text."""
+    min_frequency: int = 2
+    """A pair must occur this often in the training text to be merged."""
+    overflow: OverflowPolicy = "truncate"
+    """A text segment longer than ``max_len`` (or a target longer than its task's ``max_target_len``):
+    ``truncate`` keeps its first tokens (counted, the first and every 1000th logged); ``error`` refuses the
+    sample."""
+    pad_to_multiple: int = 1
+    """``TextTokenizer.batch`` pads every batch to a length that is a multiple of this (8 suits tensor cores)."""
+    pad: str = PAD
+    """The token that pads batches. A loaded ``tokenizer.json`` that lacks it gets it as a new id."""
+    bos: str = BOS
+    """The token that starts a target sequence; for a GPT-2 ``tokenizer.json`` name ``<|endoftext|>``."""
+    eos: str = EOS
+    """The token that ends a sequence and separates packed documents; GPT-2: ``<|endoftext|>``."""
+
+    def check(self) -> None:
+        floor = N_BYTES + len(SPECIAL_TOKENS)
+        if self.vocab_size <= floor:
+            raise ConfigError("vocab_size", self.vocab_size, f"must exceed {floor} (256 bytes + special tokens)")
+        if self.max_len < 4:
+            raise ConfigError("max_len", self.max_len, "must be >= 4")
+        if self.pad_to_multiple < 1:
+            raise ConfigError("pad_to_multiple", self.pad_to_multiple, "must be >= 1 (1: no rounding)")
+        for key in ("pad", "bos", "eos"):
+            if not getattr(self, key):
+                raise ConfigError(key, getattr(self, key), "must name a token")
+        if self.pad in (self.bos, self.eos):
+            raise ConfigError("pad", self.pad, "must differ from bos and eos: padding is dropped from the loss")
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """Every special token the tokenizer must have, in id order for a new one."""
+        names = [self.pad, self.bos, self.eos, UNK, MASK, *MODALITY_MARKERS.values()]
+        return list(dict.fromkeys(names))
+
+
+Triple = tuple[float, float, float]
+
+
+NORMALIZATIONS: Registry[tuple[Triple, Triple]] = Registry("image normalization")
+"""(mean, std) presets by name: timm's (``timm.data.constants``)."""
+NORMALIZATIONS.register("imagenet")(((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+NORMALIZATIONS.register("inception")(((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+NORMALIZATIONS.register("openai_clip")(((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
+NORMALIZATIONS.register("dpn")(((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3))
+
+
+@dataclass(frozen=True)
+class ImageTokenizerConfig:
+    size: int = 224
+    """crop/pad: side of the square output, in pixels. fit: the longest side an image may get."""
+    patch_size: int = 16
+    """Side of one square patch, in pixels; must divide ``size``."""
+    channels: int = 3
+    """3 reads images as RGB, 1 as grayscale."""
+    resize: Literal["crop", "pad", "fit"] = "crop"
+    """crop: shorter side to ``size``, then the center square (torchvision Resize + CenterCrop, timm's eval
+    transform). pad: longer side to ``size``, centered on a square whose border is the mean color.
+    fit: keep the aspect ratio and the native resolution, scaled down only as far as ``max_patches`` and
+    ``size`` require, each side rounded to whole patches: a variable patch grid per image."""
+    max_patches: int = 0
+    """fit: the token budget, the most patches one image may give (0: (size / patch_size)^2)."""
+    mean: Triple = (0.5, 0.5, 0.5)
+    """Per-channel mean subtracted after scaling pixels to [0, 1] (first entry used when channels=1)."""
+    std: Triple = (0.5, 0.5, 0.5)
+    """Per-channel std divided by after subtracting the mean."""
+    norm: str | None = None
+    """A named (mean, std) preset instead of ``mean``/``std``: imagenet, inception, openai_clip, dpn (timm's)."""
+    min_side: int = 0
+    """Images with a side shorter than this many pixels are refused (0: one patch, ``patch_size``)."""
+    max_aspect: float = 20.0
+    """Images whose long side exceeds this many short sides are refused: a center crop would drop most of
+    the image, padding or fitting would squeeze the short side into a sliver."""
+
+    def check(self) -> None:
+        if self.patch_size <= 0 or self.size % self.patch_size:
+            raise ConfigError("patch_size", self.patch_size, f"must be positive and divide size={self.size}")
+        if self.channels not in (1, 3):
+            raise ConfigError("channels", self.channels, "must be 1 (grayscale) or 3 (RGB)")
+        if min(self.std) <= 0:
+            raise ConfigError("std", self.std, "every entry must be > 0")
+        if self.norm is not None:
+            if self.norm not in NORMALIZATIONS:
+                raise ConfigError("norm", self.norm, f"unknown preset; known: {', '.join(NORMALIZATIONS.names())}")
+            if (self.mean, self.std) != (ImageTokenizerConfig.mean, ImageTokenizerConfig.std):
+                raise ConfigError("norm", self.norm, "set either norm or mean/std, not both")
+        if self.max_patches < 0:
+            raise ConfigError("max_patches", self.max_patches, "must be >= 0 (0: (size / patch_size)^2)")
+        if self.min_side < 0:
+            raise ConfigError("min_side", self.min_side, "must be >= 0 (0: patch_size)")
+        if self.max_aspect < 1:
+            raise ConfigError("max_aspect", self.max_aspect, "must be >= 1")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of a crop/pad image; the most per side of a fit image."""
+        return self.size // self.patch_size
+
+    @property
+    def budget(self) -> int:
+        """The most patches one image gives."""
+        return self.max_patches if self.resize == "fit" and self.max_patches else self.grid**2
+
+    @property
+    def normalization(self) -> tuple[Triple, Triple]:
+        return NORMALIZATIONS.get(self.norm) if self.norm else (self.mean, self.std)
+
+
+def kaldi_frames(samples: int, window: int, hop: int) -> int:
+    """Frames of a clip of ``samples``: whole windows only (Kaldi's snip_edges)."""
+    return 0 if samples < window else 1 + (samples - window) // hop
+
+
+def whisper_frames(samples: int, hop: int) -> int:
+    """Frames of a clip of ``samples`` under Whisper's centered STFT, its last frame dropped."""
+    return samples // hop
+
+
+@dataclass(frozen=True)
+class AudioTokenizerConfig:
+    sample_rate: int = 16_000
+    """Rate every clip is resampled to, in Hz."""
+    frontend: Literal["kaldi", "whisper"] = "kaldi"
+    """kaldi: Kaldi-compatible log-mel fbank (AST), then (x - mean) / std. whisper: Whisper's log-mel (log10,
+    8-decade range below the clip's peak, (x + 4) / 4); use n_mels 80 or 128 to match Whisper's."""
+    n_mels: int = 80
+    """Mel filterbank bins per frame."""
+    frame_length_ms: float = 25.0
+    """Analysis window, in ms (400 samples at 16 kHz; Whisper's n_fft)."""
+    frame_shift_ms: float = 10.0
+    """Hop between frames, in ms (160 samples at 16 kHz: 100 frames per second)."""
+    patch_mels: int = 16
+    """Mel bins per patch."""
+    patch_frames: int = 16
+    """Frames per patch (160 ms at a 10 ms hop)."""
+    stride_mels: int = 0
+    """Mel bins between the starts of vertically adjacent patches (0: patch_mels, no overlap); patches must tile
+    the bins exactly: (n_mels - patch_mels) divisible by it."""
+    stride_frames: int = 0
+    """Frames between the starts of horizontally adjacent patches (0: patch_frames, no overlap)."""
+    max_seconds: float = 10.0
+    """Longest clip, in seconds; it sizes the time position table. Longer clips follow ``overflow``."""
+    overflow: OverflowPolicy = "truncate"
+    """A clip longer than ``max_seconds``: truncate keeps its start (counted, the first and every 1000th
+    logged); error refuses it."""
+    mean: float = -4.27
+    """kaldi: log-mel value subtracted before scaling (AST's AudioSet statistic)."""
+    std: float = 4.57
+    """kaldi: log-mel scale divided by after subtracting ``mean``."""
+    freq_mask: int = 0
+    """SpecAugment, only when the caller asks (``augment=True``, training): widest frequency mask, in mel bins
+    (0: none; AST uses 48 of 128)."""
+    time_mask: int = 0
+    """SpecAugment: widest time mask, in frames (0: none; AST uses 192 of 1024)."""
+    masks: int = 1
+    """SpecAugment: masks of each kind per clip."""
+
+    def check(self) -> None:
+        if self.stride_mels == 0 and (self.patch_mels <= 0 or self.n_mels % self.patch_mels):
+            raise ConfigError("patch_mels", self.patch_mels, f"must be positive and divide n_mels={self.n_mels}")
+        if not 0 < self.patch_mels <= self.n_mels:
+            raise ConfigError("patch_mels", self.patch_mels, f"must be in 1..n_mels={self.n_mels}")
+        if not 0 <= self.stride_mels <= self.patch_mels or (self.n_mels - self.patch_mels) % self.mel_stride:
+            raise ConfigError("stride_mels", self.stride_mels,
+                              f"must be in 1..patch_mels={self.patch_mels} and divide n_mels - patch_mels = "
+                              f"{self.n_mels - self.patch_mels}, so patches cover every mel bin")
+        if self.patch_frames <= 0:
+            raise ConfigError("patch_frames", self.patch_frames, "must be positive")
+        if not 0 <= self.stride_frames <= self.patch_frames:
+            raise ConfigError("stride_frames", self.stride_frames, f"must be in 0..patch_frames={self.patch_frames}")
+        if self.frame_shift_ms <= 0 or self.frame_length_ms < self.frame_shift_ms:
+            raise ConfigError("frame_shift_ms", self.frame_shift_ms,
+                              f"must be > 0 and <= frame_length_ms={self.frame_length_ms}")
+        if self.std <= 0:
+            raise ConfigError("std", self.std, "must be > 0")
+        if self.max_seconds * self.sample_rate < self.min_samples:
+            raise ConfigError("max_seconds", self.max_seconds, f"must hold one patch ({self.min_samples} samples)")
+        for key in ("freq_mask", "time_mask", "masks"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, getattr(self, key), "must be >= 0")
+
+    @property
+    def window(self) -> int:
+        """Samples per analysis window (Whisper's n_fft)."""
+        return int(self.sample_rate * self.frame_length_ms / 1000)
+
+    @property
+    def hop(self) -> int:
+        """Samples between frame starts."""
+        return int(self.sample_rate * self.frame_shift_ms / 1000)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.hop
+
+    @property
+    def mel_stride(self) -> int:
+        return self.stride_mels or self.patch_mels
+
+    @property
+    def frame_stride(self) -> int:
+        return self.stride_frames or self.patch_frames
+
+    @property
+    def max_samples(self) -> int:
+        return int(self.max_seconds * self.sample_rate)
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip that gives one whole patch of frames."""
+        if self.frontend == "kaldi":
+            return self.window + (self.patch_frames - 1) * self.hop
+        return max(self.patch_frames * self.hop, self.window // 2 + 1)  # reflect padding needs S > n_fft // 2
+
+    def frames(self, samples: int) -> int:
+        """Frames a clip of ``samples`` gives."""
+        if self.frontend == "kaldi":
+            return kaldi_frames(samples, self.window, self.hop)
+        return whisper_frames(samples, self.hop)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(mel patch rows, time patch columns) of the longest clip."""
+        return patch_grid(self.frames(self.max_samples), self.n_mels, self.patch_mels, self.patch_frames,
+                          self.mel_stride, self.frame_stride)
+
+
+def patch_grid(frames: int, mels: int, patch_mels: int, patch_frames: int, stride_mels: int,
+               stride_frames: int) -> tuple[int, int]:
+    """(R, K): mel rows that tile ``mels`` exactly; time columns covering ``frames``, the last one padded."""
+    return (mels - patch_mels) // stride_mels + 1, max(1, math.ceil((frames - patch_frames) / stride_frames) + 1)
+
+
+@dataclass(frozen=True)
+class TokenizersConfig:
+    """One section per modality."""
+
+    text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    audio: AudioTokenizerConfig = field(default_factory=AudioTokenizerConfig)
+    plugins: dict[str, dict[str, PluginValue]] = field(default_factory=dict)
+    """Config of plugin tokenizers by modality name: keys of that tokenizer's ``config_class``."""
+
+    def check(self) -> None:
+        for name in self.plugins:
+            if name in BUILT_IN:
+                raise ConfigError(f"plugins.{name}", self.plugins[name], f"{name} is built in; configure it under "
+                                                                         f"tokenizers.{name}")
+            if name not in TOKENIZERS:
+                raise ConfigError(f"plugins.{name}", self.plugins[name],
+                                  f"no tokenizer of that name is installed; known: {', '.join(TOKENIZERS.names())}")
+            self.section(name)
+
+    def section(self, modality: str) -> Any:
+        """The config object of ``modality``'s tokenizer."""
+        if modality in BUILT_IN:
+            return getattr(self, modality)
+        return from_dict(TOKENIZERS.get(modality).config_class, self.plugins.get(modality, {}), f"plugins.{modality}")
+
+
+def build_patch_tokenizer(modality: str, cfg: TokenizersConfig):
+    """The tokenizer of a modality whose tokenizer needs no training (everything but text)."""
+    if modality == "text":
+        raise ConfigError("modality", modality, "text is trained or loaded: TextTokenizer.train / .load")
+    return TOKENIZERS.get(modality)(cfg.section(modality))

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polytrain.errors import DataError
+from polytrain.platform.data.packing import PackedDocuments, next_token_pair
+from polytrain.tokens import Segment
+
+EOS = 9
+
+
+def test_hand_computed_windows():
+    # stream: 1 2 3 E | 4 E | 5 6 E   (E = eos, | = document boundary)
+    packed = PackedDocuments([[1, 2, 3], [4], [5, 6]], EOS, window=4, stride=3)
+    assert len(packed) == 2  # starts 0 and 3; a third (start 6) would need 10 tokens
+    first, second = packed[0], packed[1]
+    assert first.values.tolist() == [1, 2, 3, EOS]
+    assert first.documents.tolist() == [0, 0, 0, 0] and first.positions[:, 1].tolist() == [0, 1, 2, 3]
+    assert second.values.tolist() == [EOS, 4, EOS, 5]
+    assert second.documents.tolist() == [0, 1, 1, 2]  # renumbered from 0 in each window
+    assert second.positions[:, 1].tolist() == [0, 0, 1, 0]  # restart at the window start and at each document
+    assert second.positions[:, 0].eq(0).all() and second.modality == "text"
+
+
+def reference_windows(documents, window, stride):
+    """Naive: walk the stream token by token, tracking the document and the offset since its start."""
+    stream, owner = [], []
+    for d, ids in enumerate(documents):
+        stream += [*ids, EOS]
+        owner += [d] * (len(ids) + 1)
+    for begin in range(0, len(stream) - window + 1, stride):
+        docs, positions = [], []
+        for i in range(begin, begin + window):
+            run = 0
+            while i - run - 1 >= begin and owner[i - run - 1] == owner[i]:
+                run += 1
+            docs.append(owner[i] - owner[begin])
+            positions.append(run)
+        yield stream[begin: begin + window], docs, positions
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 8), max_size=12), min_size=1, max_size=8), st.integers(2, 9),
+       st.integers(1, 9))
+def test_windows_match_a_naive_walk_of_the_stream(documents, window, stride):
+    stride = min(stride, window)
+    total = sum(len(d) + 1 for d in documents)
+    if total < window:
+        with pytest.raises(DataError, match=f"fewer than one window of {window}"):
+            PackedDocuments(documents, EOS, window, stride)
+        return
+    packed = PackedDocuments(documents, EOS, window, stride)
+    expected = list(reference_windows(documents, window, stride))
+    assert len(packed) == len(expected)
+    for i, (values, docs, positions) in enumerate(expected):
+        assert packed[i].values.tolist() == values
+        assert packed[i].documents.tolist() == docs
+        assert packed[i].positions[:, 1].tolist() == positions
+
+
+def test_lm_windows_cover_the_stream_once_as_labels():
+    documents = [list(range(10, 10 + n)) for n in (5, 1, 7, 3)]
+    seq_len = 4
+    packed = PackedDocuments(documents, EOS, window=seq_len + 1, stride=seq_len)
+    labels = torch.cat([next_token_pair(packed[i])[1] for i in range(len(packed))])
+    assert labels.tolist() == packed.tokens[1: 1 + len(labels)].tolist()
+    assert len(packed) == (len(packed.tokens) - 1) // seq_len  # as many windows as unpacked LM training cuts
+
+
+def test_next_token_pair_shifts_and_keeps_boundaries_for_collate():
+    window = PackedDocuments([[1, 2], [3, 4, 5]], EOS, window=6)[0]  # 1 2 E 3 4 5
+    inputs, labels = next_token_pair(window)
+    assert inputs.values.tolist() == [1, 2, EOS, 3, 4] and labels.tolist() == [2, EOS, 3, 4, 5]
+    assert inputs.documents.tolist() == [0, 0, 0, 1, 1] and inputs.positions[:, 1].tolist() == [0, 1, 2, 0, 1]
+    segment = Segment.collate([inputs, next_token_pair(PackedDocuments([[7]], EOS, window=2)[0])[0]], pad_value=0)
+    assert segment.documents.tolist() == [[0, 0, 0, 1, 1], [0, -1, -1, -1, -1]]
+
+
+def test_bad_window_arguments_are_refused():
+    with pytest.raises(ValueError, match="stride=5 in 1..window"):
+        PackedDocuments([[1, 2, 3]], EOS, window=4, stride=5)

@@ -1,0 +1,105 @@
+"""The memory planner's arithmetic against hand-computed cases, its recommendation and its CLI.
+
+Its agreement with memory measured on 2-process CPU runs is in test_engine_runs.py.
+"""
+
+import pytest
+import torch
+
+from polytrain.cli import main
+from polytrain.config import load_config
+from polytrain.errors import ConfigError
+from polytrain.platform.distributed.memory_planner import OPTIONS, Option, count_parameters, estimate, parse_size, plan
+from polytrain.platform.observe.meters import GIB, StateProbe
+from tests.helpers import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+@pytest.mark.parametrize("option, precision, expected", [
+    # Ψ = 1000 parameters, Ψt = 800 trainable, N = 4 ranks, bucket 100 values; (params, grads, optimizer, buffers, cpu)
+    (Option(0), "fp32", (4000, 3200, 6400, 0, 0)),
+    (Option(0), "bf16", (2000, 800 * 6, 800 * 12, 0, 0)),
+    (Option(1), "fp32", (4000, 800 * 4, 800 * 12 // 4, 0, 0)),  # whole gradients before the reduction
+    (Option(2), "bf16", (2000, 800 * 6 // 4, 800 * 12 // 4, 200, 0)),
+    (Option(3), "fp32", (1000, 800 * 8 // 4, 800 * 12 // 4, 400, 0)),
+    (Option(2, offload_optimizer=True), "fp32", (4000, 800 * 4 // 4, 0, 400, 800 * 16 // 4)),
+    (Option(3, True, True), "bf16", (0, 800 * 2 // 4, 0, 200, 500 + 800 * 16 // 4)),
+])
+def test_estimate_matches_hand_computed_bytes(option, precision, expected):
+    cfg = tiny(f"engine.precision={precision}", "engine.bucket_size=100")
+    row = estimate(cfg, option, world_size=4, n_params=1000, n_trainable=800, activations=7)
+    assert (row.params, row.grads, row.optimizer, row.buffers, row.cpu) == expected
+    assert row.device_total == sum(expected[:4]) + 7
+
+
+def test_count_parameters_counts_frozen_ones_apart():
+    everything, trainable = count_parameters(tiny())
+    frozen_all, frozen_trainable = count_parameters(tiny("finetune.freeze=[backbone.*]"))
+    assert frozen_all == everything and frozen_trainable < trainable
+    dim, hidden = 32, 64  # the tiny recipe's backbone: one encoder block, one decoder block with cross-attention
+    attention, mlp, norm = 4 * (dim * dim + dim), dim * hidden + hidden + hidden * dim + dim, 2 * dim
+    assert trainable - frozen_trainable == (attention + mlp + 2 * norm) + (2 * attention + mlp + 3 * norm) + 2 * norm
+
+
+def test_recommends_the_least_sharding_that_fits():
+    cfg = tiny("model.backbone.dim=256", "model.backbone.n_heads=4", "engine.bucket_size=1000")
+    rows, best = plan(cfg, gpus_per_node=4, nodes=2, gpu_mem=80 * GIB)
+    assert [r.option for r in rows] == list(OPTIONS) and best.option == Option(0)
+    needs = {r.option: r.device_total for r in rows}
+    between = (needs[Option(2)] + needs[Option(3)]) / 2 / 0.9  # stage 3 fits, stage 2 does not
+    assert plan(cfg, 4, 2, int(between))[1].option == Option(3)
+    assert plan(cfg, 4, 2, 1)[1] is None
+
+
+def test_plan_cli_prints_every_option_and_a_recommendation(capsys):
+    assert main(["plan", str(TINY), "model.backbone.dim=64", "--gpus-per-node", "8", "--nodes", "2",
+                 "--gpu-mem", "40GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "16 ranks, 40.0 GiB each" in out
+    assert all(option.label in out for option in OPTIONS)
+    assert out.strip().endswith("recommended: engine.zero_stage=0 engine.offload_optimizer=false "
+                                "engine.offload_params=false")
+
+
+@pytest.mark.parametrize("text, size", [("80GB", 80 * GIB), ("40GiB", 40 * GIB), ("24G", 24 * GIB),
+                                        ("512MB", 512 * 2**20), ("1.5T", int(1.5 * 2**40))])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_bad_gpu_mem_names_the_option(capsys):
+    assert main(["plan", str(TINY), "--gpu-mem", "lots"]) == 2
+    assert "--gpu-mem='lots'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="gpus-per-node"):
+        plan(tiny(), gpus_per_node=0, nodes=1, gpu_mem=GIB)
+
+
+def test_state_probe_sees_adam_states_after_the_first_step():
+    probe = StateProbe()
+    weight = torch.nn.Parameter(torch.zeros(1000, 250))  # 1 MB of fp32
+    optimizer = torch.optim.AdamW([weight])
+    probe.attach(optimizer)
+    assert probe.take() is None  # no step yet
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    assert probe.take() == pytest.approx(4 * 1_000_000, rel=0.01)  # weight, grad, exp_avg, exp_avg_sq
+    assert probe.take() is None
+
+
+def test_state_probe_waits_for_every_group_of_a_step():
+    """DeepSpeed steps the torch optimizer once per parameter group: the states are whole after the last call."""
+    probe = StateProbe()
+    small, large = torch.nn.Parameter(torch.zeros(250)), torch.nn.Parameter(torch.zeros(1000, 250))
+    optimizer = torch.optim.AdamW([{"params": [small]}, {"params": [large]}])
+    probe.attach(optimizer)
+    groups = optimizer.param_groups
+    small.grad, large.grad = torch.ones_like(small), torch.ones_like(large)
+    for group in groups:  # as DeepSpeed's ZeRO optimizer does
+        optimizer.param_groups = [group]
+        optimizer.step()
+    assert probe.take() == pytest.approx(4 * 1_001_000, rel=0.01)

@@ -1,0 +1,108 @@
+"""DeepSpeed ZeRO 0-3 for real: the tiny recipe on 2 gloo processes under each stage gives the same loss
+curve, shards what each stage shards, resumes on 1 and 4 processes, exports whole weights, and offloads."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from polytrain.platform.distributed.memory_planner import count_parameters
+from polytrain.platform.train import recipe
+from polytrain.platform.train.evaluate import evaluate
+from polytrain.platform.train.init_from import load_model
+from tests.helpers import polytrain
+from tests.platform.runs import STEPS, assert_close_curves, losses, samples
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stage_runs(runs):
+    """The tiny recipe on 2 processes under each ZeRO stage, checkpoints at 10 and 20."""
+    return {stage: runs.train(f"zero{stage}", f"engine.zero_stage={stage}", "train.save_every=10", procs=2)
+            for stage in (0, 1, 2, 3)}
+
+
+def test_zero_stages_give_the_same_loss_curve(stage_runs):
+    reference = losses(stage_runs[0])
+    assert len(reference) == STEPS and reference[STEPS] < reference[1]
+    for stage in (1, 2, 3):
+        assert_close_curves(losses(stage_runs[stage]), reference, atol=1e-5)
+
+
+def test_two_process_zero2_replicas_agree_and_halve_the_optimizer_states(stage_runs):
+    run = stage_runs[2]
+    checkpoint = run / "checkpoints" / "step_00000020"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    digests = state["replica_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # both ranks hold identical parameters
+    assert state["samples_seen"] == STEPS * 2 * (4 + 2)  # the global batch counts both ranks
+    shards = checkpoint / "deepspeed" / "zero"
+    sizes = [(shards / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").stat().st_size for r in (0, 1)]
+    assert max(sizes) < 1.2 * min(sizes)  # each rank holds its half of the Adam states
+    assert "(2 process(es), ZeRO stage 2)" in (run / "stderr.log").read_text()
+
+
+def test_zero_stages_shard_optimizer_states(stage_runs):
+    shards = {stage: sorted(p.name for p in (stage_runs[stage] / "checkpoints" / "step_00000020" / "deepspeed" /
+                                               "zero").glob("*optim_states.pt")) for stage in (0, 1, 2, 3)}
+    assert shards[0] == []  # stage 0 keeps the whole optimizer in the model states file
+    for stage in (1, 2, 3):
+        assert len(shards[stage]) == 2 and all(f"zero_pp_rank_{r}_" in shards[stage][r] for r in (0, 1))
+
+
+def test_two_processes_equal_one_with_double_micro_batch(stage_runs, single_double):
+    assert_close_curves(losses(stage_runs[2]), losses(single_double), atol=1e-5)
+    two, one = samples(stage_runs[2]), samples(single_double)
+    for step in range(1, STEPS + 1):
+        for task in one[step]:
+            assert sorted(two[step][task]) == sorted(one[step][task])
+
+
+@pytest.mark.parametrize("source_stage, procs, overrides", [  # ZeRO-2 from 2 processes to 4, ZeRO-3 from 2 to 1
+    (2, 4, ["data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1"]),
+    (3, 1, ["train.grad_accum=2"]),
+])
+def test_resume_on_another_world_size_continues_the_curve(runs, stage_runs, source_stage, procs, overrides):
+    source = stage_runs[source_stage]
+    resumed = runs.resume_copy(source, f"from{source_stage}on{procs}", 10, f"engine.zero_stage={source_stage}",
+                               *overrides, procs=procs)
+    assert (resumed / "checkpoints" / "step_00000010" / "deepspeed_universal").is_dir()
+    # Same global batch and data stream, restored optimizer state: the curve goes on as if never stopped.
+    assert_close_curves(losses(resumed), losses(source), atol=1e-5, steps=list(range(11, STEPS + 1)))
+    before = samples(source)
+    for step, tasks in samples(resumed).items():  # the same samples, dealt to other ranks
+        assert {t: sorted(ids) for t, ids in tasks.items()} == {t: sorted(ids) for t, ids in before[step].items()}
+    assert sorted(samples(resumed)) == list(range(11, STEPS + 1))
+
+
+def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
+    run = stage_runs[3]
+    out = tmp_path / "model.safetensors"
+    proc = polytrain("export", run, "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    exported = load_file(str(out))
+    gathered = load_file(str(run / "checkpoints" / "step_00000020" / "model.safetensors"))
+    assert exported.keys() == gathered.keys()
+    for name in gathered:
+        assert torch.equal(exported[name], gathered[name]), name
+    assert (tmp_path / "model.yaml").is_file()
+    cfg, tokenizers, model = load_model(out)
+    assert cfg.engine.zero_stage == 3 and tokenizers["text"].vocab_size == 512
+    n_params = sum(t.numel() for t in exported.values())
+    assert count_parameters(cfg) == (n_params, n_params)  # the planner's count, without building the model
+    # One process, the exported file: the same held-out results the 2-process ZeRO-3 run computed at its end.
+    results = evaluate(model, cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers), tokenizers["text"],
+                       torch.device("cpu"), cfg.train.eval_batch_size)
+    final = json.loads((run / "eval.json").read_text())
+    for task, metrics in final.items():
+        for key, value in metrics.items():
+            assert results[task][key] == pytest.approx(value, abs=1e-6), (task, key)
+
+
+@pytest.mark.parametrize("stage, offload", [(2, ["engine.offload_optimizer=true"]),
+                                            (3, ["engine.offload_optimizer=true", "engine.offload_params=true"])])
+def test_offload_follows_the_same_curve(runs, stage_runs, stage, offload):
+    run = runs.train(f"offload{stage}", f"engine.zero_stage={stage}", *offload, procs=2)
+    assert_close_curves(losses(run), losses(stage_runs[stage]), atol=1e-5)  # CPU Adam in AdamW mode

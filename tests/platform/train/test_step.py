@@ -1,0 +1,98 @@
+"""One optimizer step, without DeepSpeed: a step whose fp16 gradients overflow is skipped, counted, and holds the
+learning-rate schedule where it was (the logic ``test_fp16_overflow_steps_are_skipped_and_counted`` checks end to
+end, here on any CPU: fp16 overflow is a cast of the scaled gradient to torch.float16, which every CPU can do)."""
+
+from contextlib import nullcontext
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from polytrain.platform.data.loader import MicroBatch
+from polytrain.platform.data.order import Slot
+from polytrain.platform.train.config import TrainConfig
+from polytrain.platform.train.optimizer import group_lr_multiplier, param_groups
+from polytrain.platform.train.step import Stepper
+from polytrain.tokens import Segment, TaskBatch, text_tokens
+
+
+class LossScalingEngine:
+    """The engine's part of an fp16 step, as DeepSpeed does it on one process: the loss is scaled, the gradients
+    are checked in fp16 range; on overflow the update is skipped, counted and the scale halved."""
+
+    world_size, device = 1, torch.device("cpu")
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: float):
+        self.model, self.optimizer, self.scale, self.skipped = model, optimizer, scale, 0
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(torch.float64)
+
+    def accumulate(self, model):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale).backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if any(not torch.isfinite(g.half()).all() for g in grads):
+            self.skipped += 1
+            self.scale /= 2
+        else:
+            for g in grads:
+                g.div_(self.scale)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def skipped_steps(self) -> int:
+        return self.skipped
+
+    def grad_norm(self) -> float:
+        return 0.0
+
+
+class Regression(torch.nn.Module):
+    """One task, ``t``: squared error of a linear map of the text ids, per labelled token."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(1, 1)
+        torch.nn.init.zeros_(self.w.weight)
+        torch.nn.init.zeros_(self.w.bias)
+
+    def forward(self, parts: dict[str, TaskBatch]) -> dict[str, torch.Tensor]:
+        part = parts["t"]
+        prediction = self.w(part.inputs.values.float()[..., None])[..., 0]
+        return {"t": ((prediction - part.labels.float()) ** 2).mean()}
+
+
+def micro_batch(ids: list[int]) -> MicroBatch:
+    inputs = Segment.collate([text_tokens(ids)])
+    return MicroBatch({"t": TaskBatch(inputs, torch.tensor([ids]) * 3)}, [], Slot(0, {"t": [0]}))
+
+
+def test_an_overflowing_step_is_skipped_counted_and_holds_the_schedule():
+    cfg = TrainConfig(steps=10, lr=0.01, warmup_steps=4)
+    model = Regression()
+    groups = param_groups(model, 0.0)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [partial(group_lr_multiplier, group=g, cfg=cfg)
+                                                              for g in groups])
+    # At w = b = 0 the loss is 67.5 and d/dw is -45: scaled by 2**15 .. 2**11 it exceeds fp16's 65504, by 2**10 not.
+    engine = LossScalingEngine(model, optimizer, scale=2.0**15)
+    no_op = SimpleNamespace(step=lambda: None, zero_grad=lambda: None)  # DeepSpeed steps inside backward()
+    stand_ins = micro_batch([1]).tasks  # what a rank without a sample of the task would run
+    stepper = Stepper(engine, model, no_op, scheduler, cfg, {"t": 1.0}, stand_ins, SimpleNamespace(known=False))
+    results, weights = [], []
+    for step in range(1, 11):
+        weights.append(model.w.weight.detach().clone())
+        results.append(stepper([micro_batch([1, 2, 3, 4])], step))
+    skipped = [r.skipped for r in results]
+    assert skipped[:5] == [True] * 5 and not any(skipped[5:])
+    assert [r.metrics["skipped_steps"] for r in results] == [1, 2, 3, 4, 5, 5, 5, 5, 5, 5]
+    for i in range(5):  # nothing moved, and the schedule waited: every skipped step used warmup's first rate
+        assert torch.equal(weights[i + 1], weights[0])
+        assert results[i].metrics["lr"] == pytest.approx(cfg.lr / cfg.warmup_steps)
+    lrs = [r.metrics["lr"] for r in results[5:]]
+    assert lrs[:4] == pytest.approx([cfg.lr * k / cfg.warmup_steps for k in (1, 2, 3, 4)])  # warmup resumes
+    assert scheduler.last_epoch == 5 and not torch.equal(weights[-1], weights[0]) and engine.scale == 2.0**10
