@@ -13,6 +13,7 @@ with them exceed what the device tool carries.
 """
 
 import argparse
+import re
 import subprocess
 import sys
 import tomllib
@@ -191,11 +192,12 @@ def download(dest: Path, python_version: str) -> None:
         old.unlink()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     fetched = [f"{name}=={version}" for name, (version, _) in WHEELS.items() if name not in BUILT]
-    subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-                    "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", dest, *fetched],
-                   check=True)
     built = [f"{name}=={WHEELS[name][0]}" for name in sorted(BUILT)]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", dest, *built], check=True)
+    for command in (["download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
+                     "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", dest, *fetched],
+                    ["wheel", "--no-deps", "-w", dest, *built]):
+        if subprocess.run([*pip, *command]).returncode:
+            sys.exit(f"wheelhouse: error: pip {command[0]} failed (its output is above)")
 
 
 def travelling_tree_bytes() -> int:
@@ -205,9 +207,16 @@ def travelling_tree_bytes() -> int:
     return sum((REPO / name.decode()).stat().st_size for name in listed if name and (REPO / name.decode()).is_file())
 
 
+def python_version(text: str) -> str:
+    if not re.fullmatch(r"3\.\d+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Python version such as 3.12")
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--python-version", default=DEVICE_PYTHON, help="the target's X.Y (default: the image's)")
+    parser.add_argument("--python-version", type=python_version, default=DEVICE_PYTHON,
+                        help="the target's X.Y (default: the image's)")
     parser.add_argument("--dest", type=Path, default=REPO / ".whl")
     args = parser.parse_args()
     download(args.dest, args.python_version)

@@ -159,7 +159,7 @@ def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_each_cuda_phase_skips(che
     why = {name: result.get("why") for name, result in summary["phases"].items() if result["status"] == "skipped"}
     assert why == {"gpu_tests": "no CUDA device here, and the gpu-marked tests need one",
                    "bench": "no CUDA device here, and bench/step_gpu.py needs one",
-                   "launch": "0 GPU(s): a 2-process launch needs 2"}
+                   "launch": "no CUDA device here, and a 2-process launch needs 2 GPUs"}
     assert sorted(p.name for p in out.iterdir()) == sorted(["gpu_check.json", *(f"{n}.log" for n in statuses)])
     assert len(list(out.iterdir())) <= gpu_check.MAX_FILES_BACK
 
