@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from polytrain.errors import PolytrainError
 from polytrain.models import convert, presets
-from polytrain.models.flops import train_flops_per_token
 from polytrain.models.attention import plan_attention
+from polytrain.models.flops import train_flops_per_token
 from polytrain.models.heads import text_segment
 from polytrain.models.masks import MaskRule
 from polytrain.tokenizers.image import patchify
@@ -172,15 +172,14 @@ def main() -> None:
             args.out.write_text(json.dumps(results))
 
     for kernel in DECODER_KERNELS:
-        record(results["decoder_1b"], kernel,
-               attempt(lambda: decoder(kernel, args.batch, args.seq, args.steps, compiled, peak)),
-               f"decoder_1b seq {args.seq} x {args.batch}  {kernel:15s}")
-    record(results, "vit_base_patch16_224", attempt(lambda: vit_base(args.vit_batch, args.steps, compiled)),
-           f"vit_base_patch16_224 batch {args.vit_batch}")
+        figures = attempt(lambda: decoder(kernel, args.batch, args.seq, args.steps, compiled, peak))
+        record(results["decoder_1b"], kernel, figures, f"decoder_1b seq {args.seq} x {args.batch}  {kernel:15s}")
+    figures = attempt(lambda: vit_base(args.vit_batch, args.steps, compiled))
+    record(results, "vit_base_patch16_224", figures, f"vit_base_patch16_224 batch {args.vit_batch}")
     for mask in ("causal", "full"):
         for kernel in DECODER_KERNELS:
-            record(results["attention"], f"{mask}/{kernel}", attempt(lambda: attention(kernel, mask == "causal",
-                                                                                         args.steps)),
+            figures = attempt(lambda: attention(kernel, mask == "causal", args.steps))
+            record(results["attention"], f"{mask}/{kernel}", figures,
                    f"attention {mask} seq {ATTENTION['seq']} head dim {ATTENTION['head_dim']}  {kernel:15s}")
     print(json.dumps(results))
 

@@ -1,12 +1,12 @@
 """The GPU check proven where there is no GPU: the wheelhouse completes an environment that holds only what
 the GPU image holds, and polytrain imports and trains there exactly as in the project's environment.
 
-The throwaway environment is a venv whose site-packages links (never copies, so torch is not downloaded
-again) the project environment's distributions that the image holds (``wheelhouse.IMAGE_PACKAGES``), and
-what those need here but the image lacks by name: a newer release of an image package may need more than
-the image's (this huggingface-hub needs httpx2 where the image's needs httpx).  Nothing the wheelhouse
-brings is linked, not even what the image holds at another version (transformers): there the carried
-wheel shadows the image's copy, here it is the only one.  The wheelhouse is built for the running Python into a temp folder, and
+The throwaway environment is a venv whose site-packages links (never copies, so torch is not downloaded again)
+the project environment's distributions that the image holds (``wheelhouse.IMAGE_PACKAGES``), and what those
+need here but the image lacks by name: a newer release of an image package may need more than the image's
+(this huggingface-hub needs httpx2 where the image's needs httpx). Nothing the wheelhouse brings is linked,
+not even what the image holds at another version (transformers): there the carried wheel shadows the image's
+copy, here it is the only one. The wheelhouse is built for the running Python into a temp folder, and
 ``scripts/gpu_check.py`` runs end to end on that environment's interpreter, its CUDA phases skipping.
 """
 
@@ -166,7 +166,8 @@ def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_each_cuda_phase_skips(che
 
 def test_the_check_installs_exactly_the_wheelhouse_and_polytrain_and_every_pin_is_met(checked):
     summary, *_ = checked
-    installed = {canonicalize_name(name): version for name, version in summary["phases"]["install"]["installed"].items()}
+    installed = summary["phases"]["install"]["installed"]
+    installed = {canonicalize_name(name): version for name, version in installed.items()}
     assert installed == {"polytrain": "0.1.0", **{name: version for name, (version, _) in wheelhouse.WHEELS.items()}}
     assert summary["phases"]["doctor"]["gpus"] == [] and summary["phases"]["doctor"]["requirements_unmet"] == []
 

@@ -147,4 +147,3 @@ def test_a_kernel_that_cannot_take_the_call_is_refused_with_the_reason():
 
 def test_kernel_registry_lists_every_kernel():
     assert KERNELS.names() == ["flash_attn", "flex", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash", "sdpa_math"]
-
