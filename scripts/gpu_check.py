@@ -285,7 +285,7 @@ def bench(check: Check, figures: dict) -> None:
 
 
 PHASES = (Phase("install", 120, install), Phase("doctor", 240, doctor), Phase("imports", 90, imports),
-          Phase("train", 150, train), Phase("gpu_tests", 240, gpu_tests), Phase("bench", 200, bench),
+          Phase("train", 150, train), Phase("gpu_tests", 240, gpu_tests), Phase("bench", 240, bench),
           Phase("launch", 150, launch))
 assert len(PHASES) + 1 <= MAX_FILES_BACK, "one log per phase and the summary must all come back"
 
