@@ -184,6 +184,7 @@ def unmet_requirements(site: Path) -> list[str]:
 def doctor(check: Check, figures: dict) -> None:
     figures.update(last_json(check.command(sys.executable, "-c", GPU_PROBE, cwd=check.work)))
     check.gpus = figures["gpus"]
+    print(f"  torch {figures['torch']} (CUDA {figures['cuda']}); GPUs: {', '.join(check.gpus) or 'none'}")
     figures["requirements_unmet"] = unmet = unmet_requirements(check.site)
     for line in unmet:
         print(f"  warning: {line}")
@@ -221,6 +222,9 @@ def training(check: Check, figures: dict, command: str, name: str, *extra: str) 
     finally:
         if (check.work / "runs" / name / "metrics.jsonl").exists():
             figures.update(run_figures(check.work / "runs" / name))
+    losses = list(figures["loss"].values())
+    print(f"  loss {losses[0]:.4f} -> {losses[-1]:.4f}; tokens/s {figures.get('tokens_per_s', 0):.0f}; "
+          f"MFU {figures.get('mfu')}")
 
 
 def train(check: Check, figures: dict) -> None:
@@ -268,6 +272,7 @@ def gpu_tests(check: Check, figures: dict) -> None:
     finally:
         if report.exists():
             figures.update(junit(report))
+    print(f"  {figures['passed']} passed, {len(figures['failed'])} failed, {len(figures['skipped'])} skipped")
     if figures["failed"]:
         first, why = next(iter(figures["failed"].items()))
         raise Failed(f"{len(figures['failed'])} of {figures['passed'] + len(figures['failed'])} run failed; "
