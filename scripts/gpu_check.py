@@ -222,7 +222,7 @@ def training(check: Check, figures: dict, command: str, name: str, *extra: str) 
     finally:
         if (check.work / "runs" / name / "metrics.jsonl").exists():
             figures.update(run_figures(check.work / "runs" / name))
-    losses = list(figures["loss"].values())
+    losses = list(figures.get("loss", {}).values()) or [float("nan")]
     print(f"  loss {losses[0]:.4f} -> {losses[-1]:.4f}; tokens/s {figures.get('tokens_per_s', 0):.0f}; "
           f"MFU {figures.get('mfu')}")
 
@@ -272,6 +272,8 @@ def gpu_tests(check: Check, figures: dict) -> None:
     finally:
         if report.exists():
             figures.update(junit(report))
+    if not report.exists():
+        raise Failed(f"pytest wrote no report ({report.name})")
     print(f"  {figures['passed']} passed, {len(figures['failed'])} failed, {len(figures['skipped'])} skipped")
     if figures["failed"]:
         first, why = next(iter(figures["failed"].items()))
