@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.polytrain-installed
 
-.PHONY: quickstart test install bench clean
+.PHONY: quickstart test install bench wheelhouse gpu-check clean
 
 quickstart: $(READY)
 	$(BIN)/polytrain train configs/quickstart.yaml
@@ -17,6 +17,14 @@ install: $(READY)
 
 bench: $(READY)
 	$(BIN)/python bench/engine_overhead.py
+
+# The wheels a lent GPU machine lacks, into .whl/ (see README, "Checking a GPU machine").
+wheelhouse: $(READY)
+	$(BIN)/python scripts/wheelhouse.py
+
+# On the GPU machine, with .whl/ carried there: every GPU path in one command.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py
 
 $(READY): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

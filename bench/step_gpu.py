@@ -1,21 +1,29 @@
-"""Training throughput on one CUDA GPU: the ~1B decoder per attention kernel, and ViT-B/16 vs timm.
+"""Training throughput on one CUDA GPU: the ~1B decoder per attention kernel, ViT-B/16 vs timm, attention alone.
 
 Decoder: the ``decoder_1b`` preset at seq 2048 under bf16 autocast, one full
 training step (forward, backward, fused AdamW) per kernel that can take the
 call; tokens/s and MFU = model FLOPs/s (``polytrain.models.flops``, PaLM's
 count) / the GPU's dense bf16 peak.  ViT-B/16: polytrain holding timm's
 ``vit_base_patch16_224`` weights (``convert.import_timm_vit``) vs timm itself,
-same batch and step, taking turns; images/s.  Goals: MFU >= 55%, ViT >= 1.3x
-timm.  Needs CUDA; on CPU use ``bench/step_cpu.py``.
+same batch and step, taking turns; images/s.  Attention: one bf16 forward +
+backward per kernel at head dim 128, seq 4096, causal and full; TFLOP/s by
+FlashAttention's count (4 B H L^2 D per forward, halved when causal; backward
+2.5 x forward).  A kernel that cannot take a call gets its reason instead of
+figures.  Goals: MFU >= 55%, ViT >= 1.3x timm.  Needs CUDA; on CPU use
+``bench/step_cpu.py``.
 
-    python bench/step_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--vit-batch 128] [--peak-tflops N] [--no-compile]
+    python bench/step_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--vit-batch 128] [--peak-tflops N]
+                             [--no-compile] [--out FILE]
 
-Last line: one JSON object with the figures.
+Last line: one JSON object with the figures (``--out`` also writes it after every figure, so a run
+stopped early keeps what it measured).
 """
 
 import argparse
 import json
 import sys
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import timm
@@ -25,8 +33,10 @@ from side_by_side import race
 
 from polytrain.errors import PolytrainError
 from polytrain.models import convert, presets
+from polytrain.models.attention import plan_attention
 from polytrain.models.flops import train_flops_per_token
 from polytrain.models.heads import text_segment
+from polytrain.models.masks import MaskRule
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 
@@ -34,6 +44,10 @@ DENSE_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 75
                      "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 """Vendor dense (no sparsity) bf16 tensor-core peaks, by a fragment of ``torch.cuda.get_device_name()``."""
 DECODER_KERNELS = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn")
+ATTENTION = {"batch": 4, "seq": 4096, "heads": 16, "head_dim": 128}
+"""The attention benchmark's call: 16k tokens per step, 16 heads of 128 (model dim 2048), as many key/value heads."""
+FORWARD_AND_BACKWARD = 3.5
+"""FLOPs of forward + backward over those of the forward (FlashAttention's count: backward = 2.5 x forward)."""
 
 
 def peak_tflops(override: float | None) -> float:
@@ -61,8 +75,22 @@ def training_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> C
     return run
 
 
+def attempt(measure: Callable[[], dict]) -> dict:
+    """``measure()``'s figures, or why the kernel refused the call: polytrain's reason, or torch's when an
+    SDPA backend held to itself rejects the inputs (torch warns why, then raises "No available kernel")."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return measure()
+        except PolytrainError as err:
+            return {"error": str(err)}
+        except RuntimeError as err:  # also out of memory: the figure is missing either way, and says why
+            reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+            return {"error": "; ".join([str(err).strip().splitlines()[0], *reasons[:4]])}
+
+
 def decoder(kernel: str, batch: int, seq: int, steps: int, compiled: bool, peak: float) -> dict:
-    """tokens/s and MFU of ``decoder_1b`` with attention ``kernel``, or why that kernel cannot run."""
+    """tokens/s and MFU of ``decoder_1b`` with attention ``kernel``."""
     preset = presets.with_backbone(presets.PRESETS.get("decoder_1b"), attention=kernel, compile=compiled)
     model = preset.build("cuda").train()
     vocab = preset.specs[0].input_dim
@@ -71,8 +99,6 @@ def decoder(kernel: str, batch: int, seq: int, steps: int, compiled: bool, peak:
     try:
         seconds = race({kernel: training_step(model, lambda: model({"lm": lm})["lm"])}, steps,
                        sync=torch.cuda.synchronize)[kernel].wall
-    except PolytrainError as err:
-        return {"error": str(err)}
     finally:
         del model
         torch.cuda.empty_cache()
@@ -101,6 +127,23 @@ def vit_base(batch: int, steps: int, compiled: bool) -> dict:
             "speedup_vs_timm": round(per_s["polytrain"] / per_s["timm"], 3)}
 
 
+def attention(kernel: str, causal: bool, steps: int) -> dict:
+    """Forward + backward TFLOP/s of ``kernel`` alone on the ``ATTENTION`` call, bf16."""
+    batch, seq, heads, head_dim = ATTENTION["batch"], ATTENTION["seq"], ATTENTION["heads"], ATTENTION["head_dim"]
+    valid = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    plan = plan_attention(kernel, MaskRule(valid, valid, causal=causal), torch.bfloat16, head_dim, 0.0)
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step() -> None:
+        torch.autograd.grad(plan(q, k, v, 0.0), (q, k, v), grad)
+
+    seconds = race({kernel: step}, steps, sync=torch.cuda.synchronize)[kernel].wall
+    forward = 4 * batch * heads * seq**2 * head_dim * (0.5 if causal else 1.0)
+    return {"tflops": round(forward * FORWARD_AND_BACKWARD / seconds / 1e12, 1), "ms": round(1000 * seconds, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4, help="decoder rows per step")
@@ -109,6 +152,7 @@ def main() -> None:
     parser.add_argument("--vit-batch", type=int, default=128)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known")
     parser.add_argument("--no-compile", action="store_true", help="run the blocks eagerly")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures here, after each one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("step_gpu.py needs a CUDA GPU and torch.cuda.is_available() is False here; "
@@ -117,13 +161,26 @@ def main() -> None:
     compiled = not args.no_compile
     print(f"{torch.cuda.get_device_name()}, peak {peak:g} bf16 TFLOP/s, torch {torch.__version__}; "
           f"median of {args.steps} steps")
-    results = {"device": torch.cuda.get_device_name(), "decoder_1b": {}}
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "peak_tflops": peak,
+               "compiled": compiled, "steps": args.steps, "goal": "MFU >= 0.55; ViT >= 1.3x timm",
+               "decoder_1b": {}, "attention": {}}
+
+    def record(section: dict, key: str, figures: dict, about: str) -> None:
+        section[key] = figures
+        print(f"{about}  {figures}", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results))
+
     for kernel in DECODER_KERNELS:
-        results["decoder_1b"][kernel] = figures = decoder(kernel, args.batch, args.seq, args.steps, compiled, peak)
-        print(f"decoder_1b seq {args.seq} x {args.batch}  {kernel:15s} {figures}")
-    results["vit_base_patch16_224"] = vit = vit_base(args.vit_batch, args.steps, compiled)
-    print(f"vit_base_patch16_224 batch {args.vit_batch}  {vit}")
-    results["goal"] = "MFU >= 0.55; ViT >= 1.3x timm"
+        figures = attempt(lambda: decoder(kernel, args.batch, args.seq, args.steps, compiled, peak))
+        record(results["decoder_1b"], kernel, figures, f"decoder_1b seq {args.seq} x {args.batch}  {kernel:15s}")
+    figures = attempt(lambda: vit_base(args.vit_batch, args.steps, compiled))
+    record(results, "vit_base_patch16_224", figures, f"vit_base_patch16_224 batch {args.vit_batch}")
+    for mask in ("causal", "full"):
+        for kernel in DECODER_KERNELS:
+            figures = attempt(lambda: attention(kernel, mask == "causal", args.steps))
+            record(results["attention"], f"{mask}/{kernel}", figures,
+                   f"attention {mask} seq {ATTENTION['seq']} head dim {ATTENTION['head_dim']}  {kernel:15s}")
     print(json.dumps(results))
 
 
