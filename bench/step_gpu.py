@@ -36,7 +36,7 @@ from polytrain.models import convert, presets
 from polytrain.models.attention import plan_attention
 from polytrain.models.flops import train_flops_per_token
 from polytrain.models.heads import text_segment
-from polytrain.models.masks import MaskRule
+from polytrain.models.attention_mask import MaskRule
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 

@@ -38,7 +38,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 WHEELS: dict[str, tuple[str, str]] = {
     # polytrain's own requirements that the image lacks
     "deepspeed": ("0.19.8", "the engine (an sdist: built here into a wheel; its ops JIT-compile on first use)"),
-    "wandb": ("0.31.0", "tracking.wandb (polytrain.platform.tracking imports it when W&B is on)"),
+    "wandb": ("0.31.0", "tracking.wandb (polytrain.platform.observe.tracking imports it when W&B is on)"),
     "soundfile": ("0.14.0", "audio files, tokenizers/audio_files.py (the wheel bundles libsndfile)"),
     # polytrain's own requirements that the image holds at another version than the pin
     "transformers": ("5.23.0", "the image has 5.17.0; accelerate's DeepSpeed plugin and models/convert.py use it"),

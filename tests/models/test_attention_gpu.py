@@ -19,7 +19,7 @@ import torch
 
 from polytrain.errors import PolytrainError
 from polytrain.models.attention import AttentionPlan, plan_attention
-from polytrain.models.masks import MaskRule
+from polytrain.models.attention_mask import MaskRule
 from polytrain.models.positions import alibi_slopes
 from tests.models.reference import MASK_CASES
 
