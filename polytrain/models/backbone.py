@@ -40,6 +40,9 @@ class BackboneConfig:
     """Causal blocks (with cross-attention when there is an encoder); 0 builds an encoder-only backbone."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of ``dim`` (for swiglu, the width of each of its two branches)."""
+    mlp_width: int = 0
+    """MLP hidden width in channels, overriding ``mlp_ratio``; 0: int(dim * mlp_ratio).  Checkpoint configs
+    state the width, which a ratio does not always give back (int(224 * (976 / 224)) is 975)."""
     mlp: str = "gelu"
     """MLP kind: gelu (erf), gelu_tanh (GPT-2), relu, swiglu."""
     norm: str = "layernorm"
@@ -51,7 +54,13 @@ class BackboneConfig:
     embed_norm: bool = False
     """Normalize each stack's input embeddings (BERT, BART's ``layernorm_embedding``)."""
     bias: bool = True
-    """Biases in the attention and MLP projections."""
+    """Biases in the attention and MLP projections (unless one of the three below says otherwise)."""
+    qkv_bias: bool | None = None
+    """Biases in the query/key/value projections (Qwen2 has them, Llama not); None: as ``bias``."""
+    out_bias: bool | None = None
+    """Bias in the attention output projection; None: as ``bias``."""
+    mlp_bias: bool | None = None
+    """Biases in the MLP projections; None: as ``bias``."""
     position: str = "learned"
     """Position encoding: learned, sinusoidal (added to the embeddings), rope, alibi (inside attention)."""
     rope_base: float = 10000.0
@@ -81,6 +90,8 @@ class BackboneConfig:
                               f"must be >= 0, and encoder_layers + decoder_layers >= 1 (encoder_layers={self.encoder_layers})")
         if self.mlp_ratio <= 0:
             raise ConfigError("mlp_ratio", self.mlp_ratio, "must be > 0")
+        if self.mlp_width < 0:
+            raise ConfigError("mlp_width", self.mlp_width, "must be >= 0 (0: int(dim * mlp_ratio))")
         for key, registry in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
             if getattr(self, key) not in registry:
                 raise ConfigError(key, getattr(self, key), f"unknown; known: {', '.join(registry.names())}")
@@ -107,7 +118,12 @@ class BackboneConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.dim * self.mlp_ratio)
+        return self.mlp_width or int(self.dim * self.mlp_ratio)
+
+    @property
+    def biases(self) -> tuple[bool, bool, bool]:
+        """Whether the (query/key/value, attention output, MLP) projections have biases."""
+        return tuple(self.bias if flag is None else flag for flag in (self.qkv_bias, self.out_bias, self.mlp_bias))
 
 
 class Block(nn.Module):
@@ -118,11 +134,13 @@ class Block(nn.Module):
         norm, dim = NORMS.get(cfg.norm), cfg.dim
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = norm(dim, cfg.norm_eps)
-        self.attn = Attention(dim, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout)
+        qkv_bias, out_bias, mlp_bias = cfg.biases
+        self.attn = Attention(dim, cfg.n_heads, cfg.kv_heads, qkv_bias, cfg.dropout, out_bias=out_bias)
         self.cross_norm = norm(dim, cfg.norm_eps) if cross_attention else None
-        self.cross = Attention(dim, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout, cross=True) if cross_attention else None
+        self.cross = (Attention(dim, cfg.n_heads, cfg.kv_heads, qkv_bias, cfg.dropout, cross=True, out_bias=out_bias)
+                      if cross_attention else None)
         self.mlp_norm = norm(dim, cfg.norm_eps)
-        self.mlp = MLPS.get(cfg.mlp)(dim, cfg.mlp_hidden, cfg.bias, cfg.dropout)
+        self.mlp = MLPS.get(cfg.mlp)(dim, cfg.mlp_hidden, mlp_bias, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
 

@@ -50,6 +50,9 @@ class ClassifierConfig:
     pooling: Literal["cls", "mean"] = "mean"
     """cls: the first token's output (the patch embedders' [CLS] with ``embed.cls_token``, or a text
     segment's first token); mean: the average over real tokens."""
+    pooler: bool = False
+    """Pass the pooled vector through a learned dim x dim linear map and tanh before the class
+    projection (BERT's pooler)."""
 
     def check(self) -> None:
         if self.classes < 2:
@@ -155,7 +158,7 @@ class DecoderSession:
         self.text_length = 0
 
     def feed(self, ids_BL: Tensor) -> Tensor:
-        seq = self.model.embed(text_segment(ids_BL, start=self.text_length))
+        seq = self.model.embed(text_segment(ids_BL, start=self.text_length), decoder=True)
         prefix = 0
         if self.prefix is not None:
             seq, prefix, self.prefix = self.prefix.then(seq), self.prefix.length, None
@@ -174,7 +177,7 @@ class DecoderOnlyHead(TextDecoderHead):
     """Causal LM over text, no encoder; an image/audio ``batch.source`` becomes a bidirectional prefix."""
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
-        text = model.embed(batch.inputs)
+        text = model.embed(batch.inputs, decoder=True)
         if batch.source is None:
             return model.lm_logits(model.backbone.decode(text))
         prefix = model.embed(batch.source)
@@ -203,7 +206,8 @@ class EncoderDecoderHead(TextDecoderHead):
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         memory_BSE, memory_valid_BS = self.memory(model, batch.source)
-        return model.lm_logits(model.backbone.decode(model.embed(batch.inputs), memory_BSE, memory_valid_BS))
+        text = model.embed(batch.inputs, decoder=True)
+        return model.lm_logits(model.backbone.decode(text, memory_BSE, memory_valid_BS))
 
     def session(self, model, source, rows_per_prompt, text_capacity):
         memory_BSE, memory_valid_BS = self.memory(model, source)  # encoded once, for every step and beam
@@ -221,6 +225,7 @@ class EncoderClassifierHead(Head):
     def __init__(self, cfg: ModelConfig, specs: dict[str, EmbedSpec]):
         super().__init__(cfg, specs)
         self.pooling = cfg.heads.classifier.pooling
+        self.pooler = nn.Linear(cfg.backbone.dim, cfg.backbone.dim) if cfg.heads.classifier.pooler else None
         self.proj = nn.Linear(cfg.backbone.dim, cfg.heads.classifier.classes)
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
@@ -231,6 +236,8 @@ class EncoderClassifierHead(Head):
         else:
             weights_BL1 = embedded.valid_BL[..., None].to(h_BLE.dtype)
             pooled_BE = (h_BLE * weights_BL1).sum(1) / weights_BL1.sum(1)
+        if self.pooler is not None:
+            pooled_BE = torch.tanh(self.pooler(pooled_BE))
         return self.proj(pooled_BE)
 
 

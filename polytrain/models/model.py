@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from polytrain.errors import ConfigError
 from polytrain.models.backbone import Backbone, BackboneConfig
-from polytrain.models.embed import EMBEDDERS, EmbedConfig, Embedded
+from polytrain.models.embed import EMBEDDERS, EmbedConfig, Embedded, TokenEmbedder
 from polytrain.models.heads import HEADS, HeadsConfig
+from polytrain.models.positions import POSITIONS
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
@@ -27,10 +28,19 @@ class ModelConfig:
     """Std of the normal init of every linear and embedding weight (residual outputs: / sqrt(2 * layers))."""
     tie_embeddings: bool = True
     """Text LM logits use the text embedding table (GPT-2, BART); false adds a separate ``lm_head``."""
+    lm_bias: bool = False
+    """Text LM logits get a learned bias per vocabulary entry (BERT's ``cls.predictions.bias``), beside the
+    tied table or in the ``lm_head``."""
 
     def check(self) -> None:
         if self.init_std <= 0:
             raise ConfigError("init_std", self.init_std, "must be > 0")
+        backbone = self.backbone
+        if self.embed.decoder_positions and (POSITIONS.get(backbone.position).table != "learned"
+                                             or not backbone.encoder_layers or not backbone.decoder_layers):
+            raise ConfigError("embed.decoder_positions", True, "needs learned positions and both stacks, got "
+                              f"backbone.position={backbone.position}, encoder_layers={backbone.encoder_layers}, "
+                              f"decoder_layers={backbone.decoder_layers}")
 
 
 class PolyModel(nn.Module):
@@ -40,13 +50,15 @@ class PolyModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         by_modality = {s.modality: s for s in specs}
+        self.specs, self.task_heads = by_modality, dict(task_heads)
+        """What the model was built for: its embed specs by modality, its tasks' head names (for export)."""
         head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
         check_heads_fit(cfg.backbone, by_modality, task_heads, head_classes)
         self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg) for s in specs})
         self.backbone = Backbone(cfg.backbone)
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
-            self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=False)
+            self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
         self.heads = nn.ModuleDict({task: cls(cfg, by_modality) for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
 
@@ -65,8 +77,13 @@ class PolyModel(nn.Module):
             if name.endswith(RESIDUAL_OUTPUTS):
                 nn.init.normal_(param, std=std / math.sqrt(2 * layers))
 
-    def embed(self, segment: Segment) -> Embedded:
-        return self.embedders[segment.modality](segment)
+    def embed(self, segment: Segment, decoder: bool = False) -> Embedded:
+        """``decoder``: the segment feeds the decoder stack, so text takes the decoder's position table
+        where ``embed.decoder_positions`` gives it one."""
+        embedder = self.embedders[segment.modality]
+        if decoder and isinstance(embedder, TokenEmbedder):
+            return embedder(segment, decoder=True)
+        return embedder(segment)
 
     def lm_logits(self, h_BTE: Tensor) -> Tensor:
         """Next-token logits (B, T, V): tied to the text embedding table, or the separate ``lm_head``."""

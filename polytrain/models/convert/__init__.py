@@ -1,0 +1,16 @@
+"""Weights of Hugging Face and timm checkpoints into polytrain models, and back out, one module per family.
+
+``external`` reads and writes the libraries' folders and files; ``family``
+derives a polytrain architecture from a checkpoint's config and back;
+``rules`` ties the tensors.  The families: ``hf_gpt2``, ``hf_llama`` (Llama,
+Qwen2, Mistral), ``hf_bert``, ``hf_bart``, ``timm_vit``.  None of them imports
+``transformers`` or ``timm``: the files are read as they are.
+"""
+
+from polytrain.models.convert import hf_bart, hf_bert, hf_gpt2, hf_llama, timm_vit  # noqa: F401  (importing a family module registers it)
+from polytrain.models.convert.external import ExternalCheckpoint, load_state, read_external, write_external
+from polytrain.models.convert.family import FAMILIES, Architecture
+from polytrain.models.convert.rules import ConversionError
+
+__all__ = ["FAMILIES", "Architecture", "ConversionError", "ExternalCheckpoint", "load_state", "read_external",
+           "write_external"]

@@ -1,0 +1,78 @@
+"""Checkpoints of other libraries in, polytrain models back out: the entry points of ``convert``.
+
+    checkpoint = read_external(Path("qwen2-0.5b"))             # a save_pretrained folder
+    model = checkpoint.build("lm")                              # its architecture and weights, as task "lm"
+    write_external(model, "lm", "Qwen2ForCausalLM", Path("out"), tokenizer=checkpoint.tokenizer)
+    vit = read_external(Path("vit.safetensors"), timm_model="vit_small_patch16_224").build("classify")
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+from polytrain.models.convert.family import (FAMILIES, Architecture, Family, architecture_of, export_weights, family_of,
+                                             import_weights)
+from polytrain.models.convert.files import PICKLE_SUFFIXES, read_folder, read_weights, refuse_pickle, write_folder
+from polytrain.models.convert.rules import ConversionError
+from polytrain.models.model import PolyModel
+
+
+@dataclass
+class ExternalCheckpoint:
+    """A checkpoint of another library, read: its family, config, tensors and tokenizer."""
+
+    family: Family
+    config: dict
+    """``config.json``; for a bare timm file, timm's form of it: ``{"architecture": name, "model_args": {...}}``."""
+    state: dict[str, Tensor]
+    tokenizer: Path | None
+    """Its ``tokenizer.json``, if it has one."""
+
+    @property
+    def architecture(self) -> Architecture:
+        return self.family.architecture(self.config)
+
+    def build(self, task: str) -> PolyModel:
+        """A polytrain model shaped like the checkpoint, holding its weights, its head serving ``task``."""
+        arch = self.architecture
+        model = arch.build(task)
+        import_weights(model, self.family, arch, task, self.state)
+        return model
+
+
+def read_external(path: Path, timm_model: str | None = None, model_args: dict | None = None) -> ExternalCheckpoint:
+    """A ``save_pretrained`` folder (Hugging Face or timm), or a ``.safetensors`` file of timm model ``timm_model``.
+
+    ``model_args``: the keyword arguments the timm model was created with (``num_classes``, ``img_size``, ...).
+    """
+    if path.is_dir():
+        config, state, tokenizer = read_folder(path)
+        return ExternalCheckpoint(family_of(config), config, state, tokenizer)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise refuse_pickle(path)
+    if timm_model is None:
+        raise ConversionError(f"{path}: a lone weights file has no config; name its timm model, or give the "
+                              "save_pretrained folder it came from")
+    config = {"architecture": timm_model, "model_args": dict(model_args or {})}
+    return ExternalCheckpoint(FAMILIES.get("timm"), config, read_weights(path), None)
+
+
+def load_state(model: PolyModel, task: str, family: str, state: dict[str, Tensor], channels: int = 3) -> None:
+    """Fill a built ``model`` (a preset, say) from a ``family`` state dict in memory, its head serving ``task``.
+
+    ``channels``: of the images the model reads.
+    """
+    fam = FAMILIES.get(family)
+    import_weights(model, fam, architecture_of(model, fam, task, channels), task, state)
+
+
+def write_external(model: PolyModel, task: str, family: str, folder: Path, tokenizer: Path | None = None,
+                   channels: int = 3) -> dict:
+    """Save ``model`` with the head of ``task`` as a ``family`` checkpoint folder the library loads; its config.
+
+    ``tokenizer``: a ``tokenizer.json`` to copy beside the weights; ``channels``: of the images the model reads.
+    """
+    config, state = export_weights(model, FAMILIES.get(family), task, channels)
+    write_folder(folder, config, state, tokenizer)
+    return config
