@@ -53,7 +53,7 @@ def test_round_trip_keeps_the_teacher_forced_logits(changes, tmp_path):
 def test_stacks_of_different_shapes_and_a_final_logits_bias_are_refused_by_name(tmp_path):
     bart(decoder_ffn_dim=96).save_pretrained(tmp_path / "wider")
     with pytest.raises(ConversionError, match="decoder_ffn_dim=96 differs from encoder_ffn_dim=128"):
-        read_external(tmp_path / "wider").architecture
+        read_external(tmp_path / "wider")
     hf = bart()
     hf.final_logits_bias.fill_(0.5)
     hf.save_pretrained(tmp_path / "biased")

@@ -65,7 +65,7 @@ def test_the_pretraining_files_pooler_and_next_sentence_head_are_skipped(tmp_pat
 def test_settings_polytrain_cannot_follow_are_refused_naming_the_key(tmp_path):
     bert("BertForMaskedLM", hidden_act="gelu_new").save_pretrained(tmp_path / "tanh")
     with pytest.raises(ConversionError, match="hidden_act='gelu_new'.*masked-LM transform"):
-        read_external(tmp_path / "tanh").architecture
+        read_external(tmp_path / "tanh")
     bert("BertForSequenceClassification", problem_type="multi_label_classification").save_pretrained(tmp_path / "multi")
     with pytest.raises(ConversionError, match="problem_type='multi_label_classification'"):
-        read_external(tmp_path / "multi").architecture
+        read_external(tmp_path / "multi")

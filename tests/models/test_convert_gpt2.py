@@ -53,4 +53,4 @@ def test_configs_polytrain_cannot_follow_are_refused_naming_the_key(tmp_path):
     hf = gpt2(scale_attn_by_inverse_layer_idx=True)
     hf.save_pretrained(tmp_path)
     with pytest.raises(ConversionError, match="scale_attn_by_inverse_layer_idx=True"):
-        read_external(tmp_path).architecture
+        read_external(tmp_path)

@@ -48,7 +48,7 @@ def test_rope_scaling_and_other_head_dims_are_refused_naming_the_key(tmp_path):
     scaled = dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0))
     library_model("LlamaForCausalLM", **scaled).save_pretrained(tmp_path / "scaled")
     with pytest.raises(ConversionError, match="rope_type='linear'"):
-        read_external(tmp_path / "scaled").architecture
+        read_external(tmp_path / "scaled")
     library_model("LlamaForCausalLM", head_dim=32).save_pretrained(tmp_path / "wide")
     with pytest.raises(ConversionError, match="head_dim=32"):
-        read_external(tmp_path / "wide").architecture
+        read_external(tmp_path / "wide")

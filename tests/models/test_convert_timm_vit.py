@@ -73,4 +73,4 @@ def test_a_named_size_exports_under_its_own_name(tmp_path):
 def test_vits_polytrain_cannot_express_are_refused_naming_the_setting(name, args, message, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ConversionError, match=message):
-        read_external(tmp_path / "w.safetensors", timm_model=name, model_args=args).architecture
+        read_external(tmp_path / "w.safetensors", timm_model=name, model_args=args)

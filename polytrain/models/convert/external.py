@@ -13,31 +13,28 @@ from torch import Tensor
 
 from polytrain.models.convert.family import (FAMILIES, Architecture, Family, architecture_of, export_weights, family_of,
                                              import_weights)
-from polytrain.models.convert.files import PICKLE_SUFFIXES, read_folder, read_weights, refuse_pickle, write_folder
+from polytrain.models.convert.files import (CONFIG, PICKLE_SUFFIXES, TOKENIZER, read_folder_weights, read_json,
+                                            read_weights, refuse_pickle, write_folder)
 from polytrain.models.convert.rules import ConversionError
 from polytrain.models.model import PolyModel
 
 
 @dataclass
 class ExternalCheckpoint:
-    """A checkpoint of another library, read: its family, config, tensors and tokenizer."""
+    """A checkpoint of another library, read: its family, config, polytrain architecture, tensors, tokenizer."""
 
     family: Family
     config: dict
     """``config.json``; for a bare timm file, timm's form of it: ``{"architecture": name, "model_args": {...}}``."""
+    architecture: Architecture
     state: dict[str, Tensor]
     tokenizer: Path | None
     """Its ``tokenizer.json``, if it has one."""
 
-    @property
-    def architecture(self) -> Architecture:
-        return self.family.architecture(self.config)
-
     def build(self, task: str) -> PolyModel:
         """A polytrain model shaped like the checkpoint, holding its weights, its head serving ``task``."""
-        arch = self.architecture
-        model = arch.build(task)
-        import_weights(model, self.family, arch, task, self.state)
+        model = self.architecture.build(task)
+        import_weights(model, self.family, self.architecture, task, self.state)
         return model
 
 
@@ -45,17 +42,25 @@ def read_external(path: Path, timm_model: str | None = None, model_args: dict | 
     """A ``save_pretrained`` folder (Hugging Face or timm), or a ``.safetensors`` file of timm model ``timm_model``.
 
     ``model_args``: the keyword arguments the timm model was created with (``num_classes``, ``img_size``, ...).
+    The architecture is derived before any weights are read, so a checkpoint polytrain cannot express fails fast.
     """
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
     if path.is_dir():
-        config, state, tokenizer = read_folder(path)
-        return ExternalCheckpoint(family_of(config), config, state, tokenizer)
+        config = read_json(path / CONFIG)
+        family = family_of(config)
+        architecture = family.architecture(config)
+        tokenizer = path / TOKENIZER
+        return ExternalCheckpoint(family, config, architecture, read_folder_weights(path),
+                                  tokenizer if tokenizer.is_file() else None)
     if path.suffix in PICKLE_SUFFIXES:
         raise refuse_pickle(path)
     if timm_model is None:
         raise ConversionError(f"{path}: a lone weights file has no config; name its timm model, or give the "
                               "save_pretrained folder it came from")
     config = {"architecture": timm_model, "model_args": dict(model_args or {})}
-    return ExternalCheckpoint(FAMILIES.get("timm"), config, read_weights(path), None)
+    family = FAMILIES.get("timm")
+    return ExternalCheckpoint(family, config, family.architecture(config), read_weights(path), None)
 
 
 def load_state(model: PolyModel, task: str, family: str, state: dict[str, Tensor], channels: int = 3) -> None:

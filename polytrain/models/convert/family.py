@@ -148,9 +148,11 @@ def hf_activation_to_mlp(name: str, key: str, source: str) -> str:
 
 
 def mlp_to_hf_activation(mlp: str, source: str) -> str:
-    names = {ours: theirs for theirs, ours in reversed(HF_ACTIVATIONS.items())}
+    names: dict[str, str] = {}
+    for theirs, ours in HF_ACTIVATIONS.items():
+        names.setdefault(ours, theirs)
     if mlp not in names:
-        raise ConversionError(f"{source} cannot express model.backbone.mlp={mlp!r}; it takes {', '.join(names)}")
+        raise ConversionError(f"{source} cannot express model.backbone.mlp={mlp!r}; it takes {', '.join(sorted(names))}")
     return names[mlp]
 
 

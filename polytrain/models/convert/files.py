@@ -67,22 +67,16 @@ def read_sharded(index_path: Path) -> dict[str, Tensor]:
     return state
 
 
-def read_folder(folder: Path) -> tuple[dict, dict[str, Tensor], Path | None]:
-    """A ``save_pretrained`` folder's config, tensors and ``tokenizer.json`` (None when it has none)."""
-    if not folder.is_dir():
-        raise ConversionError(f"{folder}: no such folder")
-    config = read_json(folder / CONFIG)
+def read_folder_weights(folder: Path) -> dict[str, Tensor]:
+    """The tensors of a ``save_pretrained`` folder: ``model.safetensors``, or the shards its index lists."""
     if (folder / WEIGHTS).is_file():
-        state = read_weights(folder / WEIGHTS)
-    elif (folder / SHARD_INDEX).is_file():
-        state = read_sharded(folder / SHARD_INDEX)
-    else:
-        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise refuse_pickle(pickles[0])
-        raise ConversionError(f"{folder}: no {WEIGHTS} or {SHARD_INDEX}")
-    tokenizer = folder / TOKENIZER
-    return config, state, tokenizer if tokenizer.is_file() else None
+        return read_weights(folder / WEIGHTS)
+    if (folder / SHARD_INDEX).is_file():
+        return read_sharded(folder / SHARD_INDEX)
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise refuse_pickle(pickles[0])
+    raise ConversionError(f"{folder}: no {WEIGHTS} or {SHARD_INDEX}")
 
 
 def write_folder(folder: Path, config: dict, state: dict[str, Tensor], tokenizer: Path | None = None) -> None:
