@@ -5,7 +5,7 @@ import torch
 
 from polytrain.models.backbone import BackboneConfig
 from polytrain.models.convert import FAMILIES, ConversionError, load_state, write_external
-from polytrain.models.convert.family import export_weights
+from polytrain.models.convert.external import export_weights
 from polytrain.models.embed import EmbedConfig
 from polytrain.models.heads import ClassifierConfig, HeadsConfig
 from polytrain.models.model import ModelConfig, PolyModel

@@ -9,13 +9,14 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
-from polytrain.models.convert.family import (FAMILIES, Architecture, Family, architecture_of, export_weights, family_of,
-                                             import_weights)
+from polytrain.models.convert.expressible import checked_config
+from polytrain.models.convert.family import FAMILIES, Architecture, Family, family_of
 from polytrain.models.convert.files import (CONFIG, PICKLE_SUFFIXES, TOKENIZER, read_folder_weights, read_json,
                                             read_weights, refuse_pickle, write_folder)
-from polytrain.models.convert.rules import ConversionError
+from polytrain.models.convert.rules import ConversionError, export_state, import_state
 from polytrain.models.model import PolyModel
 
 
@@ -61,6 +62,36 @@ def read_external(path: Path, timm_model: str | None = None, model_args: dict | 
     config = {"architecture": timm_model, "model_args": dict(model_args or {})}
     family = FAMILIES.get("timm")
     return ExternalCheckpoint(family, config, family.architecture(config), read_weights(path), None)
+
+
+def architecture_of(model: PolyModel, family: Family, task: str, channels: int = 3) -> Architecture:
+    """The architecture of ``model`` as ``family`` sees it, with the head of ``task`` (images of ``channels``)."""
+    if task not in model.task_heads:
+        raise ConversionError(f"the model has no task {task!r}; its tasks: {', '.join(sorted(model.task_heads))}")
+    if family.modality not in model.specs:
+        raise ConversionError(f"{family.name} reads {family.modality}, which the model has no embedder for "
+                              f"(it has {', '.join(sorted(model.specs))})")
+    return Architecture(model.cfg, model.specs[family.modality], model.task_heads[task], channels)
+
+
+def import_weights(model: PolyModel, family: Family, arch: Architecture, task: str, state: dict[str, Tensor]) -> None:
+    """Fill ``model`` (built from ``arch``) from a ``family`` checkpoint's tensors; errors name the tensor."""
+    import_state(model, family.prepare(state), family.rules(arch, task), family.name, tuple(family.zeros(arch)))
+
+
+def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False
+                   ) -> tuple[dict, dict[str, Tensor]]:
+    """The library's config and tensors of ``model`` with the head of ``task`` (images of ``channels``).
+
+    ``restored``: include the copies the library ties itself (for ``load_state_dict(strict=True)``;
+    its own files leave them out).
+    """
+    arch = architecture_of(model, family, task, channels)
+    config = checked_config(family, arch)
+    state = export_state(model, family.rules(arch, task), restored)
+    dtype = next(iter(state.values())).dtype
+    state.update({name: torch.zeros(shape, dtype=dtype) for name, shape in family.zeros(arch).items()})
+    return family.with_dtype(config, dtype), state
 
 
 def load_state(model: PolyModel, task: str, family: str, state: dict[str, Tensor], channels: int = 3) -> None:

@@ -7,25 +7,18 @@ library's config for a polytrain architecture, and lists the ``Rule``s that tie
 the tensors.  ``FAMILIES`` holds them by ``architectures[0]`` and
 ``model_type``; ``family_of`` picks one for a config.
 
-Export checks that the written config describes the model exactly: the
-family derives an architecture from it again, and the first setting that
-came back different is one the library cannot express, named in the error.
 """
 
-import dataclasses
 import logging
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from polytrain.models.backbone import BackboneConfig
-from polytrain.models.convert.rules import ConversionError, Rule, export_state, import_state
-from polytrain.models.embed import EmbedConfig
-from polytrain.models.heads import HeadsConfig
+from polytrain.models.convert.rules import ConversionError, Rule
 from polytrain.models.model import ModelConfig, PolyModel
 from polytrain.registry import Registry
 from polytrain.tokens import EmbedSpec
@@ -68,7 +61,7 @@ class Family(ABC):
 
     @abstractmethod
     def architecture(self, config: dict) -> Architecture:
-        """polytrain's shape of a checkpoint with this config; ConversionError names a setting it has no match for."""
+        """polytrain's shape of a checkpoint with this config; a ConversionError names a setting it cannot follow."""
 
     @abstractmethod
     def library_config(self, arch: Architecture) -> dict:
@@ -123,11 +116,14 @@ def register(family: Family) -> Family:
 
 
 def family_of(config: dict) -> Family:
-    """The family of a ``config.json``: its ``architectures[0]``, else its ``model_type``; timm's has ``architecture``."""
+    """The family of a ``config.json``: its ``architectures[0]``, else its ``model_type``; timm's names an
+    ``architecture``."""
     if "architecture" in config:
         return FAMILIES.get("timm")
-    architectures = config.get("architectures") or []
-    return FAMILIES.get(architectures[0] if architectures else config.get("model_type", "<no model_type>"))
+    architectures = config.get("architectures") or [config.get("model_type")]
+    if not architectures[0]:
+        raise ConversionError("config.json names neither its architectures nor its model_type")
+    return FAMILIES.get(architectures[0])
 
 
 def expect(config: dict, key: str, allowed: Any, why: str, source: str) -> None:
@@ -137,7 +133,8 @@ def expect(config: dict, key: str, allowed: Any, why: str, source: str) -> None:
 
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-"""Hugging Face ``hidden_act`` / ``activation_function`` -> polytrain ``backbone.mlp``; export writes the first name."""
+"""Hugging Face ``hidden_act`` / ``activation_function`` -> polytrain ``backbone.mlp``; export writes the first
+name of each."""
 
 
 def hf_activation_to_mlp(name: str, key: str, source: str) -> str:
@@ -152,90 +149,6 @@ def mlp_to_hf_activation(mlp: str, source: str) -> str:
     for theirs, ours in HF_ACTIVATIONS.items():
         names.setdefault(ours, theirs)
     if mlp not in names:
-        raise ConversionError(f"{source} cannot express model.backbone.mlp={mlp!r}; it takes {', '.join(sorted(names))}")
+        raise ConversionError(f"{source} cannot express model.backbone.mlp={mlp!r}; "
+                              f"it takes {', '.join(sorted(names))}")
     return names[mlp]
-
-
-RUNTIME = ("dropout", "drop_path", "attention", "checkpointing", "compile")
-"""Backbone settings of how a model trains or runs, not of what it computes (nor is ``init_std``, nor are
-``heads``, but for the classifier's shape): a checkpoint config need not carry them."""
-TEXT_ONLY = ("scale_tokens", "token_types", "decoder_positions")
-IMAGE_ONLY = ("patch_positions", "cls_token")
-"""Embed settings that only the text (image) embedder reads."""
-
-
-def defaults(obj, fields: tuple[str, ...]):
-    """The config ``obj`` with ``fields`` back at their defaults."""
-    fresh = type(obj)()
-    return replace(obj, **{name: getattr(fresh, name) for name in fields})
-
-
-def essentials(arch: Architecture) -> Architecture:
-    """``arch`` with every setting that does not change what a family's model computes made uniform."""
-    b = arch.model.backbone
-    qkv_bias, out_bias, mlp_bias = b.biases
-    b = replace(defaults(b, RUNTIME), n_kv_heads=b.kv_heads, mlp_width=b.mlp_hidden, mlp_ratio=BackboneConfig.mlp_ratio,
-                bias=True, qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias,
-                rope_base=b.rope_base if b.position == "rope" else BackboneConfig.rope_base)
-    text = arch.spec.modality == "text"
-    embed = defaults(arch.model.embed, IMAGE_ONLY if text else TEXT_ONLY)
-    heads = HeadsConfig()
-    if arch.head == "encoder_classifier":
-        heads = replace(heads, classifier=arch.model.heads.classifier)
-    model = defaults(arch.model, ("init_std",) if text else ("init_std", "tie_embeddings", "lm_bias"))
-    return replace(arch, model=replace(model, backbone=b, embed=embed, heads=heads))
-
-
-def first_difference(ours: Any, theirs: Any, key: str) -> tuple[str, Any, Any] | None:
-    """The dotted key of the first field where two config trees differ, with both values."""
-    if dataclasses.is_dataclass(ours) and type(ours) is type(theirs):
-        for f in dataclasses.fields(ours):
-            found = first_difference(getattr(ours, f.name), getattr(theirs, f.name), f"{key}.{f.name}")
-            if found:
-                return found
-        return None
-    return None if ours == theirs else (key, ours, theirs)
-
-
-def export_config(family: Family, arch: Architecture) -> dict:
-    """``family.library_config(arch)``, checked to describe ``arch`` in every setting that matters."""
-    config = family.library_config(arch)
-    ours, back = essentials(arch), essentials(family.architecture(config))
-    found = (first_difference(ours.model, back.model, "model")
-             or first_difference(ours.spec, back.spec, f"{arch.spec.modality} embed spec")
-             or first_difference(ours.head, back.head, "head")
-             or first_difference(ours.channels, back.channels, "image channels"))
-    if found:
-        key, value, nearest = found
-        raise ConversionError(f"{family.name} cannot express {key}={value!r} (its config gives back {nearest!r})")
-    return config
-
-
-def architecture_of(model: PolyModel, family: Family, task: str, channels: int = 3) -> Architecture:
-    """The architecture of ``model`` as ``family`` sees it, with the head of ``task`` (images of ``channels``)."""
-    if task not in model.task_heads:
-        raise ConversionError(f"the model has no task {task!r}; its tasks: {', '.join(sorted(model.task_heads))}")
-    if family.modality not in model.specs:
-        raise ConversionError(f"{family.name} reads {family.modality}, which the model has no embedder for "
-                              f"(it has {', '.join(sorted(model.specs))})")
-    return Architecture(model.cfg, model.specs[family.modality], model.task_heads[task], channels)
-
-
-def import_weights(model: PolyModel, family: Family, arch: Architecture, task: str, state: dict[str, Tensor]) -> None:
-    """Fill ``model`` (built from ``arch``) from a ``family`` checkpoint's tensors; errors name the tensor."""
-    import_state(model, family.prepare(state), family.rules(arch, task), family.name, tuple(family.zeros(arch)))
-
-
-def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False
-                   ) -> tuple[dict, dict[str, Tensor]]:
-    """The library's config and tensors of ``model`` with the head of ``task`` (images of ``channels``).
-
-    ``restored``: include the copies the library ties itself (for ``load_state_dict(strict=True)``;
-    its own files leave them out).
-    """
-    arch = architecture_of(model, family, task, channels)
-    config = export_config(family, arch)
-    state = export_state(model, family.rules(arch, task), restored)
-    dtype = next(iter(state.values())).dtype
-    state.update({name: torch.zeros(shape, dtype=dtype) for name, shape in family.zeros(arch).items()})
-    return family.with_dtype(config, dtype), state
