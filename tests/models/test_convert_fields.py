@@ -48,8 +48,10 @@ def test_decoder_positions_give_the_decoder_its_own_table():
     ("model", dict(backbone=dict(mlp_width=-1)), "model.backbone.mlp_width"),
     ("model", dict(backbone=dict(qkv_bias="yes")), "model.backbone.qkv_bias"),
     ("model", dict(embed=dict(token_types=-2)), "model.embed.token_types"),
-    ("model", dict(backbone=dict(decoder_layers=0), embed=dict(decoder_positions=True)), "model.embed.decoder_positions"),
-    ("model", dict(backbone=dict(position="rope"), embed=dict(decoder_positions=True)), "model.embed.decoder_positions"),
+    ("model", dict(backbone=dict(decoder_layers=0), embed=dict(decoder_positions=True)),
+     "model.embed.decoder_positions"),
+    ("model", dict(backbone=dict(position="rope"), embed=dict(decoder_positions=True)),
+     "model.embed.decoder_positions"),
     ("model", dict(lm_bias=1), "model.lm_bias"),
     ("model", dict(heads=dict(classifier=dict(pooler="no"))), "model.heads.classifier.pooler"),
 ])

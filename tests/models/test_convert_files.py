@@ -32,7 +32,8 @@ class Trap:
 def test_sharded_weights_are_read_through_their_index(tmp_path):
     hf = llama()
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
-    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     state = read_external(tmp_path).state
     assert state.keys() == hf.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in hf.state_dict().items())

@@ -71,8 +71,8 @@ def test_parts_that_do_not_stack_are_named_with_their_shapes():
     state = transformers.LlamaForCausalLM(config).state_dict()
     state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 48)
     arch = FAMILIES.get("LlamaForCausalLM").architecture(config.to_dict())
-    with pytest.raises(ConversionError, match=r"q_proj\.weight \(64, 64\), .*k_proj\.weight \(16, 48\), .*"
-                                              r"cannot make polytrain 'backbone\.decoder\.blocks\.0\.attn\.qkv\.weight' "
+    with pytest.raises(ConversionError, match=r"q_proj\.weight \(64, 64\), .*k_proj\.weight \(16, 48\), .*cannot "
+                                              r"make polytrain 'backbone\.decoder\.blocks\.0\.attn\.qkv\.weight' "
                                               r"\(192, 64\)"):
         load_state(arch.build("lm"), "lm", "LlamaForCausalLM", state)
 

@@ -7,7 +7,8 @@ Qwen2, Mistral), ``hf_bert``, ``hf_bart``, ``timm_vit``.  None of them imports
 ``transformers`` or ``timm``: the files are read as they are.
 """
 
-from polytrain.models.convert import hf_bart, hf_bert, hf_gpt2, hf_llama, timm_vit  # noqa: F401  (importing a family module registers it)
+# importing a family's module registers it
+from polytrain.models.convert import hf_bart, hf_bert, hf_gpt2, hf_llama, timm_vit  # noqa: F401
 from polytrain.models.convert.external import ExternalCheckpoint, load_state, read_external, write_external
 from polytrain.models.convert.family import FAMILIES, Architecture
 from polytrain.models.convert.rules import ConversionError

@@ -35,7 +35,8 @@ class Bart(HFFamily):
         for key in ("attention_heads", "ffn_dim"):
             if c[f"encoder_{key}"] != c[f"decoder_{key}"]:
                 raise ConversionError(f"{self.name} config decoder_{key}={c[f'decoder_{key}']} differs from "
-                                      f"encoder_{key}={c[f'encoder_{key}']}: polytrain's two stacks share one block shape")
+                                      f"encoder_{key}={c[f'encoder_{key}']}: polytrain's two stacks share one "
+                                      "block shape")
         backbone = BackboneConfig(dim=c["d_model"], n_heads=c["encoder_attention_heads"],
                                   encoder_layers=c["encoder_layers"], decoder_layers=c["decoder_layers"],
                                   mlp_width=c["encoder_ffn_dim"], norm_position="post", embed_norm=True,
@@ -50,7 +51,8 @@ class Bart(HFFamily):
         return dict(vocab_size=arch.spec.input_dim, max_position_embeddings=arch.spec.grid[1], d_model=b.dim,
                     encoder_layers=b.encoder_layers, decoder_layers=b.decoder_layers, encoder_attention_heads=b.n_heads,
                     decoder_attention_heads=b.n_heads, encoder_ffn_dim=b.mlp_hidden, decoder_ffn_dim=b.mlp_hidden,
-                    activation_function=mlp_to_hf_activation(b.mlp, self.name), scale_embedding=arch.model.embed.scale_tokens,
+                    activation_function=mlp_to_hf_activation(b.mlp, self.name),
+                    scale_embedding=arch.model.embed.scale_tokens,
                     tie_word_embeddings=True, dropout=b.dropout, attention_dropout=b.dropout,
                     activation_dropout=0.0, is_encoder_decoder=True)
 
@@ -69,7 +71,8 @@ class Bart(HFFamily):
             for kind in ("weight", "bias"):
                 rules.append(same(f"backbone.{stack}.input_norm.{kind}", f"model.{stack}.layernorm_embedding.{kind}"))
             for i in range(n_layers):
-                rules += self.layer_rules(f"backbone.{stack}.blocks.{i}", f"model.{stack}.layers.{i}", stack == "decoder")
+                rules += self.layer_rules(f"backbone.{stack}.blocks.{i}", f"model.{stack}.layers.{i}",
+                                          cross=stack == "decoder")
         return rules
 
     @staticmethod
@@ -82,7 +85,8 @@ class Bart(HFFamily):
         rules = []
         for kind in ("weight", "bias"):
             rules += [same(f"{ours}.{o}.{kind}", f"{theirs}.{t}.{kind}") for o, t in pairs]
-            rules.append(stacked(f"{ours}.attn.qkv.{kind}", tuple(f"{theirs}.self_attn.{p}_proj.{kind}" for p in "qkv")))
+            rules.append(stacked(f"{ours}.attn.qkv.{kind}",
+                                 tuple(f"{theirs}.self_attn.{p}_proj.{kind}" for p in "qkv")))
             if cross:
                 rules.append(stacked(f"{ours}.cross.kv.{kind}", tuple(f"{theirs}.encoder_attn.{p}_proj.{kind}"
                                                                        for p in "kv")))

@@ -44,8 +44,8 @@ class Bert(HFFamily):
                                   mlp_width=c["intermediate_size"], norm_eps=c["layer_norm_eps"],
                                   norm_position="post", embed_norm=True,
                                   mlp=hf_activation_to_mlp(c["hidden_act"], "hidden_act", self.name))
-        model = ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False, token_types=c["type_vocab_size"]),
-                            tie_embeddings=c["tie_word_embeddings"])
+        embed = EmbedConfig(modality_vector=False, token_types=c["type_vocab_size"])
+        model = ModelConfig(backbone=backbone, embed=embed, tie_embeddings=c["tie_word_embeddings"])
         spec = EmbedSpec("text", c["vocab_size"], (1, c["max_position_embeddings"]))
         return self.with_head(Architecture(model, spec, ""), c)
 
@@ -119,11 +119,10 @@ class BertSequenceClassification(Bert):
                 "label2id": {f"LABEL_{i}": i for i in range(classes)}}
 
     def rules(self, arch: Architecture, task: str) -> list[Rule]:
-        head = f"heads.{task}"
-        return super().rules(arch, task) + [
-            same("embedders.text.table.weight", "bert.embeddings.word_embeddings.weight"),
-            *(same(f"{head}.{o}.{kind}", f"{t}.{kind}") for o, t in (("pooler", "bert.pooler.dense"), ("proj", "classifier"))
-              for kind in ("weight", "bias"))]
+        head = [same(f"heads.{task}.{o}.{kind}", f"{t}.{kind}")
+                for o, t in (("pooler", "bert.pooler.dense"), ("proj", "classifier")) for kind in ("weight", "bias")]
+        table = same("embedders.text.table.weight", "bert.embeddings.word_embeddings.weight")
+        return [*super().rules(arch, task), table, *head]
 
 
 for family in (BertMaskedLM(), BertSequenceClassification()):

@@ -39,16 +39,18 @@ class GPT2(HFFamily):
 
     def settings(self, arch: Architecture) -> dict:
         b = arch.model.backbone
-        return dict(vocab_size=arch.spec.input_dim, n_positions=arch.spec.grid[1], n_embd=b.dim, n_layer=b.decoder_layers,
-                    n_head=b.n_heads, n_inner=b.mlp_hidden, activation_function=mlp_to_hf_activation(b.mlp, self.name),
-                    layer_norm_epsilon=b.norm_eps, tie_word_embeddings=arch.model.tie_embeddings,
-                    resid_pdrop=b.dropout, embd_pdrop=b.dropout, attn_pdrop=b.dropout)
+        return dict(vocab_size=arch.spec.input_dim, n_positions=arch.spec.grid[1], n_embd=b.dim,
+                    n_layer=b.decoder_layers, n_head=b.n_heads, n_inner=b.mlp_hidden,
+                    activation_function=mlp_to_hf_activation(b.mlp, self.name), layer_norm_epsilon=b.norm_eps,
+                    tie_word_embeddings=arch.model.tie_embeddings, resid_pdrop=b.dropout, embd_pdrop=b.dropout,
+                    attn_pdrop=b.dropout)
 
     def rules(self, arch: Architecture, task: str) -> list[Rule]:
         if arch.model.tie_embeddings:
             rules = [tied("embedders.text.table.weight", ("transformer.wte.weight", "lm_head.weight"))]
         else:
-            rules = [same("embedders.text.table.weight", "transformer.wte.weight"), same("lm_head.weight", "lm_head.weight")]
+            rules = [same("embedders.text.table.weight", "transformer.wte.weight"),
+                     same("lm_head.weight", "lm_head.weight")]
         rules += [same("embedders.text.position.weight", "transformer.wpe.weight"),
                   same("backbone.decoder.norm.weight", "transformer.ln_f.weight"),
                   same("backbone.decoder.norm.bias", "transformer.ln_f.bias")]

@@ -27,13 +27,13 @@ ROPE_THETA = 10000.0
 
 def rope_base(c: dict, source: str) -> float:
     """``rope_theta`` from ``rope_parameters`` (transformers 5) or the top level (older files); plain RoPE only."""
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = {**c, **(c.get("rope_parameters") or c.get("rope_scaling") or {})}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
         raise ConversionError(f"{source} config rope_type={kind!r}: polytrain's RoPE has no frequency scaling "
                               "(it takes 'default')")
     expect(rope, "partial_rotary_factor", 1.0, "rotates every channel of a head", source)
-    return float(rope.get("rope_theta", c.get("rope_theta", ROPE_THETA)))
+    return float(rope.get("rope_theta", ROPE_THETA))
 
 
 class LlamaLike(HFFamily):
@@ -78,7 +78,8 @@ class LlamaLike(HFFamily):
                     **self.class_settings(b))
 
     def class_settings(self, b: BackboneConfig) -> dict:
-        """The keys only this class has: Llama's bias flags; Qwen2's and Mistral's windows, written as full attention."""
+        """The keys only this class has: Llama's bias flags; Qwen2's and Mistral's windows (written as full
+        attention)."""
         qkv_bias, out_bias, mlp_bias = b.biases
         return dict(attention_bias=qkv_bias and out_bias, mlp_bias=mlp_bias)  # export checks the biases came back
 

@@ -54,6 +54,9 @@ def model_args(config: dict) -> dict:
     if not match or match["size"] not in SIZES:
         raise ConversionError(f"timm model {name!r} is not a plain ViT polytrain can express; it takes "
                               f"vit_<size>_patch<p>_<img> with size one of {', '.join(SIZES)}")
+    if config.get("global_pool", "token") != "token":
+        raise ConversionError(f"timm global_pool={config['global_pool']!r}: polytrain pools the class token "
+                              "(global_pool='token')")
     pretrained = config.get("pretrained_cfg", {})
     args = dict(mlp_ratio=4.0, **SIZES[match["size"]], patch_size=int(match["patch"]), img_size=int(match["img"]),
                 in_chans=pretrained.get("input_size", (3,))[0],
