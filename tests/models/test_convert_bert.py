@@ -53,11 +53,18 @@ def test_round_trip_keeps_the_logits(case, tmp_path):
 
 
 def test_the_pretraining_files_pooler_and_next_sentence_head_are_skipped(tmp_path):
-    """bert-base-uncased's file holds BertForPreTraining's tensors; its config says BertForMaskedLM."""
+    """bert-base-uncased's file holds BertForPreTraining's tensors (and, from older transformers, a position
+    buffer); its config says BertForMaskedLM."""
+    from safetensors.torch import load_file, save_file
+
     pretraining = bert("BertForPreTraining")
     pretraining.save_pretrained(tmp_path)
     config = (tmp_path / "config.json").read_text().replace("BertForPreTraining", "BertForMaskedLM")
     (tmp_path / "config.json").write_text(config)
+    state = load_file(tmp_path / "model.safetensors")
+    assert any(name.startswith(("bert.pooler.", "cls.seq_relationship.")) for name in state)
+    state["bert.embeddings.position_ids"] = torch.arange(32)[None]  # as older transformers saved it
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     model = read_external(tmp_path).build("mlm")
     assert torch.equal(model.embedders["text"].output_bias, pretraining.cls.predictions.bias)
 

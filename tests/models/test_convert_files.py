@@ -66,6 +66,8 @@ def test_the_tokenizer_travels_with_the_weights(tmp_path):
     assert checkpoint.tokenizer == tmp_path / "in" / "tokenizer.json"
     write_external(checkpoint.build("lm"), "lm", "LlamaForCausalLM", tmp_path / "out", tokenizer=checkpoint.tokenizer)
     assert Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode("hello").ids == [1]
+    with pytest.raises(ConversionError, match="out: not empty; give a new folder"):
+        write_external(checkpoint.build("lm"), "lm", "LlamaForCausalLM", tmp_path / "out")
 
 
 def test_missing_or_unknown_pieces_are_named(tmp_path):

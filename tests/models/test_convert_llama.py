@@ -52,3 +52,16 @@ def test_rope_scaling_and_other_head_dims_are_refused_naming_the_key(tmp_path):
     library_model("LlamaForCausalLM", head_dim=32).save_pretrained(tmp_path / "wide")
     with pytest.raises(ConversionError, match="head_dim=32"):
         read_external(tmp_path / "wide")
+
+
+def test_a_base_model_file_of_older_transformers_is_read(tmp_path):
+    """No ``model.`` prefix (a ``LlamaModel`` file) and the RoPE frequencies saved as a buffer in every layer."""
+    from safetensors.torch import save_file
+
+    hf = library_model("LlamaForCausalLM", tie_word_embeddings=True)
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state.update({f"layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(2)})
+    hf.config.save_pretrained(tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model = read_external(tmp_path).build("lm")
+    assert torch.equal(model.backbone.decoder.blocks[1].mlp.proj.weight, hf.model.layers[1].mlp.down_proj.weight)

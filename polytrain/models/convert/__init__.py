@@ -1,10 +1,13 @@
 """Weights of Hugging Face and timm checkpoints into polytrain models, and back out, one module per family.
 
-``external`` reads and writes the libraries' folders and files; ``family``
-derives a polytrain architecture from a checkpoint's config and back;
-``rules`` ties the tensors.  The families: ``hf_gpt2``, ``hf_llama`` (Llama,
-Qwen2, Mistral), ``hf_bert``, ``hf_bart``, ``timm_vit``.  None of them imports
-``transformers`` or ``timm``: the files are read as they are.
+``external`` is the entry point: a checkpoint in (``read_external``), a model
+out (``write_external``); ``files`` reads and writes the libraries' folders
+without unpickling; ``family`` derives a polytrain architecture from a
+checkpoint's config and back; ``expressible`` checks an export says all of the
+model; ``rules`` ties the tensors.  The families: ``hf_gpt2``, ``hf_llama``
+(Llama, Qwen2, Mistral), ``hf_bert`` (masked LM, sequence classification),
+``hf_bart``, ``timm_vit``.  None of them imports ``transformers`` or ``timm``:
+the files are read as they are.
 """
 
 # importing a family's module registers it

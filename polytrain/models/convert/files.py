@@ -80,7 +80,13 @@ def read_folder_weights(folder: Path) -> dict[str, Tensor]:
 
 
 def write_folder(folder: Path, config: dict, state: dict[str, Tensor], tokenizer: Path | None = None) -> None:
-    """``config.json``, ``model.safetensors`` and (a copy of ``tokenizer``) ``tokenizer.json`` in ``folder``."""
+    """``config.json``, ``model.safetensors`` and (a copy of ``tokenizer``) ``tokenizer.json`` in a new ``folder``.
+
+    An existing folder with anything in it is refused: stale shards or weights beside the new ones would
+    be read in their place.
+    """
+    if folder.exists() and any(folder.iterdir()):
+        raise ConversionError(f"{folder}: not empty; give a new folder to write the checkpoint to")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})  # transformers checks the format tag

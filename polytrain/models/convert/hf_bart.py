@@ -27,6 +27,7 @@ POSITION_OFFSET = 2
 class Bart(HFFamily):
     name, model_type = "BartForConditionalGeneration", "bart"
     base_prefix = "model."
+    unused = r"^model\.(en|de)coder\.version$"  # fairseq's leftovers in converted files
 
     def architecture(self, config: dict) -> Architecture:
         c = {**DEFAULTS, **config}

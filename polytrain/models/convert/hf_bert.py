@@ -33,6 +33,7 @@ class Bert(HFFamily):
 
     model_type, by_model_type = "bert", False  # "bert" alone does not say which head
     base_prefix = "bert."
+    unused = r"\.position_ids$"  # a buffer files of older transformers saved
 
     def architecture(self, config: dict) -> Architecture:
         c = {**DEFAULTS, **config}
@@ -79,7 +80,7 @@ class Bert(HFFamily):
 
 class BertMaskedLM(Bert):
     name = "BertForMaskedLM"
-    unused = r"^(bert\.pooler|cls\.seq_relationship)\."
+    unused = rf"{Bert.unused}|^(bert\.pooler|cls\.seq_relationship)\."
 
     def with_head(self, arch: Architecture, c: dict) -> Architecture:
         expect(c, "hidden_act", "gelu", "has an erf-GELU masked-LM transform", self.name)

@@ -41,6 +41,7 @@ class LlamaLike(HFFamily):
 
     defaults = LLAMA_DEFAULTS
     base_prefix = "model."
+    unused = r"\.rotary_emb\.inv_freq$"  # RoPE frequencies, a buffer files of older transformers saved
 
     def biases(self, c: dict) -> tuple[bool, bool, bool]:
         """(query/key/value, output, MLP) biases of a checkpoint with config ``c``."""
