@@ -54,7 +54,7 @@ def vit_steps(batch: int, compiled: bool) -> dict[str, Callable[[], None]]:
     for name, compile_blocks in variants.items():
         preset = presets.with_backbone(presets.PRESETS.get("vit_tiny_patch16_224"), compile=compile_blocks)
         ours = preset.build().train()
-        convert.import_timm_vit(ours, reference.state_dict(), "classify")
+        convert.load_state(ours, "classify", "timm", reference.state_dict())
         batch_ = TaskBatch(patches, labels)
         steps[name] = step(ours, lambda m=ours: m.heads["classify"](m, batch_), labels)
     return steps
@@ -71,7 +71,7 @@ def gpt2_steps(batch: int, seq: int, compiled: bool) -> dict[str, Callable[[], N
         preset = presets.gpt2("tiny GPT-2", GPT2_TINY["n_embd"], GPT2_TINY["n_layer"], GPT2_TINY["n_head"],
                               vocab=GPT2_TINY["vocab_size"], positions=GPT2_TINY["n_positions"])
         ours = presets.with_backbone(preset, compile=compile_blocks).build().train()
-        convert.import_hf_gpt2(ours, reference.state_dict())
+        convert.load_state(ours, "lm", "GPT2LMHeadModel", reference.state_dict())
         batch_ = TaskBatch(text_segment(inputs), labels)
         steps[name] = step(ours, lambda m=ours: m.heads["lm"](m, batch_), labels)
     return steps

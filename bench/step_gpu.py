@@ -4,7 +4,7 @@ Decoder: the ``decoder_1b`` preset at seq 2048 under bf16 autocast, one full
 training step (forward, backward, fused AdamW) per kernel that can take the
 call; tokens/s and MFU = model FLOPs/s (``polytrain.models.flops``, PaLM's
 count) / the GPU's dense bf16 peak.  ViT-B/16: polytrain holding timm's
-``vit_base_patch16_224`` weights (``convert.import_timm_vit``) vs timm itself,
+``vit_base_patch16_224`` weights (``convert.load_state``) vs timm itself,
 same batch and step, taking turns; images/s.  Attention: one bf16 forward +
 backward per kernel at head dim 128, seq 4096, causal and full; TFLOP/s by
 FlashAttention's count (4 B H L^2 D per forward, halved when causal; backward
@@ -114,7 +114,7 @@ def vit_base(batch: int, steps: int, compiled: bool) -> dict:
     reference = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().train()
     preset = presets.with_backbone(presets.PRESETS.get("vit_base_patch16_224"), compile=compiled)
     ours = preset.build("cuda").train()
-    convert.import_timm_vit(ours, reference.state_dict(), "classify")
+    convert.load_state(ours, "classify", "timm", reference.state_dict())
     pixels = torch.randn(batch, 3, 224, 224, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")
     patches = Segment.collate([patchify(p, 16) for p in pixels.cpu()]).to("cuda")  # the tokenizer's job, untimed

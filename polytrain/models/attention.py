@@ -293,7 +293,9 @@ class Attention(nn.Module):
     each key/value head serves ``n_heads / n_kv_heads`` query heads.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, bias: bool, dropout: float, cross: bool = False):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, bias: bool, dropout: float, cross: bool = False,
+                 out_bias: bool | None = None):
+        """``bias``: on the query/key/value projections; ``out_bias``: on the output projection (None: as ``bias``)."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.dropout, self.cross = dropout, cross
@@ -303,7 +305,7 @@ class Attention(nn.Module):
             self.kv = nn.Linear(dim, kv_width, bias=bias)
         else:
             self.qkv = nn.Linear(dim, q_width + kv_width, bias=bias)
-        self.out = nn.Linear(q_width, dim, bias=bias)
+        self.out = nn.Linear(q_width, dim, bias=bias if out_bias is None else out_bias)
 
     def forward(self, x_BLE: Tensor, plan: AttentionPlan, rope: tuple[Tensor, Tensor] | None = None,
                 memory_BSE: Tensor | None = None, cache=None) -> Tensor:

@@ -30,11 +30,13 @@ class Block(nn.Module):
         norm, dim = NORMS.get(cfg.norm), cfg.dim
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = norm(dim, cfg.norm_eps)
-        self.attn = Attention(dim, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout)
+        qkv_bias, out_bias, mlp_bias = cfg.biases
+        self.attn = Attention(dim, cfg.n_heads, cfg.kv_heads, qkv_bias, cfg.dropout, out_bias=out_bias)
         self.cross_norm = norm(dim, cfg.norm_eps) if cross_attention else None
-        self.cross = Attention(dim, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout, cross=True) if cross_attention else None
+        self.cross = (Attention(dim, cfg.n_heads, cfg.kv_heads, qkv_bias, cfg.dropout, cross=True, out_bias=out_bias)
+                      if cross_attention else None)
         self.mlp_norm = norm(dim, cfg.norm_eps)
-        self.mlp = MLPS.get(cfg.mlp)(dim, cfg.mlp_hidden, cfg.bias, cfg.dropout)
+        self.mlp = MLPS.get(cfg.mlp)(dim, cfg.mlp_hidden, mlp_bias, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
 

@@ -98,6 +98,9 @@ class BackboneConfig:
     """Causal blocks (with cross-attention when there is an encoder); 0 builds an encoder-only backbone."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of ``dim`` (for swiglu, the width of each of its two branches)."""
+    mlp_width: int = 0
+    """MLP hidden width in channels, overriding ``mlp_ratio``; 0: int(dim * mlp_ratio).  Checkpoint configs
+    state the width, which a ratio does not always give back (int(224 * (976 / 224)) is 975)."""
     mlp: str = "gelu"
     """MLP kind: gelu (erf), gelu_tanh (GPT-2), relu, swiglu."""
     norm: str = "layernorm"
@@ -109,7 +112,13 @@ class BackboneConfig:
     embed_norm: bool = False
     """Normalize each stack's input embeddings (BERT, BART's ``layernorm_embedding``)."""
     bias: bool = True
-    """Biases in the attention and MLP projections."""
+    """Biases in the attention and MLP projections (unless one of the three below says otherwise)."""
+    qkv_bias: bool | None = None
+    """Biases in the query/key/value projections (Qwen2 has them, Llama not); None: as ``bias``."""
+    out_bias: bool | None = None
+    """Bias in the attention output projection; None: as ``bias``."""
+    mlp_bias: bool | None = None
+    """Biases in the MLP projections; None: as ``bias``."""
     position: str = "learned"
     """Position encoding: learned, sinusoidal (added to the embeddings), rope, alibi (inside attention)."""
     rope_base: float = 10000.0
@@ -139,6 +148,8 @@ class BackboneConfig:
                               f"must be >= 0, and encoder_layers + decoder_layers >= 1 (encoder_layers={self.encoder_layers})")
         if self.mlp_ratio <= 0:
             raise ConfigError("mlp_ratio", self.mlp_ratio, "must be > 0")
+        if self.mlp_width < 0:
+            raise ConfigError("mlp_width", self.mlp_width, "must be >= 0 (0: int(dim * mlp_ratio))")
         for key, registry in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
             if getattr(self, key) not in registry:
                 raise ConfigError(key, getattr(self, key), f"unknown; known: {', '.join(registry.names())}")
@@ -165,7 +176,12 @@ class BackboneConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.dim * self.mlp_ratio)
+        return self.mlp_width or int(self.dim * self.mlp_ratio)
+
+    @property
+    def biases(self) -> tuple[bool, bool, bool]:
+        """Whether the (query/key/value, attention output, MLP) projections have biases."""
+        return tuple(self.bias if flag is None else flag for flag in (self.qkv_bias, self.out_bias, self.mlp_bias))
 
 
 @dataclass(frozen=True)
@@ -179,9 +195,16 @@ class EmbedConfig:
     """Prepend a learned [CLS] vector to every image/audio segment (for pooling="cls" classifiers)."""
     scale_tokens: bool = False
     """Multiply token embeddings by sqrt(dim) before adding positions (Vaswani et al. 2017)."""
+    token_types: int = 0
+    """Rows of a learned token-type table in the text embedder (BERT's ``type_vocab_size``); every text
+    token adds row 0, as BERT does for a single sentence, and the other rows are kept for export.  0: none."""
+    decoder_positions: bool = False
+    """Text entering the decoder stack gets a learned position table of its own (BART keeps one per
+    stack); false: one table serves both stacks."""
 
     def check(self) -> None:
-        """Field types and the Literal are checked by the config loader; nothing spans fields here."""
+        if self.token_types < 0:
+            raise ConfigError("token_types", self.token_types, "must be >= 0 (0: no token-type table)")
 
 
 @dataclass(frozen=True)
@@ -191,6 +214,9 @@ class ClassifierConfig:
     pooling: Literal["cls", "mean"] = "mean"
     """cls: the first token's output (the patch embedders' [CLS] with ``embed.cls_token``, or a text
     segment's first token); mean: the average over real tokens."""
+    pooler: bool = False
+    """Pass the pooled vector through a learned dim x dim linear map and tanh before the class
+    projection (BERT's pooler)."""
 
     def check(self) -> None:
         if self.classes < 2:
@@ -287,7 +313,16 @@ class ModelConfig:
     """Std of the normal init of every linear and embedding weight (residual outputs: / sqrt(2 * layers))."""
     tie_embeddings: bool = True
     """Text LM logits use the text embedding table (GPT-2, BART); false adds a separate ``lm_head``."""
+    lm_bias: bool = False
+    """Text LM logits get a learned bias per vocabulary entry (BERT's ``cls.predictions.bias``), beside the
+    tied table or in the ``lm_head``."""
 
     def check(self) -> None:
         if self.init_std <= 0:
             raise ConfigError("init_std", self.init_std, "must be > 0")
+        backbone = self.backbone
+        if self.embed.decoder_positions and (POSITIONS.get(backbone.position).table != "learned"
+                                             or not backbone.encoder_layers or not backbone.decoder_layers):
+            raise ConfigError("embed.decoder_positions", True, "needs learned positions and both stacks, got "
+                              f"backbone.position={backbone.position}, encoder_layers={backbone.encoder_layers}, "
+                              f"decoder_layers={backbone.decoder_layers}")

@@ -98,9 +98,10 @@ class Embedder(nn.Module):
 class TokenEmbedder(Embedder):
     """Token ids -> vectors plus 1-D positions. Its table doubles as the LM output projection when tied.
 
-    Called with a Segment it embeds; called with hidden states (B, T, E) it returns the tied
-    logits (B, T, V). Both uses run inside this module's forward, where sharded-parameter engines
-    (ZeRO-3) gather the table.
+    Called with a Segment it embeds (``decoder=True``: for the decoder stack, with its own position
+    table where the model keeps one); called with hidden states (B, T, E) it returns the tied
+    logits (B, T, V), plus the output bias with ``lm_bias``. Both uses run inside this module's
+    forward, where sharded-parameter engines (ZeRO-3) gather the table.
     """
 
     def __init__(self, spec: EmbedSpec, cfg: ModelConfig):
@@ -108,24 +109,31 @@ class TokenEmbedder(Embedder):
         dim = cfg.backbone.dim
         self.table = nn.Embedding(spec.input_dim, dim)
         self.scale = dim**0.5 if cfg.embed.scale_tokens else 1.0
+        self.token_type = nn.Embedding(cfg.embed.token_types, dim) if cfg.embed.token_types else None
         if self.kind.table is None:
             self.position = None
         elif self.kind.table == "sinusoidal":
             self.position = SinusoidalEmbedding(spec.grid[1], dim)
         else:
             self.position = nn.Embedding(spec.grid[1], dim)
+        self.decoder_position = nn.Embedding(spec.grid[1], dim) if cfg.embed.decoder_positions else None
+        tied_bias = cfg.lm_bias and cfg.tie_embeddings
+        self.output_bias = nn.Parameter(torch.zeros(spec.input_dim)) if tied_bias else None
 
-    def forward(self, x: Segment | Tensor) -> Embedded | Tensor:
+    def forward(self, x: Segment | Tensor, decoder: bool = False) -> Embedded | Tensor:
         if isinstance(x, Tensor):
-            return F.linear(x, self.table.weight)
-        return self.embed(x)
+            return F.linear(x, self.table.weight, self.output_bias)
+        return self.embed(x, decoder)
 
-    def embed(self, segment: Segment) -> Embedded:
+    def embed(self, segment: Segment, decoder: bool) -> Embedded:
         x_BLE = self.table(segment.values)
         if self.scale != 1.0:
             x_BLE = x_BLE * self.scale
-        if self.position is not None:
-            x_BLE = x_BLE + self.position(segment.positions[..., 1])
+        if self.token_type is not None:
+            x_BLE = x_BLE + self.token_type(torch.zeros_like(segment.values))
+        position = self.decoder_position if decoder and self.decoder_position is not None else self.position
+        if position is not None:
+            x_BLE = x_BLE + position(segment.positions[..., 1])
         return self.finish(x_BLE, segment)
 
 

@@ -100,7 +100,7 @@ class DecoderSession:
         self.text_length = 0
 
     def feed(self, ids_BL: Tensor) -> Tensor:
-        seq = self.model.embed(text_segment(ids_BL, start=self.text_length))
+        seq = self.model.embed(text_segment(ids_BL, start=self.text_length), decoder=True)
         prefix = 0
         if self.prefix is not None:
             seq, prefix, self.prefix = self.prefix.then(seq), self.prefix.length, None
@@ -121,7 +121,7 @@ class DecoderOnlyHead(TextDecoderHead):
     kind = HEAD_KINDS["decoder_only"]
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
-        text = model.embed(batch.inputs)
+        text = model.embed(batch.inputs, decoder=True)
         if batch.source is None:
             return model.lm_logits(model.backbone.decode(text))
         prefix = model.embed(batch.source)
@@ -150,7 +150,8 @@ class EncoderDecoderHead(TextDecoderHead):
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         memory_BSE, memory_valid_BS = self.memory(model, batch.source)
-        return model.lm_logits(model.backbone.decode(model.embed(batch.inputs), memory_BSE, memory_valid_BS))
+        text = model.embed(batch.inputs, decoder=True)
+        return model.lm_logits(model.backbone.decode(text, memory_BSE, memory_valid_BS))
 
     def session(self, model, source, rows_per_prompt, text_capacity):
         memory_BSE, memory_valid_BS = self.memory(model, source)  # encoded once, for every step and beam
@@ -168,6 +169,7 @@ class EncoderClassifierHead(Head):
     def __init__(self, cfg: ModelConfig, specs: dict[str, EmbedSpec]):
         super().__init__(cfg, specs)
         self.pooling = cfg.heads.classifier.pooling
+        self.pooler = nn.Linear(cfg.backbone.dim, cfg.backbone.dim) if cfg.heads.classifier.pooler else None
         self.proj = nn.Linear(cfg.backbone.dim, cfg.heads.classifier.classes)
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
@@ -178,6 +180,8 @@ class EncoderClassifierHead(Head):
         else:
             weights_BL1 = embedded.valid_BL[..., None].to(h_BLE.dtype)
             pooled_BE = (h_BLE * weights_BL1).sum(1) / weights_BL1.sum(1)
+        if self.pooler is not None:
+            pooled_BE = torch.tanh(self.pooler(pooled_BE))
         return self.proj(pooled_BE)
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from polytrain.errors import ConfigError
 from polytrain.models.backbone import Backbone
 from polytrain.models.config import HEADS, BackboneConfig, ModelConfig, head_kind
-from polytrain.models.embed import EMBEDDERS, Embedded
+from polytrain.models.embed import EMBEDDERS, Embedded, TokenEmbedder
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
@@ -24,13 +24,15 @@ class PolyModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         by_modality = {s.modality: s for s in specs}
+        self.specs, self.task_heads = by_modality, dict(task_heads)
+        """What the model was built for: its embed specs by modality, its tasks' head names (for export)."""
         head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
         check_heads_fit(cfg.backbone, by_modality, task_heads)
         self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg) for s in specs})
         self.backbone = Backbone(cfg.backbone)
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
-            self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=False)
+            self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
         self.heads = nn.ModuleDict({task: cls(cfg, by_modality) for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
 
@@ -49,8 +51,13 @@ class PolyModel(nn.Module):
             if name.endswith(RESIDUAL_OUTPUTS):
                 nn.init.normal_(param, std=std / math.sqrt(2 * layers))
 
-    def embed(self, segment: Segment) -> Embedded:
-        return self.embedders[segment.modality](segment)
+    def embed(self, segment: Segment, decoder: bool = False) -> Embedded:
+        """``decoder``: the segment feeds the decoder stack, so text takes the decoder's position table
+        where ``embed.decoder_positions`` gives it one."""
+        embedder = self.embedders[segment.modality]
+        if decoder and isinstance(embedder, TokenEmbedder):
+            return embedder(segment, decoder=True)
+        return embedder(segment)
 
     def lm_logits(self, h_BTE: Tensor) -> Tensor:
         """Next-token logits (B, T, V): tied to the text embedding table, or the separate ``lm_head``."""

@@ -2,7 +2,8 @@
 
 ``polytrain model info NAME`` prints a preset's parameter counts.  The family
 functions (``vit``, ``gpt2``, ``bart``) also configure polytrain like those
-models at any size, for ``convert.py`` and the parity tests.
+models at any size, for the benchmarks and tests; a checkpoint's own config
+gives its architecture through ``polytrain.models.convert``.
 """
 
 from dataclasses import dataclass, field, replace

@@ -1,0 +1,20 @@
+"""Weights of Hugging Face and timm checkpoints into polytrain models, and back out, one module per family.
+
+``external`` is the entry point: a checkpoint in (``read_external``), a model
+out (``write_external``); ``files`` reads and writes the libraries' folders
+without unpickling; ``family`` derives a polytrain architecture from a
+checkpoint's config and back; ``expressible`` checks an export says all of the
+model; ``rules`` ties the tensors.  The families: ``hf_gpt2``, ``hf_llama``
+(Llama, Qwen2, Mistral), ``hf_bert`` (masked LM, sequence classification),
+``hf_bart``, ``timm_vit``.  None of them imports ``transformers`` or ``timm``:
+the files are read as they are.
+"""
+
+# importing a family's module registers it
+from polytrain.models.convert import hf_bart, hf_bert, hf_gpt2, hf_llama, timm_vit  # noqa: F401
+from polytrain.models.convert.external import ExternalCheckpoint, load_state, read_external, write_external
+from polytrain.models.convert.family import FAMILIES, Architecture
+from polytrain.models.convert.rules import ConversionError
+
+__all__ = ["FAMILIES", "Architecture", "ConversionError", "ExternalCheckpoint", "load_state", "read_external",
+           "write_external"]

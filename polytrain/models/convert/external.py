@@ -1,0 +1,122 @@
+"""Checkpoints of other libraries in, polytrain models back out: the entry points of ``convert``.
+
+    checkpoint = read_external(Path("qwen2-0.5b"))             # a save_pretrained folder
+    model = checkpoint.build("lm")                              # its architecture and weights, as task "lm"
+    write_external(model, "lm", "Qwen2ForCausalLM", Path("out"), tokenizer=checkpoint.tokenizer)
+    vit = read_external(Path("vit.safetensors"), timm_model="vit_small_patch16_224").build("classify")
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from polytrain.models.convert.expressible import checked_config
+from polytrain.models.convert.family import FAMILIES, Architecture, Family, family_of
+from polytrain.models.convert.files import (
+    CONFIG,
+    PICKLE_SUFFIXES,
+    TOKENIZER,
+    read_folder_weights,
+    read_json,
+    read_weights,
+    refuse_pickle,
+    write_folder,
+)
+from polytrain.models.convert.rules import ConversionError, export_state, import_state
+from polytrain.models.model import PolyModel
+
+
+@dataclass
+class ExternalCheckpoint:
+    """A checkpoint of another library, read: its family, config, polytrain architecture, tensors, tokenizer."""
+
+    family: Family
+    config: dict
+    """``config.json``; for a bare timm file, timm's form of it: ``{"architecture": name, "model_args": {...}}``."""
+    architecture: Architecture
+    state: dict[str, Tensor]
+    tokenizer: Path | None
+    """Its ``tokenizer.json``, if it has one."""
+
+    def build(self, task: str) -> PolyModel:
+        """A polytrain model shaped like the checkpoint, holding its weights, its head serving ``task``."""
+        model = self.architecture.build(task)
+        import_weights(model, self.family, self.architecture, task, self.state)
+        return model
+
+
+def read_external(path: Path, timm_model: str | None = None, model_args: dict | None = None) -> ExternalCheckpoint:
+    """A ``save_pretrained`` folder (Hugging Face or timm), or a ``.safetensors`` file of timm model ``timm_model``.
+
+    ``model_args``: the keyword arguments the timm model was created with (``num_classes``, ``img_size``, ...).
+    The architecture is derived before any weights are read, so a checkpoint polytrain cannot express fails fast.
+    """
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_dir():
+        config = read_json(path / CONFIG)
+        family = family_of(config)
+        architecture = family.architecture(config)
+        tokenizer = path / TOKENIZER
+        return ExternalCheckpoint(family, config, architecture, read_folder_weights(path),
+                                  tokenizer if tokenizer.is_file() else None)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise refuse_pickle(path)
+    if timm_model is None:
+        raise ConversionError(f"{path}: a lone weights file has no config; name its timm model, or give the "
+                              "save_pretrained folder it came from")
+    config = {"architecture": timm_model, "model_args": dict(model_args or {})}
+    family = FAMILIES.get("timm")
+    return ExternalCheckpoint(family, config, family.architecture(config), read_weights(path), None)
+
+
+def architecture_of(model: PolyModel, family: Family, task: str, channels: int = 3) -> Architecture:
+    """The architecture of ``model`` as ``family`` sees it, with the head of ``task`` (images of ``channels``)."""
+    if task not in model.task_heads:
+        raise ConversionError(f"the model has no task {task!r}; its tasks: {', '.join(sorted(model.task_heads))}")
+    if family.modality not in model.specs:
+        raise ConversionError(f"{family.name} reads {family.modality}, which the model has no embedder for "
+                              f"(it has {', '.join(sorted(model.specs))})")
+    return Architecture(model.cfg, model.specs[family.modality], model.task_heads[task], channels)
+
+
+def import_weights(model: PolyModel, family: Family, arch: Architecture, task: str, state: dict[str, Tensor]) -> None:
+    """Fill ``model`` (built from ``arch``) from a ``family`` checkpoint's tensors; errors name the tensor."""
+    import_state(model, family.prepare(state), family.rules(arch, task), family.name, tuple(family.zeros(arch)))
+
+
+def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False
+                   ) -> tuple[dict, dict[str, Tensor]]:
+    """The library's config and tensors of ``model`` with the head of ``task`` (images of ``channels``).
+
+    ``restored``: include the copies the library ties itself (for ``load_state_dict(strict=True)``;
+    its own files leave them out).
+    """
+    arch = architecture_of(model, family, task, channels)
+    config = checked_config(family, arch)
+    state = export_state(model, family.rules(arch, task), restored)
+    dtype = next(iter(state.values())).dtype
+    state.update({name: torch.zeros(shape, dtype=dtype) for name, shape in family.zeros(arch).items()})
+    return family.with_dtype(config, dtype), state
+
+
+def load_state(model: PolyModel, task: str, family: str, state: dict[str, Tensor], channels: int = 3) -> None:
+    """Fill a built ``model`` (a preset, say) from a ``family`` state dict in memory, its head serving ``task``.
+
+    ``channels``: of the images the model reads.
+    """
+    fam = FAMILIES.get(family)
+    import_weights(model, fam, architecture_of(model, fam, task, channels), task, state)
+
+
+def write_external(model: PolyModel, task: str, family: str, folder: Path, tokenizer: Path | None = None,
+                   channels: int = 3) -> dict:
+    """Save ``model`` with the head of ``task`` as a ``family`` checkpoint folder the library loads; its config.
+
+    ``tokenizer``: a ``tokenizer.json`` to copy beside the weights; ``channels``: of the images the model reads.
+    """
+    config, state = export_weights(model, FAMILIES.get(family), task, channels)
+    write_folder(folder, config, state, tokenizer)
+    return config

@@ -1,0 +1,155 @@
+"""Checkpoint families: one library's model kind, mapped to a polytrain architecture and back.
+
+A ``Family`` (one per Hugging Face architecture, and ``timm`` for timm's ViT)
+derives the polytrain ``Architecture`` from the checkpoint's own config (a
+``config.json`` dict; for timm, the model name and arguments), writes the
+library's config for a polytrain architecture, and lists the ``Rule``s that tie
+the tensors.  ``FAMILIES`` holds them by ``architectures[0]`` and
+``model_type``; ``family_of`` picks one for a config.
+
+"""
+
+import logging
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polytrain.models.config import ModelConfig
+from polytrain.models.convert.rules import ConversionError, Rule
+from polytrain.models.model import PolyModel
+from polytrain.registry import Registry
+from polytrain.tokens import EmbedSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A polytrain model shaped like a checkpoint: the model config, its one embed spec, its head."""
+
+    model: ModelConfig
+    spec: EmbedSpec
+    """Text: (vocabulary, (1, max positions)); image: (channels * patch * patch, patch grid)."""
+    head: str
+    """The head a task on this model uses (``decoder_only``, ``encoder_classifier``, ...)."""
+    channels: int = 3
+    """Image channels: an image spec's patches hold channels x side x side features, which alone do not say
+    how many of each (768 is 3 x 16 x 16 and 12 x 8 x 8)."""
+
+    def build(self, task: str) -> PolyModel:
+        return PolyModel(self.model, [self.spec], {task: self.head})
+
+
+class Family(ABC):
+    """How one library's model kind maps onto polytrain."""
+
+    name = ""
+    """Hugging Face ``architectures[0]`` (``timm`` for timm)."""
+    model_type = ""
+    """Hugging Face ``model_type`` (timm: "")."""
+    by_model_type = True
+    """A config naming only ``model_type``, no architecture, means this family (false where several share it)."""
+    modality = "text"
+    """The modality of the checkpoint's input: the embed spec export reads off the model."""
+    base_prefix = ""
+    """Prefix of the base model's tensors (``transformer.``), which base-model files leave out."""
+    unused = ""
+    """Regex of tensors this library's class does not use either (buffers, other heads); dropped on import."""
+
+    @abstractmethod
+    def architecture(self, config: dict) -> Architecture:
+        """polytrain's shape of a checkpoint with this config; a ConversionError names a setting it cannot follow."""
+
+    @abstractmethod
+    def library_config(self, arch: Architecture) -> dict:
+        """The library's config (``config.json``) of a model shaped like ``arch``."""
+
+    @abstractmethod
+    def rules(self, arch: Architecture, task: str) -> list[Rule]:
+        """The tensor rules of ``arch`` with its head serving task ``task``."""
+
+    def zeros(self, arch: Architecture) -> dict[str, tuple[int, ...]]:
+        """Their tensors polytrain has no place for that must be zero: accepted only so, written as zeros."""
+        return {}
+
+    def with_dtype(self, config: dict, dtype: torch.dtype) -> dict:
+        """``config`` for tensors of ``dtype`` (where the library's config records it)."""
+        return config
+
+    def prepare(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` under the names the rules use: base-model files prefixed, tensors nobody uses dropped."""
+        if self.base_prefix and not any(name.startswith(self.base_prefix) for name in state):
+            state = {self.base_prefix + name: t for name, t in state.items()}
+        dropped = sorted(name for name in state if self.unused and re.search(self.unused, name))
+        if dropped:
+            log.info("%s: skipping %d tensors the library does not use either: %s", self.name, len(dropped),
+                     ", ".join(dropped[:4]) + (", ..." if len(dropped) > 4 else ""))
+        return {name: t for name, t in state.items() if name not in dropped}
+
+
+class HFFamily(Family):
+    """A Hugging Face ``transformers`` model class; its config names the class and the tensors' dtype."""
+
+    def library_config(self, arch: Architecture) -> dict:
+        return {"architectures": [self.name], "model_type": self.model_type, **self.settings(arch)}
+
+    @abstractmethod
+    def settings(self, arch: Architecture) -> dict:
+        """The config keys of this class (beyond its name) that describe ``arch``."""
+
+    def with_dtype(self, config: dict, dtype: torch.dtype) -> dict:
+        return {**config, "dtype": str(dtype).removeprefix("torch.")}  # from_pretrained loads in this dtype
+
+
+FAMILIES: Registry[Family] = Registry("checkpoint family")
+"""Families by Hugging Face ``architectures[0]`` and ``model_type``, and ``timm``."""
+
+
+def register(family: Family) -> Family:
+    FAMILIES.register(family.name)(family)
+    if family.model_type and family.by_model_type:
+        FAMILIES.register(family.model_type)(family)
+    return family
+
+
+def family_of(config: dict) -> Family:
+    """The family of a ``config.json``: its ``architectures[0]``, else its ``model_type``; timm's names an
+    ``architecture``."""
+    if "architecture" in config:
+        return FAMILIES.get("timm")
+    architectures = config.get("architectures") or [config.get("model_type")]
+    if not architectures[0]:
+        raise ConversionError("config.json names neither its architectures nor its model_type")
+    return FAMILIES.get(architectures[0])
+
+
+def expect(config: dict, key: str, allowed: Any, why: str, source: str) -> None:
+    """Refuse a config whose ``key`` is set to anything but ``allowed`` (absent or None counts as allowed)."""
+    if config.get(key) not in (None, allowed):
+        raise ConversionError(f"{source} config {key}={config[key]!r}: polytrain {why} (it takes {allowed!r})")
+
+
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+"""Hugging Face ``hidden_act`` / ``activation_function`` -> polytrain ``backbone.mlp``; export writes the first
+name of each."""
+
+
+def hf_activation_to_mlp(name: str, key: str, source: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ConversionError(f"{source} config {key}={name!r}: polytrain has no such MLP; "
+                              f"known: {', '.join(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def mlp_to_hf_activation(mlp: str, source: str) -> str:
+    names: dict[str, str] = {}
+    for theirs, ours in HF_ACTIVATIONS.items():
+        names.setdefault(ours, theirs)
+    if mlp not in names:
+        raise ConversionError(f"{source} cannot express model.backbone.mlp={mlp!r}; "
+                              f"it takes {', '.join(sorted(names))}")
+    return names[mlp]
