@@ -217,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, tokenizers, model = load_model(args.run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = evaluate(model.to(device), cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers),
-                       tokenizers["text"], device, cfg.train.eval_batch_size)
+                       tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
     print(format_table(results))
     print(json.dumps(results))
     if args.out:

@@ -4,7 +4,12 @@ Every modality tokenizer turns a raw sample into ``Tokens``; collation pads a
 list of them into a ``Segment``; every embedder turns a ``Segment`` into
 ``(B, L, dim)``.  The backbone never looks at which modality it got.
 
-Shape legend: B batch, L sequence length, D features per patch.
+A sequence that mixes modalities (an image, then a question, then its answer)
+is a text ``Segment`` whose ``spans`` hold the non-text parts: each span's
+tokens are embedded by its modality's embedder and placed at its slots in the
+text sequence, which hold a placeholder id there.
+
+Shape legend: B batch, L sequence length, D features per patch, N spans, S span length.
 """
 
 from dataclasses import dataclass, field, replace
@@ -45,8 +50,24 @@ class Tokens:
 
 
 @dataclass
+class Spans:
+    """The non-text spans of one modality in a batch of mixed sequences, and where each one goes."""
+
+    tokens: "Segment"
+    """(N, S, ...) the spans' tokens, padded, as their embedder reads them."""
+    rows: Tensor
+    """(N,) int64: the sequence row of each span; -1 marks a stand-in that is embedded but placed nowhere (so
+    every rank runs every embedder of a task, whatever its micro-batch holds)."""
+    starts: Tensor
+    """(N,) int64: the position in its row of each span's first token."""
+
+    def to(self, device: torch.device | str) -> "Spans":
+        return Spans(self.tokens.to(device), self.rows.to(device), self.starts.to(device))
+
+
+@dataclass
 class Segment:
-    """A padded batch of ``Tokens`` of one modality."""
+    """A padded batch of ``Tokens`` of one modality (a text one may carry non-text ``spans``)."""
 
     values: Tensor
     """(B, L) int64 ids or (B, L, D) float patches."""
@@ -57,6 +78,8 @@ class Segment:
     modality: str
     documents: Tensor | None = None
     """(B, L) int64 document index per token for packed rows (padding gets -1); None: one document per row."""
+    spans: dict[str, Spans] = field(default_factory=dict)
+    """Text segments only: non-text spans by modality, placed over the placeholder ids at their slots."""
 
     @staticmethod
     def collate(items: list[Tokens], pad_value: float = 0) -> "Segment":
@@ -80,7 +103,8 @@ class Segment:
     def to(self, device: torch.device | str) -> "Segment":
         return replace(self, values=self.values.to(device), positions=self.positions.to(device),
                        mask=self.mask.to(device),
-                       documents=None if self.documents is None else self.documents.to(device))
+                       documents=None if self.documents is None else self.documents.to(device),
+                       spans={modality: spans.to(device) for modality, spans in self.spans.items()})
 
 
 @dataclass
@@ -88,19 +112,26 @@ class TaskBatch:
     """One task's share of a micro-batch: what a head consumes, plus bookkeeping."""
 
     inputs: Segment
-    """Text fed to the decoder (teacher forcing): (B, T) ids."""
+    """What the head reads first: the decoder's text (teacher forcing), or the encoder's input (classifier,
+    masked_lm); a text segment may carry non-text spans."""
     labels: Tensor
-    """(B, T) int64 next-token targets, ``IGNORE_INDEX`` where no loss."""
+    """(B, T) int64 token targets (next tokens, or masked originals), ``IGNORE_INDEX`` where no loss; (B,)
+    class ids for a classifier."""
     source: Segment | None = None
-    """Encoder input for encoder-decoder tasks; None for decoder-only."""
+    """The encoder's input for encoder-decoder tasks; None otherwise."""
     sample_ids: list[str] = field(default_factory=list)
     """Where each row came from (``manifest:line``), for logs and resume checks."""
     targets: list[str] = field(default_factory=list)
-    """Reference target strings, for generation metrics."""
+    """Reference target strings (scored text, or class names), for evaluation metrics."""
+    prompt: Segment | None = None
+    """decoder_only, unpacked: each sample's sequence before its scored text (left-padded), for generation."""
+    bidirectional_spans: bool = False
+    """decoder_only: the tokens of each non-text span see each other whole (prefix-LM)."""
 
     def to(self, device: torch.device | str) -> "TaskBatch":
         return replace(self, inputs=self.inputs.to(device), labels=self.labels.to(device),
-                       source=None if self.source is None else self.source.to(device))
+                       source=None if self.source is None else self.source.to(device),
+                       prompt=None if self.prompt is None else self.prompt.to(device))
 
     def __len__(self) -> int:
         return self.labels.shape[0]

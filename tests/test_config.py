@@ -46,8 +46,11 @@ def test_defaults_fill_missing_sections():
     ("train.betas=[0.9]", "train.betas", "list of 2 values"),
     ("tracking.wandb.mode=on", "tracking.wandb.mode", "'disabled', 'offline', 'online'"),
     ("train=5", "train", "must be a mapping"),
-    ("data.tasks.text_lm.head=decoder_only data.tasks.text_lm.source=image", "data.tasks.text_lm.source",
-     "leave source unset"),
+    ("data.tasks.text_lm.head=masked_lm data.tasks.text_lm.source=image", "data.tasks.text_lm.source",
+     "masked_lm reads text only"),
+    ("data.tasks.text_lm.head=encoder_classifier", "data.tasks.text_lm.classes", "needs the names of at least two"),
+    ("data.tasks.image_to_text.classes=[a,b]", "data.tasks.image_to_text.classes", "is for encoder_classifier"),
+    ("data.tasks.text_lm.mask_probability=1.5", "data.tasks.text_lm.mask_probability", "must be in (0, 1)"),
 ])
 def test_bad_config_names_key_value_and_allowed(override, key, fragment):
     with pytest.raises(ConfigError) as err:

@@ -143,7 +143,7 @@ def test_an_installed_plugin_is_a_modality_of_the_recipe(plugin_site, tmp_path):
         "tokenizers.plugins.audio={'x': 1}: audio is built in; configure it under tokenizers.audio",
         "tokenizers.plugins.vidoe={'x': 1}: no tokenizer of that name is installed; known: audio, broken, image, "
         "scalar, text",
-        "data.tasks.t.source='vidoe': head encoder_decoder needs a source modality; known: audio, broken, image, "
+        "data.tasks.t.source='vidoe': unknown modality 'vidoe'; known: audio, broken, image, "
         "scalar, text",
     ]
 

@@ -3,7 +3,7 @@
 Kernels, by name (``model.backbone.attention``):
 
 - ``auto``: the ``flash_attn`` package when it is installed and the call fits it
-  (CUDA, fp16/bf16, head dim <= 256, no prefix-LM mask); else FlexAttention for
+  (CUDA, fp16/bf16, head dim <= 256, no bidirectional spans); else FlexAttention for
   packed documents on CUDA; else ``sdpa``.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, which itself
   picks FlashAttention, cuDNN, memory-efficient or math from device, dtype and mask.
@@ -110,7 +110,7 @@ class SDPA(Kernel):
         _, length, keys = rule.shape
         if not rule.causal:
             return AttentionPlan(self)
-        if rule.prefix == 0 and rule.offset == 0 and length == keys:
+        if rule.offset == 0 and length == keys:
             return AttentionPlan(self, is_causal=True)
         return AttentionPlan(self, mask=rule.dense())
 
@@ -208,8 +208,8 @@ class FlashAttn(Kernel):
             return f"flash_attn needs fp16 or bf16, got {dtype}"
         if head_dim > FLASH_ATTN_MAX_HEAD_DIM or head_dim % 8:
             return f"flash_attn needs a head dim <= {FLASH_ATTN_MAX_HEAD_DIM} divisible by 8, got {head_dim}"
-        if rule.prefix:
-            return "flash_attn has no prefix-LM mask"
+        if rule.spans_BL is not None:
+            return "flash_attn has no bidirectional spans (prefix-LM); use sdpa or flex"
         _, length, keys = rule.shape
         if rule.causal and rule.offset != keys - length:
             return "flash_attn aligns causal masks to the last key"

@@ -1,7 +1,8 @@
 """Which keys each query may attend to: one rule, written once, read by every attention kernel.
 
-A ``MaskRule`` describes padding, causality, a bidirectional prefix (prefix-LM)
-and packed documents.  ``allowed(b, q, k)`` evaluates it on broadcastable index
+A ``MaskRule`` describes padding, causality, bidirectional spans inside a
+causal sequence (prefix-LM: an image's patches see each other whole) and
+packed documents.  ``allowed(b, q, k)`` evaluates it on broadcastable index
 tensors, so the same function builds SDPA's dense boolean mask and serves as
 FlexAttention's ``mask_mod``; ``runs`` gives FlashAttention's variable-length
 form.  Stacks build one rule per forward, not one per block.
@@ -19,8 +20,8 @@ from torch import Tensor
 class MaskRule:
     """Query ``q`` (absolute index ``offset + q`` among the keys) may see key ``k`` when all of these hold:
 
-    the key is a real token; when causal, ``k <= offset + q`` or the key lies in
-    the bidirectional prefix ``k < prefix``; when documents are given, both are
+    the key is a real token; when causal, ``k <= offset + q`` or query and key
+    lie in the same bidirectional span (``spans_BL``); when documents are given, both are
     in the same document.  In self-attention a query always sees itself, so a
     padded query has a non-empty row and no NaN appears (its output is ignored).
     """
@@ -28,8 +29,9 @@ class MaskRule:
     key_valid_BS: Tensor
     query_valid_BL: Tensor
     causal: bool = False
-    prefix: int = 0
-    """Keys with index < prefix are visible to every query (the non-text prefix of a prefix-LM)."""
+    spans_BL: Tensor | None = None
+    """(B, L) index of the bidirectional span each query lies in, -1 outside any; tokens of one span see each
+    other whole even under ``causal``. Self-attention without an offset only (the queries are the keys)."""
     offset: int = 0
     """Absolute index of query 0 among the keys (tokens already in the KV cache)."""
     query_docs_BL: Tensor | None = None
@@ -45,7 +47,11 @@ class MaskRule:
         absolute_q = q + self.offset
         ok = self.key_valid_BS[b, k]
         if self.causal:
-            ok = ok & ((k <= absolute_q) | (k < self.prefix))
+            seen = k <= absolute_q
+            if self.spans_BL is not None:
+                span = self.spans_BL[b, q]
+                seen = seen | ((span == self.spans_BL[b, k]) & (span >= 0))
+            ok = ok & seen
         if self.query_docs_BL is not None:
             ok = ok & ((self.query_docs_BL[b, q] == self.key_docs_BS[b, k]) | ~self.query_valid_BL[b, q])
         if self.self_attention:
@@ -69,17 +75,17 @@ class MaskRule:
         return (q - torch.arange(keys, device=device)[None, :]).abs().float()
 
     def is_plain(self) -> bool:
-        """No padding and no documents: only ``causal`` (and ``prefix``) shape the mask. Syncs with the device."""
-        return self.query_docs_BL is None and bool(self.key_valid_BS.all())
+        """No padding, documents or spans: only ``causal`` shapes the mask. Syncs with the device."""
+        return self.query_docs_BL is None and self.spans_BL is None and bool(self.key_valid_BS.all())
 
     def runs(self) -> tuple[Tensor, int]:
-        """FlashAttention's variable-length form of a self-attention rule without prefix or cache offset.
+        """FlashAttention's variable-length form of a self-attention rule without spans or cache offset.
 
         Every maximal run of tokens of one document (or of padding) in a row is
         one sequence; returns its int32 start offsets into the flattened (B*L)
         tokens, with the total appended (``cu_seqlens``), and the longest run.
         """
-        assert self.self_attention and self.offset == 0 and self.prefix == 0
+        assert self.self_attention and self.offset == 0 and self.spans_BL is None
         batch, length, _ = self.shape
         ids_BL = self.query_docs_BL if self.query_docs_BL is not None else self.query_valid_BL.long() - 1
         starts_BL = torch.ones_like(self.query_valid_BL)

@@ -74,11 +74,13 @@ class Stack(nn.Module):
                 block.compile()
 
     def forward(self, seq: Embedded, memory_BSE: Tensor | None = None, memory_valid_BS: Tensor | None = None,
-                prefix: int = 0, cache: KVCache | None = None) -> Tensor:
-        """``prefix``: the first ``prefix`` tokens attend bidirectionally (prefix-LM); ``cache``: decode incrementally."""
+                cache: KVCache | None = None, memory_docs_BS: Tensor | None = None) -> Tensor:
+        """``cache``: decode incrementally; ``memory_docs_BS``: the packed documents of the memory (cross-attention
+        keeps each decoder document to its own)."""
         x_BLE = seq.x_BLE if self.input_norm is None else self.input_norm(seq.x_BLE)
         x_BLE = self.drop(x_BLE)
-        plan, memory_plan = self.plans(seq, x_BLE, memory_valid_BS if memory_BSE is not None else None, prefix, cache)
+        plan, memory_plan = self.plans(seq, x_BLE, memory_valid_BS if memory_BSE is not None else None, cache,
+                                       memory_docs_BS)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
@@ -90,21 +92,24 @@ class Stack(nn.Module):
             cache.advance(seq.length)
         return x_BLE if self.norm is None else self.norm(x_BLE)
 
-    def plans(self, seq: Embedded, x_BLE: Tensor, memory_valid_BS: Tensor | None, prefix: int,
-              cache: KVCache | None) -> tuple[AttentionPlan, AttentionPlan | None]:
+    def plans(self, seq: Embedded, x_BLE: Tensor, memory_valid_BS: Tensor | None, cache: KVCache | None,
+              memory_docs_BS: Tensor | None) -> tuple[AttentionPlan, AttentionPlan | None]:
         """The self-attention and cross-attention plans every block of this forward shares."""
         dtype, cfg = compute_dtype(x_BLE), self.cfg
         dropout = cfg.dropout if self.training else 0.0
         if cache is None:
-            rule = MaskRule(seq.valid_BL, seq.valid_BL, self.causal, prefix, 0, seq.documents_BL, seq.documents_BL)
+            spans = seq.spans_BL if self.causal else None  # an encoder sees everything anyway
+            rule = MaskRule(seq.valid_BL, seq.valid_BL, self.causal, spans, 0, seq.documents_BL, seq.documents_BL)
         else:
             assert seq.documents_BL is None, "incremental decoding takes one document per row"
             offset = cache.length
-            rule = MaskRule(cache.extend(seq.valid_BL), seq.valid_BL, self.causal, prefix, offset)
+            spans = seq.spans_BL if offset == 0 else None  # later tokens are text, after every span
+            rule = MaskRule(cache.extend(seq.valid_BL), seq.valid_BL, self.causal, spans, offset)
         plan = plan_attention(cfg.attention, rule, dtype, cfg.head_dim, dropout, self.alibi_H)
         if memory_valid_BS is None:
             return plan, None
-        cross_rule = MaskRule(memory_valid_BS, seq.valid_BL, self_attention=False)
+        cross_rule = MaskRule(memory_valid_BS, seq.valid_BL, self_attention=False, query_docs_BL=seq.documents_BL,
+                              key_docs_BS=memory_docs_BS)
         return plan, plan_attention(cfg.attention, cross_rule, dtype, cfg.head_dim, dropout)
 
 
@@ -130,6 +135,6 @@ class Backbone(nn.Module):
         return self.encoder(seq)
 
     def decode(self, seq: Embedded, memory_BSE: Tensor | None = None, memory_valid_BS: Tensor | None = None,
-               prefix: int = 0, cache: KVCache | None = None) -> Tensor:
-        """Causal over ``seq`` (bidirectional over its first ``prefix`` tokens), cross-attending to ``memory``."""
-        return self.decoder(seq, memory_BSE, memory_valid_BS, prefix, cache)
+               cache: KVCache | None = None, memory_docs_BS: Tensor | None = None) -> Tensor:
+        """Causal over ``seq`` (bidirectional within its spans), cross-attending to ``memory``."""
+        return self.decoder(seq, memory_BSE, memory_valid_BS, cache, memory_docs_BS)

@@ -47,13 +47,18 @@ class HeadKind:
     """Projects onto the text vocabulary (so the model needs the text embedder)."""
     generates: bool
     """Continues text (has ``generate``)."""
+    layout: Literal["causal", "seq2seq", "classify", "masked"]
+    """How a sample's segments reach it: causal, one sequence whose scored text carries the loss; seq2seq,
+    the inputs to the encoder and the scored text to the decoder; classify, every segment to the encoder and
+    the sample's class as the target; masked, text whose masked tokens are the targets."""
 
 
 HEAD_KINDS = {
-    "decoder_only": HeadKind(encoder=False, decoder=True, text_output=True, generates=True),
-    "encoder_decoder": HeadKind(encoder=True, decoder=True, text_output=True, generates=True),
-    "encoder_classifier": HeadKind(encoder=True, decoder=False, text_output=False, generates=False),
-    "masked_lm": HeadKind(encoder=True, decoder=False, text_output=True, generates=False),
+    "decoder_only": HeadKind(encoder=False, decoder=True, text_output=True, generates=True, layout="causal"),
+    "encoder_decoder": HeadKind(encoder=True, decoder=True, text_output=True, generates=True, layout="seq2seq"),
+    "encoder_classifier": HeadKind(encoder=True, decoder=False, text_output=False, generates=False,
+                                   layout="classify"),
+    "masked_lm": HeadKind(encoder=True, decoder=False, text_output=True, generates=False, layout="masked"),
 }
 """The built-in heads' kinds; a plugin head's class carries its own as ``kind``."""
 
@@ -224,34 +229,6 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
-class MaskedLMConfig:
-    probability: float = 0.15
-    """Share of the real, regular text tokens selected for prediction (then 80% mask, 10% random, 10% kept)."""
-    mask_id: int = 4
-    """Id of ``<mask>`` in the text vocabulary."""
-    first_regular_id: int = 8
-    """Ids below this are special (pad, bos, eos, unk, mask, modality markers): never selected or drawn."""
-
-    def check(self) -> None:
-        if not 0.0 < self.probability < 1.0:
-            raise ConfigError("probability", self.probability, "must be in (0, 1)")
-        if not 0 <= self.mask_id < self.first_regular_id:
-            raise ConfigError("mask_id", self.mask_id, f"must be a special id, in [0, first_regular_id={self.first_regular_id})")
-
-
-@dataclass(frozen=True)
-class HeadsConfig:
-    label_smoothing: float = 0.0
-    """Share of each target's probability spread uniformly over the vocabulary (or classes) in the loss."""
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
-
-    def check(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("label_smoothing", self.label_smoothing, "must be in [0, 1)")
-
-
-@dataclass(frozen=True)
 class DecodingConfig:
     strategy: Literal["greedy", "sample", "beam"] = "greedy"
     """greedy: argmax; sample: draw from the filtered softmax; beam: beam search."""
@@ -275,6 +252,19 @@ class DecodingConfig:
             raise ConfigError("top_p", self.top_p, "must be in (0, 1]")
         if self.num_beams < 1:
             raise ConfigError("num_beams", self.num_beams, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    label_smoothing: float = 0.0
+    """Share of each target's probability spread uniformly over the vocabulary (or classes) in the loss."""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """How text heads generate at evaluation and in ``polytrain generate`` (greedy, sampling, beam search)."""
+
+    def check(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing", self.label_smoothing, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -42,21 +42,30 @@ class Embedded:
     """Document index per token of packed rows (-1 at padding); None: one document per row."""
     rope: tuple[Tensor, Tensor] | None = None
     """RoPE (cos, sin), (B, L, P) each; None unless ``position`` is ``rope``."""
+    spans_BL: Tensor | None = None
+    """Index of the bidirectional span each token lies in (-1: none); a causal stack lets a span's tokens
+    see each other whole (prefix-LM). None: no such spans."""
 
     @property
     def length(self) -> int:
         return self.x_BLE.shape[1]
 
     def then(self, after: Embedded) -> Embedded:
-        """This sequence followed by ``after`` (a prefix-LM input: [source ; text])."""
+        """This sequence followed by ``after`` (a prompt, then the tokens generated after it)."""
         docs = None
         if self.documents_BL is not None or after.documents_BL is not None:
             docs = torch.cat([self.documents_or_zeros(), after.documents_or_zeros()], dim=1)
         rope = None
         if self.rope is not None:
             rope = (torch.cat([self.rope[0], after.rope[0]], 1), torch.cat([self.rope[1], after.rope[1]], 1))
+        spans = None
+        if self.spans_BL is not None or after.spans_BL is not None:
+            spans = torch.cat([self.spans_or_none(), after.spans_or_none()], dim=1)
         return Embedded(torch.cat([self.x_BLE, after.x_BLE], 1), torch.cat([self.valid_BL, after.valid_BL], 1),
-                        docs, rope)
+                        docs, rope, spans)
+
+    def spans_or_none(self) -> Tensor:
+        return self.spans_BL if self.spans_BL is not None else torch.full_like(self.valid_BL, -1, dtype=torch.long)
 
     def documents_or_zeros(self) -> Tensor:
         if self.documents_BL is not None:

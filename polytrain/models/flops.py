@@ -17,8 +17,7 @@ one), T text tokens:
 ===================  ============================================================================
 head                 training FLOPs of one sample
 ===================  ============================================================================
-decoder_only         6 (W_dec T + 2 E L_dec T^2 + V E T); with a source prefix, T -> S + T in
-                     the decoder terms (the logits stay over T)
+decoder_only         6 (W_dec T + 2 E L_dec T^2 + V E T), T counting the slots of non-text spans
 encoder_decoder      6 (W_enc S + 2 E L_enc S^2) + 6 (W_dec T + W_kv S + W_q,out T
                      + 2 E L_dec (T^2 + T S) + V E T)
 encoder_classifier   6 (W_enc S + 2 E L_enc S^2) + 6 E C
@@ -118,8 +117,11 @@ class TrainFlops:
         return segment.mask.sum(1) + self.cls[segment.modality]
 
     def embedding(self, segment: Segment) -> int:
-        """The embedder's linear layers (patch projections) over the real tokens; they multiply data."""
-        return TRAIN_ON_DATA * self.embed[segment.modality] * int(segment.mask.sum())
+        """The embedders' linear layers (patch projections) over the real tokens, the segment's and its spans';
+        they multiply data."""
+        own = self.embed[segment.modality] * int(segment.mask.sum())
+        spans = sum(self.embed[m] * int(spans.tokens.mask.sum()) for m, spans in segment.spans.items())
+        return TRAIN_ON_DATA * (own + spans)
 
     def encode(self, s: Tensor) -> int:
         return TRAIN * int(self.encoder * s.sum() + 2 * self.dim * self.enc_layers * (s * s).sum())
@@ -137,9 +139,7 @@ class TrainFlops:
 
     def decoder_only(self, part: TaskBatch, head_weights: int) -> int:
         t = part.inputs.mask.sum(1)
-        if part.source is None:
-            return self.decode(t) + self.logits(t)
-        return self.decode(self.lengths(part.source) + t) + self.logits(t) + self.embedding(part.source)
+        return self.decode(t) + self.logits(t) + self.embedding(part.inputs)
 
     def encoder_decoder(self, part: TaskBatch, head_weights: int) -> int:
         s, t = self.lengths(part.source), part.inputs.mask.sum(1)
@@ -151,7 +151,7 @@ class TrainFlops:
 
     def masked_lm(self, part: TaskBatch, head_weights: int) -> int:
         t = part.inputs.mask.sum(1)
-        return self.encode(t) + TRAIN * head_weights * int(t.sum()) + self.logits(t)
+        return self.encode(t) + TRAIN * head_weights * int(t.sum()) + self.logits(t) + self.embedding(part.inputs)
 
 
 def train_flops_per_token(model: PolyModel, seq_len: int) -> int:

@@ -1,17 +1,16 @@
 """Heads: how a task drives the shared backbone. Every head has the same entry points.
 
 ``head.loss(model, batch)`` for training; ``head(model, batch) -> logits`` for
-evaluation; ``head.prepare(batch, generator)`` turns a data batch into what the
-head scores (only masked_lm changes it: it masks tokens); the text decoders
-also have ``head.generate(...)``.
+evaluation; the text decoders also have ``head.generate(...)``.
 
-- decoder_only: causal LM over ``batch.inputs``; with ``batch.source`` set, the
-  source is a bidirectional prefix (prefix-LM) and only the text is scored.
+- decoder_only: causal LM over ``batch.inputs``, a text sequence whose non-text
+  spans (images, audio) may attend bidirectionally within themselves (prefix-LM);
+  only the labelled (scored) text carries the loss.
 - encoder_decoder: the encoder reads ``batch.source`` (any modality), the
   decoder reads the text with cross-attention; teacher forcing.
 - encoder_classifier: the encoder reads ``batch.inputs`` (any modality);
   logits (B, classes) from the [CLS] token or the mean of the real tokens.
-- masked_lm: BERT-style masked modeling on the text ``batch.inputs``.
+- masked_lm: BERT-style masked modeling on the text ``batch.inputs`` (masked by the data pipeline).
 
 Shape legend: B batch, T text length, S source length, E model dim, V vocabulary, C classes.
 """
@@ -19,7 +18,6 @@ Shape legend: B batch, T text length, S source length, E model dim, V vocabulary
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +28,6 @@ from polytrain.models.cache import KVCache
 from polytrain.models.config import HEAD_KINDS, HEADS, NORMS, DecodingConfig, HeadKind
 from polytrain.models.embed import Embedded
 from polytrain.models.generation import STRATEGIES
-from polytrain.models.mlm_corruption import mask_tokens
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch
 
 if TYPE_CHECKING:
@@ -54,13 +51,8 @@ class Head(nn.Module):
         super().__init__()
         self.label_smoothing = cfg.heads.label_smoothing
 
-    def prepare(self, batch: TaskBatch, generator: torch.Generator | None = None) -> TaskBatch:
-        """The batch this head scores; unchanged except where a head corrupts its input (masked_lm)."""
-        return batch
-
     def loss(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         """The scalar training loss: mean cross-entropy over labelled positions (or samples)."""
-        batch = self.prepare(batch)
         return token_loss(self(model, batch), batch.labels, label_smoothing=self.label_smoothing)
 
     @abstractmethod
@@ -72,67 +64,74 @@ class TextDecoderHead(Head):
     """A causal decoder over text that can continue a prompt: greedy, sampling, beam search, with a KV cache."""
 
     @torch.no_grad()
-    def generate(self, model: PolyModel, prompt_BP: Tensor, source: Segment | None, max_new_tokens: int, eos_id: int,
-                 decoding: DecodingConfig | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Continuations (B, <= max_new_tokens) of equal-length prompts; rows pad with eos once done."""
+    def generate(self, model: PolyModel, prompt: Tensor | Segment, source: Segment | None, max_new_tokens: int,
+                 eos_id: int, decoding: DecodingConfig | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continuations (B, <= max_new_tokens) of the prompts; rows pad with eos once done.
+
+        ``prompt``: ids (B, P) of equal length, or a text Segment (with spans) whose rows end in their last
+        token (left-padded): everything before it is the context, encoded once (spans bidirectionally).
+        """
         decoding = decoding or DecodingConfig()
-        capacity = prompt_BP.shape[1] + max_new_tokens
+        prompt = text_segment(prompt) if isinstance(prompt, Tensor) else prompt
+        context = drop_last_column(prompt) if prompt.values.shape[1] > 1 else None
+        capacity = prompt.values.shape[1] + max_new_tokens
+        next_position_B = prompt.positions[:, -1, 1]
 
         def start(rows_per_prompt: int) -> DecoderSession:
-            return self.session(model, source, rows_per_prompt, capacity)
+            prefix = None
+            if context is not None:
+                prefix = repeat_rows(model.embed(context, decoder=True, bidirectional_spans=True), rows_per_prompt)
+            return self.session(model, source, rows_per_prompt, capacity, prefix,
+                                next_position_B.repeat_interleave(rows_per_prompt))
 
-        return STRATEGIES.get(decoding.strategy)(start, prompt_BP, max_new_tokens, eos_id, decoding, generator)
+        return STRATEGIES.get(decoding.strategy)(start, prompt.values[:, -1:], max_new_tokens, eos_id, decoding,
+                                                 generator)
 
     @abstractmethod
-    def session(self, model: PolyModel, source: Segment | None, rows_per_prompt: int,
-                text_capacity: int) -> DecoderSession:
-        """An incremental decoder over ``source``, each prompt's context repeated ``rows_per_prompt`` times."""
+    def session(self, model: PolyModel, source: Segment | None, rows_per_prompt: int, capacity: int,
+                prefix: Embedded | None, positions_B: Tensor) -> DecoderSession:
+        """An incremental decoder over ``source`` (each prompt's repeated ``rows_per_prompt`` times), the prompt's
+        context ``prefix`` fed first, the next text token at ``positions_B``."""
 
 
 class DecoderSession:
     """The decoder stack with its KV cache; the prefix (if any) goes in with the first ``feed``."""
 
-    def __init__(self, model: PolyModel, capacity: int, prefix: Embedded | None = None,
+    def __init__(self, model: PolyModel, capacity: int, prefix: Embedded | None, positions_B: Tensor,
                  memory_BSE: Tensor | None = None, memory_valid_BS: Tensor | None = None):
-        self.model, self.prefix = model, prefix
+        self.model, self.prefix, self.positions_B = model, prefix, positions_B
         self.memory_BSE, self.memory_valid_BS = memory_BSE, memory_valid_BS
         self.cache = KVCache(len(model.backbone.decoder.blocks), capacity)
-        self.text_length = 0
 
     def feed(self, ids_BL: Tensor) -> Tensor:
-        seq = self.model.embed(text_segment(ids_BL, start=self.text_length), decoder=True)
-        prefix = 0
+        seq = self.model.embed(text_segment(ids_BL, start=self.positions_B), decoder=True)
         if self.prefix is not None:
-            seq, prefix, self.prefix = self.prefix.then(seq), self.prefix.length, None
-        h_BLE = self.model.backbone.decode(seq, self.memory_BSE, self.memory_valid_BS, prefix, self.cache)
-        self.text_length += ids_BL.shape[1]
+            seq, self.prefix = self.prefix.then(seq), None
+        h_BLE = self.model.backbone.decode(seq, self.memory_BSE, self.memory_valid_BS, self.cache)
+        self.positions_B = self.positions_B + ids_BL.shape[1]
         return self.model.lm_logits(h_BLE[:, -1])
 
     def reorder(self, rows_B: Tensor) -> None:
         self.cache.reorder(rows_B)
+        self.positions_B = self.positions_B[rows_B]
         if self.memory_BSE is not None:
             self.memory_BSE, self.memory_valid_BS = self.memory_BSE[rows_B], self.memory_valid_BS[rows_B]
 
 
 @HEADS.register("decoder_only")
 class DecoderOnlyHead(TextDecoderHead):
-    """Causal LM over text, no encoder; an image/audio ``batch.source`` becomes a bidirectional prefix."""
+    """Causal LM over one sequence, no encoder: text, and non-text spans inside it (bidirectional within each
+    span when the batch says so: prefix-LM)."""
 
     kind = HEAD_KINDS["decoder_only"]
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
-        text = model.embed(batch.inputs, decoder=True)
-        if batch.source is None:
-            return model.lm_logits(model.backbone.decode(text))
-        prefix = model.embed(batch.source)
-        h_BLE = model.backbone.decode(prefix.then(text), prefix=prefix.length)
-        return model.lm_logits(h_BLE[:, prefix.length:])
+        seq = model.embed(batch.inputs, decoder=True, bidirectional_spans=batch.bidirectional_spans)
+        return model.lm_logits(model.backbone.decode(seq))
 
-    def session(self, model, source, rows_per_prompt, text_capacity):
-        if source is None:
-            return DecoderSession(model, text_capacity)
-        prefix = repeat_rows(model.embed(source), rows_per_prompt)
-        return DecoderSession(model, text_capacity + prefix.length, prefix=prefix)
+    def session(self, model, source, rows_per_prompt, capacity, prefix, positions_B):
+        return DecoderSession(model, capacity, prefix, positions_B)
 
 
 @HEADS.register("encoder_decoder")
@@ -151,13 +150,14 @@ class EncoderDecoderHead(TextDecoderHead):
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         memory_BSE, memory_valid_BS = self.memory(model, batch.source)
         text = model.embed(batch.inputs, decoder=True)
-        return model.lm_logits(model.backbone.decode(text, memory_BSE, memory_valid_BS))
+        return model.lm_logits(model.backbone.decode(text, memory_BSE, memory_valid_BS,
+                                                     memory_docs_BS=batch.source.documents))
 
-    def session(self, model, source, rows_per_prompt, text_capacity):
+    def session(self, model, source, rows_per_prompt, capacity, prefix, positions_B):
         memory_BSE, memory_valid_BS = self.memory(model, source)  # encoded once, for every step and beam
         memory_BSE = memory_BSE.repeat_interleave(rows_per_prompt, dim=0)
         memory_valid_BS = memory_valid_BS.repeat_interleave(rows_per_prompt, dim=0)
-        return DecoderSession(model, text_capacity, memory_BSE=memory_BSE, memory_valid_BS=memory_valid_BS)
+        return DecoderSession(model, capacity, prefix, positions_B, memory_BSE, memory_valid_BS)
 
 
 @HEADS.register("encoder_classifier")
@@ -187,21 +187,15 @@ class EncoderClassifierHead(Head):
 
 @HEADS.register("masked_lm")
 class MaskedLMHead(Head):
-    """BERT's masked LM: the encoder reads corrupted text; dense + GELU + norm, then the (tied) vocabulary map."""
+    """BERT's masked LM: the encoder reads text the data pipeline corrupted (``mlm_corruption``); dense + GELU +
+    norm, then the (tied) vocabulary map predicts the originals at the labelled positions."""
 
     kind = HEAD_KINDS["masked_lm"]
 
     def __init__(self, cfg: ModelConfig, specs: dict[str, EmbedSpec]):
         super().__init__(cfg, specs)
-        self.cfg, self.vocab_size = cfg.heads.masked_lm, specs["text"].input_dim
         self.dense = nn.Linear(cfg.backbone.dim, cfg.backbone.dim)
         self.norm = NORMS.get(cfg.backbone.norm)(cfg.backbone.dim, cfg.backbone.norm_eps)
-
-    def prepare(self, batch: TaskBatch, generator: torch.Generator | None = None) -> TaskBatch:
-        """Mask ``batch.inputs``; labels become the original ids at the selected positions."""
-        ids_BT, labels_BT = mask_tokens(batch.inputs.values, batch.inputs.mask, self.cfg.probability,
-                                        self.cfg.mask_id, self.cfg.first_regular_id, self.vocab_size, generator)
-        return replace(batch, inputs=replace(batch.inputs, values=ids_BT), labels=labels_BT)
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         h_BTE = model.backbone.encode(model.embed(batch.inputs))
@@ -214,12 +208,20 @@ def repeat_rows(e: Embedded, times: int) -> Embedded:
         return e
     rep = lambda t: None if t is None else t.repeat_interleave(times, dim=0)  # noqa: E731
     return Embedded(rep(e.x_BLE), rep(e.valid_BL), rep(e.documents_BL),
-                    None if e.rope is None else (rep(e.rope[0]), rep(e.rope[1])))
+                    None if e.rope is None else (rep(e.rope[0]), rep(e.rope[1])), rep(e.spans_BL))
 
 
-def text_segment(ids_BT: Tensor, start: int = 0) -> Segment:
-    """Unpadded ids as a text Segment at positions start, start+1, ... on row 0."""
+def drop_last_column(segment: Segment) -> Segment:
+    """A batch of prompts without their last token (spans never sit there: a closing marker would)."""
+    return Segment(segment.values[:, :-1], segment.positions[:, :-1], segment.mask[:, :-1], segment.modality,
+                   None if segment.documents is None else segment.documents[:, :-1], segment.spans)
+
+
+def text_segment(ids_BT: Tensor, start: int | Tensor = 0) -> Segment:
+    """Unpadded ids as a text Segment at positions start, start+1, ... on row 0 (``start``: one for all rows, or
+    (B,) one per row)."""
     batch, length = ids_BT.shape
-    cols_BT = torch.arange(start, start + length, device=ids_BT.device).expand(batch, length)
+    start_B1 = torch.as_tensor(start, device=ids_BT.device).reshape(-1, 1)
+    cols_BT = (start_B1 + torch.arange(length, device=ids_BT.device)).expand(batch, length)
     positions_BT2 = torch.stack([torch.zeros_like(cols_BT), cols_BT], dim=-1)
     return Segment(ids_BT, positions_BT2, torch.ones_like(ids_BT, dtype=torch.bool), "text")

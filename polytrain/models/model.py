@@ -4,7 +4,9 @@ Shape legend: B batch, T text length, E model dim, V vocabulary.
 """
 
 import math
+from dataclasses import replace
 
+import torch
 from torch import Tensor, nn
 
 from polytrain.errors import ConfigError
@@ -20,7 +22,9 @@ RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
 class PolyModel(nn.Module):
     """``forward(batch)`` returns the training loss of every task in ``batch``, as its head defines it."""
 
-    def __init__(self, cfg: ModelConfig, specs: list[EmbedSpec], task_heads: dict[str, str]):
+    def __init__(self, cfg: ModelConfig, specs: list[EmbedSpec], task_heads: dict[str, str],
+                 task_classes: dict[str, int] | None = None):
+        """``task_classes``: the number of classes of each classification task (default: model.heads.classifier's)."""
         super().__init__()
         self.cfg = cfg
         by_modality = {s.modality: s for s in specs}
@@ -33,7 +37,8 @@ class PolyModel(nn.Module):
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
             self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
-        self.heads = nn.ModuleDict({task: cls(cfg, by_modality) for task, cls in head_classes.items()})
+        self.heads = nn.ModuleDict({task: cls(with_classes(cfg, (task_classes or {}).get(task)), by_modality)
+                                    for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
 
     def init_weights(self, std: float) -> None:
@@ -51,13 +56,40 @@ class PolyModel(nn.Module):
             if name.endswith(RESIDUAL_OUTPUTS):
                 nn.init.normal_(param, std=std / math.sqrt(2 * layers))
 
-    def embed(self, segment: Segment, decoder: bool = False) -> Embedded:
-        """``decoder``: the segment feeds the decoder stack, so text takes the decoder's position table
-        where ``embed.decoder_positions`` gives it one."""
+    def embed(self, segment: Segment, decoder: bool = False, bidirectional_spans: bool = False) -> Embedded:
+        """The segment's vectors; a text segment's non-text spans are embedded by their modality's embedder and
+        placed at their slots, in a fixed order of modalities (so every rank runs the same embedders).
+
+        ``decoder``: the segment feeds the decoder stack, so text takes the decoder's position table where
+        ``embed.decoder_positions`` gives it one. ``bidirectional_spans``: each span's tokens may see each other
+        whole in a causal stack (prefix-LM).
+        """
         embedder = self.embedders[segment.modality]
         if decoder and isinstance(embedder, TokenEmbedder):
-            return embedder(segment, decoder=True)
-        return embedder(segment)
+            embedded = embedder(segment, decoder=True)
+        else:
+            embedded = embedder(segment)
+        return self.place_spans(embedded, segment, bidirectional_spans) if segment.spans else embedded
+
+    def place_spans(self, embedded: Embedded, segment: Segment, bidirectional: bool) -> Embedded:
+        x_BLE = embedded.x_BLE
+        rope = embedded.rope
+        spans_BL = torch.full_like(segment.values, -1) if bidirectional else None
+        unplaced = x_BLE.new_zeros(())
+        first = 0
+        for modality, spans in segment.spans.items():
+            inner = without_cls(self.embedders[modality](spans.tokens), spans.tokens.values.shape[1])
+            where_NS = spans.tokens.mask & (spans.rows >= 0)[:, None]
+            unplaced = unplaced + 0.0 * inner.x_BLE.sum()  # stand-ins: embedded, placed nowhere
+            n, s = where_NS.nonzero(as_tuple=True)
+            rows, cols = spans.rows[n], spans.starts[n] + s
+            x_BLE = x_BLE.index_put((rows, cols), inner.x_BLE[n, s].to(x_BLE.dtype))
+            if rope is not None:
+                rope = tuple(table.index_put((rows, cols), own[n, s]) for table, own in zip(rope, inner.rope))
+            if spans_BL is not None:
+                spans_BL[rows, cols] = first + n
+            first += len(spans.rows)
+        return replace(embedded, x_BLE=x_BLE + unplaced, rope=rope, spans_BL=spans_BL)
 
     def lm_logits(self, h_BTE: Tensor) -> Tensor:
         """Next-token logits (B, T, V): tied to the text embedding table, or the separate ``lm_head``."""
@@ -68,6 +100,21 @@ class PolyModel(nn.Module):
     def forward(self, batch: dict[str, TaskBatch]) -> dict[str, Tensor]:
         """The training loss of every task in ``batch``, as its head defines it."""
         return {task: self.heads[task].loss(self, part) for task, part in batch.items()}
+
+
+def with_classes(cfg: ModelConfig, classes: int | None) -> ModelConfig:
+    """``cfg`` with model.heads.classifier.classes set to a task's own class count (when it has one)."""
+    if classes is None:
+        return cfg
+    return replace(cfg, heads=replace(cfg.heads, classifier=replace(cfg.heads.classifier, classes=classes)))
+
+
+def without_cls(e: Embedded, length: int) -> Embedded:
+    """A span's vectors without the [CLS] token its embedder may prepend (the span's markers bound it)."""
+    if e.length == length:
+        return e
+    return Embedded(e.x_BLE[:, 1:], e.valid_BL[:, 1:], None, None if e.rope is None else (e.rope[0][:, 1:],
+                                                                                          e.rope[1][:, 1:]))
 
 
 def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_heads: dict[str, str]) -> None:

@@ -26,9 +26,16 @@ BUILT_IN = ("text", "image", "audio")
 PluginValue = str | int | float | bool
 
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
-MODALITY_MARKERS = {"text": "<text>", "image": "<image>", "audio": "<audio>"}
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK, *MODALITY_MARKERS.values())
-"""Ids 0.. in this order in a tokenizer polytrain trains; ``<pad>`` is 0."""
+
+
+def markers(modality: str) -> tuple[str, str]:
+    """The tokens that open and close a span of ``modality`` inside a text sequence: ``<image>``, ``</image>``."""
+    return f"<{modality}>", f"</{modality}>"
+
+
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK, *markers("image"), *markers("audio"))
+"""Ids 0.. in this order in a tokenizer polytrain trains; ``<pad>`` is 0. The markers of a plugin modality a
+run uses follow them."""
 N_BYTES = 256
 
 
@@ -54,6 +61,8 @@ class TextTokenizerConfig:
     """The token that starts a target sequence; for a GPT-2 ``tokenizer.json`` name ``<|endoftext|>``."""
     eos: str = EOS
     """The token that ends a sequence and separates packed documents; GPT-2: ``<|endoftext|>``."""
+    mask: str = MASK
+    """The token masked_lm puts in place of the tokens to predict; BERT's ``tokenizer.json``: ``[MASK]``."""
 
     def check(self) -> None:
         floor = N_BYTES + len(SPECIAL_TOKENS)
@@ -63,16 +72,17 @@ class TextTokenizerConfig:
             raise ConfigError("max_len", self.max_len, "must be >= 4")
         if self.pad_to_multiple < 1:
             raise ConfigError("pad_to_multiple", self.pad_to_multiple, "must be >= 1 (1: no rounding)")
-        for key in ("pad", "bos", "eos"):
+        for key in ("pad", "bos", "eos", "mask"):
             if not getattr(self, key):
                 raise ConfigError(key, getattr(self, key), "must name a token")
         if self.pad in (self.bos, self.eos):
             raise ConfigError("pad", self.pad, "must differ from bos and eos: padding is dropped from the loss")
 
-    @property
-    def special_tokens(self) -> list[str]:
-        """Every special token the tokenizer must have, in id order for a new one."""
-        names = [self.pad, self.bos, self.eos, UNK, MASK, *MODALITY_MARKERS.values()]
+    def special_tokens(self, modalities: tuple[str, ...] = ()) -> list[str]:
+        """Every special token the tokenizer must have, in id order for a new one: the built-in ones, then the
+        markers of the (plugin) ``modalities``."""
+        names = [self.pad, self.bos, self.eos, UNK, self.mask, *SPECIAL_TOKENS[5:],
+                 *(marker for modality in modalities for marker in markers(modality))]
         return list(dict.fromkeys(names))
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Iterable
 
 import tokenizers
+import torch
 import torch.nn.functional as F
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from polytrain.errors import DataError
-from polytrain.tokenizers.config import MASK, MODALITY_MARKERS, UNK, TextTokenizerConfig
+from polytrain.tokenizers.config import UNK, TextTokenizerConfig
+from polytrain.tokenizers.config import markers as marker_tokens
 from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokens import EmbedSpec, Segment, Tokens, text_tokens
 
@@ -34,8 +36,10 @@ class TextTokenizer:
     modality = "text"
     config_class = TextTokenizerConfig
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, cfg: TextTokenizerConfig):
-        missing = [t for t in cfg.special_tokens if tokenizer.token_to_id(t) is None]
+    def __init__(self, tokenizer: tokenizers.Tokenizer, cfg: TextTokenizerConfig, modalities: tuple[str, ...] = ()):
+        """``modalities``: plugin modalities whose span markers the tokenizer needs (the built-in ones'
+        are always there)."""
+        missing = [t for t in cfg.special_tokens(modalities) if tokenizer.token_to_id(t) is None]
         if missing:
             first = tokenizer.get_vocab_size()
             tokenizer.add_special_tokens(missing)
@@ -47,26 +51,34 @@ class TextTokenizer:
         self.cfg = cfg
         self.max_len = cfg.max_len
         self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id = (
-            tokenizer.token_to_id(t) for t in (cfg.pad, cfg.bos, cfg.eos, UNK, MASK))
-        self.marker_ids = {modality: tokenizer.token_to_id(t) for modality, t in MODALITY_MARKERS.items()}
-        """Id of the token that marks each modality's segment."""
+            tokenizer.token_to_id(t) for t in (cfg.pad, cfg.bos, cfg.eos, UNK, cfg.mask))
+        self.special_ids = torch.tensor(sorted(tokenizer.get_added_tokens_decoder()), dtype=torch.long)
+        """Ids of every special token (padding, bos/eos, the mask, the span markers, a loaded file's own)."""
         self.overflow = Overflow(cfg.overflow, "tokenizers.text.max_len")
 
+    def markers(self, modality: str) -> tuple[int, int]:
+        """Ids of the tokens that open and close a span of ``modality``."""
+        ids = tuple(self.hf.token_to_id(token) for token in marker_tokens(modality))
+        if None in ids:
+            raise DataError(f"the text tokenizer has no span markers for modality {modality!r} (it was made for "
+                            f"another set of modalities)")
+        return ids
+
     @classmethod
-    def train(cls, texts: Iterable[str], cfg: TextTokenizerConfig) -> "TextTokenizer":
+    def train(cls, texts: Iterable[str], cfg: TextTokenizerConfig, modalities: tuple[str, ...] = ()) -> "TextTokenizer":
         """Learn merges from ``texts``."""
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                      special_tokens=cfg.special_tokens, show_progress=False,
+                                      special_tokens=cfg.special_tokens(modalities), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         hf.train_from_iterator(texts, trainer=trainer)
-        return cls(hf, cfg)
+        return cls(hf, cfg, modalities)
 
     @classmethod
-    def load(cls, path: str | Path, max_len: int | None = None,
-             cfg: TextTokenizerConfig = TextTokenizerConfig()) -> "TextTokenizer":
+    def load(cls, path: str | Path, max_len: int | None = None, cfg: TextTokenizerConfig = TextTokenizerConfig(),
+             modalities: tuple[str, ...] = ()) -> "TextTokenizer":
         """The ``tokenizer.json`` at ``path`` with ``cfg``'s settings (``max_len``, when given, overrides cfg's)."""
         if max_len is not None:
             cfg = replace(cfg, max_len=max_len)
@@ -74,17 +86,18 @@ class TextTokenizer:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"{path}: cannot read the tokenizer ({err})") from None
-        return cls.from_json(text, cfg, str(path))
+        return cls.from_json(text, cfg, str(path), modalities)
 
     @classmethod
-    def from_json(cls, text: str, cfg: TextTokenizerConfig, where: str) -> "TextTokenizer":
+    def from_json(cls, text: str, cfg: TextTokenizerConfig, where: str,
+                  modalities: tuple[str, ...] = ()) -> "TextTokenizer":
         """A ``tokenizer.json``'s contents (a file's, a checkpoint's or an export's: ``where``) with ``cfg``'s
         settings."""
         try:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as err:  # the HF loader raises bare Exception on bad JSON
             raise DataError(f"{where}: not a loadable tokenizer.json ({err})") from None
-        return cls(hf, cfg)
+        return cls(hf, cfg, modalities)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / "tokenizer.json"

@@ -10,16 +10,18 @@ from polytrain.models.attention_mask import MaskRule
 MASK_CASES = {
     "padding": dict(),
     "causal_padding": dict(causal=True),
-    "prefix_lm": dict(causal=True, prefix=4),
+    "prefix_lm": dict(causal=True, spans=((0, 4),)),
+    "two_spans": dict(causal=True, spans=((0, 2), (3, 5))),
     "packed_documents": dict(causal=True, docs=True),
     "packed_bidirectional": dict(docs=True),
 }
-"""Named attention masks: ``MaskRule`` options, with ``docs=True`` for packed documents."""
+"""Named attention masks: ``MaskRule`` options, with ``docs=True`` for packed documents and ``spans`` the
+(start, end) columns of bidirectional spans in every row."""
 
 
-def allowed_by_loops(key_valid: Tensor, query_valid: Tensor, causal: bool = False, prefix: int = 0, offset: int = 0,
-                     docs_q: Tensor | None = None, docs_k: Tensor | None = None,
-                     self_attention: bool = True) -> Tensor:
+def allowed_by_loops(key_valid: Tensor, query_valid: Tensor, causal: bool = False, offset: int = 0,
+                     docs_q: Tensor | None = None, docs_k: Tensor | None = None, self_attention: bool = True,
+                     spans: tuple[tuple[int, int], ...] = ()) -> Tensor:
     """(B, L, S) bool, one Python comparison per query/key pair, from the rule as the docs state it."""
     batch, length = query_valid.shape
     keys = key_valid.shape[1]
@@ -28,7 +30,8 @@ def allowed_by_loops(key_valid: Tensor, query_valid: Tensor, causal: bool = Fals
         for q in range(length):
             for k in range(keys):
                 ok = bool(key_valid[b, k])
-                if causal and not (k <= offset + q or k < prefix):
+                same_span = any(start <= q < end and start <= k < end for start, end in spans)
+                if causal and not (k <= offset + q or same_span):
                     ok = False
                 if docs_q is not None and bool(query_valid[b, q]) and docs_q[b, q] != docs_k[b, k]:
                     ok = False
@@ -42,8 +45,14 @@ def mask_case(name: str, valid_BL: Tensor, docs_BL: Tensor) -> tuple[MaskRule, T
     """Self-attention rule ``name`` of ``MASK_CASES`` over these rows, and the same rule by ``allowed_by_loops``."""
     opts = dict(MASK_CASES[name])
     docs = docs_BL if opts.pop("docs", False) else None
-    rule = MaskRule(valid_BL, valid_BL, query_docs_BL=docs, key_docs_BS=docs, **opts)
-    return rule, allowed_by_loops(valid_BL, valid_BL, docs_q=docs, docs_k=docs, **opts)
+    spans = opts.pop("spans", ())
+    spans_BL = None
+    if spans:
+        spans_BL = torch.full(valid_BL.shape, -1, dtype=torch.long)
+        for index, (start, end) in enumerate(spans):
+            spans_BL[:, start:end] = index
+    rule = MaskRule(valid_BL, valid_BL, query_docs_BL=docs, key_docs_BS=docs, spans_BL=spans_BL, **opts)
+    return rule, allowed_by_loops(valid_BL, valid_BL, docs_q=docs, docs_k=docs, spans=spans, **opts)
 
 
 def reference_attention(q_BLHD: Tensor, k_BSGD: Tensor, v_BSGD: Tensor, allowed_BLS: Tensor,

@@ -14,10 +14,10 @@ def test_dense_mask_equals_the_rule_written_out(case):
 
 
 def test_cache_offset_and_cross_attention_rules_equal_the_rule_written_out():
-    keys = torch.tensor([[1, 1, 0, 1, 1, 1]], dtype=torch.bool)  # a padded prefix, then cached text
+    keys = torch.tensor([[1, 1, 0, 1, 1, 1]], dtype=torch.bool)  # a padded prompt, then cached text
     queries = torch.ones(1, 2, dtype=torch.bool)
-    rule = MaskRule(keys, queries, causal=True, prefix=3, offset=4)
-    assert torch.equal(rule.dense()[:, 0], allowed_by_loops(keys, queries, causal=True, prefix=3, offset=4))
+    rule = MaskRule(keys, queries, causal=True, offset=4)
+    assert torch.equal(rule.dense()[:, 0], allowed_by_loops(keys, queries, causal=True, offset=4))
     cross = MaskRule(keys, queries, self_attention=False)
     assert torch.equal(cross.dense()[:, 0].expand(1, 2, 6), keys[:, None, :].expand(1, 2, 6))
 

@@ -1,4 +1,5 @@
 import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
@@ -129,12 +130,17 @@ def test_padding_does_not_change_real_tokens(position):
 def test_prefix_lm_is_bidirectional_over_the_prefix_and_causal_over_the_text():
     model = backbone()
     x = torch.randn(1, 9, DIM)
-    base = model.decode(embedded(x), prefix=4)
+    prefix_span = torch.tensor([[0] * 4 + [-1] * 5])
+
+    def decode(y):
+        return model.decode(replace(embedded(y), spans_BL=prefix_span))
+
+    base = decode(x)
 
     def changed_at(i):
         y = x.clone()
         y[:, i] = torch.randn(DIM)
-        return model.decode(embedded(y), prefix=4)
+        return decode(y)
 
     last_prefix, text = changed_at(3), changed_at(6)
     assert not torch.allclose(last_prefix[:, 0], base[:, 0])  # the prefix sees all of itself

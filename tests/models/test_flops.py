@@ -8,7 +8,7 @@ from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfi
 from polytrain.models.flops import TrainFlops, input_tokens, train_flops_per_token
 from polytrain.models.heads import DecoderOnlyHead, text_segment
 from polytrain.models.model import PolyModel
-from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens
+from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens, text_tokens
 
 
 def test_decoder_1b_flops_are_palms_six_n_plus_attention():
@@ -44,15 +44,32 @@ def image_tokens(rows: int, cols: int, features: int) -> Tokens:
 
 
 def row(segment: Segment, i: int) -> Segment:
-    """Row ``i`` alone, its padding cut off."""
+    """Row ``i`` alone, its padding cut off (and its spans with it)."""
     n = int(segment.mask[i].sum())
+    spans = {m: Spans(row(s.tokens, int((s.rows == i).nonzero()[0])), torch.tensor([0]), s.starts[s.rows == i])
+             for m, s in segment.spans.items()}
     return Segment(segment.values[i:i + 1, :n], segment.positions[i:i + 1, :n], segment.mask[i:i + 1, :n],
-                   segment.modality)
+                   segment.modality, spans=spans)
+
+
+def image_then_text(images: list[Tokens], texts: list[Tokens]) -> Segment:
+    """Each row: its image as a span, then its text; right-padded."""
+    lengths = [len(image) + len(text) for image, text in zip(images, texts)]
+    values = torch.zeros(len(texts), max(lengths), dtype=torch.long)
+    positions = torch.zeros(len(texts), max(lengths), 2, dtype=torch.long)
+    mask = torch.zeros(len(texts), max(lengths), dtype=torch.bool)
+    for r, (image, text) in enumerate(zip(images, texts)):
+        values[r, len(image): lengths[r]] = text.values
+        positions[r, : lengths[r], 1] = torch.arange(lengths[r])
+        mask[r, : lengths[r]] = True
+    spans = Spans(Segment.collate(images), torch.arange(len(texts)), torch.zeros(len(texts), dtype=torch.long))
+    return Segment(values, positions, mask, "text", spans={"image": spans})
 
 
 def sample(part: TaskBatch, i: int) -> TaskBatch:
     return TaskBatch(row(part.inputs, i), part.labels[i:i + 1, :int(part.inputs.mask[i].sum())],
-                     None if part.source is None else row(part.source, i))
+                     None if part.source is None else row(part.source, i),
+                     bidirectional_spans=part.bidirectional_spans)
 
 
 @pytest.mark.parametrize("cls_token", [False, True])
@@ -72,7 +89,9 @@ def test_every_head_matches_torchs_flop_counter_sample_by_sample(cls_token):
     images = [image_tokens(r, c, features) for r, c in ((3, 3), (1, 2))]
     inputs, sources = Segment.collate(texts), Segment.collate(images)
     labels = torch.randint(0, vocab, inputs.mask.shape)
-    batch = {"lm": TaskBatch(inputs, labels), "prefix_lm": TaskBatch(inputs, labels, sources),
+    prefixed = image_then_text(images, texts)
+    batch = {"lm": TaskBatch(inputs, labels),
+             "prefix_lm": TaskBatch(prefixed, torch.randint(0, vocab, prefixed.mask.shape), bidirectional_spans=True),
              "caption": TaskBatch(inputs, labels, sources), "mlm": TaskBatch(inputs, labels),
              "classify": TaskBatch(sources, torch.tensor([0, 2]))}
     counter = TrainFlops(model)

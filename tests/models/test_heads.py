@@ -11,14 +11,13 @@ from polytrain.models.config import (
     ClassifierConfig,
     DecodingConfig,
     HeadsConfig,
-    MaskedLMConfig,
     ModelConfig,
 )
 from polytrain.models.generation import filter_logits, sample_next
 from polytrain.models.heads import text_segment, token_loss
 from polytrain.models.mlm_corruption import mask_tokens
 from polytrain.models.model import PolyModel
-from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch, Tokens
+from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, Spans, TaskBatch, Tokens
 
 VOCAB, DIM, EOS = 40, 32, 2
 SPECS = [EmbedSpec("text", VOCAB, (1, 32)), EmbedSpec("image", 12, (3, 3))]
@@ -64,8 +63,40 @@ def test_label_smoothing_mixes_in_the_uniform_target():
 PROMPT = torch.tensor([[1, 9], [1, 17], [1, 23]])
 
 
+def after_image(ids_BT: torch.Tensor, image: Segment) -> Segment:
+    """Each row's image as a span, then the text ids after it; rows left-padded to end together (prompts)."""
+    lengths = image.mask.sum(1).tolist()
+    batch, text = ids_BT.shape
+    length = max(lengths) + text
+    values = torch.zeros(batch, length, dtype=torch.long)
+    positions = torch.zeros(batch, length, 2, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    starts = []
+    for row, n in enumerate(lengths):
+        start = length - n - text
+        starts.append(start)
+        values[row, start + n:] = ids_BT[row]
+        positions[row, start:, 1] = torch.arange(n + text)
+        mask[row, start:] = True
+    return Segment(values, positions, mask, "text", spans={"image": Spans(image, torch.arange(batch),
+                                                                          torch.tensor(starts))})
+
+
+def decoder_input(ids_BT: torch.Tensor, source: Segment | None) -> Segment:
+    return text_segment(ids_BT) if source is None else after_image(ids_BT, source)
+
+
 def no_cache_step_logits(m, task, ids, source):
-    return m.heads[task](m, TaskBatch(text_segment(ids), ids, source))[:, -1]
+    if task == "caption":
+        return m.heads[task](m, TaskBatch(text_segment(ids), ids, source))[:, -1]
+    return m.heads[task](m, TaskBatch(decoder_input(ids, source), ids, bidirectional_spans=True))[:, -1]
+
+
+def generate(m, task, prompt, source, *args, **kwargs):
+    """The head's generation: the caption head reads the image with its encoder; the LM reads it in its prompt."""
+    if task == "caption":
+        return m.heads[task].generate(m, prompt, source, *args, **kwargs)
+    return m.heads[task].generate(m, decoder_input(prompt, source), None, *args, **kwargs)
 
 
 CACHE_CASES = {
@@ -88,7 +119,7 @@ def generation_case(task: str, case: str) -> tuple[PolyModel, Segment | None, st
 @pytest.mark.parametrize("case", CACHE_CASES)
 def test_greedy_generation_with_kv_cache_equals_no_cache_argmax(task, case):
     m, source, head_task = generation_case(task, case)
-    generated = m.heads[head_task].generate(m, PROMPT, source, max_new_tokens=6, eos_id=EOS)
+    generated = generate(m, head_task, PROMPT, source, max_new_tokens=6, eos_id=EOS)
     ids = PROMPT
     for step in range(generated.shape[1]):
         next_ids = no_cache_step_logits(m, head_task, ids, source).argmax(-1, keepdim=True)
@@ -102,8 +133,14 @@ def test_greedy_generation_with_kv_cache_equals_no_cache_argmax(task, case):
 def test_kv_cache_logits_equal_the_no_cache_forward(task, case):
     m, source, head_task = generation_case(task, case)
     ids = torch.cat([PROMPT, torch.randint(8, VOCAB, (3, 4), generator=torch.Generator().manual_seed(0))], 1)
-    session = m.heads[head_task].session(m, source, 1, ids.shape[1])
     with torch.no_grad():
+        prefix, start = None, torch.zeros(3, dtype=torch.long)
+        if task == "lm_with_image_prefix":  # the image is the context, fed first; the text follows it
+            image = after_image(ids[:, :0], source)
+            prefix, start = m.embed(image, decoder=True, bidirectional_spans=True), image.mask.sum(1)
+        encoder_source = source if head_task == "caption" else None
+        capacity = ids.shape[1] + (0 if prefix is None else prefix.length)
+        session = m.heads[head_task].session(m, encoder_source, 1, capacity, prefix, start)
         cached = [session.feed(ids[:, :2])] + [session.feed(ids[:, t: t + 1]) for t in range(2, ids.shape[1])]
         uncached = [no_cache_step_logits(m, head_task, ids[:, :t], source) for t in range(2, ids.shape[1] + 1)]
     assert torch.allclose(torch.stack(cached), torch.stack(uncached), atol=1e-5)
@@ -115,8 +152,8 @@ def test_seeded_sampling_with_kv_cache_equals_no_cache_sampling(task):
     source = image_segment(3) if GENERATING[task] else None
     head_task = task.split("_with")[0]
     decoding = DecodingConfig(strategy="sample", temperature=0.8, top_k=12, top_p=0.9)
-    generated = m.heads[head_task].generate(m, PROMPT, source, 5, eos_id=-1, decoding=decoding,
-                                            generator=torch.Generator().manual_seed(7))
+    generated = generate(m, head_task, PROMPT, source, 5, eos_id=-1, decoding=decoding,
+                         generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     ids = PROMPT
     for _ in range(5):
@@ -232,7 +269,7 @@ def test_bert_masking_rates_and_special_ids():
     ids = torch.randint(0, 50, (400, 64))
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[:, 60:] = False
-    corrupted, labels = mask_tokens(ids, valid, 0.15, mask_id=4, first_regular_id=8, vocab_size=50,
+    corrupted, labels = mask_tokens(ids, valid, 0.15, mask_id=4, special_ids=torch.arange(8), vocab_size=50,
                                     generator=torch.Generator().manual_seed(0))
     eligible = valid & (ids >= 8)
     selected = labels != IGNORE_INDEX
@@ -251,25 +288,34 @@ def test_bert_masking_rates_and_special_ids():
 def test_masked_lm_scores_only_the_selected_tokens():
     m = model()
     ids = torch.randint(8, VOCAB, (4, 20))
-    batch = TaskBatch(text_segment(ids), torch.full((4, 20), IGNORE_INDEX))
-    prepared = m.heads["mlm"].prepare(batch, torch.Generator().manual_seed(3))
-    again = m.heads["mlm"].prepare(batch, torch.Generator().manual_seed(3))
-    assert torch.equal(prepared.labels, again.labels) and torch.equal(prepared.inputs.values, again.inputs.values)
-    logits = m.heads["mlm"](m, prepared)
+    masks = [mask_tokens(ids, torch.ones_like(ids, dtype=torch.bool), 0.15, 4, torch.arange(8), VOCAB,
+                         torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*masks))  # a seeded draw: the data order decides the masks
+    corrupted, labels = masks[0]
+    batch = TaskBatch(text_segment(corrupted), labels)
+    logits = m.heads["mlm"](m, batch)
     assert logits.shape == (4, 20, VOCAB)
-    selected = prepared.labels != IGNORE_INDEX
-    manual = F.cross_entropy(logits[selected], prepared.labels[selected])
-    assert torch.allclose(token_loss(logits, prepared.labels), manual)
+    selected = labels != IGNORE_INDEX
+    manual = F.cross_entropy(logits[selected], labels[selected])
+    assert torch.allclose(m.heads["mlm"].loss(m, batch), manual)
 
 
-def test_prefix_lm_scores_text_only_and_reads_its_source():
+def test_prefix_lm_reads_the_image_span_bidirectionally_and_text_causally():
     m = model()
     ids = torch.randint(8, VOCAB, (2, 5))
-    a = m.heads["lm"](m, TaskBatch(text_segment(ids), ids, image_segment(2, seed=0)))
-    b = m.heads["lm"](m, TaskBatch(text_segment(ids), ids, image_segment(2, seed=1)))
-    assert a.shape == (2, 5, VOCAB) and not torch.allclose(a, b)
-    plain = m.heads["lm"](m, TaskBatch(text_segment(ids), ids))
-    assert not torch.allclose(a, plain)
+    image = image_segment(2, seed=0)
+    changed = Segment(image.values.clone(), image.positions, image.mask, "image")
+    changed.values[:, -1] += 1.0  # the span's last patch
+
+    def logits(img, bidirectional, text=ids):
+        return m.heads["lm"](m, TaskBatch(after_image(text, img), text, bidirectional_spans=bidirectional))
+
+    assert logits(image, True).shape == (2, 9 + 5, VOCAB)
+    assert not torch.allclose(logits(image, True)[:, 0], logits(changed, True)[:, 0])  # the span looks ahead
+    assert torch.allclose(logits(image, False)[:, 0], logits(changed, False)[:, 0], atol=1e-6)  # causal: not
+    later_text = ids.clone()
+    later_text[:, -1] = (later_text[:, -1] + 1) % VOCAB
+    assert torch.allclose(logits(image, True)[:, :-1], logits(image, True, later_text)[:, :-1], atol=1e-6)
 
 
 def test_head_loss_applies_label_smoothing_and_ignores_padding():
@@ -287,10 +333,9 @@ def test_head_loss_applies_label_smoothing_and_ignores_padding():
 def test_head_configs_check_their_values():
     from polytrain.errors import ConfigError
 
-    for cfg, key in ((ClassifierConfig(classes=1), "classes"), (MaskedLMConfig(probability=0.0), "probability"),
-                     (MaskedLMConfig(mask_id=9), "mask_id"), (HeadsConfig(label_smoothing=1.0), "label_smoothing"),
+    for cfg, key in ((ClassifierConfig(classes=1), "classes"), (HeadsConfig(label_smoothing=1.0), "label_smoothing"),
                      (DecodingConfig(top_p=0.0), "top_p"), (DecodingConfig(num_beams=0), "num_beams")):
         with pytest.raises(ConfigError) as err:
             cfg.check()
         assert err.value.key == key
-    assert dataclasses.asdict(HeadsConfig())["masked_lm"] == {"probability": 0.15, "mask_id": 4, "first_regular_id": 8}
+    assert dataclasses.asdict(HeadsConfig())["decoding"]["strategy"] == "greedy"

@@ -9,7 +9,8 @@ import soundfile
 from PIL import Image
 
 from polytrain.errors import DataError, PolytrainError
-from polytrain.platform.data.datasets import Seq2SeqDataset
+from polytrain.platform.data.config import TaskConfig
+from polytrain.platform.data.datasets import SequenceDataset
 from polytrain.platform.data.manifest import read_manifest
 from polytrain.tokenizers.audio import AudioTokenizer
 from polytrain.tokenizers.config import (
@@ -55,6 +56,14 @@ def tokenizer_for(name):
     return ImageTokenizer(IMAGE) if name.endswith(".png") else AudioTokenizer(AUDIO)
 
 
+def seq2seq(records, source, text, skip_bad: bool) -> SequenceDataset:
+    """(source, target) pairs: the source read by ``source``'s tokenizer, targets of at most 4 tokens."""
+    cfg = TaskConfig(head="encoder_decoder", train="m", val="m", max_target_len=4, seq_len=8,
+                     source=None if source is text else source.modality)
+    tokenizers = {"text": text} if source is text else {"text": text, source.modality: source}
+    return SequenceDataset(records, "t", cfg, tokenizers, skip_bad)
+
+
 @pytest.mark.parametrize("name", ["not_an_image.png", "one_pixel.png", "huge.png", "empty.wav", "click.wav",
                                   "nan.wav", "truncated.wav"])
 def test_bad_file_gives_an_error_naming_it(tmp_path, name):
@@ -90,8 +99,7 @@ def test_with_skip_bad_samples_every_bad_file_is_skipped_and_named(tmp_path, mod
     rows = [{modality: name, "target": "seven"} for name in [good, *bad, good]]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     text = TextTokenizer.train(["seven"] * 10, TextTokenizerConfig(vocab_size=300))
-    dataset = Seq2SeqDataset(read_manifest(tmp_path / "m.jsonl", "t", False), tokenizer_for(good), text,
-                             max_target_len=4, skip_bad=True)
+    dataset = seq2seq(read_manifest(tmp_path / "m.jsonl", "t", False), tokenizer_for(good), text, skip_bad=True)
     sample = dataset[1]  # the first bad line: passed over until the good one after the bad ones
     assert sample.sample_id == f"{tmp_path / 'm.jsonl'}:{len(rows)}"
     assert len(sample.skipped) == len(bad)
@@ -105,28 +113,26 @@ def test_lone_surrogate_in_a_manifest_names_the_line_or_is_a_counted_skip(tmp_pa
     with pytest.raises(DataError, match=re.escape(f"{manifest}:2: field 'text' is not valid Unicode: surrogates not "
                                                   f"allowed at character 4 ('\\ud800')")):
         read_manifest(manifest, "t", False)
-    with caplog.at_level("WARNING", logger="polytrain.platform.data.datasets"):
+    with caplog.at_level("WARNING", logger="polytrain.platform.data.manifest"):
         records = read_manifest(manifest, "t", True)
-    assert [r.fields["text"] for r in records] == ["seven eight", "nine"]
+    assert [r.parts[0].value for r in records] == ["seven eight", "nine"]
     assert f"{manifest}: skipped 1 bad line(s)" in caplog.text
 
 
 def test_with_skip_bad_samples_bad_text_sources_are_skipped_and_named(tmp_path):
-    rows = [{"text": "seven", "target": "eight"}, {"text": "", "target": "x"},
+    rows = [{"text": "seven", "target": "eight"}, {"text": " ", "target": "x"},
             {"text": "nine " * 20, "target": "x"}, {"text": "eight", "target": "nine"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     text = TextTokenizer.train(["seven eight nine"] * 10, TextTokenizerConfig(vocab_size=300, max_len=8,
                                                                               overflow="error"))
     records = read_manifest(tmp_path / "m.jsonl", "t", False)
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'm.jsonl'}:2: empty text")):
-        Seq2SeqDataset(records, text, text, max_target_len=4, skip_bad=False)[1]
-    sample = Seq2SeqDataset(records, text, text, max_target_len=4, skip_bad=True)[1]
+    sample = seq2seq(records, text, text, skip_bad=True)[2]
     assert sample.sample_id == f"{tmp_path / 'm.jsonl'}:4" and sample.target == "nine"
-    assert sample.skipped[0] == f"{tmp_path / 'm.jsonl'}:2: empty text: a text segment needs at least one token"
-    assert re.fullmatch(re.escape(f"{tmp_path / 'm.jsonl'}:3: text 'nine nine ") + r".*': \d+ tokens exceeds "
-                        r"tokenizers.text.max_len=8 \(overflow=error; overflow=truncate cuts it instead\)",
-                        sample.skipped[1])
-    assert len(sample.skipped) == 2
+    assert re.fullmatch(re.escape(f"{tmp_path / 'm.jsonl'}:3: ") + r"\d+ tokens exceeds data.tasks.t.seq_len=8 "
+                        r"\(overflow=error; overflow=truncate cuts it instead\)", sample.skipped[0])
+    assert len(sample.skipped) == 1
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'm.jsonl'}:3: ")):
+        seq2seq(records, text, text, skip_bad=False)[2]
 
 
 @pytest.mark.parametrize("overflow", ["truncate", "error"])
@@ -134,8 +140,7 @@ def test_overlong_target_is_cut_and_counted_or_refused(tmp_path, caplog, overflo
     rows = [{"text": "seven", "target": "eight"}, {"text": "nine", "target": "seven eight nine " * 4}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     text = TextTokenizer.train(["seven eight nine"] * 10, TextTokenizerConfig(vocab_size=300, overflow=overflow))
-    dataset = Seq2SeqDataset(read_manifest(tmp_path / "m.jsonl", "t", False), text, text, max_target_len=4,
-                             skip_bad=False)
+    dataset = seq2seq(read_manifest(tmp_path / "m.jsonl", "t", False), text, text, skip_bad=False)
     full = text.encode("seven eight nine " * 4)
     where = f"{tmp_path / 'm.jsonl'}:2: target: {len(full)} tokens"
     if overflow == "error":
@@ -143,7 +148,8 @@ def test_overlong_target_is_cut_and_counted_or_refused(tmp_path, caplog, overflo
             dataset[1]
         return
     with caplog.at_level("WARNING", logger="polytrain.tokenizers.overflow"):
-        assert dataset[0].values[1] == [text.bos_id, *text.encode("eight"), text.eos_id]
-        assert dataset[1].values[1] == [text.bos_id, *full[:4], text.eos_id]
+        short, long = dataset[0], dataset[1]
+        assert short.decoder.ids + short.labels[-1:] == [text.bos_id, *text.encode("eight"), text.eos_id]
+        assert long.decoder.ids + long.labels[-1:] == [text.bos_id, *full[:4], text.eos_id]
     assert dataset.target_overflow.count == 1
     assert f"{where} cut to max_target_len=4 (1 sample(s) cut so far" in caplog.text

@@ -150,10 +150,10 @@ def test_gpt2_style_tokenizer_json_loads_with_named_and_added_specials(tmp_path,
         tok = TextTokenizer.load(path, cfg=cfg)
     endoftext = original.token_to_id("<|endoftext|>")
     assert (tok.bos_id, tok.eos_id) == (endoftext, endoftext) == (259, 259)
-    added = ["<pad>", "<unk>", "<mask>", "<text>", "<image>", "<audio>"]  # what GPT-2 lacks, appended in order
-    assert [tok.hf.token_to_id(t) for t in added] == list(range(260, 266))
-    assert tok.pad_id == 260 and tok.vocab_size == 266
-    assert "added them as ids 260..265" in caplog.text
+    added = ["<pad>", "<unk>", "<mask>", "<image>", "</image>", "<audio>", "</audio>"]  # what GPT-2 lacks, in order
+    assert [tok.hf.token_to_id(t) for t in added] == list(range(260, 267))
+    assert tok.pad_id == 260 and tok.vocab_size == 267
+    assert "added them as ids 260..266" in caplog.text
     plain = "the theme: 東京 🎉"
     assert tok.encode(plain) == original.encode(plain, add_special_tokens=False).ids
     sample = plain + " <|endoftext|>"
@@ -161,13 +161,15 @@ def test_gpt2_style_tokenizer_json_loads_with_named_and_added_specials(tmp_path,
     assert endoftext not in tok.encode(sample)  # spelled in the text, it stays text
     assert tok.encode(" the") == [258]  # GPT-2's merges apply
     reloaded = TextTokenizer.load(tok.save(tmp_path / "saved"), cfg=cfg)
-    assert (reloaded.pad_id, reloaded.vocab_size) == (260, 266) and reloaded.encode(sample) == tok.encode(sample)
+    assert (reloaded.pad_id, reloaded.vocab_size) == (260, 267) and reloaded.encode(sample) == tok.encode(sample)
 
 
 def test_default_specials_are_all_added_to_a_gpt2_style_file(tmp_path):
     tok = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), max_len=32)
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (260, 261, 262)
-    assert tok.marker_ids == {"text": 265, "image": 266, "audio": 267}
+    assert (tok.markers("image"), tok.markers("audio")) == ((265, 266), (267, 268))
+    with_plugin = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), modalities=("motion",))
+    assert with_plugin.markers("motion") == (269, 270) and with_plugin.special_ids.tolist()[-2:] == [269, 270]
     assert tok.max_len == 32
 
 

@@ -15,8 +15,8 @@ def test_trains_a_standard_tokenizer_json_with_the_special_tokens(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "tok" / "tokenizer.json")
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
-    assert [hf.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(8))
-    assert 264 < hf.get_vocab_size() <= 320  # this small corpus may run out of merges first
+    assert [hf.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert 256 + len(SPECIAL_TOKENS) < hf.get_vocab_size() <= 320  # this small corpus may run out of merges first
     sample = "def add(a, b):\n    return 東京 🎉"
     assert hf.decode(hf.encode(sample).ids) == sample
     assert len(hf.encode(" return").ids) == 1 and len(hf.encode(" eight").ids) == 1  # frequent words merged
@@ -27,7 +27,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     cases = [
         (["--modality", "image", "--input", "x"], "--modality='image': only text tokenizers are trained"),
         (["--modality", "vidoe", "--input", "x"], "unknown modality 'vidoe'; known: audio, image, text"),
-        (["--input", "x", "--vocab-size", "100"], "--vocab-size=100: must exceed 264"),
+        (["--input", "x", "--vocab-size", "100"], "--vocab-size=100: must exceed 265"),
         (["--input", str(tmp_path / "nope.txt")], f"{tmp_path / 'nope.txt'}: no such file"),
         (["--input", str(tmp_path / "latin1.txt")], f"{tmp_path / 'latin1.txt'}: cannot read as UTF-8 text"),
     ]

@@ -1,6 +1,6 @@
 """The ``data`` section: the tasks a run trains, each with its head, manifests and batch size."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from polytrain.errors import ConfigError
@@ -11,40 +11,75 @@ from polytrain.tokenizers.config import TOKENIZERS
 @dataclass(frozen=True)
 class TaskConfig:
     head: str
-    """How the task uses the backbone: a name from the head registry (decoder_only, encoder_decoder)."""
+    """How the task uses the backbone: a name from the head registry (decoder_only, encoder_decoder,
+    encoder_classifier, masked_lm)."""
     train: str
     """Training manifest: a JSONL path or ``builtin:<name>/<split>``."""
     val: str
     """Held-out manifest, same forms as ``train``."""
-    source: str | None = None
-    """Modality of the encoder input (encoder_decoder only): a name from the tokenizer registry."""
+    source: str | list[str] | None = None
+    """The modalities of the task's input segments besides inline text, one name or a list (image,
+    [image, audio], a plugin's): their tokenizers and embedders are built. null: text only."""
+    classes: list[str] = field(default_factory=list)
+    """encoder_classifier: the class names, in the order of the logits; each sample's ``label`` names one."""
+    packing: bool = False
+    """Fill each row with whole samples up to ``seq_len`` (and ``max_target_len`` on the decoder side), each
+    attending only to itself, positions restarting per sample; LM documents are cut into windows that keep
+    their document boundaries."""
+    span_attention: Literal["bidirectional", "causal"] = "bidirectional"
+    """decoder_only: the tokens of a non-text span (an image's patches) see each other whole (prefix-LM), or
+    causally like text."""
+    mask_probability: float = 0.15
+    """masked_lm: the share of real, non-special text tokens selected for prediction (then 80% become the
+    tokenizer's mask token, 10% a random regular token, 10% stay), drawn anew for every micro-batch."""
     batch_size: int = 8
     """Samples of this task in every micro-batch, per process."""
     weight: float = 1.0
     """Multiplier of this task's mean token loss in the total loss."""
     seq_len: int = 128
-    """decoder_only: tokens per training window cut from the concatenated documents."""
+    """Tokens of one row: an LM window cut from the documents; a decoder_only sequence; the input sequence
+    of an encoder head (at most tokenizers.text.max_len). Longer samples follow tokenizers.text.overflow."""
     max_target_len: int = 16
-    """encoder_decoder: target tokens kept (bos/eos excluded); also the most tokens generated at eval."""
+    """encoder_decoder: target tokens kept (bos/eos excluded); also the most tokens generated at evaluation
+    (decoder_only too)."""
     max_val_samples: int = 0
     """Evaluate on at most this many held-out samples (0: all)."""
 
     def check(self) -> None:
         if self.head not in HEADS:
             raise ConfigError("head", self.head, f"unknown head; known: {', '.join(HEADS.names())}")
-        needs_source = head_kind(self.head).encoder
-        if needs_source and self.source not in TOKENIZERS:
-            raise ConfigError("source", self.source, f"head {self.head} needs a source modality; known: "
-                                                     f"{', '.join(TOKENIZERS.names())}")
-        if not needs_source and self.source is not None:
-            raise ConfigError("source", self.source, f"head {self.head} reads text only; leave source unset")
+        for modality in self.modalities:
+            if modality not in TOKENIZERS:
+                raise ConfigError("source", self.source, f"unknown modality {modality!r}; known: "
+                                                         f"{', '.join(TOKENIZERS.names())}")
+        layout = head_kind(self.head).layout
+        if layout == "classify":
+            if len(self.classes) < 2 or len(set(self.classes)) < len(self.classes):
+                raise ConfigError("classes", self.classes, f"head {self.head} needs the names of at least two "
+                                                           "classes, each once")
+        elif self.classes:
+            raise ConfigError("classes", self.classes, f"is for encoder_classifier tasks; head {self.head} "
+                                                       "predicts text")
+        if layout == "masked" and self.modalities:
+            raise ConfigError("source", self.source, "masked_lm reads text only; leave source unset")
+        if self.packing and layout == "classify":
+            raise ConfigError("packing", True, "is for heads that score tokens (decoder_only, encoder_decoder, "
+                                               "masked_lm); a classifier scores whole samples")
         for name in ("batch_size", "seq_len", "max_target_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be > 0")
+        if not 0.0 < self.mask_probability < 1.0:
+            raise ConfigError("mask_probability", self.mask_probability, "must be in (0, 1)")
         if self.weight < 0:
             raise ConfigError("weight", self.weight, "must be >= 0")
         if self.max_val_samples < 0:
             raise ConfigError("max_val_samples", self.max_val_samples, "must be >= 0 (0 means all)")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The non-text modalities of ``source``."""
+        names = [] if self.source is None else [self.source] if isinstance(self.source, str) else self.source
+        return tuple(dict.fromkeys(name for name in names if name != "text"))
 
 
 @dataclass(frozen=True)
@@ -67,3 +102,8 @@ class DataConfig:
             raise ConfigError("tasks", self.tasks, "needs at least one task")
         if self.num_workers < 0:
             raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The non-text modalities the tasks read, in a fixed order (their tokenizers and embedders are built)."""
+        return tuple(sorted({m for task in self.tasks.values() for m in task.modalities}))

@@ -1,12 +1,23 @@
-"""Datasets: a manifest's records as samples for a task's head, tokenized (lazily or cached), and collated.
+"""Datasets: a task's manifest records as examples for its head, and the collation of examples into batches.
 
-LM tasks read documents joined and cut into windows; sequence-to-sequence
-tasks read (source in any modality, target text) pairs.
+Two kinds:
+
+- ``LMStream``: language modeling on documents (every record one plain, scored
+  text): the documents joined by eos and cut into windows of ``seq_len + 1``
+  tokens; with ``packing`` each window keeps its document boundaries
+  (attention and positions restart at each document).  The stream is cached
+  under ``cache_dir/tokens``, so only the first run (or process) tokenizes.
+- ``SequenceDataset``: one sample per record, its segments laid out for the
+  head (``sequences.py``): decoder_only reads one causal sequence whose scored
+  text carries the loss; encoder_decoder reads the inputs with the encoder and
+  the scored text with the decoder; encoder_classifier reads every segment and
+  predicts the sample's class; masked_lm reconstructs masked text tokens.
+  Files are decoded lazily, in the loading process.
 """
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +28,14 @@ from torch.utils.data import Dataset
 from polytrain import atomic
 from polytrain.errors import DataError
 from polytrain.models.config import head_kind
+from polytrain.models.mlm_corruption import mask_tokens
 from polytrain.platform.data.config import TaskConfig
-from polytrain.platform.data.manifest import Record, read_manifest
+from polytrain.platform.data.manifest import Part, Record, read_manifest
+from polytrain.platform.data.packing import PackedDocuments
+from polytrain.platform.data.sequences import Laid, Plain, collate_labels, collate_rows, first_fit, left_aligned
 from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokenizers.text import TextTokenizer
-from polytrain.tokens import IGNORE_INDEX, Segment, TaskBatch, Tokens, text_tokens
+from polytrain.tokens import IGNORE_INDEX, TaskBatch
 
 log = logging.getLogger(__name__)
 
@@ -30,49 +44,61 @@ MAX_SKIP_TRIES = 16
 
 
 @dataclass
-class Sample:
-    """What a dataset returns for one index."""
+class Example:
+    """One sample, laid out for its task's head."""
 
-    values: Any
-    """LM: ``Tokens`` window of seq_len + 1 ids; seq2seq: (source ``Tokens``, target ids)."""
+    inputs: Laid | Plain | list[Laid]
+    """causal: the sequence (all but its last slot); the others: the encoder's input; a packed LM window:
+    the pieces of its documents."""
+    labels: list[int] | int | None
+    """causal: one per input slot; seq2seq: one per decoder slot; classify: the class id; masked: None."""
     sample_id: str
     target: str = ""
+    """The scored text, or the class name: what evaluation compares with."""
+    decoder: Laid | None = None
+    """seq2seq: the decoder's input, bos and the target."""
+    prompt: Laid | None = None
+    """causal: the sequence before its first scored part, for generation."""
     skipped: list[str] = field(default_factory=list)
     """Messages of bad samples passed over to reach this one."""
 
 
-class LMDataset(Dataset):
-    """Documents concatenated (eos between them) and cut into windows of ``seq_len + 1`` tokens.
+class LMStream(Dataset):
+    """Documents joined by eos, cut into windows of ``seq_len + 1`` tokens (consecutive windows share one)."""
 
-    The token stream is cached under ``cache_dir/tokens``, keyed by a hash of the
-    tokenizer and the documents, so only the first run (or process) tokenizes.
-    """
-
-    def __init__(self, records: list[Record], text: TextTokenizer, seq_len: int, cache_dir: Path | None = None):
-        texts = []
-        for record in records:
-            value = record.fields.get("text")
-            if not isinstance(value, str):
-                raise DataError(f"{record.where}: a decoder_only sample needs a 'text' string, got {value!r}")
-            texts.append(value)
-        self.tokens = token_stream(texts, text, cache_dir)
-        self.seq_len = seq_len
+    def __init__(self, records: list[Record], text: TextTokenizer, task: TaskConfig, cache_dir: Path | None,
+                 multiple: int = 1):
+        self.tokens = token_stream([str(r.parts[0].value) for r in records], text, cache_dir)
+        self.seq_len, self.packing, self.pad_id, self.multiple = task.seq_len, task.packing, text.pad_id, multiple
         self.name = records[0].where.rsplit(":", 1)[0]
+        self.windows = PackedDocuments.from_stream(self.tokens, text.eos_id, task.seq_len + 1, task.seq_len)
         if len(self) == 0:
-            raise DataError(f"{self.name}: {len(self.tokens)} tokens, fewer than one window of seq_len+1={seq_len + 1}")
+            raise DataError(f"{self.name}: {len(self.tokens)} tokens, fewer than one window of seq_len+1="
+                            f"{task.seq_len + 1}")
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.seq_len
+        return len(self.windows)
 
-    def __getitem__(self, index: int) -> Sample:
-        start = index * self.seq_len
-        window = self.tokens[start: start + self.seq_len + 1].long()
-        return Sample(text_tokens(window), f"{self.name}#window{index}")
+    def __getitem__(self, index: int) -> Example:
+        window = self.windows[index]
+        ids = window.values.tolist()
+        if not self.packing:
+            return Example(Laid(ids[:-1], [True] * (len(ids) - 1)), ids[1:], f"{self.name}#window{index}")
+        docs = window.documents[:-1].tolist()
+        pieces = [Laid(ids[start:end], [True] * (end - start)) for start, end in runs(docs)]
+        return Example(pieces, ids[1:], f"{self.name}#window{index}")
 
-    def collate(self, samples: list[Sample], pad_id: int) -> TaskBatch:
-        ids = torch.stack([s.values.values for s in samples])
-        inputs = Segment.collate([text_tokens(row[:-1]) for row in ids], pad_id)
-        return TaskBatch(inputs, ids[:, 1:].clone(), sample_ids=[s.sample_id for s in samples])
+    def collate(self, examples: list[Example], generator: torch.Generator | None = None) -> TaskBatch:
+        rows = [e.inputs if isinstance(e.inputs, list) else [e.inputs] for e in examples]
+        inputs = collate_rows(rows, self.pad_id, self.multiple)
+        return TaskBatch(inputs, collate_labels([[e.labels] for e in examples], inputs.values.shape[1]),
+                         sample_ids=[e.sample_id for e in examples])
+
+
+def runs(values: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of equal values."""
+    bounds = [0, *(i for i in range(1, len(values)) if values[i] != values[i - 1]), len(values)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def token_stream(texts: list[str], text: TextTokenizer, cache_dir: Path | None) -> torch.Tensor:
@@ -95,71 +121,171 @@ def token_stream(texts: list[str], text: TextTokenizer, cache_dir: Path | None) 
     return tokens
 
 
-class Seq2SeqDataset(Dataset):
-    """(source in any modality, target text) pairs, decoded lazily from the manifest's files."""
+class SequenceDataset(Dataset):
+    """One example per record, laid out for the task's head; files decoded when the example is loaded."""
 
-    def __init__(self, records: list[Record], source: Any, text: TextTokenizer, max_target_len: int,
-                 skip_bad: bool, augment: bool = False):
-        self.source_key = source.modality
-        for record in records:
-            for key in (self.source_key, "target"):
-                if key not in record.fields:
-                    raise DataError(f"{record.where}: missing field {key!r}")
-        self.records, self.source, self.text = records, source, text
-        self.max_target_len, self.skip_bad = max_target_len, skip_bad
-        self.target_overflow = Overflow(text.cfg.overflow, "max_target_len")
+    def __init__(self, records: list[Record], name: str, task: TaskConfig, tokenizers: dict[str, Any],
+                 skip_bad: bool, augment: bool = False, multiple: int = 1):
+        self.records, self.name, self.task, self.skip_bad = records, name, task, skip_bad
+        self.text: TextTokenizer = tokenizers["text"]
+        self.tokenizers, self.multiple = tokenizers, multiple
+        self.layout = head_kind(task.head).layout
+        self.augment = {m: augment and getattr(tokenizers[m], "augments", False) for m in task.modalities}
+        """Modalities whose tokenizer augments training samples (SpecAugment), drawing from the loading
+        process's torch RNG (seeded by the loader per worker)."""
+        self.stand_ins = {m: tokenizers[m].embed_spec().input_dim for m in task.modalities}
+        self.budget = min(task.seq_len, self.text.max_len)
+        self.overflow = Overflow(self.text.cfg.overflow, f"data.tasks.{name}.seq_len")
+        self.target_overflow = Overflow(self.text.cfg.overflow, "max_target_len")
         """Targets longer than ``max_target_len`` tokens: cut (counted) or refused, per tokenizers.text.overflow."""
-        self.augment = augment and getattr(source, "augments", False)
-        """Ask the source tokenizer to augment (training data, and a tokenizer configured to), drawing from the
-        loading process's torch RNG (seeded by the loader per worker)."""
+        self.plain = self.layout != "causal" and len(task.modalities) == 1 and \
+            all([p.modality for p in r.parts if not p.scored] == list(task.modalities) for r in records)
+        """Every sample is one file of the task's one modality, read by the encoder: its tokens alone, without
+        markers (as a ViT or Whisper reads its input)."""
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> Example:
         skipped = []
         for attempt in range(MAX_SKIP_TRIES if self.skip_bad else 1):
             record = self.records[(index + attempt) % len(self.records)]
             try:
-                return Sample(self.load(record), record.sample_id, str(record.fields["target"]), skipped)
+                example = self.example(record)
+                example.skipped = skipped
+                return example
             except DataError as err:
                 if not self.skip_bad:
                     raise
                 skipped.append(str(err))
         raise DataError(f"{MAX_SKIP_TRIES} bad samples in a row from {self.records[index].where}; last: {skipped[-1]}")
 
-    def load(self, record: Record) -> tuple[Tokens, list[int]]:
-        raw = record.fields[self.source_key]
+    def example(self, record: Record) -> Example:
+        if self.layout == "causal":
+            return self.causal(record)
+        inputs = [p for p in record.parts if not p.scored]
+        if not inputs:
+            raise DataError(f"{record.where}: no input segment (every segment is scored)")
+        encoded = self.sequence(record, inputs, budget=self.budget)
+        if self.layout == "seq2seq":
+            target = self.text_ids(record, [p for p in record.parts if p.scored], self.task.max_target_len,
+                                   self.target_overflow)
+            full = Laid([self.text.bos_id, *target, self.text.eos_id], [False] + [True] * (len(target) + 1))
+            decoder, labels = full.shifted()
+            return Example(encoded, labels, record.sample_id, record.scored_text, decoder=decoder)
+        if any(p.scored for p in record.parts):
+            raise DataError(f"{record.where}: head {self.task.head} has no text target; drop the scored segment")
+        if self.layout == "classify":
+            if record.label not in self.task.classes:
+                raise DataError(f"{record.where}: label {record.label!r} is not one of data.tasks.{self.name}.classes "
+                                f"({', '.join(self.task.classes)})")
+            return Example(encoded, self.task.classes.index(record.label), record.sample_id, record.label)
+        return Example(encoded, None, record.sample_id)
+
+    def causal(self, record: Record) -> Example:
+        """bos, every segment in order (scored text followed by eos), cut to ``seq_len + 1``; shifted."""
+        if not any(p.scored for p in record.parts):
+            raise DataError(f"{record.where}: no scored segment: mark the text to learn with \"scored\": true")
+        full = Laid([self.text.bos_id], [False])
+        prompt = None
+        for part in record.parts:
+            if part.scored and prompt is None:
+                prompt = Laid(list(full.ids), list(full.scored), list(full.spans))
+            self.add(full, record, part)
+        if len(full) > self.task.seq_len + 1:
+            self.overflow(record.where, f"{len(full)} tokens", str(self.task.seq_len + 1))
+            full = full.cut(self.task.seq_len + 1)
+        inputs, labels = full.shifted()
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DataError(f"{record.where}: nothing scored is left within seq_len={self.task.seq_len}")
+        return Example(inputs, labels, record.sample_id, record.scored_text, prompt=prompt)
+
+    def sequence(self, record: Record, parts: list[Part], budget: int) -> Laid | Plain:
+        """The encoder's input: one file alone (plain), or the segments laid out with markers."""
+        if self.plain:
+            return Plain(parts[0].modality, self.file_tokens(record, parts[0]))
+        laid = Laid()
+        for part in parts:
+            self.add(laid, record, part)
+        if len(laid) > budget:
+            self.overflow(record.where, f"{len(laid)} tokens", str(budget))
+            laid = laid.cut(budget)
+        if not len(laid):
+            raise DataError(f"{record.where}: nothing of the sample fits in {budget} tokens")
+        return laid
+
+    def add(self, laid: Laid, record: Record, part: Part) -> None:
+        if part.modality == "text":
+            ids = self.text_ids(record, [part], None, None)
+            laid.add_text(ids + ([self.text.eos_id] if part.scored else []), part.scored)
+        else:
+            laid.add_span(part.modality, self.file_tokens(record, part), self.text.markers(part.modality),
+                          self.text.pad_id)
+
+    def text_ids(self, record: Record, parts: list[Part], limit: int | None, overflow: Overflow | None) -> list[int]:
+        ids = [i for part in parts for i in (list(part.value) if isinstance(part.value, tuple)
+                                              else self.text.encode(part.value))]
+        if not ids:
+            raise DataError(f"{record.where}: text has no tokens")
+        if limit is not None and len(ids) > limit:
+            overflow(f"{record.where}: target", f"{len(ids)} tokens", str(limit))
+            ids = ids[:limit]
+        return ids
+
+    def file_tokens(self, record: Record, part: Part):
+        if part.modality not in self.stand_ins:
+            raise DataError(f"{record.where}: a {part.modality} segment, but data.tasks.{self.name}.source does not "
+                            f"name {part.modality} (it names {', '.join(self.task.modalities) or 'text only'})")
         try:
-            source = self.source(raw if self.source_key == "text" else record.path(self.source_key),
-                                 **({"augment": True} if self.augment else {}))
+            tokens = self.tokenizers[part.modality](part.value, **({"augment": True} if self.augment[part.modality]
+                                                                   else {}))
         except DataError as err:
             raise DataError(f"{record.where}: {err}") from None
-        if len(source) == 0:
-            raise DataError(f"{record.where}: source {self.source_key} has no tokens")
-        target = self.text.encode(str(record.fields["target"]))
-        if len(target) > self.max_target_len:
-            self.target_overflow(f"{record.where}: target", f"{len(target)} tokens", str(self.max_target_len))
-        target = target[: self.max_target_len]
-        return source, [self.text.bos_id, *target, self.text.eos_id]
+        if len(tokens) == 0:
+            raise DataError(f"{record.where}: {part.modality} segment has no tokens")
+        return tokens
 
-    def collate(self, samples: list[Sample], pad_id: int) -> TaskBatch:
-        source = Segment.collate([s.values[0] for s in samples], pad_id if self.source_key == "text" else 0)
-        targets = [torch.tensor(s.values[1]) for s in samples]
-        inputs = Segment.collate([text_tokens(t[:-1]) for t in targets], pad_id)
-        labels = torch.full(inputs.mask.shape, IGNORE_INDEX, dtype=torch.long)
-        for row, t in enumerate(targets):
-            labels[row, : len(t) - 1] = t[1:]
-        return TaskBatch(inputs, labels, source, [s.sample_id for s in samples], [s.target for s in samples])
+    def collate(self, examples: list[Example], generator: torch.Generator | None = None) -> TaskBatch:
+        """A batch of ``examples``; packed into as few rows as fit with ``packing``; ``generator`` draws the
+        masked_lm masks (a pure function of the data order, so a resumed run masks the same way)."""
+        pad, n = self.text.pad_id, len(examples)
+        if self.layout == "seq2seq":
+            groups = self.rows([(len(e.inputs), len(e.decoder)) for e in examples],
+                               (self.budget, self.task.max_target_len + 1))
+        else:
+            groups = self.rows([(len(e.inputs),) for e in examples], (self.task.seq_len,))
+        ordered = [examples[i] for group in groups for i in group]
+        rows = [[examples[i].inputs for i in group] for group in groups]
+        inputs = collate_rows(rows, pad, self.multiple, self.stand_ins)
+        batch = dict(sample_ids=[e.sample_id for e in ordered], targets=[e.target for e in ordered])
+        if self.layout == "causal":
+            labels = collate_labels([[examples[i].labels for i in group] for group in groups], inputs.values.shape[1])
+            prompts = [e.prompt for e in ordered] if len(groups) == n else None
+            return TaskBatch(inputs, labels, prompt=None if prompts is None else
+                             left_aligned(collate_rows([[p] for p in prompts], pad, 1, self.stand_ins)),
+                             bidirectional_spans=self.task.span_attention == "bidirectional", **batch)
+        if self.layout == "seq2seq":
+            decoder = collate_rows([[examples[i].decoder for i in group] for group in groups], pad, self.multiple)
+            labels = collate_labels([[examples[i].labels for i in group] for group in groups],
+                                    decoder.values.shape[1])
+            return TaskBatch(decoder, labels, source=inputs, **batch)
+        if self.layout == "classify":
+            return TaskBatch(inputs, torch.tensor([e.labels for e in ordered]), **batch)
+        corrupted, labels = mask_tokens(inputs.values, inputs.mask, self.task.mask_probability, self.text.mask_id,
+                                        self.text.special_ids, self.text.vocab_size, generator)
+        return TaskBatch(replace(inputs, values=corrupted), labels, **batch)
+
+    def rows(self, sizes: list[tuple[int, ...]], budgets: tuple[int, ...]) -> list[list[int]]:
+        """Which examples share a row: one each, or packed."""
+        return first_fit(sizes, budgets) if self.task.packing else [[i] for i in range(len(sizes))]
 
 
 def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any], skip_bad: bool,
-                  cache_dir: Path | None = None, augment: bool = False) -> LMDataset | Seq2SeqDataset:
-    """``augment``: training data, which source tokenizers that augment (SpecAugment) may alter."""
-    records = read_manifest(manifest, name, skip_bad)
-    text = tokenizers["text"]
-    if head_kind(task.head).encoder:
-        return Seq2SeqDataset(records, tokenizers[task.source], text, task.max_target_len, skip_bad, augment)
-    return LMDataset(records, text, task.seq_len, cache_dir)
-
-
+                  cache_dir: Path | None = None, augment: bool = False) -> LMStream | SequenceDataset:
+    """``augment``: training data, which tokenizers that augment (SpecAugment) may alter."""
+    layout = head_kind(task.head).layout
+    records = read_manifest(manifest, name, skip_bad, plain_text_scored=layout == "causal")
+    text, multiple = tokenizers["text"], tokenizers["text"].cfg.pad_to_multiple
+    if layout == "causal" and all(len(r.parts) == 1 and r.parts[0].modality == "text" for r in records):
+        return LMStream(records, text, task, cache_dir, multiple)
+    return SequenceDataset(records, name, task, tokenizers, skip_bad, augment, multiple)

@@ -33,10 +33,14 @@ class LoadFailure:
 
 
 class Mixture(Dataset):
-    """A ``Slot`` -> its micro-batch, loaded and collated (runs in loader workers)."""
+    """A ``Slot`` -> its micro-batch, loaded and collated (runs in loader workers).
 
-    def __init__(self, datasets: dict[str, Dataset], pad_id: int):
-        self.datasets, self.pad_id = datasets, pad_id
+    What collation draws at random (masked_lm's masks) comes from a generator seeded by ``seed`` and the
+    slot, so it is a pure function of the data order, as the samples are.
+    """
+
+    def __init__(self, datasets: dict[str, Dataset], seed: int):
+        self.datasets, self.seed = datasets, seed
 
     def __getitem__(self, slot: Slot) -> MicroBatch | LoadFailure:
         try:
@@ -46,11 +50,12 @@ class Mixture(Dataset):
 
     def build(self, slot: Slot) -> MicroBatch:
         parts, skipped = {}, []
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + slot.index)
         for name, indices in slot.samples.items():
             ds = self.datasets[name]
             samples = [ds[i] for i in indices]
             skipped += [msg for s in samples for msg in s.skipped]
-            parts[name] = ds.collate(samples, self.pad_id)
+            parts[name] = ds.collate(samples, generator)
         return MicroBatch(parts, skipped, slot)
 
 
@@ -79,9 +84,14 @@ class _Slots:
         return self.slots
 
 
-def eval_batches(dataset: Dataset, batch_size: int, limit: int, pad_id: int):
+EVAL_SEED = 0
+"""Seeds what evaluation batches draw (masked_lm's masks): every evaluation of a run masks the same tokens."""
+
+
+def eval_batches(dataset: Dataset, batch_size: int, limit: int):
     """The held-out set in order, unsharded (every rank evaluates all of it), in batches."""
     count = len(dataset) if limit == 0 else min(limit, len(dataset))
+    generator = torch.Generator().manual_seed(EVAL_SEED)
     for start in range(0, count, batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        yield dataset.collate(samples, pad_id)
+        yield dataset.collate(samples, generator)

@@ -1,4 +1,4 @@
-"""Sequence packing for language modeling: documents joined by eos, cut into fixed windows, boundaries kept.
+"""Windows over a document stream for language modeling: documents joined by eos, cut into fixed windows, boundaries kept.
 
 Every token of a window knows its document (``Tokens.documents``, numbered
 from 0 in each window) and its position counts from that document's start, or
@@ -24,21 +24,35 @@ class PackedDocuments:
     """
 
     def __init__(self, documents: Iterable[Sequence[int]], eos_id: int, window: int, stride: int | None = None):
-        stride = window if stride is None else stride
-        if window < 2 or not 0 < stride <= window:
-            raise ValueError(f"window={window} must be >= 2 and stride={stride} in 1..window")
         stream, starts = [], []
         for ids in documents:
             starts.append(len(stream))
             stream.extend(ids)
             stream.append(eos_id)
-        self.tokens = torch.tensor(stream, dtype=torch.int32)
-        """(N,) the whole stream; int32 halves the memory of a large corpus, windows come out as int64."""
-        self.starts = torch.tensor(starts, dtype=torch.int64)
-        """(documents,) offset of each document's first token in the stream."""
-        self.window, self.stride = window, stride
+        self.set_stream(torch.tensor(stream, dtype=torch.int32), torch.tensor(starts, dtype=torch.int64), window,
+                        stride)
         if len(self) == 0:
             raise DataError(f"{len(stream)} tokens from {len(starts)} document(s), fewer than one window of {window}")
+
+    @classmethod
+    def from_stream(cls, tokens: Tensor, eos_id: int, window: int, stride: int | None = None) -> "PackedDocuments":
+        """Windows over a stream already joined (every document followed by eos); a document starts after each
+        eos. May hold no window (``len`` 0) when the stream is too short."""
+        ends = (tokens == eos_id).nonzero().flatten()
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), ends[:-1].long() + 1])
+        windows = cls.__new__(cls)
+        windows.set_stream(tokens, starts, window, stride)
+        return windows
+
+    def set_stream(self, tokens: Tensor, starts: Tensor, window: int, stride: int | None) -> None:
+        stride = window if stride is None else stride
+        if window < 2 or not 0 < stride <= window:
+            raise ValueError(f"window={window} must be >= 2 and stride={stride} in 1..window")
+        self.tokens = tokens
+        """(N,) the whole stream; int32 halves the memory of a large corpus, windows come out as int64."""
+        self.starts = starts
+        """(documents,) offset of each document's first token in the stream."""
+        self.window, self.stride = window, stride
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - self.window) // self.stride + 1)

@@ -31,6 +31,7 @@ import torch
 
 from polytrain.config import Config
 from polytrain.errors import ConfigError
+from polytrain.models.config import head_kind
 from polytrain.models.model import PolyModel
 from polytrain.platform.observe.meters import GIB
 from polytrain.platform.train.finetune import adapt, freeze
@@ -97,10 +98,10 @@ def parse_size(text: str) -> int:
 def count_parameters(cfg: Config) -> tuple[int, int]:
     """(all, trainable) parameters of the model the config builds, counted without allocating it."""
     specs = [EmbedSpec("text", cfg.tokenizers.text.vocab_size, (1, cfg.tokenizers.text.max_len))]
-    for source in sorted({t.source for t in cfg.data.tasks.values() if t.source is not None}):
-        specs.append(build_patch_tokenizer(source, cfg.tokenizers).embed_spec())
+    specs += [build_patch_tokenizer(modality, cfg.tokenizers).embed_spec() for modality in cfg.data.modalities]
     with torch.device("meta"):
-        model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()})
+        model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()},
+                          {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
         adapt(model, cfg.finetune)
     freeze(model, cfg.finetune)
     return (sum(p.numel() for p in model.parameters()),
@@ -111,11 +112,15 @@ def sequence_lengths(cfg: Config) -> dict[str, tuple[int, int]]:
     """Per task: (encoder tokens, decoder tokens) of one sample at the most."""
     lengths = {}
     for name, task in cfg.data.tasks.items():
-        if task.source is None:
+        kind = head_kind(task.head)
+        if not kind.encoder:  # one sequence, its spans inside it
             lengths[name] = (0, task.seq_len)
-        else:
-            rows, cols = build_patch_tokenizer(task.source, cfg.tokenizers).embed_spec().grid
-            lengths[name] = (rows * cols, task.max_target_len + 1)
+            continue
+        encoder = task.seq_len
+        if len(task.modalities) == 1:  # a single file is read alone
+            rows, cols = build_patch_tokenizer(task.modalities[0], cfg.tokenizers).embed_spec().grid
+            encoder = rows * cols
+        lengths[name] = (encoder, task.max_target_len + 1 if kind.decoder else 0)
     return lengths
 
 

@@ -1,15 +1,15 @@
 """From a ``Config`` to concrete parts: manifests, tokenizers, datasets, model. Shared by train and eval."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from polytrain.config import Config
 from polytrain.models.model import PolyModel
 from polytrain.platform.data.builtin import resolve_manifest
 from polytrain.platform.data.datasets import build_dataset
-from polytrain.platform.data.manifest import read_manifest
+from polytrain.platform.data.manifest import iter_manifest
 from polytrain.platform.train.finetune import adapt
-from polytrain.tokenizers.config import build_patch_tokenizer
+from polytrain.tokenizers.config import BUILT_IN, build_patch_tokenizer
 from polytrain.tokenizers.text import TextTokenizer
 
 
@@ -18,28 +18,29 @@ def manifest(cfg: Config, task: str, split: str) -> Path:
     return resolve_manifest(getattr(cfg.data.tasks[task], split), cfg.data.cache_dir)
 
 
-def tokenizer_corpus(cfg: Config) -> list[str]:
-    """Every training string the text tokenizer will meet: LM documents, targets, text sources."""
-    texts = []
-    for name in cfg.data.tasks:
-        for record in read_manifest(manifest(cfg, name, "train"), name, cfg.data.skip_bad_samples):
-            texts += [record.fields[k] for k in ("text", "target") if isinstance(record.fields.get(k), str)]
-    return texts
+def tokenizer_corpus(cfg: Config) -> Iterator[str]:
+    """Every training string the text tokenizer will meet: documents, prompts, targets, class names."""
+    for name, task in cfg.data.tasks.items():
+        yield from task.classes
+        for record in iter_manifest(manifest(cfg, name, "train"), name, cfg.data.skip_bad_samples):
+            yield from (str(part.value) for part in record.parts if part.modality == "text")
+
+
+def plugin_modalities(cfg: Config) -> tuple[str, ...]:
+    """The run's modalities whose span markers the text tokenizer adds to its built-in ones."""
+    return tuple(m for m in cfg.data.modalities if m not in BUILT_IN)
 
 
 def train_text_tokenizer(cfg: Config, out_dir: Path) -> Path:
     """Train byte-level BPE on the run's training text; returns the saved ``tokenizer.json``."""
-    return TextTokenizer.train(tokenizer_corpus(cfg), cfg.tokenizers.text).save(out_dir)
+    return TextTokenizer.train(tokenizer_corpus(cfg), cfg.tokenizers.text, plugin_modalities(cfg)).save(out_dir)
 
 
 def build_tokenizers(cfg: Config, text_tokenizer_file: Path) -> dict[str, Any]:
-    """The text tokenizer (``tokenizer.json`` with ``tokenizers.text``'s settings) and one tokenizer per source
-    modality the tasks read."""
-    tokenizers: dict[str, Any] = {"text": TextTokenizer.load(text_tokenizer_file, cfg=cfg.tokenizers.text)}
-    for task in cfg.data.tasks.values():
-        if task.source is not None and task.source not in tokenizers:
-            tokenizers[task.source] = build_patch_tokenizer(task.source, cfg.tokenizers)
-    return tokenizers
+    """The text tokenizer (``tokenizer.json`` with ``tokenizers.text``'s settings) and one tokenizer per
+    non-text modality the tasks read."""
+    text = TextTokenizer.load(text_tokenizer_file, cfg=cfg.tokenizers.text, modalities=plugin_modalities(cfg))
+    return {"text": text, **{m: build_patch_tokenizer(m, cfg.tokenizers) for m in cfg.data.modalities}}
 
 
 def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[
 def build_model(cfg: Config, tokenizers: dict[str, Any]) -> PolyModel:
     """The model the config describes, LoRA adapters included (weights as initialized)."""
     specs = [tok.embed_spec() for tok in tokenizers.values()]
-    model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()})
+    model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()},
+                      {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
     adapt(model, cfg.finetune)
     return model

@@ -145,7 +145,7 @@ class Trainer:
         # 6. The data order and what a step runs.
         self.order = DataOrder({n: len(ds) for n, ds in self.train_sets.items()},
                                {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.data.mixing, cfg.train.seed)
-        stand_ins = {n: ds.collate([ds[0]], self.text.pad_id) for n, ds in self.train_sets.items()}
+        stand_ins = {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()}
         self.stepper = Stepper(engine, self.model, self.optimizer, self.scheduler, cfg.train,
                                {name: task.weight for name, task in cfg.data.tasks.items()}, stand_ins,
                                TrainFlops(engine.unwrap(self.model)))
@@ -183,7 +183,7 @@ class Trainer:
     def run(self) -> RunDir:
         cfg, engine = self.cfg, self.engine
         slots = self.order.slots(self.progress.stream, engine.rank, engine.world_size)
-        batches = micro_batches(Mixture(self.train_sets, self.text.pad_id), slots, cfg.data.num_workers)
+        batches = micro_batches(Mixture(self.train_sets, cfg.train.seed), slots, cfg.data.num_workers)
         self.model.train()
         meter = Throughput(engine.world_size, peak_flops(cfg.tracking.peak_tflops, cfg.engine.precision,
                                                          engine.device))
@@ -259,7 +259,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         return evaluate(self.engine.unwrap(self.model), self.cfg.data.tasks, self.val_sets, self.text,
-                        self.engine.device, self.cfg.train.eval_batch_size)
+                        self.engine.device, self.cfg.train.eval_batch_size, self.cfg.model.heads.decoding)
 
     def checkpoint(self, step: int) -> CheckpointDir:
         digests = self.engine.replica_digests(self.model)

@@ -46,11 +46,11 @@ def test_audio_training_samples_get_spec_augment_and_validation_samples_do_not(t
     train, val = (recipe.build_datasets(cfg, split, tokenizers)["t"] for split in ("train", "val"))
     plain = audio(tmp_path / "a.wav").values
     torch.manual_seed(3)
-    augmented = train[0].values[0].values
+    augmented = train[0].inputs.tokens.values
     torch.manual_seed(3)  # the tokenizer's SpecAugment, from the same RNG state (checked against torchaudio's)
     assert torch.equal(augmented, audio(tmp_path / "a.wav", augment=True).values)
     assert (augmented == 0).sum() > (plain == 0).sum()
-    assert torch.equal(val[0].values[0].values, plain)  # validation: never augmented
+    assert torch.equal(val[0].inputs.tokens.values, plain)  # validation: never augmented
     unmasked = recipe.build_tokenizers(load_config(None, TASK[:1] + ["data.tasks.t.source=audio"] + TASK[2:]),
                                        trained.save(tmp_path / "tok"))
     assert not unmasked["audio"].augments  # no masks configured: training samples stay as they are
