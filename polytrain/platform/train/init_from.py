@@ -8,7 +8,7 @@ reports what it loaded, left new and ignored (``init_from.json``);
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,9 @@ class InitReport:
     """In the model, not in the source: left as initialized."""
     ignored: list[str]
     """In the source, not in the model (e.g. a pretraining task's own head)."""
+    extended: list[str] = field(default_factory=list)
+    """Vocabulary tables the model has more rows of (tokens the run added, such as a new modality's span
+    markers): their old rows loaded, the new ones left as initialized."""
 
     def write(self, run_dir: RunDir) -> None:
         atomic.write_text(run_dir.init_report, json.dumps(self.__dict__, indent=1) + "\n")
@@ -98,15 +101,23 @@ class InitReport:
         new = [name for name in self.new if not is_adapter(name)]
         adapters = f" and {len(self.new) - len(new)} LoRA adapter tensors" if len(new) < len(self.new) else ""
         return (f"init_from {self.source}: loaded {len(self.loaded)} tensors; newly initialized {len(self.new)}: "
-                f"{', '.join(new) or '-'}{adapters}; ignored {len(self.ignored)}: {', '.join(self.ignored) or '-'} "
-                f"(full lists in init_from.json)")
+                f"{', '.join(new) or '-'}{adapters}; ignored {len(self.ignored)}: {', '.join(self.ignored) or '-'}"
+                + (f"; vocabulary extended: {', '.join(self.extended)}" if self.extended else "")
+                + " (full lists in init_from.json)")
+
+
+VOCABULARY_TABLES = ("embedders.text.table.weight", "embedders.text.output_bias", "lm_head.weight", "lm_head.bias")
+"""Tensors with one row per text token."""
 
 
 def load_initial_weights(model: nn.Module, source: str, weights: dict[str, torch.Tensor]) -> InitReport:
     """Copy the tensors of ``weights`` into ``model`` by name; a shape mismatch stops with the tensor's name."""
     own = model.state_dict()
+    extended = [name for name in own if name.endswith(VOCABULARY_TABLES) and name in weights
+                and own[name].shape[0] > weights[name].shape[0] and own[name].shape[1:] == weights[name].shape[1:]]
     mismatched = [f"{name}: {source} has {tuple(weights[name].shape)}, the model {tuple(own[name].shape)}"
-                  for name in own if name in weights and weights[name].shape != own[name].shape]
+                  for name in own if name in weights and weights[name].shape != own[name].shape
+                  and name not in extended]
     if mismatched:
         raise DataError(f"init_from: tensor shapes differ, so the checkpoint was trained with another architecture "
                         f"(configure the model as it was): {'; '.join(mismatched[:3])}"
@@ -117,5 +128,6 @@ def load_initial_weights(model: nn.Module, source: str, weights: dict[str, torch
                         f"checkpoint of this kind of model (its tensors look like {', '.join(list(weights)[:3])})")
     with torch.no_grad():
         for name in loaded:
-            own[name].copy_(weights[name])
-    return InitReport(source, loaded, [n for n in own if n not in weights], [n for n in weights if n not in own])
+            own[name][: len(weights[name])].copy_(weights[name])
+    return InitReport(source, loaded, [n for n in own if n not in weights], [n for n in weights if n not in own],
+                      extended)

@@ -56,6 +56,20 @@ def test_init_report_names_loaded_new_and_ignored_tensors():
             assert torch.equal(tensor, source[name]), name
 
 
+def test_a_vocabulary_that_grew_keeps_its_trained_rows_and_initializes_the_new_ones():
+    source = {name: t + 1 for name, t in tiny_model().state_dict().items()}
+    table = "embedders.text.table.weight"
+    model = tiny_model(vocab=len(source[table]) + 2)  # e.g. a plugin modality's two span markers
+    fresh = model.state_dict()[table][-2:].clone()
+    report = load_initial_weights(model, "pre", source)
+    assert report.extended == [table] and table in report.loaded and "vocabulary extended" in report.summary()
+    assert torch.equal(model.state_dict()[table][:-2], source[table])
+    assert torch.equal(model.state_dict()[table][-2:], fresh)
+    shrunk = tiny_model(vocab=len(source[table]) - 1)
+    with pytest.raises(DataError, match=rf"{table}: pre has"):
+        load_initial_weights(shrunk, "pre", source)
+
+
 def test_a_checkpoint_of_another_architecture_names_the_tensor_and_both_shapes():
     source = tiny_model().state_dict()
     source["backbone.encoder.blocks.0.attn.qkv.weight"] = torch.zeros(48, 16)
