@@ -182,6 +182,9 @@ class SequenceDataset(Dataset):
             raise DataError(f"{record.where}: no input segment (every segment is scored)")
         encoded = self.sequence(record, inputs, budget=self.budget)
         if self.layout == "seq2seq":
+            if not any(p.scored for p in record.parts):
+                raise DataError(f"{record.where}: no scored segment: the decoder needs the text to produce, marked "
+                                "\"scored\": true")
             target = self.text_ids(record, [p for p in record.parts if p.scored], self.task.max_target_len,
                                    self.target_overflow)
             full = Laid([self.text.bos_id, *target, self.text.eos_id], [False] + [True] * (len(target) + 1))
