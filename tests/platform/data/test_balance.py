@@ -1,0 +1,114 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from polytrain.platform.data.balance import (
+    TOLERANCE,
+    CostModel,
+    deal,
+    min_max_split,
+    padding_share,
+    pool_steps,
+    rank_imbalance,
+    take,
+)
+
+ATTENTION = CostModel(quadratic=1 / (6 * 192))
+
+
+def test_costs_follow_the_closed_form():
+    lengths = np.array([[10, 3], [4, 5]])
+    model = CostModel(0.5)
+    assert model.costs(lengths).tolist() == [10 + 50 + 3 + 4.5, 4 + 8 + 5 + 12.5]
+    assert model.padded(lengths) == 2 * (10 + 50 + 5 + 12.5)
+
+
+def test_take_fills_the_budget_and_takes_at_least_one():
+    assert take([3, 4, 2, 9], 9) == 3
+    assert take([12, 1], 9) == 1
+
+
+def brute_force_min_max(lengths, n_groups, model):
+    """The smallest largest padded cost over every split of the rows into at most ``n_groups`` contiguous runs."""
+    n, best = len(lengths), np.inf
+    for k in range(1, min(n_groups, n) + 1):
+        for cuts in itertools.combinations(range(1, n), k - 1):
+            bounds = (0, *cuts, n)
+            best = min(best, max(model.padded(lengths[a:b]) for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("model", [CostModel(), CostModel(0.01)])
+def test_min_max_split_is_optimal(seed, model):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, (rng.integers(2, 10), 2))
+    lengths = lengths[np.argsort(model.costs(lengths), kind="stable")]
+    n_groups = int(rng.integers(1, 5))
+    groups = min_max_split(lengths, n_groups, model)
+    assert len(groups) == n_groups
+    assert np.concatenate([np.arange(len(lengths))[g] for g in groups]).tolist() == list(range(len(lengths)))
+    best = brute_force_min_max(lengths, n_groups, model)
+    assert max(model.padded(lengths[g]) for g in groups) <= best * (1 + TOLERANCE)
+    assert sum(g.stop > g.start for g in groups) == min(n_groups, len(lengths))  # no rank left idle when avoidable
+
+
+def skewed(n, seed=0):
+    """Spoken clips, 70% of 1-2 s and 30% of 8-10 s, as (patches, target tokens): 4 mel rows x one column per
+    80 ms; and images of mixed sizes, 4x4 to 14x14 patches; targets of 2-10 tokens."""
+    rng = np.random.default_rng(seed)
+    seconds = np.where(rng.random(n) < 0.3, rng.uniform(8, 10, n), rng.uniform(1, 2, n))
+    audio = np.stack([(seconds / 0.08).astype(int) * 4, rng.integers(2, 11, n)], axis=1)
+    side = rng.integers(4, 15, n)
+    images = np.stack([side * rng.integers(4, 15, n), rng.integers(2, 11, n)], axis=1)
+    return np.concatenate([audio, images])[rng.permutation(2 * n)]
+
+
+def budgeted_steps(lengths, step_budget, bucket_steps, model, n_steps):
+    """The steps a budgeted task makes of a stream (``lengths`` in stream order): pools filled to the budget."""
+    costs, position, steps = model.costs(lengths), 0, []
+    while len(steps) < n_steps:
+        n = take(costs[position:], bucket_steps * step_budget)
+        pool = np.arange(position, position + n)
+        steps += [pool[s] for s in pool_steps(lengths[pool], bucket_steps, model, seed=len(steps))]
+        position += n
+    return steps[:n_steps], position
+
+
+@pytest.mark.parametrize("model", [CostModel(), ATTENTION], ids=["tokens", "attention"])
+def test_budgets_cut_padding_and_balance_ranks_on_skewed_lengths(model):
+    """The goal of issue 13 on mixed short and long audio and mixed image sizes: padding <= 10% and the busiest
+    rank at most 10% above the mean in every step; a fixed sample count per micro-batch pads most of its cost."""
+    lengths = skewed(12000)
+    ranks, accum, budget = 4, 2, 8192
+    steps, used = budgeted_steps(lengths, budget * ranks * accum, 16, model, 32)
+    dealt = [[[step[b] for b in micro] for micro in deal(lengths[step], ranks, accum, model)] for step in steps]
+    batches = [b for step in dealt for micro in step for b in micro]
+    after_padding = padding_share(lengths, batches)
+    after_imbalance = max(rank_imbalance(lengths, step, model) for step in dealt)
+    assert after_padding <= 0.10 and after_imbalance <= 1.10
+
+    per_micro = used // (len(steps) * ranks * accum)  # the same samples, a fixed count per micro-batch
+    fixed = [np.arange(k, k + per_micro) for k in range(0, per_micro * len(steps) * ranks * accum, per_micro)]
+    assert padding_share(lengths, fixed) > 0.5 > 5 * after_padding
+
+
+def test_a_step_holds_the_same_samples_on_any_number_of_ranks():
+    lengths = skewed(600)
+    step = pool_steps(lengths, 4, ATTENTION, seed=3)[0]
+    for ranks, accum in ((1, 8), (2, 4), (4, 2), (8, 1), (3, 1)):
+        dealt = deal(lengths[step], ranks, accum, ATTENTION)
+        assert [len(micro) for micro in dealt] == [accum] * ranks
+        assert sorted(np.concatenate([b for micro in dealt for b in micro]).tolist()) == list(range(len(step)))
+
+
+def test_a_pool_is_cut_into_steps_of_equal_cost_each_sample_once():
+    lengths = skewed(500)
+    costs = ATTENTION.costs(lengths)
+    steps = pool_steps(lengths, 8, ATTENTION, seed=0)
+    assert sorted(np.concatenate(steps).tolist()) == list(range(len(lengths)))
+    step_costs = [costs[s].sum() for s in steps]
+    assert max(step_costs) - min(step_costs) <= 2 * costs.max()  # each cut is off by at most one sample
+    assert [s.tolist() for s in pool_steps(lengths, 8, ATTENTION, seed=0)] == [s.tolist() for s in steps]
+    assert [s.tolist() for s in pool_steps(lengths, 8, ATTENTION, seed=1)] != [s.tolist() for s in steps]
