@@ -1,4 +1,4 @@
-"""polytrain train | finetune | launch | doctor | generate | eval | export | report | plan | tokenizer | model
+"""polytrain train | finetune | launch | doctor | generate | eval | export | report | plan | tokenizer | data | model
 
     polytrain train configs/quickstart.yaml train.steps=50
     polytrain finetune configs/finetune_audio.yaml init_from=runs/pretrain finetune.lora.rank=8
@@ -11,6 +11,7 @@
     polytrain report runs/quickstart-20261121-120000 [--out DIR]
     polytrain plan configs/quickstart.yaml --gpus-per-node 8 --nodes 2 --gpu-mem 80GB
     polytrain tokenizer train --modality text --input a.txt b.txt --vocab-size 4096 --out tok/
+    polytrain data prepare configs/quickstart.yaml --out build/prepared/quickstart
     polytrain model info decoder_1b
 """
 
@@ -67,13 +68,19 @@ class Segments(argparse.Action):
 
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """The command line, with a command's flags allowed anywhere among its ``key=value`` overrides
-    (``polytrain launch CONFIG --dry-run a.b=c``): a command without subcommands of its own is parsed by
-    its own parser, intermixed."""
-    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    command = commands.choices.get(argv[0]) if argv else None
-    if command is None or command._subparsers is not None:
-        return parser.parse_args(argv)
-    return command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0]))
+    (``polytrain launch CONFIG --dry-run a.b=c``, ``polytrain data prepare CONFIG --out DIR a.b=c``): the
+    command that has no subcommands of its own is parsed by its own parser, intermixed."""
+    names, current = argparse.Namespace(), parser
+    for depth, word in enumerate(argv):
+        commands = next(a for a in current._actions if isinstance(a, argparse._SubParsersAction))
+        command = commands.choices.get(word)
+        if command is None:
+            break
+        setattr(names, commands.dest, word)
+        if command._subparsers is None:
+            return command.parse_intermixed_args(argv[depth + 1:], names)
+        current = command
+    return parser.parse_args(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--min-frequency", type=int, default=2, help="occurrences a pair needs to be merged")
     tok_train.add_argument("--out", required=True, help="folder for tokenizer.json")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    data = commands.add_parser("data", help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser("prepare", help="tokenize a recipe's data once into prepared shards: "
+                                       "polytrain data prepare CONFIG --out DIR [overrides]")
+    prepare.add_argument("config", help="YAML recipe whose tasks' train and val data to prepare")
+    prepare.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.skip_bad_samples=true")
+    prepare.add_argument("--out", required=True, help="folder of the prepared data: <task>/<split>/ per split")
+    prepare.add_argument("--workers", type=int, default=0, help="processes that build shards (0: one per CPU)")
+    prepare.add_argument("--shard-records", type=int, default=1000, help="input records per shard")
+    prepare.set_defaults(func=cmd_data_prepare)
 
     model = commands.add_parser("model", help="model presets")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -313,6 +331,21 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
     path = TextTokenizer.train(documents(), cfg).save(args.out)
     print(path)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from polytrain.config import load_config
+    from polytrain.errors import ConfigError
+    from polytrain.platform.train.recipe import prepare_data
+
+    if args.workers < 0:
+        raise ConfigError("--workers", args.workers, "must be >= 0 (0: one per CPU)")
+    if args.shard_records < 1:
+        raise ConfigError("--shard-records", args.shard_records, "must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+    overrides = prepare_data(cfg, Path(args.out), args.workers, args.shard_records)
+    print("train on it with: polytrain train " + " ".join([args.config, *args.overrides, *overrides]))
     return 0
 
 

@@ -10,6 +10,7 @@ column 1, ...), so it stays in time order.
 Shape legend: S samples, T frames, M mel bins, R mel patch rows, K time patch columns.
 """
 
+import math
 from numbers import Integral
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from polytrain.tokenizers.config import AudioTokenizerConfig, patch_grid
 from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokens import EmbedSpec, Tokens
 
-AudioInput = str | Path | Tensor | np.ndarray
+AudioInput = str | Path | bytes | Tensor | np.ndarray
 
 
 class AudioTokenizer:
@@ -46,11 +47,11 @@ class AudioTokenizer:
                  generator: torch.Generator | None = None) -> Tokens:
         """Spectrogram patches (N, patch_mels*patch_frames) with (mel row, time col) positions.
 
-        ``audio`` is a file path, or samples shaped (S,) or (channels, S) at ``sample_rate``. ``augment``
+        ``audio`` is a file (its path or its bytes), or samples shaped (S,) or (channels, S) at ``sample_rate``. ``augment``
         applies SpecAugment (training only), drawing from ``generator`` (default: torch's global one).
         """
         name = str(audio) if isinstance(audio, (str, Path)) else f"audio {type(audio).__name__}"
-        if isinstance(audio, (str, Path)):
+        if isinstance(audio, (str, Path, bytes)):  # a file, by path or as its bytes (a prepared shard's)
             audio, sample_rate = read_audio(audio)
         elif not isinstance(sample_rate, Integral) or sample_rate <= 0:
             raise DataError(f"{name}: samples need their sample_rate in Hz (a positive integer), got {sample_rate!r}")
@@ -101,6 +102,14 @@ class AudioTokenizer:
             if self.cfg.time_mask:
                 features = mask_along(features, 0, self.cfg.time_mask, generator)
         return features
+
+    def count(self, samples: int, sample_rate: int) -> int:
+        """Patches a clip of ``samples`` at ``sample_rate`` gives, without decoding it (cost budgets count them)."""
+        cfg = self.cfg
+        resampled = math.ceil(samples * cfg.sample_rate / sample_rate)  # torchaudio's resample keeps ceil(S * new / old)
+        rows, cols = patch_grid(cfg.frames(min(resampled, cfg.max_samples)), cfg.n_mels, cfg.patch_mels,
+                                cfg.patch_frames, cfg.mel_stride, cfg.frame_stride)
+        return rows * cols
 
     def embed_spec(self) -> EmbedSpec:
         return EmbedSpec("audio", self.cfg.patch_mels * self.cfg.patch_frames, self.cfg.grid)

@@ -21,7 +21,7 @@ from polytrain.tokenizers.config import ImageTokenizerConfig
 from polytrain.tokenizers.image_files import array_to_tensor, pil_to_tensor, read_image
 from polytrain.tokens import EmbedSpec, Tokens
 
-ImageInput = str | Path | Image.Image | Tensor | np.ndarray
+ImageInput = str | Path | bytes | Image.Image | Tensor | np.ndarray
 
 
 
@@ -42,7 +42,7 @@ class ImageTokenizer:
     def pixels(self, image: ImageInput) -> Tensor:
         """``image`` resized per ``resize`` and normalized: (C, H, W) float32, H and W multiples of the patch."""
         name = str(image) if isinstance(image, (str, Path)) else f"image {type(image).__name__}"
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, Path, bytes)):  # a file, by path or as its bytes (a prepared shard's)
             image = read_image(image)
         try:
             if isinstance(image, Image.Image):
@@ -73,6 +73,13 @@ class ImageTokenizer:
         if max(height, width) > self.cfg.max_aspect * min(height, width):
             raise DataError(f"{name}: {width}x{height} image is more than max_aspect={self.cfg.max_aspect} times "
                             f"longer than wide")
+
+    def count(self, height: int, width: int) -> int:
+        """Patches an image of ``height`` x ``width`` pixels gives, without decoding it (cost budgets count them)."""
+        if self.cfg.resize in ("crop", "pad"):
+            return self.cfg.grid**2
+        rows, cols = fit_grid(height, width, self.cfg.patch_size, self.cfg.grid, self.cfg.budget)
+        return rows * cols
 
     def embed_spec(self) -> EmbedSpec:
         return EmbedSpec("image", self.cfg.channels * self.cfg.patch_size**2, (self.cfg.grid, self.cfg.grid))

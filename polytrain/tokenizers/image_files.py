@@ -1,4 +1,5 @@
-"""Image input: files (anything Pillow reads), PIL images, tensors and arrays -> (C, H, W) float32 in [0, 1].
+"""Image input: files (anything Pillow reads, by path or as their bytes), PIL images, tensors and arrays -> (C, H, W)
+float32 in [0, 1].
 
 Files are refused by their header when they are too large to decode, turned
 upright by their EXIF orientation, and read at full depth (16-bit grayscale
@@ -8,6 +9,7 @@ Transparent pixels are composited onto white.
 Shape legend: C channels, H/W height/width in pixels.
 """
 
+import io
 import threading
 from pathlib import Path
 
@@ -36,28 +38,30 @@ INT_SCALE = {torch.uint8: 255, torch.uint16: 65535}
 _PILLOW_LIMIT = threading.Lock()
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image file, refusing undecodable files and oversized images by their header; upright per EXIF."""
+def read_image(path: str | Path | bytes) -> Image.Image:
+    """Open an image file (a path, or a file's bytes), refusing undecodable files and oversized images by their
+    header; upright per EXIF."""
+    name = f"image file of {len(path)} bytes" if isinstance(path, bytes) else path
     try:
-        image = _open_header(path)
+        image = _open_header(io.BytesIO(path) if isinstance(path, bytes) else path)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+        raise DataError(f"{name}: image file not found") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from None
+        raise DataError(f"{name}: not a readable image ({err})") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise DataError(f"{path}: {width}x{height} image has {width * height} pixels, more than "
+        raise DataError(f"{name}: {width}x{height} image has {width * height} pixels, more than "
                         f"{MAX_PIXELS}; refused before decoding")
     try:
         image.load()
         if image.getexif().get(ORIENTATION, 1) != 1:
             image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{path}: image data is corrupt or truncated ({err})") from None
+        raise DataError(f"{name}: image data is corrupt or truncated ({err})") from None
     return image
 
 
-def _open_header(path: str | Path) -> Image.Image:
+def _open_header(path: str | Path | io.BytesIO) -> Image.Image:
     """``Image.open`` (header only) with Pillow's own decompression-bomb limit lifted, so that polytrain's
     ``MAX_PIXELS`` is the one limit that applies and its message names the file and the size."""
     with _PILLOW_LIMIT:

@@ -32,6 +32,8 @@ from polytrain.registry import Registry
 log = logging.getLogger(__name__)
 
 PREFIX = "builtin:"
+PREPARED_PREFIX = "prepared:"
+"""Names a prepared split's folder (``polytrain data prepare``); a plain path to one works too."""
 SPLITS = ("train", "val")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPOKEN_DIR = Path(__file__).resolve().parents[2] / "assets" / "spoken_digits"
@@ -45,7 +47,10 @@ packages add their own through the ``polytrain.datasets`` entry-point group."""
 
 
 def resolve_manifest(spec: str, cache_dir: str | Path) -> Path:
-    """The manifest file ``spec`` names, building a built-in dataset under ``cache_dir`` if needed."""
+    """The manifest file (or prepared split's folder, ``prepared:DIR``) ``spec`` names, building a built-in
+    dataset under ``cache_dir`` if needed."""
+    if spec.startswith(PREPARED_PREFIX):
+        return Path(spec[len(PREPARED_PREFIX):])
     if not spec.startswith(PREFIX):
         return Path(spec)
     name, _, split = spec[len(PREFIX):].partition("/")

@@ -14,7 +14,8 @@ class TaskConfig:
     """How the task uses the backbone: a name from the head registry (decoder_only, encoder_decoder,
     encoder_classifier, masked_lm)."""
     train: str
-    """Training manifest: a JSONL path or ``builtin:<name>/<split>``."""
+    """Training data: a JSONL manifest's path, ``builtin:<name>/<split>``, or a prepared split (``polytrain data
+    prepare``): ``prepared:DIR`` or the folder's path."""
     val: str
     """Held-out manifest, same forms as ``train``."""
     source: str | list[str] | None = None

@@ -6,14 +6,17 @@ Two kinds:
   documents joined by eos and cut into windows, of ``seq_len + 1`` tokens
   shifted by one for next-token prediction, of ``seq_len`` tokens for masked
   LM; with ``packing`` each window keeps its document boundaries (attention
-  and positions restart at each document).  The stream is cached under
-  ``cache_dir/tokens``, so only the first run (or process) tokenizes.
+  and positions restart at each document).  From a manifest, the stream is
+  cached under ``cache_dir/tokens``, so only the first run (or process)
+  tokenizes; from a prepared split, windows are read from its memory-mapped
+  token store, and the corpus is never joined in memory.
 - ``SequenceDataset``: one sample per record, its segments laid out for the
   head (``sequences.py``): decoder_only reads one causal sequence whose scored
   text carries the loss; encoder_decoder reads the inputs with the encoder and
   the scored text with the decoder; encoder_classifier reads every segment and
   predicts the sample's class; masked_lm reconstructs masked text tokens.
-  Files are decoded lazily, in the loading process.
+  Files are decoded lazily, in the loading process; a prepared split's records
+  come from its shards (text already ids, files as their bytes).
 """
 
 import hashlib
@@ -32,8 +35,10 @@ from polytrain.models.config import head_kind
 from polytrain.models.mlm_corruption import mask_tokens
 from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.data.manifest import Part, Record, read_manifest
-from polytrain.platform.data.packing import PackedDocuments
+from polytrain.platform.data.packing import PackedDocuments, StoreWindows
 from polytrain.platform.data.sequences import Laid, Plain, collate_labels, collate_rows, first_fit, left_aligned
+from polytrain.platform.data.shards import PreparedSplit, is_prepared
+from polytrain.platform.data.token_store import tokenizer_sha256
 from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokenizers.text import TextTokenizer
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
@@ -66,20 +71,38 @@ class Example:
 
 class LMStream(Dataset):
     """Documents joined by eos, cut into windows: ``seq_len + 1`` tokens sharing one with the next (causal),
-    or ``seq_len`` tokens each (masked)."""
+    or ``seq_len`` tokens each (masked).
 
-    def __init__(self, records: list[Record], text: TextTokenizer, task: TaskConfig, cache_dir: Path | None,
+    ``windows`` cuts them: ``PackedDocuments`` from a stream in memory (a manifest's documents, tokenized),
+    ``StoreWindows`` from a prepared split's token store (mapped, never joined in memory).
+    """
+
+    def __init__(self, windows: PackedDocuments | StoreWindows, name: str, text: TextTokenizer, task: TaskConfig,
                  multiple: int = 1, masked: bool = False):
-        self.tokens = token_stream([str(r.parts[0].value) for r in records], text, cache_dir)
+        self.windows, self.name = windows, name
         self.text, self.task, self.multiple, self.masked = text, task, multiple, masked
-        self.name = records[0].where.rsplit(":", 1)[0]
-        window = task.seq_len if masked else task.seq_len + 1
-        self.windows = PackedDocuments.from_stream(self.tokens, text.eos_id, window, task.seq_len)
         if len(self) == 0:
-            raise DataError(f"{self.name}: {len(self.tokens)} tokens, fewer than one window of {window}")
+            raise DataError(f"{name}: its documents hold fewer tokens than one window of {window_length(task, masked)}")
+
+    @classmethod
+    def of_records(cls, records: list[Record], text: TextTokenizer, task: TaskConfig, cache_dir: Path | None,
+                   multiple: int = 1, masked: bool = False) -> "LMStream":
+        tokens = token_stream([str(r.parts[0].value) for r in records], text, cache_dir)
+        windows = PackedDocuments.from_stream(tokens, text.eos_id, window_length(task, masked), task.seq_len)
+        return cls(windows, records[0].where.rsplit(":", 1)[0], text, task, multiple, masked)
+
+    @classmethod
+    def of_split(cls, split: PreparedSplit, text: TextTokenizer, task: TaskConfig, multiple: int = 1,
+                 masked: bool = False) -> "LMStream":
+        windows = StoreWindows(split.tokens, text.eos_id, window_length(task, masked), task.seq_len)
+        return cls(windows, str(split.folder), text, task, multiple, masked)
 
     def __len__(self) -> int:
         return len(self.windows)
+
+    def lengths(self, index: int) -> tuple[int, ...]:
+        """Every window is ``seq_len`` tokens (see ``SequenceDataset.lengths``)."""
+        return (self.task.seq_len,)
 
     def __getitem__(self, index: int) -> Example:
         window = self.windows[index]
@@ -107,6 +130,11 @@ def masked_batch(inputs, text: TextTokenizer, probability: float, generator: tor
     corrupted, labels = mask_tokens(inputs.values, inputs.mask, probability, text.mask_id, text.special_ids,
                                     text.vocab_size, generator)
     return TaskBatch(replace(inputs, values=corrupted), labels, **fields)
+
+
+def window_length(task: TaskConfig, masked: bool) -> int:
+    """Tokens of an LM window: ``seq_len`` (masked), or one more, the last input's label (causal)."""
+    return task.seq_len if masked else task.seq_len + 1
 
 
 def runs(values: list[int]) -> list[tuple[int, int]]:
@@ -138,7 +166,7 @@ def token_stream(texts: list[str], text: TextTokenizer, cache_dir: Path | None) 
 class SequenceDataset(Dataset):
     """One example per record, laid out for the task's head; files decoded when the example is loaded."""
 
-    def __init__(self, records: list[Record], name: str, task: TaskConfig, tokenizers: dict[str, Any],
+    def __init__(self, records: list[Record] | PreparedSplit, name: str, task: TaskConfig, tokenizers: dict[str, Any],
                  skip_bad: bool, augment: bool = False, multiple: int = 1):
         self.records, self.name, self.task, self.skip_bad = records, name, task, skip_bad
         self.text: TextTokenizer = tokenizers["text"]
@@ -152,8 +180,9 @@ class SequenceDataset(Dataset):
         self.overflow = Overflow(self.text.cfg.overflow, f"data.tasks.{name}.seq_len")
         self.target_overflow = Overflow(self.text.cfg.overflow, "max_target_len")
         """Targets longer than ``max_target_len`` tokens: cut (counted) or refused, per tokenizers.text.overflow."""
-        self.plain = self.layout != "causal" and len(task.modalities) == 1 and \
-            all([p.modality for p in r.parts if not p.scored] == list(task.modalities) for r in records)
+        kinds = records.index.inputs if isinstance(records, PreparedSplit) else \
+            {tuple(p.modality for p in r.parts if not p.scored) for r in records}
+        self.plain = self.layout != "causal" and len(task.modalities) == 1 and kinds == {task.modalities}
         """Every sample is one file of the task's one modality, read by the encoder: its tokens alone, without
         markers (as a ViT or Whisper reads its input)."""
 
@@ -284,6 +313,35 @@ class SequenceDataset(Dataset):
             raise DataError(f"{record.where}: {part.modality} segment has no tokens")
         return tokens
 
+    def lengths(self, index: int) -> tuple[int, ...]:
+        """Tokens of each sequence sample ``index`` becomes (the encoder's and the decoder's, or the one), counted
+        from a prepared split's sizes without decoding a file: what cost budgets (``balance.py``) count."""
+        if not isinstance(self.records, PreparedSplit):
+            raise DataError(f"data.tasks.{self.name}: cost budgets read sample sizes from a prepared split; prepare "
+                            f"the data (polytrain data prepare) and name it as prepared:DIR")
+        parts = self.records.sizes(index)
+
+        def count(modality: str, d0: int, d1: int) -> int:
+            if modality == "text":
+                return d0
+            if not hasattr(self.tokenizers[modality], "count"):
+                raise DataError(f"data.tasks.{self.name}: the {modality} tokenizer cannot count its tokens without "
+                                f"decoding (it has no count method), so the task cannot have a budget")
+            return self.tokenizers[modality].count(d0, d1)
+
+        def laid(selected) -> int:  # text, with eos after scored text; spans between their two markers
+            return sum(count(m, d0, d1) + (int(scored) if m == "text" else 2) for m, scored, d0, d1 in selected)
+
+        if self.layout == "causal":
+            return (min(1 + laid(parts), self.task.seq_len + 1) - 1,)
+        inputs = [p for p in parts if not p[1]]
+        modality, _, d0, d1 = inputs[0]
+        encoder = count(modality, d0, d1) if self.plain else min(laid(inputs), self.budget)
+        if self.layout == "seq2seq":
+            target = sum(d0 for m, scored, d0, _ in parts if scored)
+            return encoder, min(target, self.task.max_target_len) + 1
+        return (encoder,)
+
     def collate(self, examples: list[Example], generator: torch.Generator | None = None) -> TaskBatch:
         """A batch of ``examples``; packed into as few rows as fit with ``packing``; ``generator`` draws the
         masked_lm masks (a pure function of the data order, so a resumed run masks the same way)."""
@@ -319,10 +377,17 @@ class SequenceDataset(Dataset):
 
 def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any], skip_bad: bool,
                   cache_dir: Path | None = None, augment: bool = False) -> LMStream | SequenceDataset:
-    """``augment``: training data, which tokenizers that augment (SpecAugment) may alter."""
+    """The dataset of a manifest, or of a prepared split (a folder ``polytrain data prepare`` wrote, whose text
+    tokenizer must be this run's); ``augment``: training data, which tokenizers that augment (SpecAugment) may
+    alter."""
     layout = head_kind(task.head).layout
-    records = read_manifest(manifest, name, skip_bad, plain_text_scored=layout == "causal")
     text, multiple = tokenizers["text"], tokenizers["text"].cfg.pad_to_multiple
+    if is_prepared(manifest):
+        split = PreparedSplit(manifest, tokenizer_sha256(text.hf.to_str()))
+        if layout in ("causal", "masked") and split.index.documents:
+            return LMStream.of_split(split, text, task, multiple, masked=layout == "masked")
+        return SequenceDataset(split, name, task, tokenizers, skip_bad, augment, multiple)
+    records = read_manifest(manifest, name, skip_bad, plain_text_scored=layout == "causal")
     if layout in ("causal", "masked") and all(len(r.parts) == 1 and r.parts[0].modality == "text" for r in records):
-        return LMStream(records, text, task, cache_dir, multiple, masked=layout == "masked")
+        return LMStream.of_records(records, text, task, cache_dir, multiple, masked=layout == "masked")
     return SequenceDataset(records, name, task, tokenizers, skip_bad, augment, multiple)

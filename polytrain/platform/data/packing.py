@@ -78,3 +78,28 @@ def next_token_pair(window: Tokens) -> tuple[Tokens, Tensor]:
     documents = None if window.documents is None else window.documents[:-1]
     inputs = Tokens(window.values[:-1], window.positions[:-1], window.modality, documents)
     return inputs, window.values[1:]
+
+
+class StoreWindows:
+    """``PackedDocuments``'s windows over a prepared split's token store (``token_store.TokenStore``): the same
+    tokens, positions and documents, read from the mapped files window by window instead of held in memory."""
+
+    def __init__(self, store, eos_id: int, window: int, stride: int):
+        if window < 2 or not 0 < stride <= window:
+            raise ValueError(f"window={window} must be >= 2 and stride={stride} in 1..window")
+        self.store, self.eos_id, self.window, self.stride = store, eos_id, window, stride
+
+    def __len__(self) -> int:
+        return max(0, (self.store.stream_length - self.window) // self.stride + 1)
+
+    def __getitem__(self, index: int) -> Tokens:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} of {len(self)}")
+        ids, starts = self.store.stream_window(index * self.stride, self.window, self.eos_id)
+        begins = torch.zeros(self.window, dtype=torch.bool)
+        begins[starts] = True
+        offsets = torch.arange(self.window)
+        document_start = torch.cummax(torch.where(begins, offsets, 0), dim=0).values
+        documents = torch.cumsum(begins[1:].long(), dim=0)
+        positions = torch.stack([torch.zeros_like(offsets), offsets - document_start], dim=1)
+        return Tokens(torch.from_numpy(ids), positions, "text", torch.cat([documents.new_zeros(1), documents]))

@@ -10,12 +10,13 @@ their checksums, are not built again, and the result is the same files an uninte
 import logging
 import os
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from polytrain import atomic
 from polytrain.errors import DataError
@@ -61,13 +62,17 @@ class JobResult:
     error: str | None = None
 
 
-def prepare_split(records: Iterable, out: Path, text: TextTokenizer, source: dict[str, Any],
-                  shard_records: int = SHARD_RECORDS, workers: int = 0, skip_bad: bool = False) -> SplitIndex:
+Builder = Callable[[Iterator[PrepareJob]], Iterator[JobResult]]
+"""Builds the shards of jobs, in worker processes or in this one (``shard_builder``)."""
+
+
+def prepare_split(records: Iterable, out: Path, text: TextTokenizer, source: dict[str, Any], build: Builder,
+                  shard_records: int = SHARD_RECORDS, skip_bad: bool = False) -> SplitIndex:
     """Prepare ``records`` (manifest ``Record`` objects, read lazily) into the split folder ``out``.
 
-    ``source`` describes the input (so a continued prepare can tell it is the same); ``workers`` processes
-    build shards (0: the number of CPUs; 1: in this process).  A bad record raises ``DataError`` naming
-    its manifest line, or with ``skip_bad`` is logged, counted in the index and left out.
+    ``source`` describes the input (so a continued prepare can tell it is the same); ``build`` (from
+    ``shard_builder`` with the same ``text``) builds the shards.  A bad record raises ``DataError`` naming its
+    manifest line, or with ``skip_bad`` is logged, counted in the index and left out.
     """
     out = Path(out)
     tokenizer_json = text.hf.to_str()
@@ -77,7 +82,6 @@ def prepare_split(records: Iterable, out: Path, text: TextTokenizer, source: dic
         return index
     atomic.write_text(out / TOKENIZER_FILE, tokenizer_json)
     done = intact_shards(out, index)
-    workers = workers or os.cpu_count() or 1
     began, records = time.perf_counter(), iter(records)
 
     def jobs() -> Iterator[PrepareJob]:
@@ -87,12 +91,7 @@ def prepare_split(records: Iterable, out: Path, text: TextTokenizer, source: dic
                 yield PrepareJob(out, number, chunk, skip_bad)
             number += 1
 
-    if workers == 1:
-        init_worker(tokenizer_json, text.cfg, threads=None, tokenizer=text)
-        results = map(build_shard, jobs())
-    else:
-        results = run_pool(jobs(), workers, tokenizer_json, text.cfg)
-    for result in results:
+    for result in build(jobs()):
         if result.error is not None:
             raise DataError(result.error)
         for message in result.skipped:
@@ -146,25 +145,35 @@ def is_document(record) -> bool:
     return len(record.parts) == 1 and record.parts[0].modality == "text"
 
 
-def run_pool(jobs: Iterator[PrepareJob], workers: int, tokenizer_json: str,
-             cfg: TextTokenizerConfig) -> Iterator[JobResult]:
-    """Results of ``jobs`` as worker processes finish them, at most ``IN_FLIGHT_PER_WORKER`` each ahead."""
+@contextmanager
+def shard_builder(text: TextTokenizer, workers: int) -> Iterator[Builder]:
+    """A ``Builder`` whose ``workers`` processes (0: one per CPU; 1: this process) encode with ``text``."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        init_worker(text.hf.to_str(), text.cfg, threads=None, tokenizer=text)
+        yield lambda jobs: map(build_shard, jobs)
+        return
     context = get_context("spawn")  # a fresh interpreter: no tokenizer thread pool inherited through fork
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
-                             initargs=(tokenizer_json, cfg, 1)) as pool:
-        pending: set[Future] = set()
-        try:
-            for job in jobs:
-                pending.add(pool.submit(build_shard, job))
-                if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    yield from (f.result() for f in finished)
-            while pending:
+                             initargs=(text.hf.to_str(), text.cfg, 1)) as pool:
+        yield lambda jobs: pooled(pool, workers, jobs)
+
+
+def pooled(pool: ProcessPoolExecutor, workers: int, jobs: Iterator[PrepareJob]) -> Iterator[JobResult]:
+    """Results of ``jobs`` as the pool's processes finish them, at most ``IN_FLIGHT_PER_WORKER`` each ahead."""
+    pending: set[Future] = set()
+    try:
+        for job in jobs:
+            pending.add(pool.submit(build_shard, job))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (f.result() for f in finished)
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from (f.result() for f in finished)
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 _TEXT: TextTokenizer | None = None

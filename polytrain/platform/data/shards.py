@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from polytrain import atomic
 from polytrain.errors import DataError
+from polytrain.platform.data.manifest import Part, Record
 from polytrain.platform.data.token_store import Piece, TokenStore, token_dtype, write_piece
 
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ SIZE_COLUMNS = ("modality", "scored", "dim0", "dim1")
 
 @dataclass(frozen=True)
 class PreparedPart:
-    """One segment of a prepared record: text as token ids, a file as its bytes."""
+    """One segment of a record as the prepare step writes it: text as token ids, a file as its bytes."""
 
     modality: str
     value: bytes | Sequence[int]
@@ -87,6 +88,8 @@ class ShardInfo:
     """Bad input records of this shard's share left out (``data.skip_bad_samples``)."""
     documents: bool = True
     """Every input record of this shard's share is one text part (a language-modeling document)."""
+    inputs: list[list[str]] = field(default_factory=list)
+    """The distinct modality sequences of its records' input (unscored) parts."""
 
     @staticmethod
     def from_dict(raw: dict) -> "ShardInfo":
@@ -121,6 +124,11 @@ class SplitIndex:
         """Every record is one text part: the split reads as a language-modeling stream (``TokenStore``)."""
         return all(s.documents for s in self.shards.values())
 
+    @property
+    def inputs(self) -> set[tuple[str, ...]]:
+        """The distinct modality sequences of the records' input (unscored) parts."""
+        return {tuple(kind) for s in self.shards.values() for kind in s.inputs}
+
     def write(self, folder: Path) -> None:
         raw = {**asdict(self), "shards": {str(k): asdict(v) for k, v in sorted(self.shards.items())}}
         atomic.write_text(folder / INDEX_FILE, json.dumps(raw, indent=1) + "\n")
@@ -141,6 +149,11 @@ class SplitIndex:
             raise DataError(f"{path}: format {index.format}; this polytrain reads format {FORMAT_VERSION}, prepare "
                             f"the data again")
         return index
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether ``path`` is a prepared split's folder (else a manifest file)."""
+    return (Path(path) / INDEX_FILE).is_file()
 
 
 def shard_stem(number: int) -> str:
@@ -185,7 +198,8 @@ def write_shard(folder: Path, number: int, records: Sequence[PreparedRecord], vo
 
     atomic.write(path, produce)
     piece = write_piece(folder, stem, texts, dtype)
-    return ShardInfo(path.name, len(records), file_sha256(path), piece, skipped, documents)
+    inputs = sorted({tuple(p.modality for p in r.parts if not p.scored) for r in records})
+    return ShardInfo(path.name, len(records), file_sha256(path), piece, skipped, documents, [list(k) for k in inputs])
 
 
 def file_sha256(path: Path) -> str:
@@ -197,7 +211,7 @@ def file_sha256(path: Path) -> str:
 
 
 class PreparedSplit:
-    """A prepared split read by record index; shards are mapped when first read.
+    """A prepared split read by record index (a sequence of manifest ``Record``); shards are mapped when first read.
 
     Memory: a few numbers per shard; a reader keeps at most ``OPEN_SHARDS`` files mapped.
     """
@@ -217,12 +231,15 @@ class PreparedSplit:
         self.dtype = token_dtype(index.vocab_size)
         self.tokens = TokenStore(self.folder, [s.tokens for s in self.shards], self.dtype, index.vocab_size)
         self._open: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()
+        if not len(self):
+            raise DataError(f"{self.folder}: a prepared split with no samples")
 
     def __len__(self) -> int:
         return int(self.row_starts[-1])
 
-    def record(self, index: int) -> PreparedRecord:
-        """Record ``index``: text parts as their token ids (a tuple), file parts as their bytes."""
+    def __getitem__(self, index: int) -> Record:
+        """Record ``index``: text parts as their token ids (a tuple), file parts as their bytes; its ``where``
+        names the shard and the member, then the manifest line it was prepared from."""
         shard, row, batch, where = self.locate(index)
         try:
             raw = batch.slice(row % ROWS_PER_BATCH, 1).to_pylist()[0]
@@ -231,15 +248,14 @@ class PreparedSplit:
         member = f"{where} ({raw['sample_id']}, from {raw['where']})"
         first_part = int(self.tokens.part_starts[shard])
         parts = []
-        for k, (modality, scored, text, data, d0, d1, crc) in enumerate(zip(
-                *(raw[c] for c in ("modality", "scored", "text_part", "data", "dim0", "dim1", "crc32")))):
+        for k, (modality, scored, text, data, crc) in enumerate(zip(
+                *(raw[c] for c in ("modality", "scored", "text_part", "data", "crc32")))):
             value = self.tokens.part(first_part + text) if text != NO_TEXT else data
             if crc32(value) != crc:
                 raise DataError(f"{member}: {modality} part {k} fails its checksum: the shard is corrupt; "
                                 f"prepare it again")
-            parts.append(PreparedPart(modality, tuple(value.tolist()) if text != NO_TEXT else value, scored,
-                                      (d0, d1)))
-        return PreparedRecord(tuple(parts), raw["label"], raw["sample_id"], raw["where"])
+            parts.append(Part(modality, tuple(value.tolist()) if text != NO_TEXT else value, scored))
+        return Record(tuple(parts), raw["label"], raw["sample_id"], member)
 
     def sizes(self, index: int) -> list[tuple[str, bool, int, int]]:
         """(modality, scored, dim0, dim1) of each part of record ``index``, without reading its data."""

@@ -271,15 +271,18 @@ class Trainer:
                                state)
 
     def text_tokenizer_file(self) -> Path:
-        """The configured tokenizer.json, the pretrained weights' own (their embedding rows are its ids),
-        or one trained now on the main process and shared."""
+        """The configured tokenizer.json, the pretrained weights' own (their embedding rows are its ids), a
+        prepared split's (its text is already ids of it), or one trained now on the main process and shared."""
         if self.cfg.tokenizers.text.path:
             return Path(self.cfg.tokenizers.text.path)
         out = self.run_dir.tokenizer
         if self.engine.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
+            prepared = recipe.prepared_tokenizer(self.cfg)
             if self.pretrained is not None:
                 atomic.write_text(out, self.pretrained.tokenizer_json)
+            elif prepared is not None:
+                atomic.write_text(out, prepared.read_text(encoding="utf-8"))
             else:
                 began = time.perf_counter()
                 recipe.train_text_tokenizer(self.cfg, out.parent)

@@ -231,19 +231,20 @@ def test_audio_samples_pad_into_one_segment(tmp_path, text):
 
 def test_lm_windows_are_contiguous_shifted_and_cover_the_stream(tmp_path, text):
     write_manifest(tmp_path / "m.jsonl", [{"text": "def f(x): return x " * 20}, {"text": "zero one two"}])
-    ds = LMStream(read_manifest(tmp_path / "m.jsonl", "lm", False), text, task("decoder_only", seq_len=8), None)
-    assert len(ds) == (len(ds.tokens) - 1) // 8
+    ds = LMStream.of_records(read_manifest(tmp_path / "m.jsonl", "lm", False), text, task("decoder_only", seq_len=8),
+                             None)
+    assert len(ds) == (len(ds.windows.tokens) - 1) // 8
     batch = ds.collate([ds[0], ds[1]])
     assert torch.equal(batch.inputs.values[0, 1:], batch.labels[0, :-1])
     assert batch.labels[0, -1] == batch.inputs.values[1, 0]  # window 1 starts where window 0's labels end
-    assert int((ds.tokens == text.eos_id).sum()) == 2  # one eos after each document
+    assert int((ds.windows.tokens == text.eos_id).sum()) == 2  # one eos after each document
 
 
 def test_packed_lm_windows_keep_their_document_boundaries(tmp_path, text):
     write_manifest(tmp_path / "m.jsonl", [{"text": "zero one two"}, {"text": "three four"}, {"text": "def f(x)"}] * 3)
     records = read_manifest(tmp_path / "m.jsonl", "lm", False)
-    packed = LMStream(records, text, task("decoder_only", seq_len=12, packing=True), None)
-    plain = LMStream(records, text, task("decoder_only", seq_len=12), None)
+    packed = LMStream.of_records(records, text, task("decoder_only", seq_len=12, packing=True), None)
+    plain = LMStream.of_records(records, text, task("decoder_only", seq_len=12), None)
     a, b = packed.collate([packed[1]]), plain.collate([plain[1]])
     assert torch.equal(a.inputs.values, b.inputs.values) and torch.equal(a.labels, b.labels)  # same tokens
     eos = (a.inputs.values[0] == text.eos_id).nonzero().flatten().tolist()

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polytrain.errors import DataError
-from polytrain.platform.data.packing import PackedDocuments, next_token_pair
+from polytrain.platform.data.packing import PackedDocuments, StoreWindows, next_token_pair
+from polytrain.platform.data.token_store import TokenStore, write_piece
 from polytrain.tokens import IGNORE_INDEX, Segment
 
 EOS = 9
@@ -143,3 +144,17 @@ def test_a_packed_batch_gives_every_sample_the_loss_it_has_alone(tmp_path, head)
     assert together.keys() == one_by_one.keys()
     for i in one_by_one:
         assert together[i] == pytest.approx(one_by_one[i], abs=1e-5), i
+
+
+@pytest.mark.parametrize("window, stride", [(4, 3), (9, 8), (2, 1), (33, 33)])
+def test_windows_over_a_token_store_equal_those_of_the_stream_in_memory(tmp_path, window, stride):
+    rng = np.random.default_rng(window)
+    documents = [rng.integers(0, 50, rng.integers(1, 12)).tolist() for _ in range(40)]
+    pieces = [write_piece(tmp_path, f"p{k}", documents[k * 10: (k + 1) * 10], np.dtype(np.uint16)) for k in range(4)]
+    stored = StoreWindows(TokenStore(tmp_path, pieces, np.uint16, 100), EOS, window, stride)
+    packed = PackedDocuments(documents, EOS, window, stride)
+    assert len(stored) == len(packed)
+    for i in range(len(packed)):
+        a, b = stored[i], packed[i]
+        assert torch.equal(a.values, b.values) and torch.equal(a.positions, b.positions), i
+        assert torch.equal(a.documents, b.documents), i

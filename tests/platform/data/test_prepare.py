@@ -1,6 +1,5 @@
 import filecmp
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -8,28 +7,14 @@ import soundfile
 from PIL import Image
 
 from polytrain.errors import DataError
-from polytrain.platform.data.prepare import prepare_split
+from polytrain.platform.data.manifest import Part, Record
+from polytrain.platform.data.prepare import prepare_split, shard_builder
 from polytrain.platform.data.shards import ROWS_PER_BATCH, PreparedSplit, SplitIndex
 from polytrain.platform.data.token_store import tokenizer_sha256
 from polytrain.tokenizers.config import TextTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-@dataclass(frozen=True)
-class Part:
-    modality: str
-    value: object
-    scored: bool = False
-
-
-@dataclass(frozen=True)
-class Record:
-    parts: tuple
-    label: str | None
-    sample_id: str
-    where: str
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +44,10 @@ def inputs(tmp_path_factory):
     return folder, records
 
 
-def prepare(records, out, text, **kw):
-    return prepare_split(records, out, text, {"manifest": "m.jsonl"}, shard_records=kw.pop("shard_records", 40),
-                         workers=kw.pop("workers", 1), **kw)
+def prepare(records, out, text, workers=1, **kw):
+    with shard_builder(text, workers) as build:
+        return prepare_split(records, out, text, {"manifest": "m.jsonl"}, build,
+                             shard_records=kw.pop("shard_records", 40), **kw)
 
 
 def test_records_read_back_with_text_as_ids_and_files_as_their_bytes(inputs, text, tmp_path):
@@ -71,22 +57,23 @@ def test_records_read_back_with_text_as_ids_and_files_as_their_bytes(inputs, tex
     split = PreparedSplit(tmp_path / "split", tokenizer_sha256(text.hf.to_str()))
     assert len(split) == 150
     for i in (0, 1, 2, 41, 80, 149):  # every kind, in several shards and record batches
-        got, want = split.record(i), records[i]
-        assert (got.sample_id, got.where, got.label) == (want.sample_id, want.where, want.label)
-        for part, source in zip(got.parts, want.parts, strict=True):
-            assert (part.modality, part.scored) == (source.modality, source.scored)
+        got, want = split[i], records[i]
+        assert (got.sample_id, got.label) == (want.sample_id, want.label)
+        assert got.where == f"{tmp_path / 'split'}/shard-{i // 40:06d}.arrow: member {i % 40} (s{i}, from {want.where})"
+        sizes = split.sizes(i)
+        for part, source, (modality, scored, *dims) in zip(got.parts, want.parts, sizes, strict=True):
+            assert (part.modality, part.scored) == (source.modality, source.scored) == (modality, scored)
             if source.modality == "text":
-                assert part.value == tuple(text.encode(source.value)) and part.dims == (len(part.value), 0)
+                assert part.value == tuple(text.encode(source.value)) and dims == [len(part.value), 0]
             else:
                 assert part.value == open(source.value, "rb").read()
         first = want.parts[0]
         if first.modality == "image":
             width, height = Image.open(first.value).size
-            assert got.parts[0].dims == (height, width)
+            assert sizes[0][2:] == (height, width)
         elif first.modality == "audio":
             info = soundfile.info(first.value)
-            assert got.parts[0].dims == (info.frames, info.samplerate)
-        assert split.sizes(i) == [(p.modality, p.scored, *p.dims) for p in got.parts]
+            assert sizes[0][2:] == (info.frames, info.samplerate)
 
 
 def test_documents_read_as_one_stream(text, tmp_path):
@@ -135,7 +122,7 @@ def test_a_damaged_shard_is_built_again_when_continuing(inputs, text, tmp_path):
         prepare(interrupted(records, 100), tmp_path / "s", text)
     (tmp_path / "s" / "shard-000000.arrow").write_bytes(b"junk")
     prepare(records, tmp_path / "s", text)
-    assert PreparedSplit(tmp_path / "s").record(0).sample_id == "s0"
+    assert PreparedSplit(tmp_path / "s")[0].sample_id == "s0"
 
 
 def bad_records(inputs):
@@ -167,21 +154,21 @@ def test_a_corrupt_member_names_the_shard_and_the_member(split):
     reader = PreparedSplit(split)
     path = split / "shard-000001.arrow"
     data = bytearray(path.read_bytes())
-    blob = reader.record(40 + 3).parts[0].value  # shard 1's 4th record: a clip's bytes
+    blob = reader[40 + 3].parts[0].value  # shard 1's 4th record: a clip's bytes
     at = bytes(data).index(blob[-16:])
     data[at] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"shard-000001\.arrow: member 3 \(s43, from m\.jsonl:44\): audio part 0 "
                                         r"fails its checksum"):
-        PreparedSplit(split).record(43)
-    assert PreparedSplit(split).record(44).sample_id == "s44"  # the others still read
+        PreparedSplit(split)[43]
+    assert PreparedSplit(split)[44].sample_id == "s44"  # the others still read
 
 
 def test_a_truncated_shard_is_refused_by_name(split):
     path = split / "shard-000002.arrow"
     path.write_bytes(path.read_bytes()[: -ROWS_PER_BATCH * 8])
     with pytest.raises(DataError, match=r"shard-000002\.arrow: not a readable Arrow shard"):
-        PreparedSplit(split).record(80)
+        PreparedSplit(split)[80]
 
 
 def test_a_split_prepared_with_another_tokenizer_is_refused_with_both_hashes(split, text):
