@@ -36,6 +36,15 @@ class CostModel:
         return float(len(lengths) * self.costs(np.asarray(lengths).max(axis=0, keepdims=True))[0])
 
 
+def cost_model(kind: str, dim: int) -> CostModel:
+    """The cost a task's ``budget_cost`` names, for a backbone of width ``dim``."""
+    if kind == "tokens":
+        return CostModel()
+    if kind == "attention":
+        return CostModel(quadratic=1 / (6 * dim))
+    raise ValueError(f"unknown budget cost {kind!r}; known: tokens, attention")
+
+
 def take(costs: Iterable[float], budget: float) -> int:
     """How many of ``costs`` (in order) fit ``budget`` together; at least one."""
     total, count = 0.0, 0

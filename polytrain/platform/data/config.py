@@ -34,7 +34,18 @@ class TaskConfig:
     """masked_lm: the share of real, non-special text tokens selected for prediction (then 80% become the
     tokenizer's mask token, 10% a random regular token, 10% stay), drawn anew for every micro-batch."""
     batch_size: int = 8
-    """Samples of this task in every micro-batch, per process."""
+    """Samples of this task in every micro-batch, per process (unless ``budget`` is set)."""
+    budget: int = 0
+    """Instead of a count of samples: what this task's samples in a micro-batch may cost together, per process
+    (see ``budget_cost``); each step takes samples until budget x train.grad_accum x processes is spent, groups
+    them by length and deals them to ranks so that their padded costs are even. Needs a prepared split (the
+    sizes of its samples are read without decoding them). 0: ``batch_size`` samples."""
+    budget_cost: Literal["tokens", "attention"] = "tokens"
+    """What a budget counts per sequence of L tokens (encoder patches and text alike): tokens, L; attention,
+    L + L^2 / (6 x model.backbone.dim), attention's score FLOPs beside those of the linear layers."""
+    bucket_steps: int = 16
+    """Budgeted tasks: this many steps' samples are sorted by length together and cut into steps of similar
+    lengths (more: less padding; each step still holds a random draw of the stream, in a seeded order)."""
     weight: float = 1.0
     """Multiplier of this task's mean token loss in the total loss."""
     seq_len: int = 128
@@ -66,9 +77,11 @@ class TaskConfig:
         if self.packing and layout == "classify":
             raise ConfigError("packing", True, "is for heads that score tokens (decoder_only, encoder_decoder, "
                                                "masked_lm); a classifier scores whole samples")
-        for name in ("batch_size", "seq_len", "max_target_len"):
+        for name in ("batch_size", "seq_len", "max_target_len", "bucket_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be > 0")
+        if self.budget < 0:
+            raise ConfigError("budget", self.budget, "must be >= 0 (0: batch_size samples per micro-batch)")
         if not 0.0 < self.mask_probability < 1.0:
             raise ConfigError("mask_probability", self.mask_probability, "must be in (0, 1)")
         if self.weight < 0:
@@ -103,6 +116,10 @@ class DataConfig:
             raise ConfigError("tasks", self.tasks, "needs at least one task")
         if self.num_workers < 0:
             raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+        budgeted = [name for name, task in self.tasks.items() if task.budget]
+        if budgeted and self.mixing != "fixed":
+            raise ConfigError("mixing", self.mixing, f"tasks with a budget ({', '.join(budgeted)}) fill whole steps; "
+                                                     "use fixed mixing")
 
     @property
     def modalities(self) -> tuple[str, ...]:

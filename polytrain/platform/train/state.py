@@ -38,7 +38,7 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.stream = StreamState(state["stream"]["slot"], state["stream"]["positions"])
+        self.stream = StreamState(state["stream"]["slot"], state["stream"]["positions"], self.step)
 
 
 @dataclass

@@ -22,7 +22,10 @@ from polytrain.tokens import IGNORE_INDEX, TaskBatch
 @dataclass
 class StepResult:
     metrics: dict[str, float]
-    """loss, loss/<task>, lr, grad_norm, skipped_steps, target_tokens."""
+    """loss, loss/<task>, lr, grad_norm, skipped_steps, target_tokens, padding/<task>, rank_load (the most loaded
+    rank's slots, padding included, over the mean)."""
+    samples: int
+    """Samples of the step on all ranks, stand-ins not counted."""
     tokens: int
     """Input tokens of the step's samples on all ranks (``flops.input_tokens``), stand-ins not counted."""
     flops: float | None
@@ -46,10 +49,13 @@ class Stepper:
         accum, world, tasks = self.cfg.grad_accum, self.engine.world_size, list(self.weights)
         counts = torch.tensor([[labelled(b.tasks[t]) if t in b.tasks else 0 for t in tasks] for b in micro],
                               dtype=torch.float64)
-        work = torch.tensor([sum(input_tokens(part) for b in micro for part in b.tasks.values()),
+        work = torch.tensor([sum(len(part.sample_ids) for b in micro for part in b.tasks.values()),
+                             sum(input_tokens(part) for b in micro for part in b.tasks.values()),
                              sum(self.flops(b.tasks) for b in micro) if self.flops.known else 0], dtype=torch.float64)
         slots = torch.tensor([[sum(slot_counts(b.tasks[t])[i] for b in micro if t in b.tasks) for i in (0, 1)]
                               for t in tasks], dtype=torch.float64)
+        load = torch.zeros(world, dtype=torch.float64)  # every rank's slots, padding included
+        load[self.engine.rank] = slots[:, 1].sum()
         totals = self.engine.sum(counts.sum(0)).clamp(min=1)
         loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
         skipped_before = self.engine.skipped_steps()
@@ -67,19 +73,20 @@ class Stepper:
         skipped = self.engine.skipped_steps() > skipped_before
         if not skipped:
             self.scheduler.step()
-        # One all-reduce for the losses, the work and the slots.
-        reduced = self.engine.sum(torch.cat([loss_sums, work, slots.flatten()]))
+        # One all-reduce for the losses, the work, the slots and the load of every rank.
+        reduced = self.engine.sum(torch.cat([loss_sums, work, slots.flatten(), load]))
         task_losses = dict(zip(tasks, (reduced[:len(tasks)] / totals).tolist()))
-        real, filled = reduced[len(tasks) + 2:].view(len(tasks), 2).T
+        samples, tokens, flops = reduced[len(tasks): len(tasks) + 3].tolist()
+        real, filled = reduced[len(tasks) + 3: 3 * len(tasks) + 3].view(len(tasks), 2).T
+        load = reduced[3 * len(tasks) + 3:]
         loss = sum(self.weights[t] * v for t, v in task_losses.items())
         if not math.isfinite(loss) and not skipped:
             raise FloatingPointError(f"loss is {loss} at step {step}; per task: {task_losses}")
         metrics = {"loss": loss, **{f"loss/{t}": v for t, v in task_losses.items()}, "lr": lr,
                    "grad_norm": self.engine.grad_norm(), "skipped_steps": self.engine.skipped_steps(),
-                   "target_tokens": int(totals.sum()),
+                   "target_tokens": int(totals.sum()), "rank_load": float(load.max() / load.mean().clamp(min=1)),
                    **{f"padding/{t}": 1.0 - float(real[i] / filled[i].clamp(min=1)) for i, t in enumerate(tasks)}}
-        tokens, flops = reduced[len(tasks)], reduced[len(tasks) + 1]
-        return StepResult(metrics, int(tokens), float(flops) if self.flops.known else None, skipped)
+        return StepResult(metrics, int(samples), int(tokens), flops if self.flops.known else None, skipped)
 
 
 def slot_counts(part: TaskBatch) -> tuple[int, int]:

@@ -16,7 +16,8 @@ from polytrain.config import Config
 from polytrain.errors import ConfigError
 from polytrain.models.flops import TrainFlops
 from polytrain.platform.data.loader import Mixture, micro_batches
-from polytrain.platform.data.order import DataOrder
+from polytrain.platform.data.balance import cost_model
+from polytrain.platform.data.order import Budget, DataOrder
 from polytrain.platform.distributed.checkpoint import convert_to_universal, latest_checkpoint, save_checkpoint
 from polytrain.platform.distributed.engine import Engine, base_optimizer
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
@@ -63,6 +64,10 @@ def train(cfg: Config, config_name: str = "run") -> Path:
 
 def check_global_batch(cfg: Config, world_size: int) -> None:
     train, tasks = cfg.train, cfg.data.tasks
+    budgeted = [name for name, task in tasks.items() if task.budget]
+    if train.global_batch is not None and budgeted:
+        raise ConfigError("train.global_batch", train.global_batch, f"counts samples, and the tasks with a budget "
+                          f"({', '.join(budgeted)}) take as many as their budget holds; leave it unset")
     micro = sum(task.batch_size for task in tasks.values())
     actual = micro * train.grad_accum * world_size
     if train.global_batch is not None and train.global_batch != actual:
@@ -144,7 +149,8 @@ class Trainer:
         self.memory.attach(base_optimizer(self.optimizer))
         # 6. The data order and what a step runs.
         self.order = DataOrder({n: len(ds) for n, ds in self.train_sets.items()},
-                               {n: t.batch_size for n, t in cfg.data.tasks.items()}, cfg.data.mixing, cfg.train.seed)
+                               {n: t.batch_size for n, t in cfg.data.tasks.items() if not t.budget}, cfg.data.mixing,
+                               cfg.train.seed, self.budgets(), cfg.train.grad_accum * engine.world_size)
         stand_ins = {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()}
         self.stepper = Stepper(engine, self.model, self.optimizer, self.scheduler, cfg.train,
                                {name: task.weight for name, task in cfg.data.tasks.items()}, stand_ins,
@@ -164,6 +170,18 @@ class Trainer:
         if engine.is_main:
             sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
             log.info("model: %.2fM parameters; data: %s; vocab %d", n_params / 1e6, sizes, self.text.vocab_size)
+
+    def budgets(self) -> dict[str, Budget]:
+        """The budgeted tasks' step costs (the budget is per process and micro-batch) and sample lengths."""
+        budgets = {}
+        for name, task in self.cfg.data.tasks.items():
+            if task.budget:
+                lengths = self.train_sets[name].lengths
+                lengths(0)  # a dataset that cannot size its samples without decoding them is refused now
+                budgets[name] = Budget(task.budget * self.cfg.train.grad_accum * self.engine.world_size,
+                                       task.bucket_steps, cost_model(task.budget_cost, self.cfg.model.backbone.dim),
+                                       lengths)
+        return budgets
 
     def restore(self, folder: CheckpointDir, universal: bool) -> None:
         """Load shards, the resumable state and the RNG from ``folder``."""
@@ -193,7 +211,7 @@ class Trainer:
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
             self.log_samples(micro, step)
             result = self.stepper(micro, step)
-            meter.add(time.perf_counter() - began, self.samples_per_step, result.tokens, result.flops)
+            meter.add(time.perf_counter() - began, result.samples, result.tokens, result.flops)
             measured = self.memory.take()
             if measured is not None:  # the first step that stepped the optimizer
                 self.log_state_memory(step, measured)
@@ -235,11 +253,6 @@ class Trainer:
         table = torch.zeros(self.engine.world_size, len(own), dtype=torch.float64)
         table[self.engine.rank] = torch.tensor(list(own.values()), dtype=torch.float64)
         return dict(zip(own, self.engine.sum(table).max(0).values.tolist()))
-
-    @property
-    def samples_per_step(self) -> int:
-        return sum(t.batch_size for t in self.cfg.data.tasks.values()) * self.cfg.train.grad_accum * \
-            self.engine.world_size
 
     def finish(self, train_seconds: float) -> RunDir:
         """Final evaluation, checkpoint and eval.json."""

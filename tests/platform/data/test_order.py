@@ -2,7 +2,8 @@
 
 import pytest
 
-from polytrain.platform.data.order import DataOrder, StreamState
+from polytrain.platform.data.balance import CostModel
+from polytrain.platform.data.order import Budget, DataOrder, StreamState
 
 
 def stream(schedule: DataOrder, start: StreamState, rank: int, world: int, n: int) -> list:
@@ -45,3 +46,38 @@ def test_sampled_mixing_draws_in_proportion_and_is_deterministic():
     assert any(c["b"] == 0 for c in counts)  # some micro-batches miss a task entirely
     assert counts == [DataOrder({"a": 100, "b": 100}, {"a": 3, "b": 1}, "sampled", seed=0).counts(k)
                       for k in range(400)]
+
+
+def budgeted(slots_per_step: int) -> DataOrder:
+    """Task ``a`` (skewed lengths) filled to a budget, task ``b`` a fixed count, steps of ``slots_per_step``."""
+    lengths = [(40 + (i * 37) % 400, 2 + i % 9) for i in range(300)]
+    budget = Budget(step_cost=4 * 2000, bucket_steps=4, model=CostModel(), lengths=lambda i: lengths[i])
+    return DataOrder({"a": 300, "b": 50}, {"b": 1}, "fixed", seed=2, budgets={"a": budget},
+                     slots_per_step=slots_per_step)
+
+
+def steps_of(order: DataOrder, start: StreamState, world: int, n_steps: int) -> list[dict[str, list[int]]]:
+    """Each step's samples over all ranks (sorted per task), from ``start``."""
+    per_rank = [stream(order, start, rank, world, n_steps * order.slots_per_step // world) for rank in range(world)]
+    steps = []
+    for step in range(n_steps):
+        held: dict[str, list[int]] = {}
+        for slots in per_rank:
+            for slot in slots[step * order.slots_per_step // world: (step + 1) * order.slots_per_step // world]:
+                for task, indices in slot.samples.items():
+                    held.setdefault(task, []).extend(indices)
+        steps.append({task: sorted(ids) for task, ids in held.items()})
+    return steps
+
+
+def test_a_budgeted_step_holds_the_same_samples_on_any_world_size_and_after_a_resume():
+    reference = steps_of(budgeted(4), StreamState(), 1, 10)  # one process, 4 micro-batches per step
+    for world in (2, 4):  # 2 x 2 and 4 x 1: the same global step, dealt to more ranks
+        assert steps_of(budgeted(4), StreamState(), world, 10) == reference
+    order = budgeted(4)
+    resumed = steps_of(order, order.advance(StreamState(), 6 * 4), 2, 4)  # saved at step 6, which is mid-pool
+    assert resumed == reference[6:10]
+    taken = [i for step in reference[:8] for i in step["a"]]  # two pools, well within the first epoch
+    assert len(taken) == len(set(taken)) and 50 < len(taken) < 300
+    costs = [sum(sum(budgeted(1).budgets["a"].lengths(i)) for i in step["a"]) for step in reference]
+    assert max(costs) <= 8000 * 1.2 and min(costs) >= 8000 * 0.8  # each step spends about its budget
