@@ -13,6 +13,7 @@ Shape legend: B batch, L sequence length, D features per patch, N spans, S span 
 """
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -61,8 +62,9 @@ class Spans:
     starts: Tensor
     """(N,) int64: the position in its row of each span's first token."""
 
-    def to(self, device: torch.device | str) -> "Spans":
-        return Spans(self.tokens.to(device), self.rows.to(device), self.starts.to(device))
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> "Spans":
+        """The same spans with ``fn`` applied to every tensor (a move to a device, pinning)."""
+        return Spans(self.tokens.apply(fn), fn(self.rows), fn(self.starts))
 
 
 @dataclass
@@ -100,11 +102,11 @@ class Segment:
                 documents[i, : len(t)] = 0 if t.documents is None else t.documents
         return Segment(values, positions, mask, modality, documents)
 
-    def to(self, device: torch.device | str) -> "Segment":
-        return replace(self, values=self.values.to(device), positions=self.positions.to(device),
-                       mask=self.mask.to(device),
-                       documents=None if self.documents is None else self.documents.to(device),
-                       spans={modality: spans.to(device) for modality, spans in self.spans.items()})
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> "Segment":
+        """The same segment with ``fn`` applied to every tensor (a move to a device, pinning)."""
+        return replace(self, values=fn(self.values), positions=fn(self.positions), mask=fn(self.mask),
+                       documents=None if self.documents is None else fn(self.documents),
+                       spans={modality: spans.apply(fn) for modality, spans in self.spans.items()})
 
 
 @dataclass
@@ -128,10 +130,19 @@ class TaskBatch:
     bidirectional_spans: bool = False
     """decoder_only: the tokens of each non-text span see each other whole (prefix-LM)."""
 
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> "TaskBatch":
+        """The same batch with ``fn`` applied to every tensor."""
+        return replace(self, inputs=self.inputs.apply(fn), labels=fn(self.labels),
+                       source=None if self.source is None else self.source.apply(fn),
+                       prompt=None if self.prompt is None else self.prompt.apply(fn))
+
     def to(self, device: torch.device | str) -> "TaskBatch":
-        return replace(self, inputs=self.inputs.to(device), labels=self.labels.to(device),
-                       source=None if self.source is None else self.source.to(device),
-                       prompt=None if self.prompt is None else self.prompt.to(device))
+        """On ``device``; from pinned memory (``pin_memory``) the copy to a GPU runs asynchronously."""
+        return self.apply(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "TaskBatch":
+        """In page-locked memory, for asynchronous copies to the GPU (the loader's pinning thread calls it)."""
+        return self.apply(Tensor.pin_memory)
 
     def __len__(self) -> int:
         return self.labels.shape[0]

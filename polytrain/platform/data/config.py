@@ -107,7 +107,10 @@ class DataConfig:
     cache_dir: str = "build/data"
     """Where the built-in datasets are materialized (relative to the working directory)."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (0: load in the training process)."""
+    """Loader worker processes per rank, which read, decode, tokenize and collate the micro-batches (0: the
+    training process does it between steps)."""
+    prefetch: int = 2
+    """Micro-batches each loader worker keeps ready ahead of the step (with num_workers > 0)."""
     skip_bad_samples: bool = False
     """Replace unreadable samples by the next readable one (counted and logged) instead of stopping."""
 
@@ -116,6 +119,8 @@ class DataConfig:
             raise ConfigError("tasks", self.tasks, "needs at least one task")
         if self.num_workers < 0:
             raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+        if self.prefetch < 1:
+            raise ConfigError("prefetch", self.prefetch, "must be >= 1")
         budgeted = [name for name, task in self.tasks.items() if task.budget]
         if budgeted and self.mixing != "fixed":
             raise ConfigError("mixing", self.mixing, f"tasks with a budget ({', '.join(budgeted)}) fill whole steps; "

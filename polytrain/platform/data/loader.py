@@ -1,9 +1,11 @@
 """The loader: a slot's samples loaded and collated into a micro-batch, in worker processes or in this one."""
 
 import logging
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,8 +23,9 @@ class MicroBatch:
     """Bad samples passed over while building this batch (empty unless ``skip_bad_samples``)."""
     slot: Slot
 
-    def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch({name: part.to(device) for name, part in self.tasks.items()}, self.skipped, self.slot)
+    def pin_memory(self) -> "MicroBatch":
+        """Its tensors in page-locked memory (the loader pins batches bound for a GPU)."""
+        return MicroBatch({name: part.pin_memory() for name, part in self.tasks.items()}, self.skipped, self.slot)
 
 
 @dataclass
@@ -35,8 +38,9 @@ class LoadFailure:
 class Mixture(Dataset):
     """A ``Slot`` -> its micro-batch, loaded and collated (runs in loader workers).
 
-    What collation draws at random (masked_lm's masks) comes from a generator seeded by ``seed`` and the
-    slot, so it is a pure function of the data order, as the samples are.
+    What loading and collation draw at random (SpecAugment's masks from torch's generator, masked_lm's
+    masks from their own) is seeded by ``seed`` and the slot, so it is a pure function of the data order, as
+    the samples are, whichever process (or how many) loads it.
     """
 
     def __init__(self, datasets: dict[str, Dataset], seed: int):
@@ -50,19 +54,25 @@ class Mixture(Dataset):
 
     def build(self, slot: Slot) -> MicroBatch:
         parts, skipped = {}, []
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + slot.index)
-        for name, indices in slot.samples.items():
-            ds = self.datasets[name]
-            samples = [ds[i] for i in indices]
-            skipped += [msg for s in samples for msg in s.skipped]
-            parts[name] = ds.collate(samples, generator)
+        seed = self.seed * 1_000_003 + slot.index
+        generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the training process's own draws stay as they were
+            torch.manual_seed(seed)
+            for name, indices in slot.samples.items():
+                ds = self.datasets[name]
+                samples = [ds[i] for i in indices]
+                skipped += [msg for s in samples for msg in s.skipped]
+                parts[name] = ds.collate(samples, generator)
         return MicroBatch(parts, skipped, slot)
 
 
-def micro_batches(mixture: Mixture, slots: Iterator[Slot], num_workers: int) -> Iterator[MicroBatch]:
-    """The micro-batches of ``slots``, loaded by ``num_workers`` processes; data errors raise here."""
+def micro_batches(mixture: Mixture, slots: Iterator[Slot], num_workers: int, prefetch: int = 2,
+                  pin_memory: bool = False) -> Iterator[MicroBatch]:
+    """The micro-batches of ``slots``, loaded by ``num_workers`` processes that each keep ``prefetch`` ready
+    (0 workers: loaded here, when asked for); ``pin_memory`` for a GPU. Data errors raise here."""
     loader = DataLoader(mixture, batch_size=None, sampler=_Slots(slots), num_workers=num_workers,
-                        persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers else None)
+                        persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers else None,
+                        pin_memory=pin_memory, worker_init_fn=seed_worker)
     seen_bad: set[str] = set()
     for batch in loader:
         if isinstance(batch, LoadFailure):
@@ -72,6 +82,14 @@ def micro_batches(mixture: Mixture, slots: Iterator[Slot], num_workers: int) -> 
                 seen_bad.add(message)
                 log.warning("skipped bad sample (%d so far): %s", len(seen_bad), message)
         yield batch
+
+
+def seed_worker(worker_id: int) -> None:
+    """NumPy's and Python's generators from the worker's own torch seed (DataLoader seeds only torch's), so no
+    two workers draw the same numbers; what a batch draws through torch is seeded per slot (``Mixture``)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class _Slots:

@@ -201,7 +201,8 @@ class Trainer:
     def run(self) -> RunDir:
         cfg, engine = self.cfg, self.engine
         slots = self.order.slots(self.progress.stream, engine.rank, engine.world_size)
-        batches = micro_batches(Mixture(self.train_sets, cfg.train.seed), slots, cfg.data.num_workers)
+        batches = micro_batches(Mixture(self.train_sets, cfg.train.seed), slots, cfg.data.num_workers,
+                                cfg.data.prefetch, pin_memory=engine.device.type == "cuda")
         self.model.train()
         meter = Throughput(engine.world_size, peak_flops(cfg.tracking.peak_tflops, cfg.engine.precision,
                                                          engine.device))

@@ -21,7 +21,7 @@ class LossScalingEngine:
     """The engine's part of an fp16 step, as DeepSpeed does it on one process: the loss is scaled, the gradients
     are checked in fp16 range; on overflow the update is skipped, counted and the scale halved."""
 
-    world_size, device = 1, torch.device("cpu")
+    world_size, rank, device = 1, 0, torch.device("cpu")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: float):
         self.model, self.optimizer, self.scale, self.skipped = model, optimizer, scale, 0
