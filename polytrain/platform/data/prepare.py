@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from polytrain import atomic
 from polytrain.errors import DataError
+from polytrain.platform.data.manifest import Part, Record
 from polytrain.platform.data.shards import (
     TOKENIZER_FILE,
     PreparedPart,
-    PreparedRecord,
     ShardInfo,
     SplitIndex,
     file_sha256,
@@ -140,7 +140,7 @@ def intact_shards(out: Path, index: SplitIndex) -> set[int]:
     return intact
 
 
-def is_document(record) -> bool:
+def is_document(record: Record) -> bool:
     """One text part: a language-modeling document."""
     return len(record.parts) == 1 and record.parts[0].modality == "text"
 
@@ -214,13 +214,12 @@ def with_ids(part: PreparedPart, encoded: Iterator[list[int]]) -> PreparedPart:
     return replace(part, value=ids, dims=(len(ids), 0))
 
 
-def load_record(record) -> PreparedRecord:
+def load_record(record: Record) -> Record:
     """``record``'s parts with each file read, decoded once to check it, and measured; text as it is."""
-    return PreparedRecord(tuple(load_part(part, record.where) for part in record.parts), record.label,
-                          record.sample_id, record.where)
+    return replace(record, parts=tuple(load_part(part, record.where) for part in record.parts))
 
 
-def load_part(part, where: str) -> PreparedPart:
+def load_part(part: Part, where: str) -> PreparedPart:
     if part.modality == "text":
         return PreparedPart("text", part.value, part.scored)
     if isinstance(part.value, bytes):

@@ -56,23 +56,11 @@ SIZE_COLUMNS = ("modality", "scored", "dim0", "dim1")
 
 
 @dataclass(frozen=True)
-class PreparedPart:
-    """One segment of a record as the prepare step writes it: text as token ids, a file as its bytes."""
+class PreparedPart(Part):
+    """A part as the prepare step writes it: text as token ids, a file as its bytes, and their sizes."""
 
-    modality: str
-    value: bytes | Sequence[int]
-    scored: bool = False
     dims: tuple[int, int] = (0, 0)
     """text: (tokens, 0); image: (height, width); audio: (samples, sample rate); other modalities: (bytes, 0)."""
-
-
-@dataclass(frozen=True)
-class PreparedRecord:
-    parts: tuple[PreparedPart, ...]
-    label: str | None
-    sample_id: str
-    where: str
-    """``<manifest>:<line>`` the record was prepared from."""
 
 
 @dataclass(frozen=True)
@@ -164,14 +152,15 @@ def crc32(value: bytes | np.ndarray) -> int:
     return zlib.crc32(value.tobytes() if isinstance(value, np.ndarray) else value)
 
 
-def write_shard(folder: Path, number: int, records: Sequence[PreparedRecord], vocab_size: int,
+def write_shard(folder: Path, number: int, records: Sequence[Record], vocab_size: int,
                 skipped: int = 0, documents: bool = True) -> ShardInfo:
-    """Shard ``number`` of ``records`` and its token piece, in ``folder``; each file appears whole or not at all."""
+    """Shard ``number`` of ``records`` (parts ``PreparedPart``) and its token piece, in ``folder``; each file
+    appears whole or not at all."""
     dtype, stem = token_dtype(vocab_size), shard_stem(number)
     texts: list[Sequence[int]] = []
     path = folder / f"{stem}.arrow"
 
-    def rows(batch: Sequence[PreparedRecord]) -> pa.RecordBatch:
+    def rows(batch: Sequence[Record]) -> pa.RecordBatch:
         columns: dict[str, list] = {name: [] for name in SCHEMA.names}
         for record in batch:
             cols = {k: [] for k in ("modality", "scored", "text_part", "data", "dim0", "dim1", "crc32")}
