@@ -157,8 +157,9 @@ class TokenStore:
             raise DataError(f"{bin_path}: {size} bytes, the index of the split says {info.tokens} tokens of "
                             f"{self.dtype.itemsize} bytes: the piece is truncated or was replaced; prepare it again")
         if offsets.shape != (info.parts + 1,) or (info.parts and int(offsets[-1]) != info.tokens):
-            raise DataError(f"{idx_path}: {offsets.shape[0]} offsets ending at {int(offsets[-1]) if len(offsets) else 0}"
-                            f", the split's index says {info.parts} parts of {info.tokens} tokens; prepare it again")
+            last = int(offsets[-1]) if len(offsets) else 0
+            raise DataError(f"{idx_path}: {offsets.shape[0]} offsets ending at {last}, the split's index says "
+                            f"{info.parts} parts of {info.tokens} tokens; prepare it again")
         ids = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(info.tokens,)) if info.tokens else \
             np.zeros(0, self.dtype)
         self._mapped[piece] = ids, offsets
