@@ -218,7 +218,7 @@ class SequenceDataset(Dataset):
                                    self.target_overflow)
             full = Laid([self.text.bos_id, *target, self.text.eos_id], [False] + [True] * (len(target) + 1))
             decoder, labels = full.shifted()
-            return Example(encoded, labels, record.sample_id, record.scored_text, decoder=decoder)
+            return Example(encoded, labels, record.sample_id, self.target_text(record), decoder=decoder)
         if self.layout == "classify":  # the label is the target; scored text (a caption, say) is left out
             if record.label not in self.task.classes:
                 raise DataError(f"{record.where}: label {record.label!r} is not one of data.tasks.{self.name}.classes "
@@ -227,6 +227,12 @@ class SequenceDataset(Dataset):
         if any(p.scored for p in record.parts):
             raise DataError(f"{record.where}: masked_lm predicts masked tokens, not a target; drop the scored segment")
         return Example(encoded, None, record.sample_id)
+
+    def target_text(self, record: Record) -> str:
+        """The scored parts' text, joined by spaces (a prepared split's are ids, decoded): what evaluation
+        compares the model's output with."""
+        return " ".join(self.text.decode(p.value) if isinstance(p.value, tuple) else str(p.value)
+                        for p in record.parts if p.scored)
 
     def causal(self, record: Record) -> Example:
         """bos, every segment in order (scored text followed by eos), cut to ``seq_len + 1``; shifted."""
@@ -244,14 +250,14 @@ class SequenceDataset(Dataset):
         inputs, labels = full.shifted()
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError(f"{record.where}: nothing scored is left within seq_len={self.task.seq_len}")
-        return Example(inputs, labels, record.sample_id, record.scored_text, prompt=prompt)
+        return Example(inputs, labels, record.sample_id, self.target_text(record), prompt=prompt)
 
     def prompts(self, records: list[Record]) -> TaskBatch:
         """What generation starts from, for samples that may have no answer yet (``polytrain generate``): the
         encoder's input (encoder_decoder), or bos and every input segment (decoder_only); scored segments are
         references only (``targets``)."""
         inputs = [[p for p in r.parts if not p.scored] for r in records]
-        batch = dict(sample_ids=[r.sample_id for r in records], targets=[r.scored_text for r in records],
+        batch = dict(sample_ids=[r.sample_id for r in records], targets=[self.target_text(r) for r in records],
                      labels=torch.zeros(len(records), 0, dtype=torch.long))
         if self.layout == "seq2seq":
             sources = [[self.sequence(r, parts, self.budget)] for r, parts in zip(records, inputs)]
