@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.skip_bad_samples=true")
     prepare.add_argument("--out", required=True, help="folder of the prepared data: <task>/<split>/ per split")
     prepare.add_argument("--workers", type=int, default=0, help="processes that build shards (0: one per CPU)")
-    prepare.add_argument("--shard-records", type=int, default=1000, help="input records per shard")
+    prepare.add_argument("--shard-records", type=int, help="input records per shard (default 1000)")
     prepare.set_defaults(func=cmd_data_prepare)
 
     model = commands.add_parser("model", help="model presets")
@@ -337,14 +337,16 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from polytrain.config import load_config
     from polytrain.errors import ConfigError
+    from polytrain.platform.data.prepare import SHARD_RECORDS
     from polytrain.platform.train.recipe import prepare_data
 
+    shard_records = SHARD_RECORDS if args.shard_records is None else args.shard_records
     if args.workers < 0:
         raise ConfigError("--workers", args.workers, "must be >= 0 (0: one per CPU)")
-    if args.shard_records < 1:
-        raise ConfigError("--shard-records", args.shard_records, "must be >= 1")
+    if shard_records < 1:
+        raise ConfigError("--shard-records", shard_records, "must be >= 1")
     cfg = load_config(args.config, args.overrides)
-    overrides = prepare_data(cfg, Path(args.out), args.workers, args.shard_records)
+    overrides = prepare_data(cfg, Path(args.out), args.workers, shard_records)
     print("train on it with: polytrain train " + " ".join([args.config, *args.overrides, *overrides]))
     return 0
 

@@ -120,3 +120,23 @@ def test_finetune_from_weights_that_are_not_there_or_not_weights(capsys, tmp_pat
     (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 a zip, as torch.save writes")
     assert_clean_error(cli(capsys, "finetune", recipe, f"init_from={tmp_path / 'model.ckpt'}"),
                        "model.ckpt: not a safetensors file, a run directory or a checkpoint folder")
+
+
+def prepare_args(tmp_path, manifest, *extra):
+    """``polytrain data prepare`` of the one-image-task recipe (``tiny_recipe``), in this process."""
+    recipe = tiny_recipe(tmp_path, manifest)[1:]
+    return ["data", "prepare", recipe[0], "--out", tmp_path / "prepared", "--workers", "1", *recipe[1:], *extra]
+
+
+def test_data_prepare_names_a_bad_input_and_refuses_a_bad_flag(capsys, tmp_path):
+    rows = write_images(tmp_path, 4)
+    rows.insert(2, json.dumps({"image": "missing.png", "target": "two"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    assert_clean_error(cli(capsys, *prepare_args(tmp_path, tmp_path / "m.jsonl")), f"{tmp_path / 'm.jsonl'}:3: ",
+                       "missing.png: cannot read the image file")
+    skipped = cli(capsys, *prepare_args(tmp_path, tmp_path / "m.jsonl", "data.skip_bad_samples=true"))
+    assert skipped.returncode == 0 and "data.tasks.cap.train=prepared:" in skipped.stdout
+    index = json.loads((tmp_path / "prepared" / "cap" / "train" / "index.json").read_text())
+    assert sum(s["rows"] for s in index["shards"].values()) == 4 and index["shards"]["0"]["skipped"] == 1
+    assert_clean_error(cli(capsys, *prepare_args(tmp_path, tmp_path / "m.jsonl", "--workers", "-1")),
+                       "--workers=-1: must be >= 0")

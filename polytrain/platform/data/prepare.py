@@ -10,8 +10,8 @@ their checksums, are not built again, and the result is the same files an uninte
 import logging
 import os
 import time
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
 from multiprocessing import get_context
