@@ -192,16 +192,15 @@ class SequenceDataset(Dataset):
     def __getitem__(self, index: int) -> Example:
         skipped = []
         for attempt in range(MAX_SKIP_TRIES if self.skip_bad else 1):
-            record = self.records[(index + attempt) % len(self.records)]
-            try:
-                example = self.example(record)
+            try:  # a prepared split's member can be bad too
+                example = self.example(self.records[(index + attempt) % len(self.records)])
                 example.skipped = skipped
                 return example
             except DataError as err:
                 if not self.skip_bad:
                     raise
                 skipped.append(str(err))
-        raise DataError(f"{MAX_SKIP_TRIES} bad samples in a row from {self.records[index].where}; last: {skipped[-1]}")
+        raise DataError(f"{MAX_SKIP_TRIES} bad samples in a row from {self.name}'s sample {index}; last: {skipped[-1]}")
 
     def example(self, record: Record) -> Example:
         if self.layout == "causal":

@@ -99,3 +99,24 @@ def test_budgets_need_a_prepared_split(both):
     from_manifest, _ = both["caption"]
     with pytest.raises(DataError, match="data.tasks.caption: cost budgets read sample sizes from a prepared split"):
         from_manifest.lengths(0)
+
+
+def test_a_corrupt_member_is_skipped_and_counted_with_skip_bad_samples(tmp_path, tokenizers):
+    rows = []
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "target": WORDS[i]}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    with shard_builder(tokenizers["text"], 1) as build:
+        prepare_split(iter_manifest(tmp_path / "m.jsonl", "caption", False), tmp_path / "s", tokenizers["text"], {},
+                      build)
+    shard = tmp_path / "s" / "shard-000000.arrow"
+    data = bytearray(shard.read_bytes())
+    data[data.index((tmp_path / "1.png").read_bytes()[-20:])] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    strict = build_dataset(TASKS["caption"], tmp_path / "s", "caption", tokenizers, False)
+    with pytest.raises(DataError, match=r"shard-000000\.arrow: member 1 \(.*m\.jsonl:2\): image part 0 fails its"):
+        strict[1]
+    lenient = build_dataset(TASKS["caption"], tmp_path / "s", "caption", tokenizers, True)
+    example = lenient[1]
+    assert example.target == WORDS[2] and len(example.skipped) == 1 and "member 1" in example.skipped[0]
