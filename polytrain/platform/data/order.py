@@ -7,6 +7,7 @@ instead (``balance.py``): what a step holds is a pure function of (seed, step),
 only its split over ranks depends on how many there are.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Callable, Iterator
@@ -15,6 +16,10 @@ import numpy as np
 import torch
 
 from polytrain.platform.data.balance import CostModel, deal, pool_steps, take
+
+
+POOLS_KEPT = 3
+"""Pools of each budgeted task kept computed (the one being read, the one being advanced past, the next)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class DataOrder:
         self.tasks = list(sizes)
         self.shares = torch.tensor([batch_sizes[t] for t in batch_sizes], dtype=torch.float64)
         self._orders: dict[str, tuple[int, torch.Tensor]] = {}
-        self._pools: dict[str, Pool] = {}
+        self._pools: OrderedDict[tuple[str, int], Pool] = OrderedDict()
         self._dealt: dict[str, tuple[tuple[int, int, int], list[list[np.ndarray]]]] = {}
         assert not self.budgets or mixing == "fixed", "budgeted tasks fill steps; mixing must be fixed"
 
@@ -130,8 +135,8 @@ class DataOrder:
     def pool(self, task: str, number: int, start: int) -> Pool:
         """Pool ``number`` of a budgeted task, beginning at stream position ``start``: the samples that fit
         ``bucket_steps`` steps' cost, cut into steps by length (``balance.pool_steps``)."""
-        cached = self._pools.get(task)
-        if cached is not None and cached.start == start:
+        cached = self._pools.get((task, start))
+        if cached is not None:
             return cached
         budget, lengths = self.budgets[task], []
 
@@ -145,7 +150,9 @@ class DataOrder:
         table = np.array(lengths[:size])
         seed = self.seed * 1_000_003 + self.tasks.index(task) * 7919 + number
         runs = pool_steps(table, budget.bucket_steps, budget.model, seed)
-        self._pools[task] = pool = Pool(start, size, [(indices[r], table[r]) for r in runs])
+        self._pools[task, start] = pool = Pool(start, size, [(indices[r], table[r]) for r in runs])
+        if len(self._pools) > POOLS_KEPT * len(self.budgets):  # the loader reads ahead while the trainer advances
+            self._pools.popitem(last=False)
         return pool
 
     def dealt(self, task: str, step: int, pool_start: int, ranks: int, accum: int) -> list[list[np.ndarray]]:
