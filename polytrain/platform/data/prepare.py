@@ -51,6 +51,8 @@ class PrepareJob:
     number: int
     records: list
     skip_bad: bool
+    tokenizer: str
+    """sha256 of the tokenizer's ``tokenizer.json``, recorded in the shard."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def prepare_split(records: Iterable, out: Path, text: TextTokenizer, source: dic
         number = 0
         while chunk := list(islice(records, shard_records)):
             if number not in done:
-                yield PrepareJob(out, number, chunk, skip_bad)
+                yield PrepareJob(out, number, chunk, skip_bad, index.tokenizer_sha256)
             number += 1
 
     for result in build(jobs()):
@@ -203,7 +205,7 @@ def build_shard(job: PrepareJob) -> JobResult:
     encoded = iter(_TEXT.encode_batch(texts))
     prepared = [replace(r, parts=tuple(with_ids(p, encoded) if p.modality == "text" else p for p in r.parts))
                 for r in loaded]
-    shard = write_shard(job.folder, job.number, prepared, _TEXT.vocab_size, len(skipped),
+    shard = write_shard(job.folder, job.number, prepared, _TEXT.vocab_size, job.tokenizer, len(skipped),
                         documents=all(is_document(r) for r in job.records))
     return JobResult(job.number, shard, skipped)
 

@@ -4,7 +4,8 @@ A prepared split is a folder::
 
     index.json                  what it holds: shards, rows, checksums, the tokenizer's hash (``SplitIndex``)
     tokenizer.json              the tokenizer its text was encoded with
-    shard-000000.arrow          records, in Arrow's random-access file format, 64 rows per record batch
+    shard-000000.arrow          records, in Arrow's random-access file format, 64 rows per record batch; its
+                                schema's metadata names the tokenizer's hash too
     shard-000000.bin / .idx.npy the ids of that shard's text parts (``token_store.py``)
 
 A row holds a record's parts in order: modality, whether it is scored, the number of its text in the shard's
@@ -53,6 +54,8 @@ SCHEMA = pa.schema([
     ("crc32", pa.list_(pa.int64())),
 ])
 SIZE_COLUMNS = ("modality", "scored", "dim0", "dim1")
+TOKENIZER_KEY = "polytrain.tokenizer_sha256"
+"""Schema metadata of every shard: the sha256 of the tokenizer its text was encoded with."""
 
 
 @dataclass(frozen=True)
@@ -152,10 +155,11 @@ def crc32(value: bytes | np.ndarray) -> int:
     return zlib.crc32(value.tobytes() if isinstance(value, np.ndarray) else value)
 
 
-def write_shard(folder: Path, number: int, records: Sequence[Record], vocab_size: int,
+def write_shard(folder: Path, number: int, records: Sequence[Record], vocab_size: int, tokenizer: str,
                 skipped: int = 0, documents: bool = True) -> ShardInfo:
-    """Shard ``number`` of ``records`` (parts ``PreparedPart``) and its token piece, in ``folder``; each file
-    appears whole or not at all."""
+    """Shard ``number`` of ``records`` (parts ``PreparedPart``, text encoded by the tokenizer of sha256
+    ``tokenizer``, which the shard's schema records) and its token piece, in ``folder``; each file appears whole
+    or not at all."""
     dtype, stem = token_dtype(vocab_size), shard_stem(number)
     texts: list[Sequence[int]] = []
     path = folder / f"{stem}.arrow"
@@ -181,7 +185,8 @@ def write_shard(folder: Path, number: int, records: Sequence[Record], vocab_size
         return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
 
     def produce(tmp: Path) -> None:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        schema = SCHEMA.with_metadata({TOKENIZER_KEY: tokenizer})
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for start in range(0, len(records), ROWS_PER_BATCH):
                 writer.write_batch(rows(records[start: start + ROWS_PER_BATCH]))
 
@@ -286,6 +291,11 @@ class PreparedSplit:
                 != info.rows:
             raise DataError(f"{path}: not the shard the split's index lists ({info.rows} rows of polytrain's "
                             f"schema); prepare it again")
+        encoded_by = (reader.schema.metadata or {}).get(TOKENIZER_KEY.encode(), b"").decode()
+        if encoded_by != self.index.tokenizer_sha256:
+            raise DataError(f"{path}: encoded with the text tokenizer sha256 {encoded_by or '(none recorded)'}, the "
+                            f"split's is sha256 {self.index.tokenizer_sha256}: a shard of another prepare; prepare "
+                            f"the split again")
         self._open[shard] = reader
         if len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)

@@ -176,3 +176,14 @@ def test_a_split_prepared_with_another_tokenizer_is_refused_with_both_hashes(spl
     ours, theirs = tokenizer_sha256(text.hf.to_str()), tokenizer_sha256(other.hf.to_str())
     with pytest.raises(DataError, match=f"sha256 {ours}, but this run's tokenizer is sha256 {theirs}"):
         PreparedSplit(split, theirs)
+
+
+def test_a_shard_of_another_prepare_is_refused_with_both_hashes(split, inputs, text, tmp_path):
+    other = TextTokenizer.train(["something else entirely"] * 10, TextTokenizerConfig(vocab_size=280))
+    prepare(inputs[1], tmp_path / "other", other)
+    (split / "shard-000001.arrow").write_bytes((tmp_path / "other" / "shard-000001.arrow").read_bytes())
+    ours, theirs = tokenizer_sha256(text.hf.to_str()), tokenizer_sha256(other.hf.to_str())
+    with pytest.raises(DataError, match=rf"shard-000001\.arrow: encoded with the text tokenizer sha256 {theirs}, the "
+                                        rf"split's is sha256 {ours}"):
+        PreparedSplit(split)[41]
+    assert PreparedSplit(split)[0].sample_id == "s0"
