@@ -19,12 +19,13 @@ from polytrain.errors import ConfigError
 from polytrain.launch.backends import BACKENDS
 from polytrain.launch.config import LaunchConfig
 from polytrain.models.config import ModelConfig, head_kind
+from polytrain.models.preset_configs import MODEL_PRESETS
 from polytrain.platform.data.config import DataConfig
 from polytrain.platform.distributed.config import EngineConfig
 from polytrain.platform.observe.config import TrackingConfig
 from polytrain.platform.train.config import FinetuneConfig, TrainConfig
 from polytrain.registry import import_plugins
-from polytrain.schema import from_dict
+from polytrain.schema import from_dict, to_dict
 from polytrain.tokenizers.config import TokenizersConfig
 
 
@@ -103,7 +104,27 @@ def parse_yaml(text: str, where: str) -> dict:
 def build_config(tree: dict) -> Config:
     """The validated config of a parsed recipe; the plugins it lists are imported first."""
     import_plugins(tree.get("plugins", []))
-    return from_dict(Config, tree)
+    return from_dict(Config, with_preset(tree))
+
+
+def with_preset(tree: dict) -> dict:
+    """``tree`` with ``model.preset`` replaced by that preset's model section, under the recipe's own model keys."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return tree
+    name = model["preset"]
+    if name not in MODEL_PRESETS:
+        raise ConfigError("model.preset", name, f"unknown model preset; known: {', '.join(MODEL_PRESETS.names())}")
+    own = {key: value for key, value in model.items() if key != "preset"}
+    return {**tree, "model": merged(to_dict(MODEL_PRESETS.get(name)), own)}
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with the keys of ``over`` put in, mappings merged key by key at every depth."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def apply_override(tree: dict, item: str) -> None:
