@@ -67,10 +67,28 @@ class Config:
             if task.max_target_len + 2 > max_len:  # bos ... eos
                 raise ConfigError(f"{key}.max_target_len", task.max_target_len,
                                   f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
+        self.check_init_parts()
+
+    def check_init_parts(self) -> None:
+        """Every ``heads.<task>`` and ``embedders.<modality>`` part names a task and a modality of this run."""
+        modalities = ("text", *self.data.modalities)
+        for name, source in self.finetune.init_parts.items():
+            for index, part in enumerate(source.parts):
+                kind, _, which = part.partition(".")
+                known = {"heads": self.data.tasks, "embedders": modalities}.get(kind)
+                if known is not None and which not in known:
+                    raise ConfigError(f"finetune.init_parts.{name}.parts.{index}", part,
+                                      f"this run has no such {'task' if kind == 'heads' else 'modality'}; it has "
+                                      f"{', '.join(known)}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read the YAML recipe at ``path`` (or start empty), apply ``key=value`` overrides, validate."""
+    return build_config(load_tree(path, overrides))
+
+
+def load_tree(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The recipe at ``path`` (or an empty one) with the overrides applied, parsed but not yet validated."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -83,7 +101,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         tree = parse_yaml(text, str(path))
     for item in overrides:
         apply_override(tree, item)
-    return build_config(tree)
+    return tree
 
 
 def config_from_yaml(text: str, where: str) -> Config:
