@@ -233,8 +233,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "polytrain":
         from polytrain.platform.train.export import export_library
 
-        family, task = export_library(args.run_dir, args.format, Path(args.out))
-        print(f"{args.out} ({family}, the head of task {task})")
+        family, task, left_out = export_library(args.run_dir, args.format, Path(args.out))
+        print(f"{args.out} ({family}, the head of task {task}; left out, as the task does not run them: "
+              f"{', '.join(left_out) or '-'})")
         return 0
     from polytrain.platform.distributed.checkpoint import export_model
 

@@ -30,7 +30,7 @@ from polytrain.models.convert.files import (
     write_folder,
 )
 from polytrain.models.convert.rules import ConversionError, export_state, import_state
-from polytrain.models.model import PolyModel
+from polytrain.models.model import PolyModel, with_classes
 
 
 @dataclass
@@ -97,7 +97,10 @@ def architecture_of(model: PolyModel, family: Family, task: str, channels: int =
     if family.modality not in model.specs:
         raise ConversionError(f"{family.name} reads {family.modality}, which the model has no embedder for "
                               f"(it has {', '.join(sorted(model.specs))})")
-    return Architecture(model.cfg, model.specs[family.modality], model.task_heads[task], channels)
+    head, cfg = model.task_heads[task], model.cfg
+    if head == "encoder_classifier":  # a task's own class count, which model.heads.classifier need not say
+        cfg = with_classes(cfg, model.heads[task].proj.out_features)
+    return Architecture(cfg, model.specs[family.modality], head, channels)
 
 
 def import_weights(model: PolyModel, family: Family, arch: Architecture, task: str, state: dict[str, Tensor]) -> None:
@@ -105,20 +108,23 @@ def import_weights(model: PolyModel, family: Family, arch: Architecture, task: s
     import_state(model, family.prepare(state), family.rules(arch, task), family.name, tuple(family.zeros(arch)))
 
 
-def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False
-                   ) -> tuple[dict, dict[str, Tensor]]:
+def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False,
+                   left_out: tuple[str, ...] = ()) -> tuple[dict, dict[str, Tensor]]:
     """The library's config and tensors of ``model`` with the head of ``task`` (images of ``channels``).
 
     ``restored``: include the copies the library ties itself (for ``load_state_dict(strict=True)``;
-    its own files leave them out).  A tensor of ``model`` the family has no place for is an error naming it.
+    its own files leave them out).  A tensor of ``model`` the family has no place for is an error naming it,
+    unless it is under one of the ``left_out`` prefixes (parts ``task`` does not use: another task's head).
     """
     arch = architecture_of(model, family, task, channels)
     rules = family.rules(arch, task)
     covered = {rule.ours for rule in rules}
-    left = [name for name in model.state_dict() if name not in covered]
+    left = [name for name in model.state_dict() if name not in covered and not name.startswith(left_out)]
     if left:  # checked first: a part the class has no place for says more than the settings of the rest
+        parts = sorted({name.split(".")[0] if name.startswith("lm_head.") else ".".join(name.split(".")[:2])
+                        for name in left})
         raise ConversionError(f"{family.name} cannot express {left[0]} ({len(left)} tensors of the model have no "
-                              f"place in it: {', '.join(sorted({'.'.join(n.split('.')[:2]) for n in left}))})")
+                              f"place in it: {', '.join(parts)})")
     config = checked_config(family, arch)
     state = export_state(model, rules, restored)
     dtype = next(iter(state.values())).dtype
@@ -136,13 +142,13 @@ def load_state(model: PolyModel, task: str, family: str, state: dict[str, Tensor
 
 
 def write_external(model: PolyModel, task: str, family: str, folder: Path, tokenizer: TokenizerFiles | None = None,
-                   channels: int = 3) -> dict:
+                   channels: int = 3, left_out: tuple[str, ...] = ()) -> dict:
     """Save ``model`` with the head of ``task`` as a ``family`` checkpoint folder the library loads; its config.
 
     ``tokenizer``: the text tokenizer to write beside the weights (its special tokens' ids go into the config, as
-    ``generate`` reads them); ``channels``: of the images the model reads.
+    ``generate`` reads them); ``channels``: of the images the model reads; ``left_out``: as ``export_weights``.
     """
-    config, state = export_weights(model, FAMILIES.get(family), task, channels)
+    config, state = export_weights(model, FAMILIES.get(family), task, channels, left_out=left_out)
     if tokenizer is not None:
         config.update({f"{role}_token_id": i for role, (_, i) in tokenizer.special.items()
                        if role in ("bos", "eos", "pad")})

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from torch import Tensor
 
@@ -60,10 +59,9 @@ class Source:
 
     @cached_property
     def has(self) -> list[str]:
-        """The parts it holds (a foreign head as ``heads.source``), read from names and shapes alone."""
+        """The parts it holds (a foreign head as ``heads.source``), from its converter's rules or its file's names."""
         if self.external is not None:
-            with torch.device("meta"):
-                names = self.external.architecture.build(SOURCE_TASK).state_dict()
+            names = [rule.ours for rule in self.external.family.rules(self.external.architecture, SOURCE_TASK)]
         else:
             with safe_open(str(self.pretrained.path), "pt") as f:
                 names = list(f.keys())
