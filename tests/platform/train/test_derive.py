@@ -154,3 +154,39 @@ def test_vocabulary_rows_grow_for_the_tokens_polytrain_adds(checkpoints):
     assert torch.equal(model.embedders["text"].table.weight[320:], before)  # as initialized
     assert report.sources[0].grown == {"embedders.text.table.weight": "rows 320..326 new (the tokens the run's "
                                                                       "tokenizer added)"}
+
+
+def test_composed_parts_compute_what_their_libraries_do(checkpoints, tmp_path):
+    """The ViT's features come out of the encoder, and with the new cross-attention silenced the Llama's logits
+    out of the decoder (the vocabulary rows the run added aside)."""
+    import timm
+    import transformers
+    from safetensors.torch import load_file
+
+    from polytrain.models.heads import text_segment
+    from polytrain.platform.train import recipe
+    from polytrain.tokenizers.image import patchify
+    from polytrain.tokens import Segment, TaskBatch
+    from tests.models.convert_checks import TOLERANCE, max_diff
+
+    cfg = job_config(None, ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.tasks.t.train=x",
+                            "data.tasks.t.val=x", *vit_source(checkpoints),
+                            f"finetune.init_parts.language.init_from={checkpoints['llama_tiny']}",
+                            "finetune.init_parts.language.parts=[embedders.text, backbone.decoder, lm_head]"])
+    sources = open_sources(cfg.finetune)
+    (tmp_path / "tokenizer.json").write_text(sources[1].tokenizer_json())
+    model = recipe.build_model(cfg, recipe.build_tokenizers(cfg, tmp_path / "tokenizer.json")).eval()
+    load_initial_weights(model, offers(sources, set(model.state_dict()), {"t": "encoder_decoder"}))
+    args = {k: v for k, v in tiny_checkpoints.COMPOSE["vit_tiny"].config.items() if k != "model_name"}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    vit.load_state_dict(load_file(str(checkpoints["vit_tiny"])))
+    llama = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama_tiny"]).eval()
+    pixels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = Segment.collate([patchify(p, 4) for p in pixels])
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_diff(model.backbone.encode(model.embed(images)), vit.forward_features(pixels)) <= TOLERANCE
+        for block in model.backbone.decoder.blocks:
+            block.cross.out.weight.zero_()
+        logits = model.heads["t"](model, TaskBatch(text_segment(ids), ids, images))
+        assert max_diff(logits[..., :320], llama(ids).logits) <= TOLERANCE
