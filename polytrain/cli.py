@@ -1,10 +1,11 @@
-"""polytrain train | finetune | launch | doctor | eval | export | report | plan | tokenizer | model
+"""polytrain train | finetune | launch | doctor | generate | eval | export | report | plan | tokenizer | model
 
     polytrain train configs/quickstart.yaml train.steps=50
     polytrain finetune configs/finetune_audio.yaml init_from=runs/pretrain finetune.lora.rank=8
     polytrain launch configs/quickstart.yaml launch.procs_per_node=2 [--dry-run]
     polytrain launch configs/multinode.yaml launch.slurm.partition=gpu --submit
     polytrain doctor configs/quickstart.yaml engine.offload_optimizer=true
+    polytrain generate runs/vlm-20261121-120000 --image seven.png --text "Is it even?" strategy=beam
     polytrain eval runs/quickstart-20261121-120000
     polytrain export runs/quickstart-20261121-120000 --out model.safetensors
     polytrain report runs/quickstart-20261121-120000 [--out DIR]
@@ -52,6 +53,18 @@ def process_group_alive() -> bool:
     return distributed is not None and distributed.is_available() and distributed.is_initialized()
 
 
+class Segments(argparse.Action):
+    """Collects ``--image a.png --text "which digit?"`` as (modality, value) pairs, in command-line order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        modality = option_string.lstrip("-")
+        if modality == "segment":
+            modality, sep, value = value.partition("=")
+            if not sep or not modality or not value:
+                parser.error(f"--segment {value!r}: give MODALITY=PATH, e.g. --segment motion=walk.npy")
+        namespace.segments = [*(namespace.segments or []), (modality, value)]
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """The command line, with a command's flags allowed anywhere among its ``key=value`` overrides
     (``polytrain launch CONFIG --dry-run a.b=c``): a command without subcommands of its own is parsed by
@@ -96,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings)")
     doctor.add_argument("overrides", nargs="*")
     doctor.set_defaults(func=cmd_doctor)
+
+    generate = commands.add_parser("generate", help="continue new inputs with a trained run: --image/--audio/--text "
+                                   "in order as one sample's segments, or the samples of a manifest")
+    generate.add_argument("run_dir", help="run directory (or one checkpoint folder, or an exported file)")
+    generate.add_argument("overrides", nargs="*", help="decoding settings as key=value (strategy=beam num_beams=4, "
+                          "temperature=0.7, top_k, top_p, length_penalty) and max_new_tokens=N")
+    for modality in ("image", "audio", "text"):
+        generate.add_argument(f"--{modality}", dest="segments", action=Segments, metavar="TEXT" if modality == "text"
+                              else "PATH", help=f"a {modality} segment of the sample (repeatable; in order)")
+    generate.add_argument("--segment", dest="segments", action=Segments, metavar="MODALITY=PATH",
+                          help="a segment of a plugin modality")
+    generate.add_argument("--manifest", help="a JSONL manifest: continue each of its samples (scored segments are "
+                          "references, printed beside the continuation)")
+    generate.add_argument("--task", help="the run's task whose head generates (needed when it has several)")
+    generate.set_defaults(func=cmd_generate)
 
     evaluate = commands.add_parser("eval", help="reload a run's latest checkpoint and evaluate it on held-out data")
     evaluate.add_argument("run_dir", help="run directory (or one checkpoint folder)")
@@ -209,6 +237,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from polytrain.launch.doctor import doctor
 
     return doctor(args.config, args.overrides)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from polytrain.platform.train.generate import generate_command
+
+    return generate_command(args.run_dir, args.segments or [], args.manifest, args.task, args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

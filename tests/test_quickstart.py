@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from polytrain.cli import main
 from polytrain.config import load_config
+from polytrain.platform.data.builtin import dataset_folder
 from polytrain.platform.train import recipe
 from tests.helpers import QUICKSTART, polytrain, read_jsonl, wandb_config, wandb_history
 from tests.platform.observe.test_report import Rows, black, check_png, drawn_at
@@ -74,6 +75,37 @@ def test_eval_command_reproduces_the_final_evaluation(run, tmp_path):
     for task, metrics in original.items():
         for metric, value in metrics.items():
             assert again[task][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, metric)
+
+
+def test_generate_on_the_held_out_manifest_matches_the_evaluation(run, data_cache):
+    run_dir, _ = run
+    manifest = data_cache / dataset_folder("digits_image") / "val.jsonl"
+    proc = polytrain("generate", run_dir, "--task", "image_to_text", "--manifest", manifest, cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert len(rows) == 360 and all(ref.startswith("(reference: ") for _, _, ref in rows)
+    matches = sum(answer.strip() == ref.removeprefix("(reference: ").removesuffix(")") for _, answer, ref in rows)
+    assert matches / 360 == pytest.approx(json.loads((run_dir / "eval.json").read_text())["image_to_text"]
+                                          ["exact_match"], abs=1e-9)
+    one = manifest.parent / json.loads(manifest.read_text().splitlines()[0])["image"]
+    single = polytrain("generate", run_dir, "--task", "image_to_text", "--image", one, "strategy=beam",
+                       "num_beams=3", cwd=run_dir.parent)
+    assert single.returncode == 0 and len(single.stdout.splitlines()) == 1, single.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--task", "image_to_text", "--image", "nowhere.png"], "--image nowhere.png: no such file"),
+    (["--task", "text_lm", "--image", "IMAGE"], "a image segment, but task text_lm of"),
+    (["--image", "IMAGE"], "the run has 3 tasks whose heads generate text"),
+    (["--task", "image_to_text", "--image", "IMAGE", "strategy=guess"], "model.heads.decoding.strategy='guess'"),
+    (["--task", "image_to_text"], "give the sample's segments"),
+])
+def test_generate_refuses_bad_input_in_one_line(run, data_cache, capsys, args, fragment):
+    run_dir, _ = run
+    image = str(data_cache / dataset_folder("digits_image") / "images" / "0000.png")
+    code = main(["generate", str(run_dir), *(image if a == "IMAGE" else a for a in args)])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and fragment in error[0], error
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(run):

@@ -1,5 +1,7 @@
 """LoRA adapters against the closed form x W^T + b + (alpha / r) x A^T B^T and against torch.nn.Linear."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -13,11 +15,13 @@ from polytrain.tokens import EmbedSpec, Segment, TaskBatch, text_tokens
 SPECS = [EmbedSpec("text", 50, (1, 16)), EmbedSpec("image", 12, (2, 2))]
 
 
-def tiny_model() -> PolyModel:
+def tiny_model(vocab: int | None = None) -> PolyModel:
+    """``vocab``: another text vocabulary size than SPECS'."""
     torch.manual_seed(0)
     cfg = ModelConfig()
     cfg = ModelConfig(backbone=type(cfg.backbone)(dim=32, n_heads=2, encoder_layers=1, decoder_layers=1))
-    return PolyModel(cfg, SPECS, {"caption": "encoder_decoder"})
+    specs = SPECS if vocab is None else [replace(SPECS[0], input_dim=vocab), *SPECS[1:]]
+    return PolyModel(cfg, specs, {"caption": "encoder_decoder"})
 
 
 def batch() -> TaskBatch:

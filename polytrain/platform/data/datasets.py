@@ -2,11 +2,12 @@
 
 Two kinds:
 
-- ``LMStream``: language modeling on documents (every record one plain, scored
-  text): the documents joined by eos and cut into windows of ``seq_len + 1``
-  tokens; with ``packing`` each window keeps its document boundaries
-  (attention and positions restart at each document).  The stream is cached
-  under ``cache_dir/tokens``, so only the first run (or process) tokenizes.
+- ``LMStream``: modeling documents (every record one plain text): the
+  documents joined by eos and cut into windows, of ``seq_len + 1`` tokens
+  shifted by one for next-token prediction, of ``seq_len`` tokens for masked
+  LM; with ``packing`` each window keeps its document boundaries (attention
+  and positions restart at each document).  The stream is cached under
+  ``cache_dir/tokens``, so only the first run (or process) tokenizes.
 - ``SequenceDataset``: one sample per record, its segments laid out for the
   head (``sequences.py``): decoder_only reads one causal sequence whose scored
   text carries the loss; encoder_decoder reads the inputs with the encoder and
@@ -64,17 +65,18 @@ class Example:
 
 
 class LMStream(Dataset):
-    """Documents joined by eos, cut into windows of ``seq_len + 1`` tokens (consecutive windows share one)."""
+    """Documents joined by eos, cut into windows: ``seq_len + 1`` tokens sharing one with the next (causal),
+    or ``seq_len`` tokens each (masked)."""
 
     def __init__(self, records: list[Record], text: TextTokenizer, task: TaskConfig, cache_dir: Path | None,
-                 multiple: int = 1):
+                 multiple: int = 1, masked: bool = False):
         self.tokens = token_stream([str(r.parts[0].value) for r in records], text, cache_dir)
-        self.seq_len, self.packing, self.pad_id, self.multiple = task.seq_len, task.packing, text.pad_id, multiple
+        self.text, self.task, self.multiple, self.masked = text, task, multiple, masked
         self.name = records[0].where.rsplit(":", 1)[0]
-        self.windows = PackedDocuments.from_stream(self.tokens, text.eos_id, task.seq_len + 1, task.seq_len)
+        window = task.seq_len if masked else task.seq_len + 1
+        self.windows = PackedDocuments.from_stream(self.tokens, text.eos_id, window, task.seq_len)
         if len(self) == 0:
-            raise DataError(f"{self.name}: {len(self.tokens)} tokens, fewer than one window of seq_len+1="
-                            f"{task.seq_len + 1}")
+            raise DataError(f"{self.name}: {len(self.tokens)} tokens, fewer than one window of {window}")
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -82,17 +84,29 @@ class LMStream(Dataset):
     def __getitem__(self, index: int) -> Example:
         window = self.windows[index]
         ids = window.values.tolist()
-        if not self.packing:
-            return Example(Laid(ids[:-1], [True] * (len(ids) - 1)), ids[1:], f"{self.name}#window{index}")
-        docs = window.documents[:-1].tolist()
-        pieces = [Laid(ids[start:end], [True] * (end - start)) for start, end in runs(docs)]
-        return Example(pieces, ids[1:], f"{self.name}#window{index}")
+        inputs, labels, docs = (ids, None, window.documents) if self.masked else \
+            (ids[:-1], ids[1:], window.documents[:-1])
+        if not self.task.packing:
+            return Example(Laid(inputs, [True] * len(inputs)), labels, f"{self.name}#window{index}")
+        pieces = [Laid(inputs[start:end], [True] * (end - start)) for start, end in runs(docs.tolist())]
+        return Example(pieces, labels, f"{self.name}#window{index}")
 
     def collate(self, examples: list[Example], generator: torch.Generator | None = None) -> TaskBatch:
         rows = [e.inputs if isinstance(e.inputs, list) else [e.inputs] for e in examples]
-        inputs = collate_rows(rows, self.pad_id, self.multiple)
+        inputs = collate_rows(rows, self.text.pad_id, self.multiple)
+        ids = [e.sample_id for e in examples]
+        if self.masked:
+            return masked_batch(inputs, self.text, self.task.mask_probability, generator, sample_ids=ids)
         return TaskBatch(inputs, collate_labels([[e.labels] for e in examples], inputs.values.shape[1]),
-                         sample_ids=[e.sample_id for e in examples])
+                         sample_ids=ids)
+
+
+def masked_batch(inputs, text: TextTokenizer, probability: float, generator: torch.Generator | None,
+                 **fields) -> TaskBatch:
+    """A masked_lm batch: ``inputs`` with tokens masked, the originals as labels there."""
+    corrupted, labels = mask_tokens(inputs.values, inputs.mask, probability, text.mask_id, text.special_ids,
+                                    text.vocab_size, generator)
+    return TaskBatch(replace(inputs, values=corrupted), labels, **fields)
 
 
 def runs(values: list[int]) -> list[tuple[int, int]]:
@@ -168,18 +182,21 @@ class SequenceDataset(Dataset):
             raise DataError(f"{record.where}: no input segment (every segment is scored)")
         encoded = self.sequence(record, inputs, budget=self.budget)
         if self.layout == "seq2seq":
+            if not any(p.scored for p in record.parts):
+                raise DataError(f"{record.where}: no scored segment: the decoder needs the text to produce, marked "
+                                "\"scored\": true")
             target = self.text_ids(record, [p for p in record.parts if p.scored], self.task.max_target_len,
                                    self.target_overflow)
             full = Laid([self.text.bos_id, *target, self.text.eos_id], [False] + [True] * (len(target) + 1))
             decoder, labels = full.shifted()
             return Example(encoded, labels, record.sample_id, record.scored_text, decoder=decoder)
-        if any(p.scored for p in record.parts):
-            raise DataError(f"{record.where}: head {self.task.head} has no text target; drop the scored segment")
-        if self.layout == "classify":
+        if self.layout == "classify":  # the label is the target; scored text (a caption, say) is left out
             if record.label not in self.task.classes:
                 raise DataError(f"{record.where}: label {record.label!r} is not one of data.tasks.{self.name}.classes "
                                 f"({', '.join(self.task.classes)})")
             return Example(encoded, self.task.classes.index(record.label), record.sample_id, record.label)
+        if any(p.scored for p in record.parts):
+            raise DataError(f"{record.where}: masked_lm predicts masked tokens, not a target; drop the scored segment")
         return Example(encoded, None, record.sample_id)
 
     def causal(self, record: Record) -> Example:
@@ -199,6 +216,28 @@ class SequenceDataset(Dataset):
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError(f"{record.where}: nothing scored is left within seq_len={self.task.seq_len}")
         return Example(inputs, labels, record.sample_id, record.scored_text, prompt=prompt)
+
+    def prompts(self, records: list[Record]) -> TaskBatch:
+        """What generation starts from, for samples that may have no answer yet (``polytrain generate``): the
+        encoder's input (encoder_decoder), or bos and every input segment (decoder_only); scored segments are
+        references only (``targets``)."""
+        inputs = [[p for p in r.parts if not p.scored] for r in records]
+        batch = dict(sample_ids=[r.sample_id for r in records], targets=[r.scored_text for r in records],
+                     labels=torch.zeros(len(records), 0, dtype=torch.long))
+        if self.layout == "seq2seq":
+            sources = [[self.sequence(r, parts, self.budget)] for r, parts in zip(records, inputs)]
+            bos = Laid([self.text.bos_id], [False])
+            return TaskBatch(collate_rows([[bos]] * len(records), self.text.pad_id),
+                             source=collate_rows(sources, self.text.pad_id, 1, self.stand_ins), **batch)
+        laid = []
+        for record, parts in zip(records, inputs):
+            prompt = Laid([self.text.bos_id], [False])
+            for part in parts:
+                self.add(prompt, record, part)
+            laid.append([prompt])
+        prompt = left_aligned(collate_rows(laid, self.text.pad_id, 1, self.stand_ins))
+        return TaskBatch(prompt, prompt=prompt, bidirectional_spans=self.task.span_attention == "bidirectional",
+                         **batch)
 
     def sequence(self, record: Record, parts: list[Part], budget: int) -> Laid | Plain:
         """The encoder's input: one file alone (plain), or the segments laid out with markers."""
@@ -271,9 +310,7 @@ class SequenceDataset(Dataset):
             return TaskBatch(decoder, labels, source=inputs, **batch)
         if self.layout == "classify":
             return TaskBatch(inputs, torch.tensor([e.labels for e in ordered]), **batch)
-        corrupted, labels = mask_tokens(inputs.values, inputs.mask, self.task.mask_probability, self.text.mask_id,
-                                        self.text.special_ids, self.text.vocab_size, generator)
-        return TaskBatch(replace(inputs, values=corrupted), labels, **batch)
+        return masked_batch(inputs, self.text, self.task.mask_probability, generator, **batch)
 
     def rows(self, sizes: list[tuple[int, ...]], budgets: tuple[int, ...]) -> list[list[int]]:
         """Which examples share a row: one each, or packed."""
@@ -286,6 +323,6 @@ def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[
     layout = head_kind(task.head).layout
     records = read_manifest(manifest, name, skip_bad, plain_text_scored=layout == "causal")
     text, multiple = tokenizers["text"], tokenizers["text"].cfg.pad_to_multiple
-    if layout == "causal" and all(len(r.parts) == 1 and r.parts[0].modality == "text" for r in records):
-        return LMStream(records, text, task, cache_dir, multiple)
+    if layout in ("causal", "masked") and all(len(r.parts) == 1 and r.parts[0].modality == "text" for r in records):
+        return LMStream(records, text, task, cache_dir, multiple, masked=layout == "masked")
     return SequenceDataset(records, name, task, tokenizers, skip_bad, augment, multiple)

@@ -64,7 +64,7 @@ def generate(head, model, batch: TaskBatch, text: TextTokenizer, max_new_tokens:
              decoding: DecodingConfig) -> list[str]:
     """The head's continuation of each sample: after the encoder's source, or after the sample's prompt."""
     if batch.source is not None:
-        prompt = torch.full((len(batch), 1), text.bos_id, dtype=torch.long, device=batch.labels.device)
+        prompt = torch.full((len(batch), 1), text.bos_id, dtype=torch.long, device=batch.source.values.device)
     else:
         prompt = batch.prompt
     generated = head.generate(model, prompt, batch.source, max_new_tokens, text.eos_id, decoding)

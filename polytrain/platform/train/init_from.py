@@ -85,7 +85,7 @@ def rebuilt(weights: dict[str, torch.Tensor], config_yaml: str, tokenizer_json: 
     return cfg, tokenizers, model
 
 
-VOCABULARY_ROWS = ("embedders.text.table.weight", "embedders.text.output_bias", "lm_head.weight", "lm_head.bias")
+VOCABULARY_TABLES = ("embedders.text.table.weight", "embedders.text.output_bias", "lm_head.weight", "lm_head.bias")
 """Tensors with one row per text token id: where the run's tokenizer is the checkpoint's plus the special tokens
 polytrain adds (after the checkpoint's ids), the checkpoint fills their first rows and the rest start new."""
 
@@ -103,8 +103,15 @@ class Offered:
     tensors: dict[str, torch.Tensor]
     ignored: list[str]
     """The checkpoint's tensors left out (another task's head, an embedder the run has no use for)."""
-    tokenizer: bool = False
-    """The run's text tokenizer is this checkpoint's: its vocabulary tables may gain rows (``VOCABULARY_ROWS``)."""
+    tokenizer: bool = True
+    """The run's text tokenizer is this checkpoint's (plus tokens the run added after its ids, such as a new
+    modality's span markers): its vocabulary tables may have fewer rows than the model's (``VOCABULARY_TABLES``)."""
+
+
+def by_name(source: str, weights: dict[str, torch.Tensor], own: set[str]) -> Offered:
+    """A polytrain checkpoint's ``weights`` offered by name to a model whose state-dict names are ``own``."""
+    return Offered(source, "polytrain", [], {name: t for name, t in weights.items() if name in own},
+                   [name for name in weights if name not in own])
 
 
 @dataclass
@@ -114,14 +121,14 @@ class SourceReport:
     parts: list[str]
     loaded: list[str]
     ignored: list[str]
-    grown: dict[str, str]
-    """Vocabulary tensors whose first rows came from the checkpoint: which rows are new."""
+    extended: dict[str, str]
+    """Vocabulary tables the model has more rows of: their first rows loaded, which rows are new."""
 
     def summary(self) -> str:
         into = f" into {', '.join(self.parts)}" if self.parts else ""
-        grown = f" ({len(self.grown)} with new token rows)" if self.grown else ""
-        return (f"{self.source}: loaded {len(self.loaded)} tensors{into}{grown}, ignored {len(self.ignored)}: "
-                f"{', '.join(self.ignored) or '-'}")
+        extended = f"; vocabulary extended: {', '.join(self.extended)}" if self.extended else ""
+        return (f"{self.source}: loaded {len(self.loaded)} tensors{into}, ignored {len(self.ignored)}: "
+                f"{', '.join(self.ignored) or '-'}{extended}")
 
 
 @dataclass
@@ -141,8 +148,12 @@ class InitReport:
         """In a checkpoint, not taken (e.g. a pretraining task's own head)."""
         return [name for source in self.sources for name in source.ignored]
 
+    @property
+    def extended(self) -> list[str]:
+        return [name for source in self.sources for name in source.extended]
+
     def write(self, run_dir: RunDir) -> None:
-        report = {"loaded": self.loaded, "new": self.new, "ignored": self.ignored,
+        report = {"loaded": self.loaded, "new": self.new, "ignored": self.ignored, "extended": self.extended,
                   "sources": [source.__dict__ for source in self.sources]}
         atomic.write_text(run_dir.init_report, json.dumps(report, indent=1) + "\n")
 
@@ -163,10 +174,10 @@ def load_initial_weights(model: nn.Module, offers: list[Offered]) -> InitReport:
         if not offer.tensors:
             raise DataError(f"init_from: {offer.source} shares no tensor name with this model; it is not a polytrain "
                             f"checkpoint of this kind of model (its tensors look like {', '.join(offer.ignored[:3])})")
-        grown = {name: f"rows {len(t)}..{len(own[name]) - 1} new (the tokens the run's tokenizer added)"
-                 for name, t in offer.tensors.items() if offer.tokenizer and grows(name, t, own[name])}
+        extended = {name: f"rows {len(t)}..{len(own[name]) - 1} new (the tokens the run's tokenizer added)"
+                    for name, t in offer.tensors.items() if offer.tokenizer and grows(name, t, own[name])}
         mismatched = [f"{name}: {offer.source} has {tuple(t.shape)}, the model {tuple(own[name].shape)}"
-                      for name, t in offer.tensors.items() if t.shape != own[name].shape and name not in grown]
+                      for name, t in offer.tensors.items() if t.shape != own[name].shape and name not in extended]
         if mismatched:
             raise DataError(f"init_from: tensor shapes differ, so the checkpoint was trained with another architecture "
                             f"(configure the model as it was): {'; '.join(mismatched[:3])}"
@@ -174,11 +185,12 @@ def load_initial_weights(model: nn.Module, offers: list[Offered]) -> InitReport:
         with torch.no_grad():
             for name, tensor in offer.tensors.items():
                 own[name][: len(tensor)].copy_(tensor)
-        reports.append(SourceReport(offer.source, offer.family, offer.parts, list(offer.tensors), offer.ignored, grown))
+        reports.append(SourceReport(offer.source, offer.family, offer.parts, list(offer.tensors), offer.ignored,
+                                    extended))
     loaded = {name for report in reports for name in report.loaded}
     return InitReport(reports, [name for name in own if name not in loaded])
 
 
 def grows(name: str, theirs: torch.Tensor, ours: torch.Tensor) -> bool:
     """Whether ``theirs`` is the first rows of vocabulary tensor ``ours``."""
-    return name in VOCABULARY_ROWS and theirs.shape[1:] == ours.shape[1:] and len(theirs) < len(ours)
+    return name in VOCABULARY_TABLES and theirs.shape[1:] == ours.shape[1:] and len(theirs) < len(ours)

@@ -12,7 +12,7 @@ same head, or to the ``heads.<task>`` part that names it.  Nothing is ever
 unpickled.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from polytrain.errors import DataError
 from polytrain.models.convert import ConversionError, ExternalCheckpoint, read_external
 from polytrain.models.convert.files import CONFIG
 from polytrain.platform.train.config import FinetuneConfig, WeightsSource
-from polytrain.platform.train.init_from import Offered, Pretrained, read_pretrained
+from polytrain.platform.train.init_from import Offered, Pretrained, by_name, read_pretrained
 
 SOURCE_TASK = "source"
 """The task a foreign checkpoint's own head is converted under, before it goes to the run's tasks."""
@@ -91,18 +91,17 @@ class Source:
             tensors = self.pretrained.weights()
         else:
             tensors = renamed_heads(self.external.build(SOURCE_TASK).state_dict(), self.head_targets(task_heads))
+        if self.external is None and not self.parts:  # polytrain's own: matched by name
+            return replace(by_name(self.name, tensors, own), tokenizer=tokenizer)
         if self.parts:
             chosen = {name: t for name, t in tensors.items() if part_of(name) in self.parts}
-        elif self.external is None:  # polytrain's own: matched by name
-            chosen = {name: t for name, t in tensors.items() if name in own}
         else:  # all of it but a head no task takes
             chosen = {name: t for name, t in tensors.items() if part_of(name) != f"heads.{SOURCE_TASK}"}
-        if self.parts or self.external is not None:
-            misplaced = sorted(set(chosen) - own)
-            if misplaced:
-                raise DataError(f"{self.name}: {misplaced[0]} {tuple(chosen[misplaced[0]].shape)} has no place in the "
-                                f"model (configure the model like the checkpoint, or leave {part_of(misplaced[0])} "
-                                "out of its parts)")
+        misplaced = sorted(set(chosen) - own)
+        if misplaced:
+            raise DataError(f"{self.name}: {misplaced[0]} {tuple(chosen[misplaced[0]].shape)} has no place in the "
+                            f"model (configure the model like the checkpoint, or leave {part_of(misplaced[0])} "
+                            "out of its parts)")
         ignored = [name for name in tensors if name not in chosen]
         return Offered(self.name, self.family, self.parts, chosen, ignored, tokenizer)
 

@@ -48,6 +48,8 @@ class Stepper:
                               dtype=torch.float64)
         work = torch.tensor([sum(input_tokens(part) for b in micro for part in b.tasks.values()),
                              sum(self.flops(b.tasks) for b in micro) if self.flops.known else 0], dtype=torch.float64)
+        slots = torch.tensor([[sum(slot_counts(b.tasks[t])[i] for b in micro if t in b.tasks) for i in (0, 1)]
+                              for t in tasks], dtype=torch.float64)
         totals = self.engine.sum(counts.sum(0)).clamp(min=1)
         loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
         skipped_before = self.engine.skipped_steps()
@@ -65,15 +67,25 @@ class Stepper:
         skipped = self.engine.skipped_steps() > skipped_before
         if not skipped:
             self.scheduler.step()
-        reduced = self.engine.sum(torch.cat([loss_sums, work]))  # one all-reduce for the losses and the work
+        # One all-reduce for the losses, the work and the slots.
+        reduced = self.engine.sum(torch.cat([loss_sums, work, slots.flatten()]))
         task_losses = dict(zip(tasks, (reduced[:len(tasks)] / totals).tolist()))
+        real, filled = reduced[len(tasks) + 2:].view(len(tasks), 2).T
         loss = sum(self.weights[t] * v for t, v in task_losses.items())
         if not math.isfinite(loss) and not skipped:
             raise FloatingPointError(f"loss is {loss} at step {step}; per task: {task_losses}")
         metrics = {"loss": loss, **{f"loss/{t}": v for t, v in task_losses.items()}, "lr": lr,
                    "grad_norm": self.engine.grad_norm(), "skipped_steps": self.engine.skipped_steps(),
-                   "target_tokens": int(totals.sum())}
-        return StepResult(metrics, int(reduced[-2]), float(reduced[-1]) if self.flops.known else None, skipped)
+                   "target_tokens": int(totals.sum()),
+                   **{f"padding/{t}": 1.0 - float(real[i] / filled[i].clamp(min=1)) for i, t in enumerate(tasks)}}
+        tokens, flops = reduced[len(tasks)], reduced[len(tasks) + 1]
+        return StepResult(metrics, int(tokens), float(flops) if self.flops.known else None, skipped)
+
+
+def slot_counts(part: TaskBatch) -> tuple[int, int]:
+    """(real tokens, slots) of a task's batch, its encoder input included: what padding wastes is the rest."""
+    segments = [part.inputs] + ([part.source] if part.source is not None else [])
+    return sum(int(s.mask.sum()) for s in segments), sum(s.mask.numel() for s in segments)
 
 
 def labelled(part: TaskBatch) -> int:

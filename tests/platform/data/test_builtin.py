@@ -2,7 +2,8 @@ import json
 
 from PIL import Image
 
-from polytrain.platform.data.builtin import WORDS, resolve_manifest
+from polytrain.platform.data.builtin import WORDS, dataset_folder, resolve_manifest
+from polytrain.platform.data.manifest import read_manifest
 
 
 def lines(path):
@@ -12,8 +13,8 @@ def lines(path):
 def test_digit_images(data_cache):
     train, val = (lines(resolve_manifest(f"builtin:digits_image/{s}", data_cache)) for s in ("train", "val"))
     assert (len(train), len(val)) == (1437, 360)  # scikit-learn's 1797 digits, every 5th held out
-    assert {row["target"] for row in val} == set(WORDS)
-    image = Image.open(data_cache / "digits_image" / val[0]["image"])
+    assert {row["target"] for row in val} == set(WORDS) and all(row["label"] == row["target"] for row in val)
+    image = Image.open(data_cache / dataset_folder("digits_image") / val[0]["image"])
     assert (image.mode, image.size) == ("L", (8, 8))
 
 
@@ -36,3 +37,17 @@ def test_stdlib_corpus_is_this_pythons_source(data_cache):
 
 def test_plain_paths_pass_through(tmp_path):
     assert resolve_manifest(str(tmp_path / "m.jsonl"), tmp_path) == tmp_path / "m.jsonl"
+
+
+def test_question_datasets_ask_every_digit_three_questions(data_cache):
+    images = read_manifest(resolve_manifest("builtin:digits_image_qa/val", data_cache), "qa", False)
+    clips = read_manifest(resolve_manifest("builtin:spoken_digits_qa/train", data_cache), "qa", False)
+    assert (len(images), len(clips)) == (3 * 360, 3 * 240)
+    plain = lines(resolve_manifest("builtin:digits_image/val", data_cache))
+    seven = next(row for row in plain if row["target"] == "seven")
+    asked = [r for r in images if r.sample_id.startswith(seven["image"].split("/")[1].removesuffix(".png"))]
+    assert [(r.parts[1].value, r.scored_text) for r in asked] == [
+        ("Which digit is it?", "seven"), ("Is it even?", "no"), ("What is it plus one?", "eight")]
+    assert asked[0].parts[0].modality == "image" and Image.open(asked[0].parts[0].value).size == (8, 8)
+    nine = [r for r in clips if r.sample_id.endswith("_9/q2")]
+    assert nine and all(r.scored_text == "ten" and r.parts[0].modality == "audio" for r in nine)

@@ -1,3 +1,6 @@
+import json
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -5,7 +8,7 @@ from hypothesis import strategies as st
 
 from polytrain.errors import DataError
 from polytrain.platform.data.packing import PackedDocuments, next_token_pair
-from polytrain.tokens import Segment
+from polytrain.tokens import IGNORE_INDEX, Segment
 
 EOS = 9
 
@@ -80,3 +83,63 @@ def test_next_token_pair_shifts_and_keeps_boundaries_for_collate():
 def test_bad_window_arguments_are_refused():
     with pytest.raises(ValueError, match="stride=5 in 1..window"):
         PackedDocuments([[1, 2, 3]], EOS, window=4, stride=5)
+
+
+def per_sample_losses(model, task: str, batch, rows_of: list[list[int]]) -> dict[int, float]:
+    """Each sample's summed token loss, found by its document within its row."""
+    logits = model.heads[task](model, batch)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none",
+                                               ignore_index=IGNORE_INDEX).view(batch.labels.shape)
+    docs = batch.inputs.documents
+    out = {}
+    for r, samples in enumerate(rows_of):
+        for d, sample in enumerate(samples):
+            where = (docs[r] == d) if docs is not None else torch.ones_like(batch.labels[r], dtype=torch.bool)
+            out[sample] = float(losses[r][where].sum())
+    return out
+
+
+@pytest.mark.parametrize("head", ["decoder_only", "encoder_decoder"])
+def test_a_packed_batch_gives_every_sample_the_loss_it_has_alone(tmp_path, head):
+    from PIL import Image
+
+    from polytrain.models.config import BackboneConfig, ModelConfig
+    from polytrain.models.model import PolyModel
+    from polytrain.platform.data.config import TaskConfig
+    from polytrain.platform.data.datasets import SequenceDataset
+    from polytrain.platform.data.manifest import read_manifest
+    from polytrain.platform.data.sequences import first_fit
+    from polytrain.tokenizers.config import ImageTokenizerConfig, TextTokenizerConfig
+    from polytrain.tokenizers.image import ImageTokenizer
+    from polytrain.tokenizers.text import TextTokenizer
+
+    words = ["zero", "one", "two", "three", "four", "five"]
+    text = TextTokenizer.train(["which digit is it " + " ".join(words)] * 20, TextTokenizerConfig(vocab_size=300))
+    image = ImageTokenizer(ImageTokenizerConfig(size=8, patch_size=4, channels=1))
+    lines = []
+    for i, word in enumerate(words):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        question = [{"text": "which digit is it " * (i % 3 + 1)}]
+        lines.append(json.dumps({"segments": [{"image": f"{i}.png"}, *question, {"text": word, "scored": True}]}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    records = read_manifest(tmp_path / "m.jsonl", "t", False, plain_text_scored=False)
+    tokenizers = {"text": text, "image": image}
+    decoder_only = head == "decoder_only"
+    model = PolyModel(ModelConfig(backbone=BackboneConfig(dim=32, n_heads=4, encoder_layers=0 if decoder_only else 2,
+                                                          decoder_layers=2, position="rope", attention="sdpa_math")),
+                      [text.embed_spec(), image.embed_spec()], {"t": head}).eval()
+    budget = dict(seq_len=48, max_target_len=6)
+    packed = SequenceDataset(records, "t", TaskConfig(head=head, train="m", val="m", source="image", packing=True,
+                                                      **budget), tokenizers, False)
+    alone = SequenceDataset(records, "t", TaskConfig(head=head, train="m", val="m", source="image", **budget),
+                            tokenizers, False)
+    examples = [packed[i] for i in range(len(records))]
+    sizes = [(len(e.inputs),) if decoder_only else (len(e.inputs), len(e.decoder)) for e in examples]
+    rows = first_fit(sizes, (48,) if decoder_only else (48, 7))
+    assert len(rows) < len(examples)  # the samples really share rows
+    with torch.no_grad():
+        together = per_sample_losses(model, "t", packed.collate(examples), rows)
+        one_by_one = {i: per_sample_losses(model, "t", alone.collate([e]), [[i]])[i] for i, e in enumerate(examples)}
+    assert together.keys() == one_by_one.keys()
+    for i in one_by_one:
+        assert together[i] == pytest.approx(one_by_one[i], abs=1e-5), i

@@ -152,7 +152,7 @@ def test_vocabulary_rows_grow_for_the_tokens_polytrain_adds(checkpoints):
     table = sources[0].external.state["transformer.wte.weight"]
     assert torch.equal(model.embedders["text"].table.weight[:320], table)
     assert torch.equal(model.embedders["text"].table.weight[320:], before)  # as initialized
-    assert report.sources[0].grown == {"embedders.text.table.weight": "rows 320..326 new (the tokens the run's "
+    assert report.sources[0].extended == {"embedders.text.table.weight": "rows 320..326 new (the tokens the run's "
                                                                       "tokenizer added)"}
 
 

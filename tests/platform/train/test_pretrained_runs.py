@@ -135,5 +135,5 @@ def test_the_run_config_holds_the_derived_architecture_and_the_report_every_tens
     if family != "vit":  # the checkpoint's tokenizer, with the special tokens polytrain adds after its ids
         assert text.hf.token_to_id(tiny_checkpoints.FAMILIES[family].special["unk"]) is not None
         vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
-        assert report["sources"][0]["grown"] and all(grown.startswith(f"rows {vocab}..")
-                                                     for grown in report["sources"][0]["grown"].values())
+        assert report["sources"][0]["extended"] and all(extended.startswith(f"rows {vocab}..")
+                                                     for extended in report["sources"][0]["extended"].values())
