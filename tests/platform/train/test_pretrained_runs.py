@@ -112,13 +112,18 @@ def test_the_export_gives_the_runs_logits_in_the_library(run):
 
 
 @pytest.mark.parametrize("run", [family for family, task in TASKS.items() if task is CAUSAL], indirect=True)
-def test_causal_lms_continue_greedily_alike(run):
-    family, _, _, model, library, text = run
-    prompt = torch.tensor([text.encode("the quick brown fox")])
-    ours = model.heads["task"].generate(model, prompt, None, 8, text.eos_id)
-    theirs = library.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
-                              eos_token_id=text.eos_id, pad_token_id=text.eos_id)
-    assert torch.equal(ours, theirs[:, prompt.shape[1]:]), (ours, theirs)
+def test_causal_lms_continue_greedily_alike(run, capsys):
+    """``polytrain generate`` on the run, and the library's own generate and tokenizer on the export."""
+    family, _, run_dir, _, library, text = run
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--text", "the quick brown fox", "max_new_tokens=8"]) == 0
+    ours = capsys.readouterr().out.strip()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir.parent / "exported")
+    prompt = torch.tensor([[tokenizer.bos_token_id, *tokenizer("the quick brown fox").input_ids]])  # as polytrain's
+    assert prompt[0, 0] == text.bos_id and prompt[0, 1:].tolist() == text.encode("the quick brown fox")
+    theirs = library.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8)
+    assert ours == tokenizer.decode(theirs[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert len(theirs[0]) > len(prompt[0]) + 1
 
 
 @pytest.mark.parametrize("run", list(TASKS), indirect=True)
