@@ -77,8 +77,7 @@ def derived(cfg: Config, sources: list[Source]) -> dict:
     for key, value in stack_settings(*(by_part.get(stack) for stack in STACKS)).items():
         put(tree, key, value)
     for part, source in by_part.items():
-        settings = {} if part in STACKS else part_settings(part, source)
-        for key, value in settings.items():
+        for key, value in part_settings(part, source).items():
             put(tree, key, value)
     return tree
 
@@ -108,7 +107,7 @@ def blocks(backbone: BackboneConfig) -> dict[str, Any]:
 
 
 def part_settings(part: str, source: Source) -> dict[str, Any]:
-    """The config values (dotted keys) that taking ``part`` (not a stack) from ``source`` fixes."""
+    """The config values (dotted keys) that taking ``part`` from ``source`` fixes (a stack's: ``stack_settings``)."""
     arch: Architecture = source.external.architecture
     model, embed = arch.model, arch.model.embed
     kind, _, which = part.partition(".")

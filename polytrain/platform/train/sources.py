@@ -19,8 +19,8 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
-from polytrain.errors import DataError
-from polytrain.models.convert import ConversionError, ExternalCheckpoint, read_external
+from polytrain.errors import DataError, PolytrainError
+from polytrain.models.convert import ExternalCheckpoint, read_external
 from polytrain.models.convert.files import CONFIG
 from polytrain.platform.train.config import FinetuneConfig, WeightsSource
 from polytrain.platform.train.init_from import Offered, Pretrained, by_name, read_pretrained
@@ -142,8 +142,8 @@ def open_source(key: str, spec: WeightsSource, parts: list[str]) -> Source:
             source = Source(key, path, parts, external=read_external(path, spec.timm_model, spec.timm_args))
         else:
             source = Source(key, path, parts, pretrained=read_pretrained(path))
-    except (ConversionError, DataError) as err:
-        raise type(err)(f"{key}: {err}") from None
+    except PolytrainError as err:  # an unreadable file, a family or setting polytrain does not follow
+        raise DataError(f"{key}: {err}") from None
     has = source.has
     for index, part in enumerate(parts):
         if part not in has and not (part.startswith("heads.") and f"heads.{SOURCE_TASK}" in has):
