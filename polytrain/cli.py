@@ -138,10 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     export = commands.add_parser("export", help="consolidate a run's latest checkpoint (ZeRO shards included) "
-                                 "into one safetensors file plus its config")
+                                 "into one safetensors file plus its config, or a Hugging Face or timm checkpoint")
     export.add_argument("run_dir", help="run directory (or one checkpoint folder)")
-    export.add_argument("--out", required=True, help="the .safetensors file to write; the config goes beside it "
-                        "as .yaml")
+    export.add_argument("--format", default="polytrain", choices=("polytrain", "hf", "timm"),
+                        help="polytrain: one .safetensors file with the config and tokenizer in its metadata; hf: a "
+                        "save_pretrained folder transformers' Auto classes load; timm: a folder (and weights file) "
+                        "timm.create_model loads")
+    export.add_argument("--out", required=True, help="polytrain: the .safetensors file to write (the config goes "
+                        "beside it as .yaml); hf, timm: the folder to write")
     export.set_defaults(func=cmd_export)
 
     report = commands.add_parser("report", help="draw a run's loss, learning-rate and eval curves to report.png "
@@ -199,24 +203,24 @@ def setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
+    from polytrain.platform.train.derive import job_config
     from polytrain.platform.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    train(cfg, Path(args.config).stem)
+    train(job_config(args.config, args.overrides), Path(args.config).stem)
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
     from polytrain.errors import ConfigError
+    from polytrain.platform.train.derive import job_config
     from polytrain.platform.train.trainer import train
 
     overrides = [f"finetune.{item}" if item.startswith("init_from=") else item for item in args.overrides]
-    cfg = load_config(args.config, overrides)
-    if not cfg.finetune.init_from:
+    cfg = job_config(args.config, overrides)
+    if not cfg.finetune.init_from and not cfg.finetune.init_parts:
         raise ConfigError("finetune.init_from", None, "polytrain finetune needs the weights to start from: "
-                          "init_from=RUN_DIR, a checkpoint folder or an exported .safetensors file")
+                          "init_from=RUN_DIR, a checkpoint folder, an exported .safetensors file, a Hugging Face or "
+                          "timm folder (or finetune.init_parts)")
     train(cfg, Path(args.config).stem)
     return 0
 
@@ -278,6 +282,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "polytrain":
+        from polytrain.platform.train.export import export_library
+
+        family, task, left_out = export_library(args.run_dir, args.format, Path(args.out))
+        print(f"{args.out} ({family}, the head of task {task}; left out, as the task does not run them: "
+              f"{', '.join(left_out) or '-'})")
+        return 0
     from polytrain.platform.distributed.checkpoint import export_model
 
     out = export_model(args.run_dir, Path(args.out))

@@ -19,12 +19,13 @@ from polytrain.errors import ConfigError
 from polytrain.launch.backends import BACKENDS
 from polytrain.launch.config import LaunchConfig
 from polytrain.models.config import ModelConfig, head_kind
+from polytrain.models.preset_configs import MODEL_PRESETS
 from polytrain.platform.data.config import DataConfig
 from polytrain.platform.distributed.config import EngineConfig
 from polytrain.platform.observe.config import TrackingConfig
 from polytrain.platform.train.config import FinetuneConfig, TrainConfig
 from polytrain.registry import import_plugins
-from polytrain.schema import from_dict
+from polytrain.schema import from_dict, to_dict
 from polytrain.tokenizers.config import TokenizersConfig
 
 
@@ -66,10 +67,28 @@ class Config:
             if task.max_target_len + 2 > max_len:  # bos ... eos
                 raise ConfigError(f"{key}.max_target_len", task.max_target_len,
                                   f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
+        self.check_init_parts()
+
+    def check_init_parts(self) -> None:
+        """Every ``heads.<task>`` and ``embedders.<modality>`` part names a task and a modality of this run."""
+        modalities = ("text", *self.data.modalities)
+        for name, source in self.finetune.init_parts.items():
+            for index, part in enumerate(source.parts):
+                kind, _, which = part.partition(".")
+                known = {"heads": self.data.tasks, "embedders": modalities}.get(kind)
+                if known is not None and which not in known:
+                    raise ConfigError(f"finetune.init_parts.{name}.parts.{index}", part,
+                                      f"this run has no such {'task' if kind == 'heads' else 'modality'}; it has "
+                                      f"{', '.join(known)}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read the YAML recipe at ``path`` (or start empty), apply ``key=value`` overrides, validate."""
+    return build_config(load_tree(path, overrides))
+
+
+def load_tree(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The recipe at ``path`` (or an empty one) with the overrides applied, parsed but not yet validated."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -82,7 +101,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         tree = parse_yaml(text, str(path))
     for item in overrides:
         apply_override(tree, item)
-    return build_config(tree)
+    return tree
 
 
 def config_from_yaml(text: str, where: str) -> Config:
@@ -103,7 +122,27 @@ def parse_yaml(text: str, where: str) -> dict:
 def build_config(tree: dict) -> Config:
     """The validated config of a parsed recipe; the plugins it lists are imported first."""
     import_plugins(tree.get("plugins", []))
-    return from_dict(Config, tree)
+    return from_dict(Config, with_preset(tree))
+
+
+def with_preset(tree: dict) -> dict:
+    """``tree`` with ``model.preset`` replaced by that preset's model section, under the recipe's own model keys."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return tree
+    name = model["preset"]
+    if name not in MODEL_PRESETS:
+        raise ConfigError("model.preset", name, f"unknown model preset; known: {', '.join(MODEL_PRESETS.names())}")
+    own = {key: value for key, value in model.items() if key != "preset"}
+    return {**tree, "model": merged(to_dict(MODEL_PRESETS.get(name)), own)}
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with the keys of ``over`` put in, mappings merged key by key at every depth."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def apply_override(tree: dict, item: str) -> None:

@@ -51,6 +51,17 @@ def test_defaults_fill_missing_sections():
     ("data.tasks.text_lm.head=encoder_classifier", "data.tasks.text_lm.classes", "needs the names of at least two"),
     ("data.tasks.image_to_text.classes=[a,b]", "data.tasks.image_to_text.classes", "is for encoder_classifier"),
     ("data.tasks.text_lm.mask_probability=1.5", "data.tasks.text_lm.mask_probability", "must be in (0, 1)"),
+    ("model.preset=decoder_2b", "model.preset", "unknown model preset; known: bart_base, base, decoder_1b"),
+    ("finetune.timm_model=vit_tiny_patch16_224", "finetune.timm_model", "describes the file init_from names"),
+    ("finetune.init_from=a finetune.init_parts.v.init_from=b finetune.init_parts.v.parts=[lm_head]",
+     "finetune.init_parts",
+     "replaces init_from"),
+    ("finetune.init_parts.v.init_from=b finetune.init_parts.v.parts=[backbone]", "finetune.init_parts.v.parts.0",
+     "is not a part: embedders.<modality>, backbone.encoder, backbone.decoder, lm_head or heads.<task>"),
+    ("finetune.init_parts.v.init_from=b finetune.init_parts.v.parts=[heads.captions]",
+     "finetune.init_parts.v.parts.0", "this run has no such task; it has image_to_text, audio_to_text, text_lm"),
+    ("finetune.init_parts.v.init_from=b finetune.init_parts.v.parts=[lm_head] finetune.init_parts.w.init_from=c "
+     "finetune.init_parts.w.parts=[lm_head]", "finetune.init_parts.w.parts.0", "comes from init_parts.v already"),
 ])
 def test_bad_config_names_key_value_and_allowed(override, key, fragment):
     with pytest.raises(ConfigError) as err:
@@ -87,3 +98,23 @@ def test_config_file_errors(tmp_path):
     listing.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(listing)
+
+
+def test_a_preset_gives_the_model_section_under_the_recipes_own_keys():
+    from polytrain.models.preset_configs import MODEL_PRESETS
+
+    cfg = load_config(None, ["data.tasks.lm.head=decoder_only", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
+                             "model.preset=decoder_1b", "model.backbone.decoder_layers=4", "model.init_std=0.01"])
+    preset = MODEL_PRESETS.get("decoder_1b")
+    assert cfg.model.backbone == preset.backbone.__class__(**{**preset.backbone.__dict__, "decoder_layers": 4})
+    assert (cfg.model.init_std, cfg.model.tie_embeddings) == (0.01, False)
+    assert "preset" not in yaml.safe_load(dump_yaml(cfg))["model"]  # the resolved section is what a run saves
+
+
+def test_every_preset_in_a_recipe_is_the_presets_model():
+    from polytrain.models.presets import PRESETS
+
+    for name in PRESETS.names():
+        cfg = load_config(None, ["data.tasks.lm.head=decoder_only", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
+                                 f"model.preset={name}"])
+        assert cfg.model == PRESETS.get(name).model, name

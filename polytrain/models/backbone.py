@@ -121,18 +121,30 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class Backbone(nn.Module):
-    """An encoder stack (absent when ``encoder_layers`` is 0) and a decoder stack (absent when ``decoder_layers`` is 0)."""
+    """An encoder stack (absent when ``encoder_layers`` is 0) and a decoder stack (absent when ``decoder_layers`` is 0).
+
+    The encoder's blocks may have settings of their own (``BackboneConfig.encoder``); when its width differs,
+    ``memory_proj`` maps its output to the decoder's width for cross-attention.
+    """
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         with_encoder = cfg.encoder_layers > 0
-        self.encoder = Stack(cfg, cfg.encoder_layers, causal=False, cross_attention=False) if with_encoder else None
+        encoder = cfg.encoder_stack
+        self.encoder = Stack(encoder, cfg.encoder_layers, causal=False, cross_attention=False) if with_encoder else None
         self.decoder = (Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=with_encoder)
                         if cfg.decoder_layers else None)
+        bridged = self.encoder is not None and self.decoder is not None and encoder.dim != cfg.dim
+        self.memory_proj = nn.Linear(encoder.dim, cfg.dim) if bridged else None
 
     def encode(self, seq: Embedded) -> Tensor:
-        """Bidirectional: (B, S, E)."""
+        """Bidirectional: (B, S, E_enc), the encoder's width."""
         return self.encoder(seq)
+
+    def memory(self, seq: Embedded) -> Tensor:
+        """What the decoder cross-attends to: the encoder's output at the decoder's width, (B, S, E)."""
+        memory_BSE = self.encode(seq)
+        return memory_BSE if self.memory_proj is None else self.memory_proj(memory_BSE)
 
     def decode(self, seq: Embedded, memory_BSE: Tensor | None = None, memory_valid_BS: Tensor | None = None,
                cache: KVCache | None = None, memory_docs_BS: Tensor | None = None) -> Tensor:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from polytrain.errors import ConfigError
 from polytrain.registry import Registry
+from polytrain.schema import from_dict, to_dict
 
 HEADS: Registry[type] = Registry("head", group="polytrain.heads")
 """Head class by name, as written in ``data.tasks.<task>.head``; built as ``cls(model_config, specs)``.
@@ -88,6 +89,12 @@ POSITIONS.register("rope")(PositionKind(None, rotary=True, alibi=False))
 POSITIONS.register("alibi")(PositionKind(None, rotary=False, alibi=True))
 
 
+BLOCK_FIELDS = ("dim", "n_heads", "n_kv_heads", "mlp_ratio", "mlp_width", "mlp", "norm", "norm_eps", "norm_position",
+                "embed_norm", "bias", "qkv_bias", "out_bias", "mlp_bias", "position", "rope_base")
+"""The ``BackboneConfig`` fields that shape a stack's blocks (and the embedders feeding it), which
+``model.backbone.encoder`` may set for the encoder stack alone."""
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     dim: int = 256
@@ -140,6 +147,13 @@ class BackboneConfig:
     """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
     compile: bool = False
     """Compile each block with torch.compile (per block, so masks and caches stay in eager Python)."""
+    encoder: dict[str, int | float | bool | str | None] = field(default_factory=dict)
+    """Block settings of the encoder stack that differ from the ones above, e.g. ``{dim: 192, norm: layernorm}``
+    for a ViT encoder under a Llama decoder (any of dim, n_heads, n_kv_heads, mlp_ratio, mlp_width, mlp, norm,
+    norm_eps, norm_position, embed_norm, bias, qkv_bias, out_bias, mlp_bias, position, rope_base). The non-text
+    embedders then produce the encoder's width and positions, a learned projection (``backbone.memory_proj``)
+    takes the encoder's output to ``dim`` before cross-attention, and the encoder reads non-text inputs only:
+    text (its own, or around image spans) keeps to the decoder. {}: one block shape for both stacks."""
 
     def check(self) -> None:
         if self.dim <= 0 or self.n_heads <= 0 or self.dim % self.n_heads:
@@ -170,6 +184,24 @@ class BackboneConfig:
         for key in ("dropout", "drop_path"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(key, getattr(self, key), "must be in [0, 1)")
+        if self.encoder:
+            self.check_encoder()
+
+    def check_encoder(self) -> None:
+        for key, value in self.encoder.items():
+            if key not in BLOCK_FIELDS:
+                raise ConfigError(f"encoder.{key}", value, f"is not a block setting; the encoder may set "
+                                  f"{', '.join(BLOCK_FIELDS)} (layers, dropout and kernels are shared)")
+        if not self.encoder_layers:
+            raise ConfigError("encoder", self.encoder, "sets the encoder's blocks, but encoder_layers=0")
+        self.encoder_stack  # noqa: B018  (building it checks it)
+
+    @property
+    def encoder_stack(self) -> "BackboneConfig":
+        """The encoder stack's settings: these, with ``encoder``'s in place of the block settings it names."""
+        if not self.encoder:
+            return self
+        return from_dict(BackboneConfig, {**to_dict(self), **self.encoder, "encoder": {}}, "encoder")
 
     @property
     def head_dim(self) -> int:

@@ -10,7 +10,8 @@ does not depend on the kernel's causal tile skipping).  Recomputation
 Counted per sample over its real tokens (padding is not model work), with
 W the multiply-adds per token of a stack's linear layers (all its blocks;
 W_kv the cross-attention key/value projections, applied to the source, W_q,out
-the other cross-attention projections), L a stack's layers, E the model width,
+the other cross-attention projections, and the projection of the memory to the decoder's width where the
+encoder has its own), L a stack's layers, E the model width (the encoder's own in its attention),
 V the vocabulary, S source tokens (patches, plus [CLS] when the embedder adds
 one), T text tokens:
 
@@ -87,10 +88,12 @@ class TrainFlops:
     def __init__(self, model: PolyModel):
         cfg, backbone = model.cfg.backbone, model.backbone
         self.dim, self.enc_layers, self.dec_layers = cfg.dim, cfg.encoder_layers, cfg.decoder_layers
+        self.enc_dim = cfg.encoder_stack.dim
         self.encoder = linear_weights(backbone.encoder)
         self.decoder = linear_weights(backbone.decoder, lambda name: not name.endswith(CROSS))
         self.cross_query = linear_weights(backbone.decoder, lambda name: name.endswith(CROSS_PER_TOKEN))
-        self.cross_memory = linear_weights(backbone.decoder, lambda name: name.endswith("cross.kv"))
+        self.cross_memory = linear_weights(backbone.decoder, lambda name: name.endswith("cross.kv")) + \
+            linear_weights(backbone.memory_proj)
         text = model.embedders["text"] if "text" in model.embedders else None
         self.vocab = 0 if text is None else text.table.num_embeddings
         self.embed = {name: linear_weights(e) for name, e in model.embedders.items()}
@@ -124,7 +127,7 @@ class TrainFlops:
         return TRAIN_ON_DATA * (own + spans)
 
     def encode(self, s: Tensor) -> int:
-        return TRAIN * int(self.encoder * s.sum() + 2 * self.dim * self.enc_layers * (s * s).sum())
+        return TRAIN * int(self.encoder * s.sum() + 2 * self.enc_dim * self.enc_layers * (s * s).sum())
 
     def decode(self, t: Tensor, memory: Tensor | None = None) -> int:
         """The decoder stack over rows of ``t`` tokens, cross-attending to rows of ``memory`` tokens."""

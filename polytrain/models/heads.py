@@ -145,7 +145,7 @@ class EncoderDecoderHead(TextDecoderHead):
         if source is None:
             raise ValueError("an encoder-decoder task needs a source segment in every batch")
         embedded = model.embed(source)
-        return model.backbone.encode(embedded), embedded.valid_BL
+        return model.backbone.memory(embedded), embedded.valid_BL
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         memory_BSE, memory_valid_BS = self.memory(model, batch.source)
@@ -169,8 +169,9 @@ class EncoderClassifierHead(Head):
     def __init__(self, cfg: ModelConfig, specs: dict[str, EmbedSpec]):
         super().__init__(cfg, specs)
         self.pooling = cfg.heads.classifier.pooling
-        self.pooler = nn.Linear(cfg.backbone.dim, cfg.backbone.dim) if cfg.heads.classifier.pooler else None
-        self.proj = nn.Linear(cfg.backbone.dim, cfg.heads.classifier.classes)
+        dim = cfg.backbone.encoder_stack.dim  # it reads the encoder's output
+        self.pooler = nn.Linear(dim, dim) if cfg.heads.classifier.pooler else None
+        self.proj = nn.Linear(dim, cfg.heads.classifier.classes)
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         embedded = model.embed(batch.inputs)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from polytrain.errors import ConfigError
+from polytrain.errors import ConfigError, DataError
 from polytrain.models.backbone import Backbone
 from polytrain.models.config import HEADS, BackboneConfig, ModelConfig, head_kind
 from polytrain.models.embed import EMBEDDERS, Embedded, TokenEmbedder
@@ -32,7 +32,10 @@ class PolyModel(nn.Module):
         """What the model was built for: its embed specs by modality, its tasks' head names (for export)."""
         head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
         check_heads_fit(cfg.backbone, by_modality, task_heads)
-        self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg) for s in specs})
+        # text feeds the decoder (or the one block shape of both stacks); the other modalities feed the encoder
+        encoder_side = replace(cfg, backbone=cfg.backbone.encoder_stack)
+        self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg if s.modality == "text"
+                                                                              else encoder_side) for s in specs})
         self.backbone = Backbone(cfg.backbone)
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
@@ -64,6 +67,10 @@ class PolyModel(nn.Module):
         ``embed.decoder_positions`` gives it one. ``bidirectional_spans``: each span's tokens may see each other
         whole in a causal stack (prefix-LM).
         """
+        if self.cfg.backbone.encoder and segment.modality == "text" and (segment.spans or not decoder):
+            raise DataError("a text sequence reaches the encoder, or holds spans of another modality, but "
+                            "model.backbone.encoder gives the encoder blocks of their own: then the encoder reads "
+                            "one image or audio input per sample and the decoder reads plain text")
         embedder = self.embedders[segment.modality]
         if decoder and isinstance(embedder, TokenEmbedder):
             embedded = embedder(segment, decoder=True)
@@ -127,6 +134,10 @@ def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_
         if kind.decoder and backbone.decoder_layers == 0:
             raise ConfigError("model.backbone.decoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
                               "which needs a decoder")
+        if backbone.encoder and kind.layout == "masked":
+            raise ConfigError("model.backbone.encoder", backbone.encoder, f"task {task!r} uses head masked_lm, "
+                              "whose text the encoder would read; with blocks of its own the encoder reads image "
+                              "or audio inputs only")
         if kind.text_output and "text" not in specs:
             raise ConfigError("model", sorted(specs), f"task {task!r} uses head {task_heads[task]}, which predicts "
                               "text, so the model needs the text embed spec")

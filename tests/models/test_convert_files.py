@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from polytrain.models.convert.external import read_external, write_external
+from polytrain.models.convert.files import TokenizerFiles
 from polytrain.models.convert.rules import ConversionError
 from tests.models.convert_checks import perturbed
 
@@ -57,16 +58,24 @@ def test_pickled_weights_are_refused_without_being_opened(name, tmp_path):
     assert not (tmp_path / "unpickled").exists()
 
 
-def test_the_tokenizer_travels_with_the_weights(tmp_path):
+def test_the_tokenizer_and_its_special_tokens_travel_with_the_weights(tmp_path):
     from tokenizers import Tokenizer, models
 
-    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
-    llama().save_pretrained(tmp_path / "in")
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "<s>": 2, "</s>": 3}, unk_token="<unk>"))
+    hf = llama()
+    hf.config.bos_token_id, hf.config.eos_token_id = 2, 3
+    hf.save_pretrained(tmp_path / "in")
     tokenizer.save(str(tmp_path / "in" / "tokenizer.json"))
+    (tmp_path / "in" / "tokenizer_config.json").write_text('{"unk_token": {"content": "<unk>"}, "pad_token": null}')
     checkpoint = read_external(tmp_path / "in")
     assert checkpoint.tokenizer == tmp_path / "in" / "tokenizer.json"
-    write_external(checkpoint.build("lm"), "lm", "LlamaForCausalLM", tmp_path / "out", tokenizer=checkpoint.tokenizer)
+    assert checkpoint.special == {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}  # from the ids, and the file's names
+    files = TokenizerFiles(tokenizer.to_str(), {"bos": ("<s>", 2), "eos": ("</s>", 3), "mask": ("hello", 1)})
+    config = write_external(checkpoint.build("lm"), "lm", "LlamaForCausalLM", tmp_path / "out", tokenizer=files)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (2, 3) and "mask_token_id" not in config
     assert Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode("hello").ids == [1]
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (fast.bos_token, fast.eos_token, fast.mask_token, fast("hello").input_ids) == ("<s>", "</s>", "hello", [1])
     with pytest.raises(ConversionError, match="out: not empty; give a new folder"):
         write_external(checkpoint.build("lm"), "lm", "LlamaForCausalLM", tmp_path / "out")
 

@@ -118,3 +118,27 @@ def test_input_tokens_are_text_plus_source_without_padding():
     images = [image_tokens(2, 2, 4), image_tokens(1, 3, 4)]
     part = TaskBatch(Segment.collate(texts), torch.zeros(2, 3, dtype=torch.long), Segment.collate(images))
     assert input_tokens(part) == (3 + 1) + (4 + 3)
+
+
+def test_an_encoder_of_its_own_width_matches_torchs_flop_counter():
+    """Its attention at its own width, and the projection of its output to the decoder's width, counted."""
+    torch.manual_seed(0)
+    vocab, features = 40, 12
+    backbone = BackboneConfig(dim=32, n_heads=4, encoder_layers=2, decoder_layers=1, mlp="swiglu", attention="sdpa_math",
+                              encoder={"dim": 16, "n_heads": 2, "mlp": "gelu", "mlp_width": 24})
+    cfg = ModelConfig(backbone=backbone, heads=HeadsConfig(classifier=ClassifierConfig(classes=3)))
+    model = PolyModel(cfg, [EmbedSpec("text", vocab, (1, 16)), EmbedSpec("image", features, (3, 3))],
+                      {"caption": "encoder_decoder", "classify": "encoder_classifier"})
+    texts = [text_tokens(torch.randint(8, vocab, (n,))) for n in (5, 9)]
+    sources = Segment.collate([image_tokens(r, c, features) for r, c in ((3, 3), (1, 2))])
+    inputs = Segment.collate(texts)
+    batch = {"caption": TaskBatch(inputs, torch.randint(0, vocab, inputs.mask.shape), sources),
+             "classify": TaskBatch(sources, torch.tensor([0, 2]))}
+    for task, part in batch.items():
+        reference = 0
+        for i in range(2):
+            one = sample(part, i) if task == "caption" else TaskBatch(row(sources, i), part.labels[i:i + 1])
+            with FlopCounterMode(display=False) as flops:
+                model({task: one})[task].backward()
+            reference += flops.get_total_flops()
+        assert TrainFlops(model)({task: part}) == reference, task

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polytrain.errors import ConfigError
+from polytrain.errors import ConfigError, DataError
 from polytrain.models.config import BackboneConfig, DecodingConfig, ModelConfig
 from polytrain.models.heads import text_segment
 from polytrain.models.model import PolyModel
@@ -131,6 +131,58 @@ def test_text_heads_need_the_text_spec_but_an_image_classifier_does_not():
     PolyModel(cfg, SPECS[1:], {"classify": "encoder_classifier"})
     with pytest.raises(ConfigError, match="text embed spec"):
         PolyModel(cfg, SPECS[1:], {"mlm": "masked_lm"})
+
+
+ENCODER = {"dim": 16, "n_heads": 2, "norm": "rmsnorm", "position": "rope", "bias": False}
+"""An encoder of its own: half the decoder's width, another norm and position encoding."""
+
+
+def test_an_encoder_of_its_own_is_that_stack_alone_then_projected_to_the_decoders_width():
+    composed = model(encoder=ENCODER)
+    alone_cfg = ModelConfig(backbone=BackboneConfig(dim=16, n_heads=2, norm="rmsnorm", position="rope", bias=False,
+                                                    encoder_layers=2, decoder_layers=0))
+    alone = PolyModel(alone_cfg, SPECS[1:], {"classify": "encoder_classifier"}).eval()
+    shared = {k: v for k, v in composed.state_dict().items() if k.startswith(("embedders.image.", "backbone.encoder."))}
+    assert alone.load_state_dict(shared, strict=False).missing_keys == ["heads.classify.proj.weight",
+                                                                        "heads.classify.proj.bias"]
+    images = image_segment(2)
+    with torch.no_grad():
+        features = alone.backbone.encode(alone.embed(images))
+        assert torch.equal(composed.backbone.encode(composed.embed(images)), features)
+        proj = composed.backbone.memory_proj
+        assert torch.allclose(composed.backbone.memory(composed.embed(images)), features @ proj.weight.T + proj.bias)
+    text = text_segment(torch.randint(5, VOCAB, (2, 6)))
+    loss = composed({"caption": TaskBatch(text, text.values, images)})["caption"]
+    loss.backward()
+    assert proj.weight.grad.abs().sum() > 0  # the projection learns
+    assert composed.heads["caption"].generate(composed, text.values[:, :2], images, 4, eos_id=3).shape[0] == 2
+
+
+def test_an_encoder_of_its_own_reads_no_text():
+    composed = model(encoder=ENCODER)
+    text = text_segment(torch.randint(5, VOCAB, (2, 6)))
+    with pytest.raises(DataError, match="a text sequence reaches the encoder, or holds spans of another modality"):
+        composed({"caption": TaskBatch(text, text.values, text)})
+    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, encoder=ENCODER))
+    with pytest.raises(ConfigError, match="model.backbone.encoder=.*task 'mlm' uses head masked_lm"):
+        PolyModel(cfg, SPECS, {"mlm": "masked_lm"})
+
+
+@pytest.mark.parametrize("encoder, message", [
+    ({"dim": 15}, "model.backbone.encoder.n_heads=4: must be positive and divide dim=15"),
+    ({"dropout": 0.1}, "model.backbone.encoder.dropout=0.1: is not a block setting; the encoder may set dim, "),
+    ({"norm": "batchnorm"}, "model.backbone.encoder.norm='batchnorm': unknown; known: layernorm, rmsnorm"),
+])
+def test_bad_encoder_settings_name_the_key(encoder, message):
+    from polytrain.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.tasks.t.head=decoder_only", "data.tasks.t.train=x", "data.tasks.t.val=x",
+                           f"model.backbone.encoder={encoder}"])
+    assert str(err.value).startswith(message)
+    with pytest.raises(ConfigError, match="model.backbone.encoder=.*but encoder_layers=0"):
+        load_config(None, ["data.tasks.t.head=decoder_only", "data.tasks.t.train=x", "data.tasks.t.val=x",
+                           "model.backbone.encoder_layers=0", "model.backbone.encoder={dim: 16}"])
 
 
 def test_models_import_no_distributed_or_tracking_library():

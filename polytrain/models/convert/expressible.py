@@ -29,13 +29,18 @@ def defaults(obj: Any, fields: tuple[str, ...]) -> Any:
     return replace(obj, **{name: getattr(fresh, name) for name in fields})
 
 
+def essential_backbone(b: BackboneConfig) -> BackboneConfig:
+    """``b`` with its runtime settings at their defaults and every block setting spelled one way (key/value heads,
+    MLP width and biases explicit, the RoPE base only under RoPE)."""
+    qkv_bias, out_bias, mlp_bias = b.biases
+    return replace(defaults(b, RUNTIME), n_kv_heads=b.kv_heads, mlp_width=b.mlp_hidden,
+                   mlp_ratio=BackboneConfig.mlp_ratio, bias=True, qkv_bias=qkv_bias, out_bias=out_bias,
+                   mlp_bias=mlp_bias, rope_base=b.rope_base if b.position == "rope" else BackboneConfig.rope_base)
+
+
 def essentials(arch: Architecture) -> Architecture:
     """``arch`` with every setting that does not change what its model computes made uniform."""
-    b = arch.model.backbone
-    qkv_bias, out_bias, mlp_bias = b.biases
-    b = replace(defaults(b, RUNTIME), n_kv_heads=b.kv_heads, mlp_width=b.mlp_hidden, mlp_ratio=BackboneConfig.mlp_ratio,
-                bias=True, qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias,
-                rope_base=b.rope_base if b.position == "rope" else BackboneConfig.rope_base)
+    b = essential_backbone(arch.model.backbone)
     text = arch.spec.modality == "text"
     embed = defaults(arch.model.embed, IMAGE_ONLY if text else TEXT_ONLY)
     heads = HeadsConfig()

@@ -2,11 +2,12 @@
 
     checkpoint = read_external(Path("qwen2-0.5b"))             # a save_pretrained folder
     model = checkpoint.build("lm")                              # its architecture and weights, as task "lm"
-    write_external(model, "lm", "Qwen2ForCausalLM", Path("out"), tokenizer=checkpoint.tokenizer)
+    write_external(model, "lm", "Qwen2ForCausalLM", Path("out"))
     vit = read_external(Path("vit.safetensors"), timm_model="vit_small_patch16_224").build("classify")
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -18,27 +19,45 @@ from polytrain.models.convert.files import (
     CONFIG,
     PICKLE_SUFFIXES,
     TOKENIZER,
-    read_folder_weights,
+    TokenizerFiles,
+    check_sharded,
+    folder_weights,
     read_json,
     read_weights,
     refuse_pickle,
+    special_tokens,
+    weights_file,
     write_folder,
 )
 from polytrain.models.convert.rules import ConversionError, export_state, import_state
-from polytrain.models.model import PolyModel
+from polytrain.models.model import PolyModel, with_classes
 
 
 @dataclass
 class ExternalCheckpoint:
-    """A checkpoint of another library, read: its family, config, polytrain architecture, tensors, tokenizer."""
+    """A checkpoint of another library, opened: its family, config, polytrain architecture, files, tokenizer."""
 
     family: Family
     config: dict
     """``config.json``; for a bare timm file, timm's form of it: ``{"architecture": name, "model_args": {...}}``."""
     architecture: Architecture
-    state: dict[str, Tensor]
+    files: list[Path]
+    """Its weight files (one, or the shards its index lists), checked to be there."""
+    index: Path | None
+    """The shard index, for a sharded folder."""
     tokenizer: Path | None
     """Its ``tokenizer.json``, if it has one."""
+    special: dict[str, str]
+    """Its special tokens by role (bos, eos, pad, mask, unk), as far as its files name them."""
+
+    @cached_property
+    def state(self) -> dict[str, Tensor]:
+        """Its tensors, read on first use (the architecture is known before: a checkpoint polytrain cannot express
+        fails before any weight is read)."""
+        state = read_weights(self.files)
+        if self.index is not None:
+            check_sharded(self.index, state)
+        return state
 
     def build(self, task: str) -> PolyModel:
         """A polytrain model shaped like the checkpoint, holding its weights, its head serving ``task``."""
@@ -51,7 +70,6 @@ def read_external(path: Path, timm_model: str | None = None, model_args: dict | 
     """A ``save_pretrained`` folder (Hugging Face or timm), or a ``.safetensors`` file of timm model ``timm_model``.
 
     ``model_args``: the keyword arguments the timm model was created with (``num_classes``, ``img_size``, ...).
-    The architecture is derived before any weights are read, so a checkpoint polytrain cannot express fails fast.
     """
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
@@ -60,8 +78,8 @@ def read_external(path: Path, timm_model: str | None = None, model_args: dict | 
         family = family_of(config)
         architecture = family.architecture(config)
         tokenizer = path / TOKENIZER
-        return ExternalCheckpoint(family, config, architecture, read_folder_weights(path),
-                                  tokenizer if tokenizer.is_file() else None)
+        return ExternalCheckpoint(family, config, architecture, *folder_weights(path),
+                                  tokenizer if tokenizer.is_file() else None, special_tokens(path, config))
     if path.suffix in PICKLE_SUFFIXES:
         raise refuse_pickle(path)
     if timm_model is None:
@@ -69,7 +87,7 @@ def read_external(path: Path, timm_model: str | None = None, model_args: dict | 
                               "save_pretrained folder it came from")
     config = {"architecture": timm_model, "model_args": dict(model_args or {})}
     family = FAMILIES.get("timm")
-    return ExternalCheckpoint(family, config, family.architecture(config), read_weights(path), None)
+    return ExternalCheckpoint(family, config, family.architecture(config), [weights_file(path)], None, None, {})
 
 
 def architecture_of(model: PolyModel, family: Family, task: str, channels: int = 3) -> Architecture:
@@ -79,7 +97,10 @@ def architecture_of(model: PolyModel, family: Family, task: str, channels: int =
     if family.modality not in model.specs:
         raise ConversionError(f"{family.name} reads {family.modality}, which the model has no embedder for "
                               f"(it has {', '.join(sorted(model.specs))})")
-    return Architecture(model.cfg, model.specs[family.modality], model.task_heads[task], channels)
+    head, cfg = model.task_heads[task], model.cfg
+    if head == "encoder_classifier":  # a task's own class count, which model.heads.classifier need not say
+        cfg = with_classes(cfg, model.heads[task].proj.out_features)
+    return Architecture(cfg, model.specs[family.modality], head, channels)
 
 
 def import_weights(model: PolyModel, family: Family, arch: Architecture, task: str, state: dict[str, Tensor]) -> None:
@@ -87,16 +108,25 @@ def import_weights(model: PolyModel, family: Family, arch: Architecture, task: s
     import_state(model, family.prepare(state), family.rules(arch, task), family.name, tuple(family.zeros(arch)))
 
 
-def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False
-                   ) -> tuple[dict, dict[str, Tensor]]:
+def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False,
+                   left_out: tuple[str, ...] = ()) -> tuple[dict, dict[str, Tensor]]:
     """The library's config and tensors of ``model`` with the head of ``task`` (images of ``channels``).
 
     ``restored``: include the copies the library ties itself (for ``load_state_dict(strict=True)``;
-    its own files leave them out).
+    its own files leave them out).  A tensor of ``model`` the family has no place for is an error naming it,
+    unless it is under one of the ``left_out`` prefixes (parts ``task`` does not use: another task's head).
     """
     arch = architecture_of(model, family, task, channels)
+    rules = family.rules(arch, task)
+    covered = {rule.ours for rule in rules}
+    left = [name for name in model.state_dict() if name not in covered and not name.startswith(left_out)]
+    if left:  # checked first: a part the class has no place for says more than the settings of the rest
+        parts = sorted({name.split(".")[0] if name.startswith("lm_head.") else ".".join(name.split(".")[:2])
+                        for name in left})
+        raise ConversionError(f"{family.name} cannot express {left[0]} ({len(left)} tensors of the model have no "
+                              f"place in it: {', '.join(parts)})")
     config = checked_config(family, arch)
-    state = export_state(model, family.rules(arch, task), restored)
+    state = export_state(model, rules, restored)
     dtype = next(iter(state.values())).dtype
     state.update({name: torch.zeros(shape, dtype=dtype) for name, shape in family.zeros(arch).items()})
     return family.with_dtype(config, dtype), state
@@ -111,12 +141,16 @@ def load_state(model: PolyModel, task: str, family: str, state: dict[str, Tensor
     import_weights(model, fam, architecture_of(model, fam, task, channels), task, state)
 
 
-def write_external(model: PolyModel, task: str, family: str, folder: Path, tokenizer: Path | None = None,
-                   channels: int = 3) -> dict:
+def write_external(model: PolyModel, task: str, family: str, folder: Path, tokenizer: TokenizerFiles | None = None,
+                   channels: int = 3, left_out: tuple[str, ...] = ()) -> dict:
     """Save ``model`` with the head of ``task`` as a ``family`` checkpoint folder the library loads; its config.
 
-    ``tokenizer``: a ``tokenizer.json`` to copy beside the weights; ``channels``: of the images the model reads.
+    ``tokenizer``: the text tokenizer to write beside the weights (its special tokens' ids go into the config, as
+    ``generate`` reads them); ``channels``: of the images the model reads; ``left_out``: as ``export_weights``.
     """
-    config, state = export_weights(model, FAMILIES.get(family), task, channels)
+    config, state = export_weights(model, FAMILIES.get(family), task, channels, left_out=left_out)
+    if tokenizer is not None:
+        config.update({f"{role}_token_id": i for role, (_, i) in tokenizer.special.items()
+                       if role in ("bos", "eos", "pad")})
     write_folder(folder, config, state, tokenizer)
     return config

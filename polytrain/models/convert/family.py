@@ -55,6 +55,8 @@ class Family(ABC):
     """A config naming only ``model_type``, no architecture, means this family (false where several share it)."""
     modality = "text"
     """The modality of the checkpoint's input: the embed spec export reads off the model."""
+    head = ""
+    """The polytrain head its model is (``decoder_only``, ``masked_lm``, ...): which task of a model it exports."""
     base_prefix = ""
     """Prefix of the base model's tensors (``transformer.``), which base-model files leave out."""
     unused = ""

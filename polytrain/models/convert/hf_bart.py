@@ -29,7 +29,7 @@ POSITION_OFFSET = 2
 
 
 class Bart(HFFamily):
-    name, model_type = "BartForConditionalGeneration", "bart"
+    name, model_type, head = "BartForConditionalGeneration", "bart", "encoder_decoder"
     base_prefix = "model."
     unused = r"^model\.(en|de)coder\.version$"  # fairseq's leftovers in converted files
 
@@ -49,7 +49,7 @@ class Bart(HFFamily):
         embed = EmbedConfig(modality_vector=False, scale_tokens=c["scale_embedding"], decoder_positions=True)
         model = ModelConfig(backbone=backbone, embed=embed)
         return Architecture(model, EmbedSpec("text", c["vocab_size"], (1, c["max_position_embeddings"])),
-                            "encoder_decoder")
+                            self.head)
 
     def settings(self, arch: Architecture) -> dict:
         b = arch.model.backbone

@@ -82,12 +82,12 @@ class Bert(HFFamily):
 
 
 class BertMaskedLM(Bert):
-    name = "BertForMaskedLM"
+    name, head = "BertForMaskedLM", "masked_lm"
     unused = rf"{Bert.unused}|^(bert\.pooler|cls\.seq_relationship)\."
 
     def with_head(self, arch: Architecture, c: dict) -> Architecture:
         expect(c, "hidden_act", "gelu", "has an erf-GELU masked-LM transform", self.name)
-        return replace(arch, model=replace(arch.model, lm_bias=True), head="masked_lm")
+        return replace(arch, model=replace(arch.model, lm_bias=True), head=self.head)
 
     def rules(self, arch: Architecture, task: str) -> list[Rule]:
         table, head = "embedders.text.table.weight", f"heads.{task}"
@@ -107,7 +107,7 @@ class BertMaskedLM(Bert):
 
 
 class BertSequenceClassification(Bert):
-    name = "BertForSequenceClassification"
+    name, head = "BertForSequenceClassification", "encoder_classifier"
 
     def with_head(self, arch: Architecture, c: dict) -> Architecture:
         expect(c, "problem_type", "single_label_classification", "trains classifiers on one label per sample",
@@ -115,7 +115,7 @@ class BertSequenceClassification(Bert):
         classes = c.get("num_labels") or len(c.get("id2label") or {}) or 2
         heads = HeadsConfig(classifier=ClassifierConfig(classes=classes, pooling="cls", pooler=True))
         # a classifier has no vocabulary output, so no lm_head either
-        return replace(arch, model=replace(arch.model, heads=heads, tie_embeddings=True), head="encoder_classifier")
+        return replace(arch, model=replace(arch.model, heads=heads, tie_embeddings=True), head=self.head)
 
     def settings(self, arch: Architecture) -> dict:
         classes = arch.model.heads.classifier.classes

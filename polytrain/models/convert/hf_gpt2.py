@@ -24,7 +24,7 @@ DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_he
 
 
 class GPT2(HFFamily):
-    name, model_type = "GPT2LMHeadModel", "gpt2"
+    name, model_type, head = "GPT2LMHeadModel", "gpt2", "decoder_only"
     base_prefix = "transformer."
     unused = r"\.attn\.(masked_)?bias$"  # the causal mask, a buffer older files saved
 
@@ -39,7 +39,7 @@ class GPT2(HFFamily):
                                   mlp=hf_activation_to_mlp(c["activation_function"], "activation_function", self.name))
         model = ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False),
                             tie_embeddings=c["tie_word_embeddings"])
-        return Architecture(model, EmbedSpec("text", c["vocab_size"], (1, c["n_positions"])), "decoder_only")
+        return Architecture(model, EmbedSpec("text", c["vocab_size"], (1, c["n_positions"])), self.head)
 
     def settings(self, arch: Architecture) -> dict:
         b = arch.model.backbone

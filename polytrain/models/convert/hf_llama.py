@@ -38,6 +38,7 @@ class LlamaLike(HFFamily):
     """What the three share; subclasses say which biases they have and how they slide attention windows."""
 
     defaults = LLAMA_DEFAULTS
+    head = "decoder_only"
     base_prefix = "model."
     unused = r"\.rotary_emb\.inv_freq$"  # RoPE frequencies, a buffer files of older transformers saved
 
@@ -65,7 +66,7 @@ class LlamaLike(HFFamily):
         model = ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False),
                             tie_embeddings=c["tie_word_embeddings"])
         positions = min(c["max_position_embeddings"], self.window(c) or c["max_position_embeddings"])
-        return Architecture(model, EmbedSpec("text", c["vocab_size"], (1, positions)), "decoder_only")
+        return Architecture(model, EmbedSpec("text", c["vocab_size"], (1, positions)), self.head)
 
     def settings(self, arch: Architecture) -> dict:
         b = arch.model.backbone

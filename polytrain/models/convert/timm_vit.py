@@ -78,8 +78,7 @@ def patch_side(arch: Architecture) -> int:
 
 
 class TimmViT(Family):
-    name = "timm"
-    modality = "image"
+    name, modality, head = "timm", "image", "encoder_classifier"
 
     def architecture(self, config: dict) -> Architecture:
         args = model_args(config)
@@ -95,7 +94,7 @@ class TimmViT(Family):
                             embed=EmbedConfig(modality_vector=False, patch_positions="raster", cls_token=True),
                             heads=HeadsConfig(classifier=ClassifierConfig(classes=args["num_classes"], pooling="cls")))
         spec = EmbedSpec("image", channels * patch * patch, (height // patch, width // patch))
-        return Architecture(model, spec, "encoder_classifier", channels)
+        return Architecture(model, spec, self.head, channels)
 
     def library_config(self, arch: Architecture) -> dict:
         """timm's ``config.json``, which ``timm.create_model("local-dir:FOLDER", pretrained=True)`` reads."""

@@ -144,13 +144,12 @@ def load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | 
     model.load_state_dict(state)
 
 
-def export_model(run_dir: str | Path, out: Path) -> Path:
-    """Consolidate a checkpoint into one fp32 safetensors file that carries its config and tokenizer.
+def consolidated(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint's whole fp32 weights, LoRA folded in, and what an export carries beside them: the config
+    (with LoRA off, so the weights load into the plain model), the tokenizer and the step.
 
     ZeRO shards (stage >= 1) are merged from the fp32 master copies in the optimizer shards;
-    stage-0 checkpoints already hold whole weights.  LoRA adapters are folded into the weights they
-    adapt, and the exported config has LoRA off, so the file loads into the plain model.  Also
-    writes the config beside it as ``<out>.yaml``.
+    stage-0 checkpoints already hold whole weights.
     """
     folder = latest_checkpoint(run_dir)
     state = read_state(folder.state)
@@ -164,10 +163,16 @@ def export_model(run_dir: str | Path, out: Path) -> Path:
     weights, config_yaml = without_lora(weights, folder.config.read_text())
     metadata = {"polytrain_config": config_yaml, "polytrain_tokenizer": folder.tokenizer.read_text(),
                 "step": str(state["step"])}
+    return {name: t.float().contiguous() for name, t in weights.items()}, metadata
+
+
+def export_model(run_dir: str | Path, out: Path) -> Path:
+    """Consolidate a checkpoint (``consolidated``) into one fp32 safetensors file that carries its config and
+    tokenizer; also writes the config beside it as ``<out>.yaml``."""
+    weights, metadata = consolidated(run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fp32 = {name: t.float().contiguous() for name, t in weights.items()}
-    atomic.write(out, lambda tmp: save_file(fp32, tmp, metadata=metadata))
-    atomic.write_text(out.with_suffix(".yaml"), config_yaml)
+    atomic.write(out, lambda tmp: save_file(weights, tmp, metadata=metadata))
+    atomic.write_text(out.with_suffix(".yaml"), metadata["polytrain_config"])
     return out
 
 

@@ -1,6 +1,7 @@
 """The ``train`` and ``finetune`` sections: steps, optimizer and schedule, evaluation, checkpoints, run directory;
 where the weights start and which of them train."""
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,11 +64,58 @@ class TrainConfig:
             raise ConfigError("global_batch", self.global_batch, "must be > 0 (or null: not checked)")
 
 
+TimmArg = int | float | bool | str | list[int]
+
+PART = re.compile(r"(embedders\.[\w-]+|backbone\.(encoder|decoder)|lm_head|heads\.[\w-]+)")
+"""A part of the model one checkpoint may fill: an embedder, a stack, the untied output, a task's head."""
+
+
 @dataclass(frozen=True)
-class FinetuneConfig:
+class WeightsSource:
     init_from: str | None = None
-    """Start from these weights: a run directory (its latest checkpoint), a checkpoint folder, or a file
-    written by ``polytrain export``. Tensors are matched by name; the text tokenizer comes along."""
+    """Start from these weights: a run directory (its latest checkpoint), a checkpoint folder or a file written
+    by ``polytrain export`` (tensors matched by name); or a Hugging Face or timm ``save_pretrained`` folder, or a
+    timm ``.safetensors`` file (with ``timm_model``), whose own config gives the model's architecture. The text
+    tokenizer comes along."""
+    timm_model: str | None = None
+    """The timm model a lone ``.safetensors`` file holds, e.g. ``vit_tiny_patch16_224``."""
+    timm_args: dict[str, TimmArg] = field(default_factory=dict)
+    """The keyword arguments that timm model was created with (``img_size``, ``patch_size``, ``in_chans``,
+    ``embed_dim``, ``depth``, ``num_heads``, ``num_classes``, ...), as ``timm.create_model`` takes them."""
+
+    def check(self) -> None:
+        if (self.timm_model or self.timm_args) and not self.init_from:
+            raise ConfigError("timm_model", self.timm_model, "describes the file init_from names; set init_from")
+        if self.timm_args and not self.timm_model:
+            raise ConfigError("timm_args", self.timm_args, "are the arguments of a timm model; name it in timm_model")
+
+
+@dataclass(frozen=True)
+class InitPartsConfig(WeightsSource):
+    parts: list[str] = field(default_factory=list)
+    """The parts of the model this checkpoint fills: ``embedders.<modality>``, ``backbone.encoder``,
+    ``backbone.decoder``, ``lm_head`` (an untied output), ``heads.<task>`` (the checkpoint's own head for that
+    task). Its other tensors are ignored, and listed so in ``init_from.json``."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.init_from:
+            raise ConfigError("init_from", self.init_from, "names the checkpoint these parts come from")
+        if not self.parts:
+            raise ConfigError("parts", self.parts, "needs the parts this checkpoint fills, e.g. [backbone.decoder]")
+        for index, part in enumerate(self.parts):
+            if not PART.fullmatch(part):
+                raise ConfigError(f"parts.{index}", part, "is not a part: embedders.<modality>, backbone.encoder, "
+                                  "backbone.decoder, lm_head or heads.<task>")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(WeightsSource):
+    init_parts: dict[str, InitPartsConfig] = field(default_factory=dict)
+    """Parts of the model from different checkpoints, by a name of your choice: ``{vision: {init_from: vit.safetensors,
+    timm_model: ..., parts: [embedders.image, backbone.encoder]}, language: {init_from: lm/, parts: [...]}}``. Parts
+    no checkpoint fills (a projection between widths, cross-attention an LM never had) start as initialized.
+    Instead of ``init_from``."""
     freeze: list[str] = field(default_factory=list)
     """Glob patterns of parameter names that do not train (no gradient, no optimizer state)."""
     freeze_until: dict[str, int] = field(default_factory=dict)
@@ -80,6 +128,16 @@ class FinetuneConfig:
     """Low-rank adapters on the targeted linear layers, whose own weights are then frozen."""
 
     def check(self) -> None:
+        super().check()
+        if self.init_from and self.init_parts:
+            raise ConfigError("init_parts", sorted(self.init_parts), "replaces init_from; set one of the two")
+        owners: dict[str, str] = {}
+        for name, source in self.init_parts.items():
+            for index, part in enumerate(source.parts):
+                if part in owners:
+                    raise ConfigError(f"init_parts.{name}.parts.{index}", part, f"comes from init_parts.{owners[part]} "
+                                      "already; each part has one checkpoint")
+                owners[part] = name
         for pattern, step in self.freeze_until.items():
             if step < 1:
                 raise ConfigError(f"freeze_until.{pattern}", step, "must be an optimizer step >= 1")

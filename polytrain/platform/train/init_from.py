@@ -8,7 +8,7 @@ reports what it loaded, left new and ignored (``init_from.json``);
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def read_pretrained(path: str | Path) -> Pretrained:
         raise DataError(f"{path}: not a safetensors file, a run directory or a checkpoint folder ({err})") from None
     if "polytrain_config" not in metadata:
         raise DataError(f"{path}: not a polytrain export (no polytrain_config in its metadata); write one with "
-                        "polytrain export RUN_DIR --out FILE")
+                        "polytrain export RUN_DIR --out FILE, or name the timm model of a timm file (timm_model)")
     return Pretrained(path, metadata["polytrain_config"], metadata["polytrain_tokenizer"])
 
 
@@ -69,65 +69,128 @@ def load_model(path: str | Path) -> tuple[Config, dict[str, Any], PolyModel]:
     ``polytrain export``, its weights loaded (LoRA adapters merged)."""
     pretrained = read_pretrained(path)
     weights, config_yaml = pretrained.merged()
+    return rebuilt(weights, config_yaml, pretrained.tokenizer_json, pretrained.path)
+
+
+def rebuilt(weights: dict[str, torch.Tensor], config_yaml: str, tokenizer_json: str, path: Path
+            ) -> tuple[Config, dict[str, Any], PolyModel]:
+    """(config, tokenizers, model) of a run's saved config and tokenizer, holding ``weights`` (read from ``path``)."""
     cfg = config_from_yaml(config_yaml, f"{path} (its config)")
     with tempfile.TemporaryDirectory() as tmp:  # an export carries its tokenizer in its metadata
         tokenizer_file = Path(tmp) / "tokenizer.json"
-        tokenizer_file.write_text(pretrained.tokenizer_json, encoding="utf-8")
+        tokenizer_file.write_text(tokenizer_json, encoding="utf-8")
         tokenizers = recipe.build_tokenizers(cfg, tokenizer_file)
     model = recipe.build_model(cfg, tokenizers)
-    load_weights(model, pretrained.path, weights)
+    load_weights(model, path, weights)
     return cfg, tokenizers, model
+
+
+VOCABULARY_TABLES = ("embedders.text.table.weight", "embedders.text.output_bias", "lm_head.weight", "lm_head.bias")
+"""Tensors with one row per text token id: where the run's tokenizer is the checkpoint's plus the special tokens
+polytrain adds (after the checkpoint's ids), the checkpoint fills their first rows and the rest start new."""
+
+
+@dataclass
+class Offered:
+    """The tensors one checkpoint offers a model, under the model's names."""
+
+    source: str
+    """Where they come from, for messages: ``finetune.init_from (runs/pretrain)``."""
+    family: str
+    """``polytrain``, or the library class of the checkpoint (``LlamaForCausalLM``, ``timm``)."""
+    parts: list[str]
+    """The parts of the model they fill ([]: whatever shares a name with the checkpoint)."""
+    tensors: dict[str, torch.Tensor]
+    ignored: list[str]
+    """The checkpoint's tensors left out (another task's head, an embedder the run has no use for)."""
+    tokenizer: bool = True
+    """The run's text tokenizer is this checkpoint's (plus tokens the run added after its ids, such as a new
+    modality's span markers): its vocabulary tables may have fewer rows than the model's (``VOCABULARY_TABLES``)."""
+
+
+def by_name(source: str, weights: dict[str, torch.Tensor], own: set[str]) -> Offered:
+    """A polytrain checkpoint's ``weights`` offered by name to a model whose state-dict names are ``own``."""
+    return Offered(source, "polytrain", [], {name: t for name, t in weights.items() if name in own},
+                   [name for name in weights if name not in own])
+
+
+@dataclass
+class SourceReport:
+    source: str
+    family: str
+    parts: list[str]
+    loaded: list[str]
+    ignored: list[str]
+    extended: dict[str, str]
+    """Vocabulary tables the model has more rows of: their first rows loaded, which rows are new."""
+
+    def summary(self) -> str:
+        into = f" into {', '.join(self.parts)}" if self.parts else ""
+        extended = f"; vocabulary extended: {', '.join(self.extended)}" if self.extended else ""
+        return (f"{self.source}: loaded {len(self.loaded)} tensors{into}, ignored {len(self.ignored)}: "
+                f"{', '.join(self.ignored) or '-'}{extended}")
 
 
 @dataclass
 class InitReport:
-    """What ``load_initial_weights`` did, tensor by tensor."""
+    """What ``load_initial_weights`` did, tensor by tensor and checkpoint by checkpoint."""
 
-    source: str
-    loaded: list[str]
+    sources: list[SourceReport]
     new: list[str]
-    """In the model, not in the source: left as initialized."""
-    ignored: list[str]
-    """In the source, not in the model (e.g. a pretraining task's own head)."""
-    extended: list[str] = field(default_factory=list)
-    """Vocabulary tables the model has more rows of (tokens the run added, such as a new modality's span
-    markers): their old rows loaded, the new ones left as initialized."""
+    """In the model, from no checkpoint: left as initialized (glue between parts, a new modality's embedder)."""
+
+    @property
+    def loaded(self) -> list[str]:
+        return [name for source in self.sources for name in source.loaded]
+
+    @property
+    def ignored(self) -> list[str]:
+        """In a checkpoint, not taken (e.g. a pretraining task's own head)."""
+        return [name for source in self.sources for name in source.ignored]
+
+    @property
+    def extended(self) -> list[str]:
+        return [name for source in self.sources for name in source.extended]
 
     def write(self, run_dir: RunDir) -> None:
-        atomic.write_text(run_dir.init_report, json.dumps(self.__dict__, indent=1) + "\n")
+        report = {"loaded": self.loaded, "new": self.new, "ignored": self.ignored, "extended": self.extended,
+                  "sources": [source.__dict__ for source in self.sources]}
+        atomic.write_text(run_dir.init_report, json.dumps(report, indent=1) + "\n")
 
     def summary(self) -> str:
         """One log line; LoRA adapters (always new) are counted rather than listed."""
         new = [name for name in self.new if not is_adapter(name)]
         adapters = f" and {len(self.new) - len(new)} LoRA adapter tensors" if len(new) < len(self.new) else ""
-        return (f"init_from {self.source}: loaded {len(self.loaded)} tensors; newly initialized {len(self.new)}: "
-                f"{', '.join(new) or '-'}{adapters}; ignored {len(self.ignored)}: {', '.join(self.ignored) or '-'}"
-                + (f"; vocabulary extended: {', '.join(self.extended)}" if self.extended else "")
-                + " (full lists in init_from.json)")
+        return (f"init_from {'; '.join(map(SourceReport.summary, self.sources))}; newly initialized {len(self.new)}: "
+                f"{', '.join(new) or '-'}{adapters} (full lists in init_from.json)")
 
 
-VOCABULARY_TABLES = ("embedders.text.table.weight", "embedders.text.output_bias", "lm_head.weight", "lm_head.bias")
-"""Tensors with one row per text token."""
-
-
-def load_initial_weights(model: nn.Module, source: str, weights: dict[str, torch.Tensor]) -> InitReport:
-    """Copy the tensors of ``weights`` into ``model`` by name; a shape mismatch stops with the tensor's name."""
+def load_initial_weights(model: nn.Module, offers: list[Offered]) -> InitReport:
+    """Copy each checkpoint's offered tensors into ``model``; a shape mismatch stops with the tensor's name and both
+    shapes, after every mismatch of the checkpoint is known."""
     own = model.state_dict()
-    extended = [name for name in own if name.endswith(VOCABULARY_TABLES) and name in weights
-                and own[name].shape[0] > weights[name].shape[0] and own[name].shape[1:] == weights[name].shape[1:]]
-    mismatched = [f"{name}: {source} has {tuple(weights[name].shape)}, the model {tuple(own[name].shape)}"
-                  for name in own if name in weights and weights[name].shape != own[name].shape
-                  and name not in extended]
-    if mismatched:
-        raise DataError(f"init_from: tensor shapes differ, so the checkpoint was trained with another architecture "
-                        f"(configure the model as it was): {'; '.join(mismatched[:3])}"
-                        + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""))
-    loaded = [name for name in own if name in weights]
-    if not loaded:
-        raise DataError(f"init_from: {source} shares no tensor name with this model; it is not a polytrain "
-                        f"checkpoint of this kind of model (its tensors look like {', '.join(list(weights)[:3])})")
-    with torch.no_grad():
-        for name in loaded:
-            own[name][: len(weights[name])].copy_(weights[name])
-    return InitReport(source, loaded, [n for n in own if n not in weights], [n for n in weights if n not in own],
-                      extended)
+    reports = []
+    for offer in offers:
+        if not offer.tensors:
+            raise DataError(f"init_from: {offer.source} shares no tensor name with this model; it is not a polytrain "
+                            f"checkpoint of this kind of model (its tensors look like {', '.join(offer.ignored[:3])})")
+        extended = {name: f"rows {len(t)}..{len(own[name]) - 1} new (the tokens the run's tokenizer added)"
+                    for name, t in offer.tensors.items() if offer.tokenizer and grows(name, t, own[name])}
+        mismatched = [f"{name}: {offer.source} has {tuple(t.shape)}, the model {tuple(own[name].shape)}"
+                      for name, t in offer.tensors.items() if t.shape != own[name].shape and name not in extended]
+        if mismatched:
+            raise DataError(f"init_from: tensor shapes differ, so the checkpoint was trained with another architecture "
+                            f"(configure the model as it was): {'; '.join(mismatched[:3])}"
+                            + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""))
+        with torch.no_grad():
+            for name, tensor in offer.tensors.items():
+                own[name][: len(tensor)].copy_(tensor)
+        reports.append(SourceReport(offer.source, offer.family, offer.parts, list(offer.tensors), offer.ignored,
+                                    extended))
+    loaded = {name for report in reports for name in report.loaded}
+    return InitReport(reports, [name for name in own if name not in loaded])
+
+
+def grows(name: str, theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    """Whether ``theirs`` is the first rows of vocabulary tensor ``ours``."""
+    return name in VOCABULARY_TABLES and theirs.shape[1:] == ours.shape[1:] and len(theirs) < len(ours)

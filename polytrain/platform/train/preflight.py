@@ -13,7 +13,8 @@ import torch
 
 from polytrain.config import Config
 from polytrain.errors import ConfigError
-from polytrain.platform.train.init_from import read_pretrained
+from polytrain.platform.train.derive import check_sources, foreign
+from polytrain.platform.train.sources import open_sources
 
 
 def preflight(cfg: Config) -> None:
@@ -28,8 +29,8 @@ def preflight(cfg: Config) -> None:
     for key, path in (("tokenizers.text.path", cfg.tokenizers.text.path), ("train.resume", cfg.train.resume)):
         if path and not Path(path).exists():
             raise ConfigError(key, path, "no such file or directory on this machine")
-    if cfg.finetune.init_from and not cfg.train.resume:  # a resumed run has its own weights
-        read_pretrained(cfg.finetune.init_from)
+    # a resumed run has its own weights; its architecture still comes from the checkpoints
+    check_sources(cfg, foreign(cfg) if cfg.train.resume else open_sources(cfg.finetune))
 
 
 def cpu_has_fp16() -> bool:

@@ -92,10 +92,15 @@ def prepare_task_split(cfg: Config, name: str, split: str, text: TextTokenizer, 
     return f"data.tasks.{name}.{split}={PREPARED_PREFIX}{out / name / split}"
 
 
+def task_heads(cfg: Config) -> dict[str, str]:
+    """The head of every task."""
+    return {name: task.head for name, task in cfg.data.tasks.items()}
+
+
 def build_model(cfg: Config, tokenizers: dict[str, Any]) -> PolyModel:
     """The model the config describes, LoRA adapters included (weights as initialized)."""
     specs = [tok.embed_spec() for tok in tokenizers.values()]
-    model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()},
+    model = PolyModel(cfg.model, specs, task_heads(cfg),
                       {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
     adapt(model, cfg.finetune)
     return model

@@ -26,9 +26,10 @@ from polytrain.platform.observe.tracking import Tracker
 from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate, format_table
 from polytrain.platform.train.finetune import freeze
-from polytrain.platform.train.init_from import load_initial_weights, read_pretrained
+from polytrain.platform.train.init_from import load_initial_weights
 from polytrain.platform.train.optimizer import group_lr_multiplier, param_groups
 from polytrain.platform.train.preflight import preflight
+from polytrain.platform.train.sources import offers, open_sources, text_source
 from polytrain.platform.train.state import (
     Progress,
     SchedulerState,
@@ -123,8 +124,7 @@ class Trainer:
                 for split in ("train", "val"):
                     recipe.manifest(cfg, name, split)
         # 3. Where the weights start (a resumed run has its own), then the text tokenizer.
-        init_from = cfg.finetune.init_from if resume is None else None
-        self.pretrained = read_pretrained(init_from) if init_from else None
+        self.sources = open_sources(cfg.finetune) if resume is None else []
         self.tokenizer_file = resume.tokenizer if resume is not None else self.text_tokenizer_file()
         self.tokenizers = recipe.build_tokenizers(cfg, self.tokenizer_file)
         self.text = self.tokenizers["text"]
@@ -138,7 +138,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = recipe.build_model(cfg, self.tokenizers)
         n_params = sum(p.numel() for p in model.parameters())
-        if self.pretrained is not None:
+        if self.sources:
             self.load_pretrained(model)
         starts = freeze(model, cfg.finetune)
         groups = param_groups(model, cfg.train.weight_decay, cfg.finetune.lr_scale, starts)
@@ -285,16 +285,17 @@ class Trainer:
                                state)
 
     def text_tokenizer_file(self) -> Path:
-        """The configured tokenizer.json, the pretrained weights' own (their embedding rows are its ids), a
-        prepared split's (its text is already ids of it), or one trained now on the main process and shared."""
+        """The configured tokenizer.json, the one of the checkpoint the text embedder comes from (its rows are its
+        ids), a prepared split's (its text is already ids of it), or one trained now on the main process and shared."""
         if self.cfg.tokenizers.text.path:
             return Path(self.cfg.tokenizers.text.path)
         out = self.run_dir.tokenizer
+        text = text_source(self.sources, recipe.task_heads(self.cfg))
         if self.engine.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
             prepared = recipe.prepared_tokenizer(self.cfg)
-            if self.pretrained is not None:
-                atomic.write_text(out, self.pretrained.tokenizer_json)
+            if text is not None:
+                atomic.write_text(out, text.tokenizer_json())
             elif prepared is not None:
                 atomic.write_text(out, prepared.read_text(encoding="utf-8"))
             else:
@@ -305,8 +306,8 @@ class Trainer:
         return out
 
     def load_pretrained(self, model: torch.nn.Module) -> None:
-        """``finetune.init_from``'s weights into ``model``, reporting what was loaded, new and ignored."""
-        report = load_initial_weights(model, str(self.pretrained.path), self.pretrained.weights())
+        """The checkpoints' weights into ``model``, reporting what was loaded, new and ignored."""
+        report = load_initial_weights(model, offers(self.sources, set(model.state_dict()), recipe.task_heads(self.cfg)))
         if self.engine.is_main:
             report.write(self.run_dir)
             log.info("%s", report.summary())

@@ -10,8 +10,13 @@ from polytrain.errors import ConfigError, DataError
 from polytrain.models.config import LoraConfig
 from polytrain.platform.train.config import FinetuneConfig
 from polytrain.platform.train.finetune import adapt, freeze
-from polytrain.platform.train.init_from import load_initial_weights, read_pretrained
+from polytrain.platform.train.init_from import InitReport, by_name, load_initial_weights, read_pretrained
 from tests.models.test_lora import tiny_model
+
+
+def load(model, source: str, weights: dict) -> InitReport:
+    """A polytrain checkpoint's ``weights`` into ``model`` by name."""
+    return load_initial_weights(model, [by_name(source, weights, set(model.state_dict()))])
 
 
 def test_freeze_until_wins_over_freeze_and_adapters_always_train():
@@ -48,7 +53,7 @@ def test_init_report_names_loaded_new_and_ignored_tensors():
     del source["embedders.image.proj.weight"]
     source = {name: t + 1 for name, t in source.items()}
     model = tiny_model()
-    report = load_initial_weights(model, "pre.safetensors", source)
+    report = load(model, "pre.safetensors", source)
     assert report.new == ["embedders.image.proj.weight"] and report.ignored == ["heads.old_task.proj.weight"]
     assert len(report.loaded) == len(model.state_dict()) - 1
     for name, tensor in model.state_dict().items():
@@ -61,13 +66,13 @@ def test_a_vocabulary_that_grew_keeps_its_trained_rows_and_initializes_the_new_o
     table = "embedders.text.table.weight"
     model = tiny_model(vocab=len(source[table]) + 2)  # e.g. a plugin modality's two span markers
     fresh = model.state_dict()[table][-2:].clone()
-    report = load_initial_weights(model, "pre", source)
+    report = load(model, "pre", source)
     assert report.extended == [table] and table in report.loaded and "vocabulary extended" in report.summary()
     assert torch.equal(model.state_dict()[table][:-2], source[table])
     assert torch.equal(model.state_dict()[table][-2:], fresh)
     shrunk = tiny_model(vocab=len(source[table]) - 1)
     with pytest.raises(DataError, match=rf"{table}: pre has"):
-        load_initial_weights(shrunk, "pre", source)
+        load(shrunk, "pre", source)
 
 
 def test_a_checkpoint_of_another_architecture_names_the_tensor_and_both_shapes():
@@ -75,9 +80,9 @@ def test_a_checkpoint_of_another_architecture_names_the_tensor_and_both_shapes()
     source["backbone.encoder.blocks.0.attn.qkv.weight"] = torch.zeros(48, 16)
     with pytest.raises(DataError, match=r"another architecture.*backbone\.encoder\.blocks\.0\.attn\.qkv\.weight: "
                                         r"pre has \(48, 16\), the model \(96, 32\)"):
-        load_initial_weights(tiny_model(), "pre", source)
+        load(tiny_model(), "pre", source)
     with pytest.raises(DataError, match=r"other\.safetensors shares no tensor name with this model.*conv1\.weight"):
-        load_initial_weights(tiny_model(), "other.safetensors", {"conv1.weight": torch.zeros(3)})
+        load(tiny_model(), "other.safetensors", {"conv1.weight": torch.zeros(3)})
 
 
 def test_init_from_sources_that_are_not_polytrain_weights(tmp_path):
