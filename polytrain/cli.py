@@ -255,6 +255,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from polytrain.errors import ConfigError, DataError
+    from polytrain.schema import from_dict
     from polytrain.tokenizers.config import TOKENIZERS, TextTokenizerConfig
     from polytrain.tokenizers.text import TextTokenizer
 
@@ -262,8 +263,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         raise ConfigError("--modality", args.modality, "only text tokenizers are trained; the others have no "
                           "learned state and are set up by the recipe's tokenizers section")
     try:
-        cfg = TextTokenizerConfig(vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-        cfg.check()
+        cfg = from_dict(TextTokenizerConfig, {"vocab_size": args.vocab_size, "min_frequency": args.min_frequency})
     except ConfigError as err:
         raise ConfigError(f"--{err.key.replace('_', '-')}", err.value, err.allowed) from None
     missing = [name for name in args.input if not Path(name).is_file()]

@@ -1,10 +1,11 @@
 """The ``data`` section: the tasks a run trains, each with its head, manifests and batch size."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.models.config import HEADS, head_kind
+from polytrain.schema import NonNegative, Positive, Range
 from polytrain.tokenizers.config import TOKENIZERS
 
 
@@ -18,15 +19,15 @@ class TaskConfig:
     """Held-out manifest, same forms as ``train``."""
     source: str | None = None
     """Modality of the encoder input (encoder_decoder only): a name from the tokenizer registry."""
-    batch_size: int = 8
+    batch_size: Positive[int] = 8
     """Samples of this task in every micro-batch, per process."""
-    weight: float = 1.0
+    weight: NonNegative[float] = 1.0
     """Multiplier of this task's mean token loss in the total loss."""
-    seq_len: int = 128
+    seq_len: Positive[int] = 128
     """decoder_only: tokens per training window cut from the concatenated documents."""
-    max_target_len: int = 16
+    max_target_len: Positive[int] = 16
     """encoder_decoder: target tokens kept (bos/eos excluded); also the most tokens generated at eval."""
-    max_val_samples: int = 0
+    max_val_samples: Annotated[int, Range(ge=0, note="0 means all")] = 0
     """Evaluate on at most this many held-out samples (0: all)."""
 
     def check(self) -> None:
@@ -38,13 +39,6 @@ class TaskConfig:
                                                      f"{', '.join(TOKENIZERS.names())}")
         if not needs_source and self.source is not None:
             raise ConfigError("source", self.source, f"head {self.head} reads text only; leave source unset")
-        for name in ("batch_size", "seq_len", "max_target_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, getattr(self, name), "must be > 0")
-        if self.weight < 0:
-            raise ConfigError("weight", self.weight, "must be >= 0")
-        if self.max_val_samples < 0:
-            raise ConfigError("max_val_samples", self.max_val_samples, "must be >= 0 (0 means all)")
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,7 @@ class DataConfig:
     so some micro-batches (and ranks) miss some tasks."""
     cache_dir: str = "build/data"
     """Where the built-in datasets are materialized (relative to the working directory)."""
-    num_workers: int = 0
+    num_workers: NonNegative[int] = 0
     """DataLoader worker processes per rank (0: load in the training process)."""
     skip_bad_samples: bool = False
     """Replace unreadable samples by the next readable one (counted and logged) instead of stopping."""
@@ -65,5 +59,3 @@ class DataConfig:
     def check(self) -> None:
         if not self.tasks:
             raise ConfigError("tasks", self.tasks, "needs at least one task")
-        if self.num_workers < 0:
-            raise ConfigError("num_workers", self.num_workers, "must be >= 0")
