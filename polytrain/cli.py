@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except PolytrainError as err:
-        print(f"polytrain: error: {err}", file=sys.stderr, flush=True)
+        print(f"polytrain: error: {one_line(str(err))}", file=sys.stderr, flush=True)
         record_failure(err)
         if process_group_alive():
             # Interpreter teardown with a live gloo/NCCL group can abort the process (SIGABRT from a
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         record_failure(err)  # a process of a launched job: its launcher reports the error in one line
         raise
+
+
+def one_line(message: str) -> str:
+    """``message`` with its control characters escaped: a path or value holding a line break stays on the line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def process_group_alive() -> bool:

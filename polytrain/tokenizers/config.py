@@ -203,7 +203,9 @@ class AudioTokenizerConfig:
             raise ConfigError("frame_shift_ms", self.frame_shift_ms, f"must be at least one sample: "
                               f">= {1000 / self.sample_rate:g} ms at sample_rate={self.sample_rate}")
         if self.max_seconds * self.sample_rate < self.min_samples:
-            raise ConfigError("max_seconds", self.max_seconds, f"must hold one patch ({self.min_samples} samples)")
+            raise ConfigError("max_seconds", self.max_seconds, f"must hold one patch: {self.min_samples} samples at "
+                              f"sample_rate={self.sample_rate} (patch_frames={self.patch_frames} frames of "
+                              f"frame_length_ms={self.frame_length_ms:g}, frame_shift_ms={self.frame_shift_ms:g})")
 
     @property
     def window(self) -> int:
