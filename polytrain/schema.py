@@ -20,7 +20,7 @@ import difflib
 import math
 import types
 import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
 
@@ -87,6 +87,24 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def changed_numbers(cfg: Any, key: str = "") -> Iterator[tuple[str, float, Any]]:
+    """Every number of the config tree ``cfg`` that differs from its field's default, as (dotted key, value, the
+    tree with that one value back at its default); for finding which value makes a config too large."""
+    for f in dataclasses.fields(cfg):
+        value, sub = getattr(cfg, f.name), _join(key, f.name)
+        if dataclasses.is_dataclass(value):
+            for name, number, reset in changed_numbers(value, sub):
+                yield name, number, dataclasses.replace(cfg, **{f.name: reset})
+        elif isinstance(value, dict):
+            for item, part in value.items():
+                if dataclasses.is_dataclass(part):
+                    for name, number, reset in changed_numbers(part, f"{sub}.{item}"):
+                        yield name, number, dataclasses.replace(cfg, **{f.name: {**value, item: reset}})
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool) and f.default is not dataclasses.MISSING
+              and value != f.default):
+            yield sub, value, dataclasses.replace(cfg, **{f.name: f.default})
 
 
 def from_dict(cls: type, data: Any, key: str = "") -> Any:
