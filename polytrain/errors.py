@@ -22,3 +22,8 @@ class ConfigError(PolytrainError):
 
 class DataError(PolytrainError):
     """A sample, file or manifest line that cannot be read; the message names where it is."""
+
+
+class DivergenceError(PolytrainError):
+    """Training produced values that are not finite (losses, gradients, weights, an evaluation): the run stops
+    without a checkpoint of them; the message names the steps and the last checkpoint that is sound."""

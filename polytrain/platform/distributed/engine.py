@@ -40,7 +40,7 @@ class Engine:
         self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
                                        gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
-        self.cfg = cfg
+        self.cfg, self.grad_clip = cfg, grad_clip
         self.model: nn.Module | None = None
 
     @property
@@ -68,6 +68,8 @@ class Engine:
         """
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.model = model
+        if steps_unchecked(self.cfg):
+            guard_step(base_optimizer(optimizer), self.grad_clip)
         return model, optimizer, scheduler
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -86,8 +88,15 @@ class Engine:
         """
         self.accelerator.backward(loss)
 
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16: the loss is scaled, and a step whose scaled gradients overflow is skipped as a matter of course."""
+        return self.cfg.precision == "fp16"
+
     def skipped_steps(self) -> int:
-        """Optimizer steps skipped so far because fp16 gradients overflowed (0 in fp32/bf16)."""
+        """Optimizer steps skipped so far because the gradients were not finite: fp16 overflows, and in every
+        precision a step whose global gradient norm is not finite (DeepSpeed's optimizers refuse it; ``guard_step``
+        where DeepSpeed steps a torch optimizer as it is)."""
         return int(self.model.skipped_steps)
 
     def grad_norm(self) -> float | None:
@@ -113,15 +122,18 @@ class Engine:
 
         return broadcast_object_list([value])[0]
 
-    def replica_digests(self, model: nn.Module) -> list[str]:
-        """SHA-256 of each rank's full parameters, gathered from all ranks; equal while replicas agree."""
+    def replica_digests(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """SHA-256 of each rank's full parameters, gathered from all ranks (equal while replicas agree), and the
+        names of the parameters that hold a value that is not finite (on this rank)."""
         from accelerate.utils import gather_object
 
-        digest = hashlib.sha256()
-        for param in self.unwrap(model).parameters():
+        digest, nonfinite = hashlib.sha256(), []
+        for name, param in self.unwrap(model).named_parameters():
             with self.gathered(param):
                 digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return gather_object([digest.hexdigest()])
+                if not bool(torch.isfinite(param.detach()).all()):
+                    nonfinite.append(name)
+        return gather_object([digest.hexdigest()]), nonfinite
 
     def gathered(self, param: nn.Parameter):
         """Context in which ``param`` is whole on this rank (ZeRO-3 shards parameters)."""
@@ -192,7 +204,7 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, 
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": 0.0 if steps_unchecked(cfg) else grad_clip,  # guard_step clips those
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": cfg.initial_loss_scale_power,
@@ -203,6 +215,35 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, 
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config
+
+
+def steps_unchecked(cfg: EngineConfig) -> bool:
+    """ZeRO 0 in fp32: DeepSpeed steps the torch optimizer as it is, without looking at the gradients (its ZeRO,
+    bf16 and fp16 optimizers skip a step whose global gradient norm is not finite)."""
+    return cfg.zero_stage == 0 and cfg.precision == "fp32"
+
+
+def guard_step(optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+    """Give the torch optimizer DeepSpeed steps as it is what DeepSpeed's own optimizers do before a step.
+
+    The global gradient norm is taken (every rank holds the same averaged gradients at stage 0, so all decide
+    alike); a non-finite one drops the gradients, so the step changes no weight and no optimizer state, and sets
+    ``overflow``, which DeepSpeed's engine reads to count the step as skipped; a finite one is clipped to
+    ``grad_clip`` (0: not clipped) and reported as the step's ``_global_grad_norm``.
+    """
+    def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        opt.overflow = not bool(torch.isfinite(norm))
+        opt._global_grad_norm = float("inf") if opt.overflow else float(norm)
+        if opt.overflow:
+            for p in params:
+                p.grad = None
+        elif grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+
+    optimizer.overflow = False
+    optimizer.register_step_pre_hook(before_step)
 
 
 def base_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -9,6 +9,8 @@ from polytrain.models.config import LoraConfig
 from polytrain.schema import Fraction, NonNegative, Positive, Probability, Range
 
 SEEDS = Range(ge=0, le=2**32 - 1, note="the seeds numpy, torch and Python all take")
+FP32_MAX = 3.4028234663852886e38
+"""The largest finite float32: AdamW's states and step sizes are fp32 in every training precision."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class TrainConfig:
     complete one either way."""
 
     def check(self) -> None:
+        if self.lr / (1 - self.betas[0]) > FP32_MAX:
+            raise ConfigError("lr", self.lr, f"/ (1 - betas[0]={self.betas[0]}), AdamW's first step size, must be a "
+                              f"finite float32 (<= {FP32_MAX:.4g})")
         if self.lr * self.weight_decay >= 1:
             raise ConfigError("weight_decay", self.weight_decay, f"times lr={self.lr} must be < 1: each step multiplies "
                               f"the weights by 1 - lr x weight_decay")

@@ -3,12 +3,22 @@
 Each task's loss is normalized by its labelled tokens in the whole step (all
 micro-batches of all ranks), so the gradient does not depend on how the
 step's samples are split into micro-batches and processes.  A step the
-engine skipped (an fp16 loss-scale overflow: the gradients were not finite)
-changed no weight, so the learning-rate schedule does not advance either.
+engine skipped (its gradients were not finite) changed no weight, so the
+learning-rate schedule does not advance either.
+
+A step whose loss or gradient norm is not finite is skipped, on every rank
+alike.  The engine refuses a non-finite global gradient norm itself
+(``Engine.skipped_steps``); a micro-batch whose loss is not finite is
+backpropagated times NaN, so every gradient it adds is NaN and the norm, taken
+over all ranks, is too: the ranks agree through the reductions the step makes
+anyway.  Outside fp16, where overflows are routine, a skipped step is a bad
+one (``StepResult.nonfinite``); each rank logs the task and the sample ids of
+the micro-batch whose loss was not finite.
 """
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +27,10 @@ from polytrain.platform.data.loader import MicroBatch
 from polytrain.platform.train.config import TrainConfig
 from polytrain.platform.train.optimizer import lr_multiplier
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
+
+log = logging.getLogger(__name__)
+LOGGED_IDS = 20
+"""Sample ids named per task when a micro-batch's loss is not finite."""
 
 
 @dataclass
@@ -28,7 +42,10 @@ class StepResult:
     flops: float | None
     """Model FLOPs of those samples; None where a head has no FLOP count."""
     skipped: bool
-    """The engine skipped the optimizer update (fp16 overflow)."""
+    """The engine skipped the optimizer update: the gradients were not finite (an fp16 overflow, or a bad step)."""
+    nonfinite: list[str] = field(default_factory=list)
+    """What was not finite on some rank, when the step is a bad one: the tasks whose loss was not, else the
+    gradient norm ("grad_norm"). Empty for a good step and for an fp16 overflow."""
 
 
 class Stepper:
@@ -51,13 +68,18 @@ class Stepper:
         totals = self.engine.sum(counts.sum(0)).clamp(min=1)
         loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
         skipped_before = self.engine.skipped_steps()
-        for batch, n in zip(micro, counts):
+        for index, (batch, n) in enumerate(zip(micro, counts)):
             parts = {t: batch.tasks.get(t, self.stand_ins[t]).to(self.engine.device) for t in tasks}
             with self.engine.accumulate(self.model):
                 losses = self.model(parts)
+                values = torch.tensor([float(losses[t].detach()) for t in tasks], dtype=torch.float64)
                 factors = n * world * accum / totals  # DeepSpeed divides by accum and averages over ranks
-                self.engine.backward(sum(self.weights[t] * losses[t] * float(factors[i]) for i, t in enumerate(tasks)))
-            loss_sums += torch.tensor([float(losses[t].detach()) for t in tasks], dtype=torch.float64) * n
+                total = sum(self.weights[t] * losses[t] * float(factors[i]) for i, t in enumerate(tasks))
+                if not bool(torch.isfinite(values).all()):
+                    self.log_nonfinite(step, index, batch, dict(zip(tasks, values.tolist())))
+                    total = total * math.nan  # every gradient NaN: the step's norm is, on every rank
+                self.engine.backward(total)
+            loss_sums += values * n
         self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped at the boundary
         self.optimizer.zero_grad()
         # The schedule's rate this step used (parameter groups apply their lr_scale and start step to it).
@@ -68,12 +90,20 @@ class Stepper:
         reduced = self.engine.sum(torch.cat([loss_sums, work]))  # one all-reduce for the losses and the work
         task_losses = dict(zip(tasks, (reduced[:len(tasks)] / totals).tolist()))
         loss = sum(self.weights[t] * v for t, v in task_losses.items())
-        if not math.isfinite(loss) and not skipped:
-            raise FloatingPointError(f"loss is {loss} at step {step}; per task: {task_losses}")
+        nonfinite = [t for t, v in task_losses.items() if not math.isfinite(v)]
+        if skipped and not nonfinite and not self.engine.loss_scaling:
+            nonfinite = ["grad_norm"]
         metrics = {"loss": loss, **{f"loss/{t}": v for t, v in task_losses.items()}, "lr": lr,
                    "grad_norm": self.engine.grad_norm(), "skipped_steps": self.engine.skipped_steps(),
                    "target_tokens": int(totals.sum())}
-        return StepResult(metrics, int(reduced[-2]), float(reduced[-1]) if self.flops.known else None, skipped)
+        return StepResult(metrics, int(reduced[-2]), float(reduced[-1]) if self.flops.known else None, skipped,
+                          nonfinite)
+
+    def log_nonfinite(self, step: int, index: int, batch: MicroBatch, losses: dict[str, float]) -> None:
+        bad = {t: v for t, v in losses.items() if not math.isfinite(v)}
+        samples = {t: batch.tasks[t].sample_ids[:LOGGED_IDS] for t in bad if t in batch.tasks}
+        log.warning("step %d: the loss of micro-batch %d on rank %d is not finite (%s); samples %s; the step is "
+                    "skipped", step, index, self.engine.rank, ", ".join(f"{t}={v}" for t, v in bad.items()), samples)
 
 
 def labelled(part: TaskBatch) -> int:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import time
 from datetime import datetime
@@ -13,7 +14,7 @@ import torch
 
 from polytrain import atomic
 from polytrain.config import Config
-from polytrain.errors import ConfigError
+from polytrain.errors import ConfigError, DivergenceError
 from polytrain.models.flops import TrainFlops
 from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.order import DataOrder
@@ -21,7 +22,7 @@ from polytrain.platform.distributed.checkpoint import convert_to_universal, late
 from polytrain.platform.distributed.engine import Engine, base_optimizer
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
-from polytrain.platform.observe.tracking import Tracker
+from polytrain.platform.observe.tracking import Tracker, keep_until
 from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate, format_table
 from polytrain.platform.train.finetune import freeze
@@ -160,6 +161,8 @@ class Trainer:
                                wandb_id=self.tracking.wandb_id, start_step=self.progress.step,
                                config_name=config_name, world_size=engine.world_size, device=engine.device)
         self.tracking.wandb_id = self.tracker.wandb_id
+        self.bad_steps: list[tuple[int, list[str]]] = []
+        """The bad steps in a row up to now: (step, what was not finite)."""
         self.samples_log = self.open_samples_log() if cfg.tracking.log_samples else None
         if engine.is_main:
             sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
@@ -204,11 +207,42 @@ class Trainer:
             if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
                 self.tracker.log(step, {**result.metrics, **rates, **self.memory_metrics()})
                 meter.reset()
+            self.count_bad_steps(step, result)
             if step < cfg.train.steps and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                self.tracker.log(step, flatten_eval(self.evaluate()))
+                self.tracker.log(step, flatten_eval(self.evaluate(step)))
             if step < cfg.train.steps and cfg.train.save_every and step % cfg.train.save_every == 0:
-                self.checkpoint(step)
+                if self.bad_steps:  # the model gives non-finite losses: nothing to resume from
+                    log.warning("step %d: no checkpoint while steps are bad (%d in a row)", step, len(self.bad_steps))
+                else:
+                    self.checkpoint(step)
         return self.finish(time.perf_counter() - start)
+
+    def count_bad_steps(self, step: int, result) -> None:
+        """A bad step (its loss or gradient norm not finite; skipped) extends the run of them, an applied step
+        ends it; ``train.max_bad_steps`` in a row stop the run."""
+        if not result.nonfinite:
+            if not result.skipped:
+                self.bad_steps = []
+            return
+        self.bad_steps.append((step, result.nonfinite))
+        limit = self.cfg.train.max_bad_steps
+        if self.engine.is_main:
+            log.warning("step %d skipped: not finite: %s (%d bad step(s) in a row; train.max_bad_steps=%d)", step,
+                        ", ".join(result.nonfinite), len(self.bad_steps), limit)
+        if len(self.bad_steps) >= limit:
+            names = {name for _, names in self.bad_steps for name in names}
+            tasks = sorted(names - {"grad_norm"})
+            what = " or ".join([f"loss ({', '.join(tasks)})"] * bool(tasks) + ["gradient norm"] * ("grad_norm" in names))
+            raise DivergenceError(f"training diverged: {limit} steps in a row ({self.bad_steps[0][0]}-{step}, "
+                                  f"train.max_bad_steps={limit}) had a non-finite {what}; {self.last_checkpoint()}; "
+                                  f"try a lower train.lr, and look at the samples the log names")
+
+    def last_checkpoint(self) -> str:
+        """Where the run can go on from: its latest checkpoint (no checkpoint is written over non-finite weights)."""
+        latest = self.run_dir.latest
+        if not latest.is_file():
+            return "no checkpoint was written"
+        return f"the last checkpoint (finite weights) is {self.run_dir.checkpoints / latest.read_text().strip()}"
 
     def log_samples(self, micro: list, step: int) -> None:
         if self.samples_log is None:
@@ -216,6 +250,7 @@ class Trainer:
         for batch in micro:
             self.samples_log.write(json.dumps({"step": step, "slot": batch.slot.index, "samples": {
                 name: part.sample_ids for name, part in batch.tasks.items()}}) + "\n")
+        self.samples_log.flush()  # a process killed later still leaves every step it trained
 
     def log_state_memory(self, step: int, measured: int) -> None:
         """Tensor memory per rank for parameters, gradients, optimizer states and DeepSpeed's buffers,
@@ -244,7 +279,7 @@ class Trainer:
     def finish(self, train_seconds: float) -> RunDir:
         """Final evaluation, checkpoint and eval.json."""
         steps = self.cfg.train.steps
-        results = self.evaluate()
+        results = self.evaluate(steps)
         self.tracker.log(steps, {**flatten_eval(results), "train_seconds": train_seconds})
         final = self.checkpoint(steps)
         self.tracker.close()
@@ -257,14 +292,29 @@ class Trainer:
             print(f"run directory: {self.run_dir.path}", flush=True)
         return self.run_dir
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        return evaluate(self.engine.unwrap(self.model), self.cfg.data.tasks, self.val_sets, self.text,
-                        self.engine.device, self.cfg.train.eval_batch_size)
+    def evaluate(self, step: int) -> dict[str, dict[str, float]]:
+        """The held-out metrics; one that is not finite fails the run."""
+        try:
+            results = evaluate(self.engine.unwrap(self.model), self.cfg.data.tasks, self.val_sets, self.text,
+                               self.engine.device, self.cfg.train.eval_batch_size)
+        except OverflowError as err:  # math.exp of a loss past 709 (the perplexity)
+            raise DivergenceError(f"the evaluation at step {step} overflowed ({err}: a perplexity e**val_loss past any "
+                                  f"float); {self.last_checkpoint()}") from None
+        bad = [f"{task}.{name}={value}" for task, metrics in results.items() for name, value in metrics.items()
+               if not math.isfinite(value)]
+        if bad:
+            raise DivergenceError(f"the evaluation at step {step} is not finite: {', '.join(bad)}; the run failed "
+                                  f"and writes no checkpoint; {self.last_checkpoint()}")
+        return results
 
     def checkpoint(self, step: int) -> CheckpointDir:
-        digests = self.engine.replica_digests(self.model)
+        digests, nonfinite = self.engine.replica_digests(self.model)
         if len(set(digests)) > 1:
             raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
+        if nonfinite:
+            raise DivergenceError(f"the weights are not finite at step {step} ({len(nonfinite)} tensor(s), e.g. "
+                                  f"{', '.join(nonfinite[:3])}); no checkpoint is written over them; "
+                                  f"{self.last_checkpoint()}")
         state: dict[str, Any] = {**self.state.state_dict(), "zero_stage": self.cfg.engine.zero_stage,
                                  "skipped_steps": self.engine.skipped_steps(), "replica_sha256": digests}
         return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
@@ -295,8 +345,10 @@ class Trainer:
             log.info("%s", report.summary())
 
     def open_samples_log(self):
+        """This rank's sample log, without the lines an interrupted attempt wrote after the step resumed from."""
         path = self.run_dir.samples(self.engine.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
+        keep_until(path, self.progress.step)
         return path.open("a", encoding="utf-8")
 
 
