@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from polytrain import atomic
-from polytrain.errors import PolytrainError
+from polytrain.errors import STOPPED, PolytrainError, Stopped
 from polytrain.launch.failures import record_failure
 
 log = logging.getLogger("polytrain")
@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.func(args) or 0
+    except Stopped as err:  # a checkpoint to resume from is written: not an error, a distinct exit code
+        print(f"polytrain: {one_line(str(err))}", file=sys.stderr, flush=True)
+        record_failure(err)
+        return STOPPED
     except PolytrainError as err:
         print(f"polytrain: error: {one_line(str(err))}", file=sys.stderr, flush=True)
         record_failure(err)
@@ -187,7 +191,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not args.dry_run:
         load_torch_quietly()
-    return launch(cfg.launch, cfg.train.out_dir, args.config, args.overrides, args.dry_run, args.submit)
+    return launch(cfg.launch, cfg.train.out_dir, cfg.train.run_name, args.config, args.overrides, args.dry_run,
+                  args.submit)
 
 
 def load_torch_quietly() -> None:

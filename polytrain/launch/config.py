@@ -75,6 +75,10 @@ class SlurmConfig:
     """Python on the compute nodes; null: the interpreter running polytrain launch (a shared venv)."""
     script: str | None = None
     """Where to write the script; null: <train.out_dir>/<job name>.sbatch."""
+    stop_before: Annotated[int, Range(ge=0, le=65535, unit="seconds", note="0: no signal, no requeue")] = 300
+    """Seconds before the time limit SLURM sends SIGUSR1 to the job's processes (sbatch --signal=USR1@this; SLURM
+    may send it up to 60 s earlier): they checkpoint and exit with code 75, and the script requeues the job, which
+    resumes from that checkpoint. Leave a checkpoint's writing time, and more."""
 
     def check(self) -> None:
         if isinstance(self.time, int):
@@ -113,6 +117,9 @@ class LaunchConfig:
     hostfile: str | None = None
     """DeepSpeed-format hostfile (`HOST slots=N` lines): the machines, in node order. Required by deepspeed
     for more than one node; with torchrun it names the nodes and supplies master_addr."""
+    max_restarts: NonNegative[int] = 0
+    """Times torchrun starts this node's processes again after one of them dies (torchrun --max-restarts; the
+    torchrun and slurm backends); the restarted job resumes from its run's latest checkpoint by itself."""
     rdzv: RendezvousConfig = field(default_factory=RendezvousConfig)
     """How torchrun's nodes meet (torchrun and slurm backends)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -34,6 +34,7 @@ class Engine:
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(SINGLE_PROCESS_ENV, MASTER_PORT=str(free_port()))
         backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        join_restarted_group(backend)
         ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, grad_clip, load_universal)
         # The LR schedule counts optimizer steps of the whole job; Accelerate would otherwise step it
         # once per process per step.
@@ -189,6 +190,27 @@ class Engine:
         self.accelerator.end_training()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def join_restarted_group(backend: str) -> None:
+    """After torchrun restarted the job (``launch.max_restarts``): join the process group under keys of this
+    attempt.
+
+    torchrun's agent keeps its store across restarts (``TORCHELASTIC_USE_AGENT_STORE``), and the process group's
+    keys in it are the same every attempt, so the restarted ranks would read the dead attempt's addresses and fail
+    to connect.  DeepSpeed and Accelerate then use the group this makes.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return
+    from torch.distributed import PrefixStore, TCPStore
+    from torch.distributed.constants import default_pg_timeout
+
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                     timeout=default_pg_timeout)
+    torch.distributed.init_process_group(backend, store=PrefixStore(f"polytrain/attempt_{attempt}", store),
+                                         rank=int(os.environ["RANK"]), world_size=world_size)
 
 
 def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float,

@@ -18,7 +18,7 @@ the micro-batch whose loss was not finite.
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +43,9 @@ class StepResult:
     """Model FLOPs of those samples; None where a head has no FLOP count."""
     skipped: bool
     """The engine skipped the optimizer update: the gradients were not finite (an fp16 overflow, or a bad step)."""
-    nonfinite: list[str] = field(default_factory=list)
+    stop: bool
+    """Some rank asked to stop after this step (it got SIGTERM or SIGUSR1): every rank sees the same."""
+    nonfinite: list[str]
     """What was not finite on some rank, when the step is a bad one: the tasks whose loss was not, else the
     gradient norm ("grad_norm"). Empty for a good step and for an fp16 overflow."""
 
@@ -59,7 +61,8 @@ class Stepper:
         """With sampled mixing a rank may get no sample of a task; it then runs that task on a stand-in with
         zero loss weight, so every rank uses every parameter (ZeRO-3 gathers stay in step)."""
 
-    def __call__(self, micro: list[MicroBatch], step: int) -> StepResult:
+    def __call__(self, micro: list[MicroBatch], step: int, stop: bool = False) -> StepResult:
+        """One optimizer step on this rank's ``micro``-batches; ``stop``: this rank wants to stop after it."""
         accum, world, tasks = self.cfg.grad_accum, self.engine.world_size, list(self.weights)
         counts = torch.tensor([[labelled(b.tasks[t]) if t in b.tasks else 0 for t in tasks] for b in micro],
                               dtype=torch.float64)
@@ -87,7 +90,8 @@ class Stepper:
         skipped = self.engine.skipped_steps() > skipped_before
         if not skipped:
             self.scheduler.step()
-        reduced = self.engine.sum(torch.cat([loss_sums, work]))  # one all-reduce for the losses and the work
+        # One all-reduce for the losses, the work and the ranks that want to stop.
+        reduced = self.engine.sum(torch.cat([loss_sums, work, torch.tensor([float(stop)], dtype=torch.float64)]))
         task_losses = dict(zip(tasks, (reduced[:len(tasks)] / totals).tolist()))
         loss = sum(self.weights[t] * v for t, v in task_losses.items())
         nonfinite = [t for t, v in task_losses.items() if not math.isfinite(v)]
@@ -96,7 +100,8 @@ class Stepper:
         metrics = {"loss": loss, **{f"loss/{t}": v for t, v in task_losses.items()}, "lr": lr,
                    "grad_norm": self.engine.grad_norm(), "skipped_steps": self.engine.skipped_steps(),
                    "target_tokens": int(totals.sum())}
-        return StepResult(metrics, int(reduced[-2]), float(reduced[-1]) if self.flops.known else None, skipped,
+        tokens, flops = reduced[len(tasks):len(tasks) + 2].tolist()
+        return StepResult(metrics, int(tokens), flops if self.flops.known else None, skipped, bool(reduced[-1]),
                           nonfinite)
 
     def log_nonfinite(self, step: int, index: int, batch: MicroBatch, losses: dict[str, float]) -> None:

@@ -5,7 +5,6 @@ import logging
 import math
 import os
 import time
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,14 @@ import torch
 
 from polytrain import atomic
 from polytrain.config import Config
-from polytrain.errors import ConfigError, DivergenceError
+from polytrain.errors import ConfigError, DivergenceError, Stopped
 from polytrain.models.flops import TrainFlops
 from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.order import DataOrder
 from polytrain.platform.distributed.checkpoint import convert_to_universal, latest_checkpoint, save_checkpoint
 from polytrain.platform.distributed.engine import Engine, base_optimizer
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
-from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
+from polytrain.platform.observe.run_dir import CheckpointDir, RunDir, new_run_name
 from polytrain.platform.observe.tracking import Tracker, keep_until
 from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate, format_table
@@ -39,6 +38,7 @@ from polytrain.platform.train.state import (
     seed_everything,
 )
 from polytrain.platform.train.step import Stepper
+from polytrain.platform.train.stopping import StopSignals, leave_stop_file, tell_launcher
 from polytrain.schema import dump_yaml, to_dict
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,45 @@ def train(cfg: Config, config_name: str = "run") -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     preflight(cfg)
     check_global_batch(cfg, world_size)
-    resume = latest_checkpoint(cfg.train.resume) if cfg.train.resume else None
+    resume = restart_point(cfg) or (latest_checkpoint(cfg.train.resume) if cfg.train.resume else None)
     universal = resume is not None and needs_universal(read_state(resume.state), world_size, cfg.engine.zero_stage)
-    micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
-    engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
-    run_dir = Trainer(cfg, engine, config_name, resume, universal).run()
+    stops = StopSignals()
+    try:
+        micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
+        engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
+        trainer = Trainer(cfg, engine, config_name, stops, resume, universal)
+        run_dir = trainer.run()
+    finally:
+        stops.restore()
     engine.close()
+    if trainer.stopped:
+        raise Stopped(trainer.stopped)
     return run_dir.path
+
+
+RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+"""How often torchrun restarted this job's processes (launch.max_restarts), and SLURM requeued the job."""
+
+
+def restart_point(cfg: Config) -> CheckpointDir | None:
+    """In a restarted or requeued job: the newest checkpoint of the run directory it writes to, if there is one."""
+    restarts = {name: int(os.environ.get(name) or 0) for name in RESTART_COUNTS}
+    if not any(restarts.values()):
+        return None
+    if cfg.train.resume:
+        run = latest_checkpoint(cfg.train.resume).run
+    elif cfg.train.run_name:
+        run = RunDir(Path(cfg.train.out_dir) / cfg.train.run_name)
+    else:
+        log.warning("this job was restarted (%s), but train.run_name is not set, so it cannot find its run: it "
+                    "starts a new one (polytrain launch sets the name)", restarts)
+        return None
+    if not run.latest.is_file():
+        return None
+    if os.environ.get("RANK", "0") == "0":
+        log.info("this job was restarted (%s): it resumes from %s", ", ".join(f"{k}={v}" for k, v in restarts.items()
+                                                                           if v), run.path)
+    return latest_checkpoint(run.path)
 
 
 def check_global_batch(cfg: Config, world_size: int) -> None:
@@ -87,8 +119,7 @@ def needs_universal(saved: dict, world_size: int, zero_stage: int) -> bool:
 
 
 def new_run_dir(cfg: Config, config_name: str) -> RunDir:
-    name = cfg.train.run_name or f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
-    return RunDir(Path(cfg.train.out_dir) / name)
+    return RunDir(Path(cfg.train.out_dir) / (cfg.train.run_name or new_run_name(config_name)))
 
 
 class Trainer:
@@ -100,9 +131,11 @@ class Trainer:
     tracker needs the resumed W&B id.
     """
 
-    def __init__(self, cfg: Config, engine: Engine, config_name: str, resume: CheckpointDir | None = None,
-                 universal: bool = False):
-        self.cfg, self.engine = cfg, engine
+    def __init__(self, cfg: Config, engine: Engine, config_name: str, stops: StopSignals,
+                 resume: CheckpointDir | None = None, universal: bool = False):
+        self.cfg, self.engine, self.stops = cfg, engine, stops
+        self.stopped: str | None = None
+        """Why the run stopped early, with the checkpoint it wrote (after a stop signal)."""
         # 1. The run directory: the main process names it (a timestamp), every rank uses that name.
         run_dir = resume.run if resume is not None else new_run_dir(cfg, config_name)
         self.run_dir: RunDir = engine.broadcast(run_dir if engine.is_main else None)
@@ -195,7 +228,7 @@ class Trainer:
             began = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
             self.log_samples(micro, step)
-            result = self.stepper(micro, step)
+            result = self.stepper(micro, step, stop=self.stops.received is not None)
             meter.add(time.perf_counter() - began, self.samples_per_step, result.tokens, result.flops)
             measured = self.memory.take()
             if measured is not None:  # the first step that stepped the optimizer
@@ -208,6 +241,9 @@ class Trainer:
                 self.tracker.log(step, {**result.metrics, **rates, **self.memory_metrics()})
                 meter.reset()
             self.count_bad_steps(step, result)
+            if result.stop:
+                self.stopped = self.stop_early(step)
+                return self.run_dir
             if step < cfg.train.steps and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 self.tracker.log(step, flatten_eval(self.evaluate(step)))
             if step < cfg.train.steps and cfg.train.save_every and step % cfg.train.save_every == 0:
@@ -243,6 +279,20 @@ class Trainer:
         if not latest.is_file():
             return "no checkpoint was written"
         return f"the last checkpoint (finite weights) is {self.run_dir.checkpoints / latest.read_text().strip()}"
+
+    def stop_early(self, step: int) -> str:
+        """Every rank stops after ``step``: a checkpoint (unless the steps are bad), the logs closed; returns what
+        happened, for the one line the job ends with."""
+        tell_launcher()
+        saved = ("no checkpoint, the last steps being bad; " + self.last_checkpoint() if self.bad_steps else
+                 f"checkpoint {self.checkpoint(step).path}")
+        self.close_logs()
+        got = self.stops.received.name if self.stops.received else "another process's stop signal"
+        message = (f"stopped by {got} after step {step}: {saved}; continue with train.resume={self.run_dir.path} "
+                   f"(a requeued or restarted job does so by itself)")
+        if self.engine.is_main:
+            leave_stop_file(message)
+        return message
 
     def log_samples(self, micro: list, step: int) -> None:
         if self.samples_log is None:
@@ -282,15 +332,18 @@ class Trainer:
         results = self.evaluate(steps)
         self.tracker.log(steps, {**flatten_eval(results), "train_seconds": train_seconds})
         final = self.checkpoint(steps)
-        self.tracker.close()
-        if self.samples_log is not None:
-            self.samples_log.close()
+        self.close_logs()
         if self.engine.is_main:
             atomic.write_text(self.run_dir.eval, json.dumps(results, indent=1) + "\n")
             log.info("trained to step %d in %.1f s; checkpoint %s", steps, train_seconds, final.path)
             print(format_table(results), flush=True)
             print(f"run directory: {self.run_dir.path}", flush=True)
         return self.run_dir
+
+    def close_logs(self) -> None:
+        self.tracker.close()
+        if self.samples_log is not None:
+            self.samples_log.close()
 
     def evaluate(self, step: int) -> dict[str, dict[str, float]]:
         """The held-out metrics; one that is not finite fails the run."""
