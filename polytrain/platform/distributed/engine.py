@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, safe_unpickling
+from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, Writes, safe_unpickling, tensor_bytes
 from polytrain.platform.distributed.config import EngineConfig
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
@@ -126,15 +126,13 @@ class Engine:
     def replica_digests(self, model: nn.Module) -> tuple[list[str], list[str]]:
         """SHA-256 of each rank's full parameters, gathered from all ranks (equal while replicas agree), and the
         names of the parameters that hold a value that is not finite (on this rank)."""
-        from accelerate.utils import gather_object
-
         digest, nonfinite = hashlib.sha256(), []
         for name, param in self.unwrap(model).named_parameters():
             with self.gathered(param):
                 digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
                 if not bool(torch.isfinite(param.detach()).all()):
                     nonfinite.append(name)
-        return gather_object([digest.hexdigest()]), nonfinite
+        return self.gather(digest.hexdigest()), nonfinite
 
     def gathered(self, param: nn.Parameter):
         """Context in which ``param`` is whole on this rank (ZeRO-3 shards parameters)."""
@@ -148,12 +146,29 @@ class Engine:
         """Unsharded weights (gathered from all ranks under ZeRO-3); call on every rank."""
         return self.accelerator.get_state_dict(model)
 
-    def save_shards(self, model: nn.Module, directory: Path) -> None:
+    def save_shards(self, model: nn.Module, directory: Path, writes: Writes) -> None:
         """DeepSpeed's own per-rank model/optimizer shards (in ``directory/zero``); every rank calls.
 
-        The empty universal-checkpoint info lets ``ds_to_universal`` convert them for another world size.
+        The empty universal-checkpoint info lets ``ds_to_universal`` convert them for another world size.  Each
+        file and folder goes through ``writes``, so one that fails is counted and the save goes on (DeepSpeed's
+        own barriers included) on every rank alike; the loads name the tag, so DeepSpeed's ``latest`` is not kept.
         """
-        model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}})
+        files = model.checkpoint_engine
+        files.save = lambda state_dict, path: writes([Path(path)], tensor_bytes(state_dict),
+                                                     lambda: type(files).save(files, state_dict, path))
+        files.makedirs = lambda path, exist_ok=False: writes([Path(path)], 0,
+                                                              lambda: type(files).makedirs(files, path, exist_ok))
+        try:
+            model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}},
+                                  save_latest=False)
+        finally:
+            del files.save, files.makedirs
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order, on every rank."""
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
 
     def load_shards(self, model: nn.Module, directory: Path) -> None:
         """Restore model and optimizer shards saved by ``save_shards`` (or converted to universal form).

@@ -17,7 +17,12 @@ from polytrain.errors import ConfigError, DivergenceError, Stopped
 from polytrain.models.flops import TrainFlops
 from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.order import DataOrder
-from polytrain.platform.distributed.checkpoint import convert_to_universal, latest_checkpoint, save_checkpoint
+from polytrain.platform.distributed.checkpoint import (
+    CheckpointWriteError,
+    convert_to_universal,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from polytrain.platform.distributed.engine import Engine, base_optimizer
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir, new_run_name
@@ -250,7 +255,7 @@ class Trainer:
                 if self.bad_steps:  # the model gives non-finite losses: nothing to resume from
                     log.warning("step %d: no checkpoint while steps are bad (%d in a row)", step, len(self.bad_steps))
                 else:
-                    self.checkpoint(step)
+                    self.checkpoint(step, final=False)
         return self.finish(time.perf_counter() - start)
 
     def count_bad_steps(self, step: int, result) -> None:
@@ -360,7 +365,9 @@ class Trainer:
                                   f"and writes no checkpoint; {self.last_checkpoint()}")
         return results
 
-    def checkpoint(self, step: int) -> CheckpointDir:
+    def checkpoint(self, step: int, final: bool = True) -> CheckpointDir | None:
+        """Save the run at ``step``. A save that cannot be written stops the run, or, for one that is not
+        ``final`` with ``train.failed_save=continue``, is logged and returns None."""
         digests, nonfinite = self.engine.replica_digests(self.model)
         if len(set(digests)) > 1:
             raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
@@ -370,8 +377,15 @@ class Trainer:
                                   f"{self.last_checkpoint()}")
         state: dict[str, Any] = {**self.state.state_dict(), "zero_stage": self.cfg.engine.zero_stage,
                                  "skipped_steps": self.engine.skipped_steps(), "replica_sha256": digests}
-        return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
-                               state)
+        try:
+            return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
+                                   state)
+        except CheckpointWriteError as err:
+            if final or self.cfg.train.failed_save == "stop":
+                raise
+            if self.engine.is_main:
+                log.warning("step %d: %s; training goes on (train.failed_save=continue)", step, err)
+            return None
 
     def text_tokenizer_file(self) -> Path:
         """The configured tokenizer.json, the pretrained weights' own (their embedding rows are its ids),
