@@ -1,7 +1,9 @@
 """Every config value has a domain, checked when the config is read: random values of every type at every key of
-the config tree load, or stop with one line naming a key, never a traceback."""
+the config tree load, or stop with one line naming a key, never a traceback; and a sample of those that load
+trains, or stops in one line, never ending well with a NaN."""
 
 import dataclasses
+import json
 import math
 import re
 import typing
@@ -9,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from polytrain.cli import one_line
-from polytrain.config import Config
+from polytrain.config import Config, load_config
+from polytrain.errors import ConfigError
 from polytrain.schema import Range
+from tests.helpers import polytrain, read_jsonl
 from tests.platform.runs import TINY
 from tests.test_cli import cli
 
@@ -109,3 +113,34 @@ def test_a_range_says_what_it_allows():
     assert Range(gt=0, le=1).describe() == "must be in (0, 1]"
     assert Range(ge=0, note="0: all").describe() == "must be >= 0 (0: all)"
     assert 0.5 in Range(ge=0, lt=1) and 1 not in Range(ge=0, lt=1) and 0 not in Range(gt=0)
+
+
+SHORT = ("train.steps=2", "train.run_name=domain", "tracking.log_every=1")
+UNTRAINED = ("launch.", "plugins", "tracking.wandb.", "train.steps", "data.cache_dir", "engine.offload_",
+             "model.backbone.compile")
+"""Keys a training run does not read (launch, W&B's network), or that would only make it long: the rest is tried."""
+
+
+@pytest.mark.slow
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                 HealthCheck.filter_too_much])
+@given(key=st.sampled_from([k for k in KEYS if not k.startswith(UNTRAINED)]), value=VALUES)
+def test_a_value_that_loads_trains_or_stops_in_one_line_never_ends_well_with_nan(tmp_path_factory, data_cache, key,
+                                                                                 value):
+    folder = tmp_path_factory.mktemp("domain")
+    items = [f"train.out_dir={folder}", f"data.cache_dir={data_cache}", *SHORT, override(key, value)]
+    try:
+        cfg = load_config(TINY, items)
+    except ConfigError:
+        assume(False)
+    proc = polytrain("train", TINY, *items, cwd=folder)
+    item = items[-1]
+    assert "Traceback" not in proc.stderr and proc.returncode in (0, 2), (item, proc.stderr[-3000:])
+    if proc.returncode == 2:
+        assert len([line for line in proc.stderr.splitlines() if line.startswith("polytrain: error: ")]) == 1
+        return
+    run = folder / cfg.train.out_dir / cfg.train.run_name
+    results = json.loads((run / "eval.json").read_text())
+    assert all(math.isfinite(v) for metrics in results.values() for v in metrics.values()), (item, results)
+    assert all(math.isfinite(row["loss"]) for row in read_jsonl(run / "metrics.jsonl") if "loss" in row), item
