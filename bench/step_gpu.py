@@ -97,7 +97,7 @@ def decoder(kernel: str, batch: int, seq: int, steps: int, compiled: bool, peak:
     ids = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
     lm = TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:])
     try:
-        seconds = race({kernel: training_step(model, lambda: model({"lm": lm})["lm"])}, steps,
+        seconds = race({kernel: training_step(model, lambda built=model: built({"lm": lm})["lm"])}, steps,
                        sync=torch.cuda.synchronize)[kernel].wall
     finally:
         del model

@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` could not be created or written into (its nearest existing ancestor decides), or None."""
+    folder = Path(folder).absolute()
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                return f"{existing} is a file, not a folder"
+            if not os.access(existing, os.W_OK | os.X_OK):
+                return f"{existing} is not writable by this user"
+            return None
+    return None
+
+
 def temporary(path: Path, private: bool = True) -> Path:
     """The temporary name a write of ``path`` goes to first; ``private`` adds this process's pid, so
     concurrent writers of the same target do not share it (a folder all ranks fill is not private)."""

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from polytrain import atomic
-from polytrain.errors import PolytrainError
+from polytrain.errors import STOPPED, PolytrainError, Stopped
 from polytrain.launch.failures import record_failure
 
 log = logging.getLogger("polytrain")
@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.func(args) or 0
+    except Stopped as err:  # a checkpoint to resume from is written: not an error, a distinct exit code
+        print(f"polytrain: {one_line(str(err))}", file=sys.stderr, flush=True)
+        record_failure(err)
+        return STOPPED
     except PolytrainError as err:
-        print(f"polytrain: error: {err}", file=sys.stderr, flush=True)
+        print(f"polytrain: error: {one_line(str(err))}", file=sys.stderr, flush=True)
         record_failure(err)
         if process_group_alive():
             # Interpreter teardown with a live gloo/NCCL group can abort the process (SIGABRT from a
@@ -46,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         record_failure(err)  # a process of a launched job: its launcher reports the error in one line
         raise
+
+
+def one_line(message: str) -> str:
+    """``message`` with its control characters escaped: a path or value holding a line break stays on the line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def process_group_alive() -> bool:
@@ -232,7 +241,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not args.dry_run:
         load_torch_quietly()
-    return launch(cfg.launch, cfg.train.out_dir, args.config, args.overrides, args.dry_run, args.submit)
+    return launch(cfg.launch, cfg.train.out_dir, cfg.train.run_name, args.config, args.overrides, args.dry_run,
+                  args.submit)
 
 
 def load_torch_quietly() -> None:
@@ -318,6 +328,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from polytrain.errors import ConfigError, DataError
+    from polytrain.schema import from_dict
     from polytrain.tokenizers.config import TOKENIZERS, TextTokenizerConfig
     from polytrain.tokenizers.text import TextTokenizer
 
@@ -325,8 +336,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         raise ConfigError("--modality", args.modality, "only text tokenizers are trained; the others have no "
                           "learned state and are set up by the recipe's tokenizers section")
     try:
-        cfg = TextTokenizerConfig(vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-        cfg.check()
+        cfg = from_dict(TextTokenizerConfig, {"vocab_size": args.vocab_size, "min_frequency": args.min_frequency})
     except ConfigError as err:
         raise ConfigError(f"--{err.key.replace('_', '-')}", err.value, err.allowed) from None
     missing = [name for name in args.input if not Path(name).is_file()]

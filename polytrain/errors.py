@@ -22,3 +22,17 @@ class ConfigError(PolytrainError):
 
 class DataError(PolytrainError):
     """A sample, file or manifest line that cannot be read; the message names where it is."""
+
+
+class DivergenceError(PolytrainError):
+    """Training produced values that are not finite (losses, gradients, weights, an evaluation): the run stops
+    without a checkpoint of them; the message names the steps and the last checkpoint that is sound."""
+
+
+STOPPED = 75
+"""The exit code of a job that stopped on SIGTERM or SIGUSR1 after writing a checkpoint to resume from
+(sysexits' EX_TEMPFAIL: a temporary failure, try again)."""
+
+
+class Stopped(Exception):
+    """The job stopped early on a signal and saved a checkpoint: not an error; the CLI exits with ``STOPPED``."""

@@ -33,15 +33,16 @@ for _name, _module in (("torchrun", torchrun), ("deepspeed", deepspeed), ("slurm
     BACKENDS.register(_name)(Backend(_module.check, _module.describe, _module.run))
 
 
-def launch(cfg: LaunchConfig, out_dir: str, config_path: str, overrides: list[str], dry_run: bool = False,
-           submit: bool = False) -> int:
-    """``polytrain launch``: print the job's commands (dry run) or start it; ``out_dir`` is train.out_dir."""
+def launch(cfg: LaunchConfig, out_dir: str, run_name: str | None, config_path: str, overrides: list[str],
+           dry_run: bool = False, submit: bool = False) -> int:
+    """``polytrain launch``: print the job's commands (dry run) or start it; ``out_dir`` and ``run_name`` are
+    train.out_dir and train.run_name."""
     if submit and cfg.backend != "slurm":
         raise ConfigError("--submit", True, f"submits SLURM jobs; launch.backend={cfg.backend!r} "
                           f"(set launch.backend=slurm)")
     if submit and dry_run:
         raise ConfigError("--submit", True, "cannot be combined with --dry-run, which starts nothing")
-    job = Job.create(cfg, config_path, overrides, out_dir, submit)
+    job = Job.create(cfg, config_path, overrides, out_dir, run_name, submit)
     backend = BACKENDS.get(cfg.backend)
     if dry_run:
         print(backend.describe(job), flush=True)

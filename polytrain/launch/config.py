@@ -7,10 +7,11 @@ is launched.
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.launch.hostfile import is_reachable_name
+from polytrain.schema import NonNegative, Range
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,10 @@ class RendezvousConfig:
     id: str = "polytrain"
     """Job id every node passes to the rendezvous; jobs sharing master_addr:master_port need different ids
     (under SLURM: the job id)."""
-    timeout: int = 600
+    timeout: Annotated[int, Range(ge=1, le=10**7, unit="seconds")] = 600
     """Seconds a node waits for all launch.nodes nodes to arrive (or to reach node 0) before giving up."""
 
     def check(self) -> None:
-        if self.timeout < 1:
-            raise ConfigError("timeout", self.timeout, "must be >= 1 second")
         if not self.id or any(c.isspace() for c in self.id):
             raise ConfigError("id", self.id, "must be a non-empty word without spaces")
 
@@ -59,9 +58,9 @@ class SlurmConfig:
     time: str | int = "01:00:00"
     """Wall-clock limit (sbatch --time): M, M:S, H:M:S, D-H, D-H:M or D-H:M:S. Write hours with two digits
     (02:00:00): YAML reads an unquoted 2:00:00 as the number 7200."""
-    gpus_per_node: int | None = None
+    gpus_per_node: Annotated[int, Range(ge=0, note="0: no GPUs) or null (procs_per_node")] | None = None
     """GPUs to request per node (sbatch --gpus-per-node); null: launch.procs_per_node; 0: a CPU-only job."""
-    cpus_per_node: int | None = None
+    cpus_per_node: Annotated[int, Range(ge=1, note="or null: the default")] | None = None
     """CPU cores per node for its processes (sbatch --cpus-per-task of the one task per node); null: default."""
     job_name: str | None = None
     """sbatch --job-name; null: the recipe's file name."""
@@ -76,6 +75,10 @@ class SlurmConfig:
     """Python on the compute nodes; null: the interpreter running polytrain launch (a shared venv)."""
     script: str | None = None
     """Where to write the script; null: <train.out_dir>/<job name>.sbatch."""
+    stop_before: Annotated[int, Range(ge=0, le=65535, unit="seconds", note="0: no signal, no requeue")] = 300
+    """Seconds before the time limit SLURM sends SIGUSR1 to the job's processes (sbatch --signal=USR1@this; SLURM
+    may send it up to 60 s earlier): they checkpoint and exit with code 75, and the script requeues the job, which
+    resumes from that checkpoint. Leave a checkpoint's writing time, and more."""
 
     def check(self) -> None:
         if isinstance(self.time, int):
@@ -83,10 +86,6 @@ class SlurmConfig:
                               "write it with a leading zero (02:00:00, 00:30) or in quotes")
         if not TIME.fullmatch(self.time):
             raise ConfigError("time", self.time, "must be a SLURM time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
-        if self.gpus_per_node is not None and self.gpus_per_node < 0:
-            raise ConfigError("gpus_per_node", self.gpus_per_node, "must be >= 0 (0: no GPUs) or null")
-        if self.cpus_per_node is not None and self.cpus_per_node < 1:
-            raise ConfigError("cpus_per_node", self.cpus_per_node, "must be >= 1 or null")
         if self.job_name is not None and (not self.job_name or any(c.isspace() for c in self.job_name)):
             raise ConfigError("job_name", self.job_name, "must be a non-empty word without spaces")
         for i, arg in enumerate(self.sbatch_args):
@@ -103,21 +102,24 @@ class LaunchConfig:
     """The launcher (see polytrain.launch.backends): torchrun starts this node's processes (run
     `polytrain launch` on every node); deepspeed starts every node of launch.hostfile over ssh from this
     one; slurm writes an sbatch script (--submit submits it) whose nodes each run torchrun."""
-    nodes: int = 1
+    nodes: Annotated[int, Range(ge=1)] = 1
     """Machines in the job."""
-    procs_per_node: int = 1
+    procs_per_node: Annotated[int, Range(ge=1)] = 1
     """Training processes per machine: one per GPU; on CPU, at most the core count is sensible."""
-    node_rank: int = 0
+    node_rank: NonNegative[int] = 0
     """torchrun with launch.rdzv.backend=static only: this machine's index among the nodes (0 hosts the
     rendezvous and rank 0). The slurm backend gives each node its $SLURM_NODEID instead."""
     master_addr: str | None = None
     """Address of the node that hosts the rendezvous, reachable from every node. null: the hostfile's first
     host, or 127.0.0.1 for one node (deepspeed: found over ssh; slurm: the allocation's first node)."""
-    master_port: int = 29500
+    master_port: Annotated[int, Range(ge=1, le=65535, noun="a TCP port")] = 29500
     """TCP port of the rendezvous on master_addr (a one-node c10d job takes a free port instead)."""
     hostfile: str | None = None
     """DeepSpeed-format hostfile (`HOST slots=N` lines): the machines, in node order. Required by deepspeed
     for more than one node; with torchrun it names the nodes and supplies master_addr."""
+    max_restarts: NonNegative[int] = 0
+    """Times torchrun starts this node's processes again after one of them dies (torchrun --max-restarts; the
+    torchrun and slurm backends); the restarted job resumes from its run's latest checkpoint by itself."""
     rdzv: RendezvousConfig = field(default_factory=RendezvousConfig)
     """How torchrun's nodes meet (torchrun and slurm backends)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -125,15 +127,10 @@ class LaunchConfig:
 
     def check(self) -> None:
         """Value checks; what each launcher allows is checked by the root config (``launch.backends``)."""
-        for name in ("nodes", "procs_per_node"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
         if self.master_addr is not None and not is_reachable_name(self.master_addr):
             raise ConfigError("master_addr", self.master_addr, "must be a host name (letters, digits, '-', '_', "
                               "'.') or an IP address")
-        if not 0 < self.master_port < 65536:
-            raise ConfigError("master_port", self.master_port, "must be a TCP port in 1..65535")
-        if not 0 <= self.node_rank < self.nodes:
+        if self.node_rank >= self.nodes:
             raise ConfigError("node_rank", self.node_rank, f"must be in [0, nodes={self.nodes})")
         if self.node_rank and (self.backend, self.rdzv.backend) != ("torchrun", "static"):
             raise ConfigError("node_rank", self.node_rank, f"is only used by torchrun's static rendezvous "

@@ -25,6 +25,9 @@ RUNNER = ("-m", "deepspeed.launcher.runner")
 
 
 def check(cfg: LaunchConfig) -> None:
+    if cfg.max_restarts:
+        raise ConfigError("max_restarts", cfg.max_restarts, "is torchrun's: the deepspeed launcher restarts nothing; "
+                          "use launch.backend=torchrun or slurm")
     if cfg.nodes > 1 and not cfg.hostfile:
         raise ConfigError("hostfile", cfg.hostfile, f"is required for nodes={cfg.nodes} with backend=deepspeed: "
                           f"the deepspeed launcher reaches the other nodes over ssh through the hosts it lists")

@@ -6,6 +6,7 @@ from pathlib import Path
 from polytrain.errors import ConfigError
 from polytrain.launch.config import LaunchConfig
 from polytrain.launch.hostfile import Host, HostfileError, read_hostfile
+from polytrain.platform.observe.run_dir import new_run_name
 
 PER_NODE_KEYS = ("launch.node_rank=",)
 """Overrides that differ between nodes; the training command leaves them out so it is the same everywhere."""
@@ -22,24 +23,36 @@ class Job:
     """The job's name: the recipe's file name without suffix."""
     out_dir: str
     """train.out_dir: run directories (and SLURM scripts and logs) go under it."""
+    run_name: str
+    """train.run_name, fixed here when the config leaves it unset, so every process and every restart of the job
+    writes (and resumes) the same run directory."""
+    run_name_given: bool
+    """The config set train.run_name (else a SLURM job names its run after its job id)."""
     hosts: tuple[Host, ...] = ()
     """The hostfile's hosts (empty without one); node k runs on hosts[k]."""
     submit: bool = False
     """slurm: submit the written script with sbatch."""
 
     @classmethod
-    def create(cls, cfg: LaunchConfig, config_path: str, overrides: list[str], out_dir: str,
+    def create(cls, cfg: LaunchConfig, config_path: str, overrides: list[str], out_dir: str, run_name: str | None,
                submit: bool = False) -> "Job":
         """The job, with the hostfile read and checked against launch.nodes and launch.procs_per_node."""
         hosts = tuple(read_hostfile(cfg.hostfile)) if cfg.hostfile else ()
         if hosts:
             check_hosts(cfg, hosts)
-        return cls(cfg, str(config_path), tuple(overrides), Path(config_path).stem, out_dir, hosts, submit)
+        name = Path(config_path).stem
+        return cls(cfg, str(config_path), tuple(overrides), name, out_dir, run_name or new_run_name(name),
+                   run_name is not None, hosts, submit)
+
+    @property
+    def job_overrides(self) -> list[str]:
+        """The overrides every process of the job gets: the given ones, the run's name first."""
+        return [f"train.run_name={self.run_name}", *(o for o in self.overrides if not o.startswith(PER_NODE_KEYS))]
 
     @property
     def train_args(self) -> list[str]:
         """What each training process runs after ``python -m polytrain.cli``: the same on every node."""
-        return ["train", self.config_path, *(o for o in self.overrides if not o.startswith(PER_NODE_KEYS))]
+        return ["train", self.config_path, *self.job_overrides]
 
     @property
     def master_addr(self) -> str | None:

@@ -8,6 +8,13 @@ default) no node needs its rank; with a static one each task adds its own
 ``$SLURM_NODEID`` (0 on the first node).  A node that never starts or a rank
 that dies is reported as in any torchrun job, and ``--kill-on-bad-exit`` ends
 the other nodes when one fails.
+
+Ahead of the time limit (``launch.slurm.stop_before``) SLURM signals every
+process of the job with SIGUSR1; the training processes agree on a step,
+checkpoint it and exit with ``errors.STOPPED``, and the script then requeues
+the job.  Requeued, it runs again under the same job id, so with the same run
+directory (``train.run_name`` is named after the job id), and its processes
+see ``$SLURM_RESTART_COUNT`` and resume from the newest checkpoint there.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from polytrain.errors import ConfigError
+from polytrain.atomic import unwritable
+from polytrain.errors import STOPPED, ConfigError
 from polytrain.launch.failures import LaunchError
+from polytrain.platform.train.stopping import STOP_FILE
 
 if TYPE_CHECKING:
     from polytrain.launch.config import LaunchConfig
@@ -51,7 +60,10 @@ def node_command(job: Job) -> str:
     python = cfg.slurm.python or sys.executable
     train = [python, "-m", "polytrain.cli", "launch", str(Path(job.config_path).resolve()),
              *(o for o in job.overrides if not o.startswith("launch."))]
-    rendezvous = ["launch.backend=torchrun", f"launch.nodes={cfg.nodes}", f"launch.procs_per_node={cfg.procs_per_node}",
+    # one run directory per SLURM job, on every node and however often it is requeued
+    run_name = shlex.quote(job.run_name) if job.run_name_given else f'"{job_name(job)}-$SLURM_JOB_ID"'
+    rendezvous = [f"train.run_name={run_name}", "launch.backend=torchrun", f"launch.nodes={cfg.nodes}", f"launch.procs_per_node={cfg.procs_per_node}",
+                  *([f"launch.max_restarts={cfg.max_restarts}"] if cfg.max_restarts else []),
                   f"launch.rdzv.backend={cfg.rdzv.backend}", 'launch.rdzv.id="slurm-$SLURM_JOB_ID"',
                   f"launch.rdzv.timeout={cfg.rdzv.timeout}", 'launch.master_addr="$MASTER_ADDR"',
                   f"launch.master_port={cfg.master_port}"]
@@ -69,7 +81,9 @@ def script(job: Job) -> str:
                f"--time={s.time}",
                *([f"--partition={s.partition}"] if s.partition else []),
                *([f"--account={s.account}"] if s.account else []),
-               f"--output={output_path(job)}", *s.sbatch_args]
+               f"--output={output_path(job)}",
+               *([f"--signal=USR1@{s.stop_before}", "--requeue", "--open-mode=append"] if s.stop_before else []),
+               *s.sbatch_args]
     lines = ["#!/bin/bash",
              f"# Written by: polytrain launch {shlex.join([job.config_path, *job.overrides])}",
              *(f"#SBATCH {option}" for option in options),
@@ -82,8 +96,15 @@ def script(job: Job) -> str:
              "",
              f"# One task per node: polytrain launch starts torchrun there, which starts "
              f"{job.cfg.procs_per_node} training process(es).",
+             *([f"# A job stopped by SIGUSR1 ({s.stop_before} s before the time limit) or SIGTERM (preemption) saves a "
+                "checkpoint,",
+                f"# leaves {STOP_FILE} and exits with {STOPPED}: it is queued again and resumes from that checkpoint.",
+                f"export {STOP_FILE}={shlex.quote(str(Path(job.out_dir).resolve()))}/.stopped-$SLURM_JOB_ID",
+                'rm -f "$POLYTRAIN_STOP_FILE"', "status=0"] if s.stop_before else []),
              f"srun --nodes={job.cfg.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
-             f"    {node_command(job)}",
+             f"    {node_command(job)}" + (" || status=$?" if s.stop_before else ""),
+             *([f'if [ -f "${STOP_FILE}" ]; then', f'    rm -f "${STOP_FILE}"', '    scontrol requeue "$SLURM_JOB_ID"',
+                "fi", 'exit "$status"'] if s.stop_before else []),
              ""]
     return "\n".join(lines)
 
@@ -107,6 +128,10 @@ def describe(job: Job) -> str:
 def run(job: Job) -> None:
     """Write the script; with --submit, hand it to sbatch."""
     path = script_path(job)
+    for key, folder in (("launch.slurm.script", path.parent), ("train.out_dir", Path(job.out_dir))):
+        reason = unwritable(folder)
+        if reason:
+            raise ConfigError(key, str(folder), f"the script and the job's log go there, but {reason}")
     path.parent.mkdir(parents=True, exist_ok=True)
     Path(job.out_dir).mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's folder
     path.write_text(script(job))

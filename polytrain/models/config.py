@@ -11,11 +11,11 @@ objects, and are imported only when a name is looked up.
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.registry import Registry
-from polytrain.schema import from_dict, to_dict
+from polytrain.schema import Fraction, NonNegative, Positive, Range, from_dict, to_dict
 
 HEADS: Registry[type] = Registry("head", group="polytrain.heads")
 """Head class by name, as written in ``data.tasks.<task>.head``; built as ``cls(model_config, specs)``.
@@ -97,27 +97,27 @@ BLOCK_FIELDS = ("dim", "n_heads", "n_kv_heads", "mlp_ratio", "mlp_width", "mlp",
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    dim: int = 256
+    dim: Positive[int] = 256
     """Width of every token vector (d_model)."""
-    n_heads: int = 4
+    n_heads: Positive[int] = 4
     """Query heads per attention layer; must divide ``dim``."""
-    n_kv_heads: int = 0
+    n_kv_heads: NonNegative[int] = 0
     """Key/value heads: 0 means ``n_heads`` (multi-head), 1 is multi-query, a divisor of ``n_heads``
     in between is grouped-query attention."""
-    encoder_layers: int = 2
+    encoder_layers: NonNegative[int] = 2
     """Bidirectional blocks; 0 builds a decoder-only backbone."""
-    decoder_layers: int = 2
+    decoder_layers: NonNegative[int] = 2
     """Causal blocks (with cross-attention when there is an encoder); 0 builds an encoder-only backbone."""
-    mlp_ratio: float = 4.0
+    mlp_ratio: Positive[float] = 4.0
     """MLP hidden width as a multiple of ``dim`` (for swiglu, the width of each of its two branches)."""
-    mlp_width: int = 0
+    mlp_width: Annotated[int, Range(ge=0, note="0: int(dim * mlp_ratio)")] = 0
     """MLP hidden width in channels, overriding ``mlp_ratio``; 0: int(dim * mlp_ratio).  Checkpoint configs
     state the width, which a ratio does not always give back (int(224 * (976 / 224)) is 975)."""
     mlp: str = "gelu"
     """MLP kind: gelu (erf), gelu_tanh (GPT-2), relu, swiglu."""
     norm: str = "layernorm"
     """Normalization: layernorm or rmsnorm."""
-    norm_eps: float = 1e-5
+    norm_eps: Positive[float] = 1e-5
     """Epsilon added to the variance in every norm."""
     norm_position: Literal["pre", "post"] = "pre"
     """pre: x + f(norm(x)) and a final norm after the stack; post: norm(x + f(x)), no final norm."""
@@ -133,11 +133,11 @@ class BackboneConfig:
     """Biases in the MLP projections; None: as ``bias``."""
     position: str = "learned"
     """Position encoding: learned, sinusoidal (added to the embeddings), rope, alibi (inside attention)."""
-    rope_base: float = 10000.0
+    rope_base: Annotated[float, Range(gt=1)] = 10000.0
     """RoPE: wavelength base theta; rotation pair i turns at base^(-i / pairs) radians per position."""
-    dropout: float = 0.0
+    dropout: Fraction = 0.0
     """Dropout on embeddings, attention weights and residual branches, during training only."""
-    drop_path: float = 0.0
+    drop_path: Fraction = 0.0
     """Stochastic depth: the last block of each stack drops its residual branches at this rate, the first
     at 0, linearly in between (as in DeiT / timm)."""
     attention: str = "auto"
@@ -156,19 +156,13 @@ class BackboneConfig:
     text (its own, or around image spans) keeps to the decoder. {}: one block shape for both stacks."""
 
     def check(self) -> None:
-        if self.dim <= 0 or self.n_heads <= 0 or self.dim % self.n_heads:
+        if self.dim % self.n_heads:
             raise ConfigError("n_heads", self.n_heads, f"must be positive and divide dim={self.dim}")
-        if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
+        if self.n_kv_heads and self.n_heads % self.n_kv_heads:
             raise ConfigError("n_kv_heads", self.n_kv_heads, f"must be 0 or divide n_heads={self.n_heads}")
-        if self.encoder_layers < 0:
-            raise ConfigError("encoder_layers", self.encoder_layers, "must be >= 0")
-        if self.decoder_layers < 0 or self.encoder_layers + self.decoder_layers == 0:
+        if self.encoder_layers + self.decoder_layers == 0:
             raise ConfigError("decoder_layers", self.decoder_layers,
                               f"must be >= 0, and encoder_layers + decoder_layers >= 1 (encoder_layers={self.encoder_layers})")
-        if self.mlp_ratio <= 0:
-            raise ConfigError("mlp_ratio", self.mlp_ratio, "must be > 0")
-        if self.mlp_width < 0:
-            raise ConfigError("mlp_width", self.mlp_width, "must be >= 0 (0: int(dim * mlp_ratio))")
         for key, registry in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
             if getattr(self, key) not in registry:
                 raise ConfigError(key, getattr(self, key), f"unknown; known: {', '.join(registry.names())}")
@@ -177,13 +171,6 @@ class BackboneConfig:
         if self.position == "rope" and self.head_dim % 4:
             raise ConfigError("position", self.position, f"2-D RoPE splits each head in row and column halves of "
                               f"rotation pairs, so dim / n_heads = {self.head_dim} must be divisible by 4")
-        if self.norm_eps <= 0:
-            raise ConfigError("norm_eps", self.norm_eps, "must be > 0")
-        if self.rope_base <= 1:
-            raise ConfigError("rope_base", self.rope_base, "must be > 1")
-        for key in ("dropout", "drop_path"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(key, getattr(self, key), "must be in [0, 1)")
         if self.encoder:
             self.check_encoder()
 
@@ -232,21 +219,17 @@ class EmbedConfig:
     """Prepend a learned [CLS] vector to every image/audio segment (for pooling="cls" classifiers)."""
     scale_tokens: bool = False
     """Multiply token embeddings by sqrt(dim) before adding positions (Vaswani et al. 2017)."""
-    token_types: int = 0
+    token_types: Annotated[int, Range(ge=0, note="0: no token-type table")] = 0
     """Rows of a learned token-type table in the text embedder (BERT's ``type_vocab_size``); every text
     token adds row 0, as BERT does for a single sentence, and the other rows are kept for export.  0: none."""
     decoder_positions: bool = False
     """Text entering the decoder stack gets a learned position table of its own (BART keeps one per
     stack); false: one table serves both stacks."""
 
-    def check(self) -> None:
-        if self.token_types < 0:
-            raise ConfigError("token_types", self.token_types, "must be >= 0 (0: no token-type table)")
-
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    classes: int = 2
+    classes: Annotated[int, Range(ge=2)] = 2
     """Number of classes; labels are ids 0..classes-1."""
     pooling: Literal["cls", "mean"] = "mean"
     """cls: the first token's output (the patch embedders' [CLS] with ``embed.cls_token``, or a text
@@ -255,69 +238,45 @@ class ClassifierConfig:
     """Pass the pooled vector through a learned dim x dim linear map and tanh before the class
     projection (BERT's pooler)."""
 
-    def check(self) -> None:
-        if self.classes < 2:
-            raise ConfigError("classes", self.classes, "must be >= 2")
-
 
 @dataclass(frozen=True)
 class DecodingConfig:
     strategy: Literal["greedy", "sample", "beam"] = "greedy"
     """greedy: argmax; sample: draw from the filtered softmax; beam: beam search."""
-    temperature: float = 1.0
+    temperature: Annotated[float, Range(gt=0, note="use strategy=greedy for argmax")] = 1.0
     """sample: logits are divided by this before the softmax (lower is sharper)."""
-    top_k: int = 0
+    top_k: Annotated[int, Range(ge=0, note="0 keeps every token")] = 0
     """sample: keep only the k most likely tokens (0: all)."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
     """sample: keep the smallest set of most likely tokens whose probability reaches p (1: all)."""
-    num_beams: int = 4
+    num_beams: Annotated[int, Range(ge=1)] = 4
     """beam: hypotheses kept per prompt."""
     length_penalty: float = 1.0
     """beam: exponent alpha of score = log-prob sum / length ** alpha (0: raw sum; > 0 favours longer)."""
 
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError("temperature", self.temperature, "must be > 0 (use strategy=greedy for argmax)")
-        if self.top_k < 0:
-            raise ConfigError("top_k", self.top_k, "must be >= 0 (0 keeps every token)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError("top_p", self.top_p, "must be in (0, 1]")
-        if self.num_beams < 1:
-            raise ConfigError("num_beams", self.num_beams, "must be >= 1")
-
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    label_smoothing: float = 0.0
+    label_smoothing: Fraction = 0.0
     """Share of each target's probability spread uniformly over the vocabulary (or classes) in the loss."""
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     """How text heads generate at evaluation and in ``polytrain generate`` (greedy, sampling, beam search)."""
 
-    def check(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("label_smoothing", self.label_smoothing, "must be in [0, 1)")
-
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 0
+    rank: Annotated[int, Range(ge=0, note="0 turns LoRA off")] = 0
     """Rank of each adapter (0: no LoRA)."""
-    alpha: float = 16.0
+    alpha: Positive[float] = 16.0
     """The update is scaled by alpha / rank, so changing the rank does not change the step size."""
-    dropout: float = 0.0
+    dropout: Fraction = 0.0
     """Dropout on the adapter's input during training."""
     targets: list[str] = field(default_factory=lambda: ["*.attn.qkv", "*.attn.out", "*.mlp.fc", "*.mlp.proj"])
     """Glob patterns of linear-layer module names to adapt (names as ``model.named_modules()`` lists them,
     e.g. ``backbone.encoder.blocks.0.attn.qkv``)."""
 
     def check(self) -> None:
-        if self.rank < 0:
-            raise ConfigError("rank", self.rank, "must be >= 0 (0 turns LoRA off)")
-        if self.alpha <= 0:
-            raise ConfigError("alpha", self.alpha, "must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
         if self.rank and not self.targets:
             raise ConfigError("targets", self.targets, "needs at least one module-name pattern when rank > 0")
 
@@ -331,7 +290,7 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
-    init_std: float = 0.02
+    init_std: Positive[float] = 0.02
     """Std of the normal init of every linear and embedding weight (residual outputs: / sqrt(2 * layers))."""
     tie_embeddings: bool = True
     """Text LM logits use the text embedding table (GPT-2, BART); false adds a separate ``lm_head``."""
@@ -340,8 +299,6 @@ class ModelConfig:
     tied table or in the ``lm_head``."""
 
     def check(self) -> None:
-        if self.init_std <= 0:
-            raise ConfigError("init_std", self.init_std, "must be > 0")
         backbone = self.backbone
         if self.embed.decoder_positions and (POSITIONS.get(backbone.position).table != "learned"
                                              or not backbone.encoder_layers or not backbone.decoder_layers):

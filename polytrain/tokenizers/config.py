@@ -8,11 +8,11 @@ each modality; the built-in ones are imported when first looked up.
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.registry import Registry
-from polytrain.schema import from_dict
+from polytrain.schema import NonNegative, Positive, Range, from_dict
 from polytrain.tokenizers.overflow import OverflowPolicy
 
 ENTRY_POINT_GROUP = "polytrain.tokenizers"
@@ -43,17 +43,17 @@ N_BYTES = 256
 class TextTokenizerConfig:
     vocab_size: int = 4096
     """Tokens in the trained vocabulary, special tokens and the 256 byte tokens included."""
-    max_len: int = 256
+    max_len: Annotated[int, Range(ge=4)] = 256
     """Longest token sequence a model sees for one text segment; sizes the text position table."""
     path: str | None = None
     """An existing ``tokenizer.json`` to load; when null, polytrain trains one on the run's text."""
-    min_frequency: int = 2
+    min_frequency: NonNegative[int] = 2
     """A pair must occur this often in the training text to be merged."""
     overflow: OverflowPolicy = "truncate"
     """A text segment longer than ``max_len`` (or a target longer than its task's ``max_target_len``):
     ``truncate`` keeps its first tokens (counted, the first and every 1000th logged); ``error`` refuses the
     sample."""
-    pad_to_multiple: int = 1
+    pad_to_multiple: Annotated[int, Range(ge=1, note="1: no rounding")] = 1
     """``TextTokenizer.batch`` pads every batch to a length that is a multiple of this (8 suits tensor cores)."""
     pad: str = PAD
     """The token that pads batches. A loaded ``tokenizer.json`` that lacks it gets it as a new id."""
@@ -68,10 +68,6 @@ class TextTokenizerConfig:
         floor = N_BYTES + len(SPECIAL_TOKENS)
         if self.vocab_size <= floor:
             raise ConfigError("vocab_size", self.vocab_size, f"must exceed {floor} (256 bytes + special tokens)")
-        if self.max_len < 4:
-            raise ConfigError("max_len", self.max_len, "must be >= 4")
-        if self.pad_to_multiple < 1:
-            raise ConfigError("pad_to_multiple", self.pad_to_multiple, "must be >= 1 (1: no rounding)")
         for key in ("pad", "bos", "eos", "mask"):
             if not getattr(self, key):
                 raise ConfigError(key, getattr(self, key), "must name a token")
@@ -99,9 +95,9 @@ NORMALIZATIONS.register("dpn")(((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 
 
 @dataclass(frozen=True)
 class ImageTokenizerConfig:
-    size: int = 224
+    size: Positive[int] = 224
     """crop/pad: side of the square output, in pixels. fit: the longest side an image may get."""
-    patch_size: int = 16
+    patch_size: Positive[int] = 16
     """Side of one square patch, in pixels; must divide ``size``."""
     channels: int = 3
     """3 reads images as RGB, 1 as grayscale."""
@@ -110,38 +106,30 @@ class ImageTokenizerConfig:
     transform). pad: longer side to ``size``, centered on a square whose border is the mean color.
     fit: keep the aspect ratio and the native resolution, scaled down only as far as ``max_patches`` and
     ``size`` require, each side rounded to whole patches: a variable patch grid per image."""
-    max_patches: int = 0
+    max_patches: Annotated[int, Range(ge=0, note="0: (size / patch_size)^2")] = 0
     """fit: the token budget, the most patches one image may give (0: (size / patch_size)^2)."""
     mean: Triple = (0.5, 0.5, 0.5)
     """Per-channel mean subtracted after scaling pixels to [0, 1] (first entry used when channels=1)."""
-    std: Triple = (0.5, 0.5, 0.5)
+    std: tuple[Positive[float], Positive[float], Positive[float]] = (0.5, 0.5, 0.5)
     """Per-channel std divided by after subtracting the mean."""
     norm: str | None = None
     """A named (mean, std) preset instead of ``mean``/``std``: imagenet, inception, openai_clip, dpn (timm's)."""
-    min_side: int = 0
+    min_side: Annotated[int, Range(ge=0, note="0: patch_size")] = 0
     """Images with a side shorter than this many pixels are refused (0: one patch, ``patch_size``)."""
-    max_aspect: float = 20.0
+    max_aspect: Annotated[float, Range(ge=1)] = 20.0
     """Images whose long side exceeds this many short sides are refused: a center crop would drop most of
     the image, padding or fitting would squeeze the short side into a sliver."""
 
     def check(self) -> None:
-        if self.patch_size <= 0 or self.size % self.patch_size:
+        if self.size % self.patch_size:
             raise ConfigError("patch_size", self.patch_size, f"must be positive and divide size={self.size}")
         if self.channels not in (1, 3):
             raise ConfigError("channels", self.channels, "must be 1 (grayscale) or 3 (RGB)")
-        if min(self.std) <= 0:
-            raise ConfigError("std", self.std, "every entry must be > 0")
         if self.norm is not None:
             if self.norm not in NORMALIZATIONS:
                 raise ConfigError("norm", self.norm, f"unknown preset; known: {', '.join(NORMALIZATIONS.names())}")
             if (self.mean, self.std) != (ImageTokenizerConfig.mean, ImageTokenizerConfig.std):
                 raise ConfigError("norm", self.norm, "set either norm or mean/std, not both")
-        if self.max_patches < 0:
-            raise ConfigError("max_patches", self.max_patches, "must be >= 0 (0: (size / patch_size)^2)")
-        if self.min_side < 0:
-            raise ConfigError("min_side", self.min_side, "must be >= 0 (0: patch_size)")
-        if self.max_aspect < 1:
-            raise ConfigError("max_aspect", self.max_aspect, "must be >= 1")
 
     @property
     def grid(self) -> int:
@@ -170,66 +158,64 @@ def whisper_frames(samples: int, hop: int) -> int:
 
 @dataclass(frozen=True)
 class AudioTokenizerConfig:
-    sample_rate: int = 16_000
+    sample_rate: Positive[int] = 16_000
     """Rate every clip is resampled to, in Hz."""
     frontend: Literal["kaldi", "whisper"] = "kaldi"
     """kaldi: Kaldi-compatible log-mel fbank (AST), then (x - mean) / std. whisper: Whisper's log-mel (log10,
     8-decade range below the clip's peak, (x + 4) / 4); use n_mels 80 or 128 to match Whisper's."""
-    n_mels: int = 80
+    n_mels: Positive[int] = 80
     """Mel filterbank bins per frame."""
-    frame_length_ms: float = 25.0
+    frame_length_ms: Positive[float] = 25.0
     """Analysis window, in ms (400 samples at 16 kHz; Whisper's n_fft)."""
-    frame_shift_ms: float = 10.0
+    frame_shift_ms: Positive[float] = 10.0
     """Hop between frames, in ms (160 samples at 16 kHz: 100 frames per second)."""
-    patch_mels: int = 16
+    patch_mels: Positive[int] = 16
     """Mel bins per patch."""
-    patch_frames: int = 16
+    patch_frames: Positive[int] = 16
     """Frames per patch (160 ms at a 10 ms hop)."""
-    stride_mels: int = 0
+    stride_mels: NonNegative[int] = 0
     """Mel bins between the starts of vertically adjacent patches (0: patch_mels, no overlap); patches must tile
     the bins exactly: (n_mels - patch_mels) divisible by it."""
-    stride_frames: int = 0
+    stride_frames: NonNegative[int] = 0
     """Frames between the starts of horizontally adjacent patches (0: patch_frames, no overlap)."""
-    max_seconds: float = 10.0
+    max_seconds: Positive[float] = 10.0
     """Longest clip, in seconds; it sizes the time position table. Longer clips follow ``overflow``."""
     overflow: OverflowPolicy = "truncate"
     """A clip longer than ``max_seconds``: truncate keeps its start (counted, the first and every 1000th
     logged); error refuses it."""
     mean: float = -4.27
     """kaldi: log-mel value subtracted before scaling (AST's AudioSet statistic)."""
-    std: float = 4.57
+    std: Positive[float] = 4.57
     """kaldi: log-mel scale divided by after subtracting ``mean``."""
-    freq_mask: int = 0
+    freq_mask: NonNegative[int] = 0
     """SpecAugment, only when the caller asks (``augment=True``, training): widest frequency mask, in mel bins
     (0: none; AST uses 48 of 128)."""
-    time_mask: int = 0
+    time_mask: NonNegative[int] = 0
     """SpecAugment: widest time mask, in frames (0: none; AST uses 192 of 1024)."""
-    masks: int = 1
+    masks: NonNegative[int] = 1
     """SpecAugment: masks of each kind per clip."""
 
     def check(self) -> None:
-        if self.stride_mels == 0 and (self.patch_mels <= 0 or self.n_mels % self.patch_mels):
+        if self.stride_mels == 0 and self.n_mels % self.patch_mels:
             raise ConfigError("patch_mels", self.patch_mels, f"must be positive and divide n_mels={self.n_mels}")
-        if not 0 < self.patch_mels <= self.n_mels:
+        if self.patch_mels > self.n_mels:
             raise ConfigError("patch_mels", self.patch_mels, f"must be in 1..n_mels={self.n_mels}")
-        if not 0 <= self.stride_mels <= self.patch_mels or (self.n_mels - self.patch_mels) % self.mel_stride:
+        if self.stride_mels > self.patch_mels or (self.n_mels - self.patch_mels) % self.mel_stride:
             raise ConfigError("stride_mels", self.stride_mels,
                               f"must be in 1..patch_mels={self.patch_mels} and divide n_mels - patch_mels = "
                               f"{self.n_mels - self.patch_mels}, so patches cover every mel bin")
-        if self.patch_frames <= 0:
-            raise ConfigError("patch_frames", self.patch_frames, "must be positive")
-        if not 0 <= self.stride_frames <= self.patch_frames:
+        if self.stride_frames > self.patch_frames:
             raise ConfigError("stride_frames", self.stride_frames, f"must be in 0..patch_frames={self.patch_frames}")
-        if self.frame_shift_ms <= 0 or self.frame_length_ms < self.frame_shift_ms:
+        if self.frame_length_ms < self.frame_shift_ms:
             raise ConfigError("frame_shift_ms", self.frame_shift_ms,
                               f"must be > 0 and <= frame_length_ms={self.frame_length_ms}")
-        if self.std <= 0:
-            raise ConfigError("std", self.std, "must be > 0")
+        if self.hop < 1:
+            raise ConfigError("frame_shift_ms", self.frame_shift_ms, f"must be at least one sample: "
+                              f">= {1000 / self.sample_rate:g} ms at sample_rate={self.sample_rate}")
         if self.max_seconds * self.sample_rate < self.min_samples:
-            raise ConfigError("max_seconds", self.max_seconds, f"must hold one patch ({self.min_samples} samples)")
-        for key in ("freq_mask", "time_mask", "masks"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, getattr(self, key), "must be >= 0")
+            raise ConfigError("max_seconds", self.max_seconds, f"must hold one patch: {self.min_samples} samples at "
+                              f"sample_rate={self.sample_rate} (patch_frames={self.patch_frames} frames of "
+                              f"frame_length_ms={self.frame_length_ms:g}, frame_shift_ms={self.frame_shift_ms:g})")
 
     @property
     def window(self) -> int:

@@ -27,7 +27,7 @@ STATIC_PAIR = ("launch.nodes=2", "launch.rdzv.backend=static", "launch.master_ad
     (["launch.backend=slurm", "launch.master_addr=10.0.0.1"],
      ["launch.master_addr='10.0.0.1': cannot be used with backend=slurm", "first node"]),
     (["launch.rdzv.backend=etcd"], ["launch.rdzv.backend='etcd': must be one of 'c10d', 'static'"]),
-    (["launch.rdzv.timeout=0"], ["launch.rdzv.timeout=0: must be >= 1 second"]),
+    (["launch.rdzv.timeout=0"], ["launch.rdzv.timeout=0: must be in 1..10000000 seconds"]),
     (["launch.rdzv.id=two words"], ["launch.rdzv.id='two words': must be a non-empty word without spaces"]),
     (["launch.slurm.time=1h"], ["launch.slurm.time='1h': must be a SLURM time limit"]),
     (["launch.slurm.time=2:00:00"], ["launch.slurm.time=7200: YAML read an unquoted time", "leading zero (02:00:00"]),

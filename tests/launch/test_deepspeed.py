@@ -28,7 +28,8 @@ def test_multi_node_command_uses_the_hostfile_hosts_deepspeed_picks(cli, tmp_pat
     assert (args.hostfile, args.num_nodes, args.num_gpus, args.master_addr, args.master_port) == (
         str(hosts), 2, 4, "", 29444)
     assert args.module and args.no_local_rank and args.user_script == "polytrain.cli"
-    assert args.user_args == ["train", str(QUICKSTART), "launch.backend=deepspeed", "launch.nodes=2",
+    assert args.user_args[2].startswith("train.run_name=quickstart-")  # one name for every process, fixed here
+    assert args.user_args[:2] + args.user_args[3:] == ["train", str(QUICKSTART), "launch.backend=deepspeed", "launch.nodes=2",
                               "launch.procs_per_node=4", f"launch.hostfile={hosts}", "launch.master_port=29444",
                               "train.steps=9"]
     # DeepSpeed's runner selects the hosts and slots these calls return

@@ -40,15 +40,16 @@ def test_script_asks_for_the_nodes_and_meets_on_the_first_one(cli, tmp_path, mon
     assert re.findall(r"^#SBATCH (.*)$", script, re.M) == [
         "--job-name=quickstart", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=64",
         "--time=02:00:00", "--partition=gpu", "--account=proj7", f"--output={tmp_path / 'runs'}/%x-%j.out",
-        "--exclusive", "--qos=high"]
+        "--signal=USR1@300", "--requeue", "--open-mode=append", "--exclusive", "--qos=high"]
     lines = script.splitlines()
     order = [lines.index(line) for line in ("module load cuda/12.4", "export POLYTRAIN_SETUP=done",
                                             f"cd {tmp_path}", *FIRST_NODE)]
     assert order == sorted(order)
-    assert lines[order[-1] + 3] == "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 \\"
+    assert lines[order[-1] + 8] == "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 \\"
     args = shlex.split(node_command(script).replace("\\\n", ""))
     assert args[:5] == [sys.executable, "-m", "polytrain.cli", "launch", str(QUICKSTART)]
-    assert args[5:] == ["train.steps=100", f"train.out_dir={tmp_path / 'runs'}", "launch.backend=torchrun",
+    assert args[5:] == ["train.steps=100", f"train.out_dir={tmp_path / 'runs'}",
+                        "train.run_name=quickstart-$SLURM_JOB_ID", "launch.backend=torchrun",
                         "launch.nodes=2", "launch.procs_per_node=8", "launch.rdzv.backend=c10d",
                         "launch.rdzv.id=slurm-$SLURM_JOB_ID", "launch.rdzv.timeout=900",
                         "launch.master_addr=$MASTER_ADDR", "launch.master_port=29555"]
@@ -75,10 +76,33 @@ def test_script_runs_srun_with_the_allocations_first_node(cli, tmp_path, monkeyp
     setup, *nodes = done.stdout.splitlines()
     # env_setup ran, srun starts in the submit folder with one task per node
     assert setup == f"setup=done cwd={tmp_path} options=--nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1"
-    settings = ("launch.backend=torchrun launch.nodes=2 launch.procs_per_node=8 launch.rdzv.backend=static "
+    settings = ("train.run_name=quickstart-4242 launch.backend=torchrun launch.nodes=2 launch.procs_per_node=8 "
+                "launch.rdzv.backend=static "
                 "launch.rdzv.id=slurm-4242 launch.rdzv.timeout=900 launch.master_addr=gpu-07 launch.master_port=29555")
     assert nodes == [f"-m polytrain.cli launch {QUICKSTART} train.out_dir={tmp_path / 'runs'} {settings} "
                      f"launch.node_rank={node}" for node in (0, 1)]
+
+
+def test_a_job_that_stopped_with_a_checkpoint_is_requeued_and_one_that_ended_is_not(cli, tmp_path, monkeypatch):
+    """srun stand-ins: one whose processes stop on SIGUSR1 (they leave the stop file and exit 75), one whose job
+    ends (0), one whose job fails (1)."""
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(cli, tmp_path, *CLUSTER, "launch.slurm.stop_before=120"))
+    assert "#SBATCH --signal=USR1@120\n" in script.read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "runs").mkdir()  # polytrain launch makes train.out_dir, where the stop file goes
+    stand_in(bin_dir, "scontrol", f'[ "$1" = requeue ] && echo "requeue $2" >> {tmp_path}/requeued; echo gpu-07')
+    stand_in(bin_dir, "module", "true")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-07", "SLURM_JOB_ID": "77"}
+    for body, code in (('echo "stopped by SIGUSR1 after step 9" > "$POLYTRAIN_STOP_FILE"; exit 75', 75), ("exit 0", 0),
+                       ("exit 1", 1)):
+        stand_in(bin_dir, "srun", body)
+        done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd="/")
+        assert done.returncode == code, done.stderr
+    assert (tmp_path / "requeued").read_text() == "requeue 77\n"  # the stopped one only
+    assert not list((tmp_path / "runs").glob(".stopped-*"))  # the script cleared the stop file
 
 
 def test_multinode_recipe_is_a_two_node_slurm_job(cli, tmp_path):

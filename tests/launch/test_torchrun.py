@@ -53,9 +53,11 @@ def test_static_dry_run_gives_each_node_its_rank(cli, monkeypatch):
         assert (config.rdzv_backend, config.rdzv_endpoint, config.run_id) == ("static", "10.1.2.3:29400", "polytrain")
         assert config.rdzv_configs == {"rank": node, "timeout": "600"}
         # the same training command everywhere: the per-node override stays with the launcher
-        assert process == [sys.executable, "-u", "-m", "polytrain.cli", "train", str(QUICKSTART), "launch.nodes=2",
-                           "launch.procs_per_node=4", "launch.rdzv.backend=static", "launch.master_addr=10.1.2.3",
-                           "launch.master_port=29400", "train.steps=5"]
+        # ... and the run's name, fixed by the launcher, so that a restart finds the run (launch.max_restarts)
+        assert re.fullmatch(r"train\.run_name=quickstart-\d{8}-\d{6}", process[6]), process[6]
+        assert process[:6] + process[7:] == [sys.executable, "-u", "-m", "polytrain.cli", "train", str(QUICKSTART),
+                                             "launch.nodes=2", "launch.procs_per_node=4", "launch.rdzv.backend=static",
+                                             "launch.master_addr=10.1.2.3", "launch.master_port=29400", "train.steps=5"]
 
 
 def test_c10d_dry_run_is_one_command_for_every_host(cli, monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ from polytrain.models.backbone import Backbone, Block
 from polytrain.models.config import BackboneConfig
 from polytrain.models.embed import Embedded
 from polytrain.models.positions import Rotary
+from polytrain.schema import from_dict
 
 DIM, HEADS, HIDDEN = 32, 4, 64
 CFG = BackboneConfig(dim=DIM, n_heads=HEADS, mlp_ratio=HIDDEN / DIM)
@@ -245,7 +246,7 @@ BAD = {
 @pytest.mark.parametrize("key", BAD)
 def test_bad_backbone_config_names_the_key(key):
     with pytest.raises(ConfigError) as err:
-        BackboneConfig(**{"dim": DIM, "n_heads": 4, **BAD[key]}).check()
+        from_dict(BackboneConfig, {"dim": DIM, "n_heads": 4, **BAD[key]})
     assert err.value.key == key
 
 

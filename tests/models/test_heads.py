@@ -17,6 +17,7 @@ from polytrain.models.generation import filter_logits, sample_next
 from polytrain.models.heads import text_segment, token_loss
 from polytrain.models.mlm_corruption import mask_tokens
 from polytrain.models.model import PolyModel
+from polytrain.schema import from_dict
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, Spans, TaskBatch, Tokens
 
 VOCAB, DIM, EOS = 40, 32, 2
@@ -333,9 +334,9 @@ def test_head_loss_applies_label_smoothing_and_ignores_padding():
 def test_head_configs_check_their_values():
     from polytrain.errors import ConfigError
 
-    for cfg, key in ((ClassifierConfig(classes=1), "classes"), (HeadsConfig(label_smoothing=1.0), "label_smoothing"),
-                     (DecodingConfig(top_p=0.0), "top_p"), (DecodingConfig(num_beams=0), "num_beams")):
+    for cls, key, value in ((ClassifierConfig, "classes", 1), (HeadsConfig, "label_smoothing", 1.0),
+                            (DecodingConfig, "top_p", 0.0), (DecodingConfig, "num_beams", 0)):
         with pytest.raises(ConfigError) as err:
-            cfg.check()
+            from_dict(cls, {key: value})
         assert err.value.key == key
     assert dataclasses.asdict(HeadsConfig())["decoding"]["strategy"] == "greedy"

@@ -10,6 +10,7 @@ from polytrain.errors import ConfigError
 from polytrain.models.config import LoraConfig, ModelConfig
 from polytrain.models.lora import LoraLinear, add_lora, merge_lora
 from polytrain.models.model import PolyModel
+from polytrain.schema import from_dict
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch, text_tokens
 
 SPECS = [EmbedSpec("text", 50, (1, 16)), EmbedSpec("image", 12, (2, 2))]
@@ -89,4 +90,4 @@ def test_a_target_that_matches_no_linear_names_the_key():
                                                      ("targets", [], "needs at least one")])
 def test_bad_lora_config_names_the_field(field, value, fragment):
     with pytest.raises(ConfigError, match=f"{field}=.*{fragment}"):
-        LoraConfig(**{"rank": 2, field: value}).check()
+        from_dict(LoraConfig, {"rank": 2, field: value})

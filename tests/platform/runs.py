@@ -4,7 +4,12 @@ Every run goes through ``polytrain train`` (1 process) or ``polytrain launch`` (
 fresh interpreter; losses, metrics and the sample ids of every step are read back from the run directory.
 """
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 from tests.helpers import REPO, polytrain, read_jsonl
 
@@ -66,3 +71,43 @@ def assert_close_curves(a: dict, b: dict, atol: float, steps=None):
     steps = steps or sorted(a)
     worst = max(abs(a[s] - b[s]) for s in steps)
     assert worst <= atol, f"max |loss difference| {worst:.3g} > {atol} over steps {steps[0]}..{steps[-1]}"
+
+
+def start(runs: Runs, name: str, *overrides: str, procs: int = 2) -> subprocess.Popen:
+    """``polytrain launch`` of the tiny recipe in the background, in its own process group; stderr piped."""
+    args = [sys.executable, "-m", "polytrain.cli", "launch", TINY, f"train.out_dir={runs.root}",
+            f"train.run_name={name}", f"data.cache_dir={runs.cache}", "tracking.log_samples=true",
+            f"launch.procs_per_node={procs}", *overrides]
+    return subprocess.Popen(list(map(str, args)), cwd=runs.root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+
+
+def wait_for(condition, job: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert job.poll() is None and time.time() < deadline, "the job ended or stalled before the moment to act"
+        time.sleep(0.01)
+
+
+def trained_steps(run_dir) -> int:
+    """The last step the metrics log has a loss for (0 before the first)."""
+    path = run_dir / "metrics.jsonl"
+    return max((row["step"] for row in read_jsonl(path) if "loss" in row), default=0) if path.is_file() else 0
+
+
+def rank_pid(job: subprocess.Popen, rank: int) -> int:
+    """The pid of the training process of ``rank`` among the launcher's children."""
+    import psutil
+
+    return next(child.pid for child in psutil.Process(job.pid).children() if child.environ().get("RANK") == str(rank))
+
+
+def finish(job: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """Wait for ``job``; its exit code and stderr (its process group killed if it outlives ``timeout``)."""
+    try:
+        _, stderr = job.communicate(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    return job.returncode, stderr

@@ -1,3 +1,4 @@
+import dataclasses
 import struct
 import zlib
 
@@ -10,6 +11,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from polytrain.errors import ConfigError, DataError
+from polytrain.schema import from_dict
 from polytrain.tokenizers.config import ImageTokenizerConfig
 from polytrain.tokenizers.image import ImageTokenizer, patchify
 
@@ -287,7 +289,7 @@ def test_bad_image_config(cfg, message):
                                "tokenizers.image.resize=stretch"])
         return
     with pytest.raises(ConfigError, match=message):
-        cfg.check()
+        from_dict(ImageTokenizerConfig, dataclasses.asdict(cfg))
 
 
 def test_tiny_and_elongated_images_are_refused(tmp_path):

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polytrain.errors import DataError
+from polytrain.schema import from_dict
 from polytrain.tokenizers.config import SPECIAL_TOKENS, TextTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer
 
@@ -179,4 +180,4 @@ def test_special_token_config_is_checked():
     with pytest.raises(ConfigError, match="pad='<eos>': must differ from bos and eos"):
         TextTokenizerConfig(pad="<eos>").check()
     with pytest.raises(ConfigError, match="pad_to_multiple=0"):
-        TextTokenizerConfig(pad_to_multiple=0).check()
+        from_dict(TextTokenizerConfig, {"pad_to_multiple": 0})

@@ -1,10 +1,11 @@
 """The ``data`` section: the tasks a run trains, each with its head, manifests and batch size."""
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.models.config import HEADS, head_kind
+from polytrain.schema import NonNegative, Positive, Range
 from polytrain.tokenizers.config import TOKENIZERS
 
 
@@ -30,12 +31,12 @@ class TaskConfig:
     span_attention: Literal["bidirectional", "causal"] = "bidirectional"
     """decoder_only: the tokens of a non-text span (an image's patches) see each other whole (prefix-LM), or
     causally like text."""
-    mask_probability: float = 0.15
+    mask_probability: Annotated[float, Range(gt=0, lt=1)] = 0.15
     """masked_lm: the share of real, non-special text tokens selected for prediction (then 80% become the
     tokenizer's mask token, 10% a random regular token, 10% stay), drawn anew for every micro-batch."""
-    batch_size: int = 8
+    batch_size: Positive[int] = 8
     """Samples of this task in every micro-batch, per process (unless ``budget`` is set)."""
-    budget: int = 0
+    budget: Annotated[int, Range(ge=0, note="0: batch_size samples per micro-batch")] = 0
     """Instead of a count of samples: what this task's samples in a micro-batch may cost together, per process
     (see ``budget_cost``); each step takes samples until budget x train.grad_accum x processes is spent, groups
     them by length and deals them to ranks so that their padded costs are even. Needs a prepared split (the
@@ -43,18 +44,18 @@ class TaskConfig:
     budget_cost: Literal["tokens", "attention"] = "tokens"
     """What a budget counts per sequence of L tokens (encoder patches and text alike): tokens, L; attention,
     L + L^2 / (6 x model.backbone.dim), attention's score FLOPs beside those of the linear layers."""
-    bucket_steps: int = 16
+    bucket_steps: Positive[int] = 16
     """Budgeted tasks: this many steps' samples are sorted by length together and cut into steps of similar
     lengths (more: less padding; each step still holds a random draw of the stream, in a seeded order)."""
-    weight: float = 1.0
+    weight: NonNegative[float] = 1.0
     """Multiplier of this task's mean token loss in the total loss."""
-    seq_len: int = 128
+    seq_len: Positive[int] = 128
     """Tokens of one row: an LM window cut from the documents; a decoder_only sequence; the input sequence
     of an encoder head (at most tokenizers.text.max_len). Longer samples follow tokenizers.text.overflow."""
-    max_target_len: int = 16
+    max_target_len: Positive[int] = 16
     """encoder_decoder: target tokens kept (bos/eos excluded); also the most tokens generated at evaluation
     (decoder_only too)."""
-    max_val_samples: int = 0
+    max_val_samples: Annotated[int, Range(ge=0, note="0 means all")] = 0
     """Evaluate on at most this many held-out samples (0: all)."""
 
     def check(self) -> None:
@@ -77,17 +78,6 @@ class TaskConfig:
         if self.packing and layout == "classify":
             raise ConfigError("packing", True, "is for heads that score tokens (decoder_only, encoder_decoder, "
                                                "masked_lm); a classifier scores whole samples")
-        for name in ("batch_size", "seq_len", "max_target_len", "bucket_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, getattr(self, name), "must be > 0")
-        if self.budget < 0:
-            raise ConfigError("budget", self.budget, "must be >= 0 (0: batch_size samples per micro-batch)")
-        if not 0.0 < self.mask_probability < 1.0:
-            raise ConfigError("mask_probability", self.mask_probability, "must be in (0, 1)")
-        if self.weight < 0:
-            raise ConfigError("weight", self.weight, "must be >= 0")
-        if self.max_val_samples < 0:
-            raise ConfigError("max_val_samples", self.max_val_samples, "must be >= 0 (0 means all)")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -106,10 +96,10 @@ class DataConfig:
     so some micro-batches (and ranks) miss some tasks."""
     cache_dir: str = "build/data"
     """Where the built-in datasets are materialized (relative to the working directory)."""
-    num_workers: int = 0
+    num_workers: NonNegative[int] = 0
     """Loader worker processes per rank, which read, decode, tokenize and collate the micro-batches (0: the
     training process does it between steps)."""
-    prefetch: int = 2
+    prefetch: Annotated[int, Range(ge=1)] = 2
     """Micro-batches each loader worker keeps ready ahead of the step (with num_workers > 0)."""
     skip_bad_samples: bool = False
     """Replace unreadable samples by the next readable one (counted and logged) instead of stopping."""
@@ -117,10 +107,6 @@ class DataConfig:
     def check(self) -> None:
         if not self.tasks:
             raise ConfigError("tasks", self.tasks, "needs at least one task")
-        if self.num_workers < 0:
-            raise ConfigError("num_workers", self.num_workers, "must be >= 0")
-        if self.prefetch < 1:
-            raise ConfigError("prefetch", self.prefetch, "must be >= 1")
         budgeted = [name for name, task in self.tasks.items() if task.budget]
         if budgeted and self.mixing != "fixed":
             raise ConfigError("mixing", self.mixing, f"tasks with a budget ({', '.join(budgeted)}) fill whole steps; "

@@ -6,7 +6,10 @@ shards, every rank's RNG state, the config, the tokenizer and the trainer
 state.  Everything is written to a temporary folder beside it and renamed into
 place (``polytrain.atomic``); only then is ``checkpoints/latest`` replaced,
 atomically too, so a crash mid-save leaves it naming the previous complete
-checkpoint.
+checkpoint.  A write that fails (a full disk, a quota, a file-size limit) fails
+the whole checkpoint on every rank alike: each rank writes what it can,
+counting the bytes, then the ranks share what failed, the temporary folder is
+removed and ``CheckpointWriteError`` says how much room a checkpoint needs.
 
 DeepSpeed keeps its shards in ``torch.save`` pickles and loads them with
 ``weights_only=False``.  Every DeepSpeed load here runs inside
@@ -17,22 +20,25 @@ DeepSpeed classes those files hold, so a crafted file cannot run code.
 import importlib
 import json
 import pickle
+import resource
 import shutil
 from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytrain import atomic
-from polytrain.errors import DataError
+from polytrain.errors import DataError, PolytrainError
 from polytrain.models.config import LoraConfig
 from polytrain.models.lora import merge_lora
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
-from polytrain.platform.train.state import read_state, save_rng
+from polytrain.platform.train.state import read_state, rng_files, save_rng
 
 UNIVERSAL_INFO = "universal_checkpoint_info"
 DEEPSPEED_PICKLED_CLASSES = (
@@ -42,6 +48,44 @@ DEEPSPEED_PICKLED_CLASSES = (
     "deepspeed.utils.tensor_fragment.fragment_address",
 )
 """The only non-tensor classes DeepSpeed's checkpoint files hold (found by loading every stage/precision)."""
+
+
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What a write that finds no room raises: OSError from Python, RuntimeError from torch.save ("unexpected pos",
+"file write failed"), SafetensorError from safetensors."""
+
+
+class CheckpointWriteError(PolytrainError):
+    """A checkpoint could not be written; ``checkpoints/latest`` still names the previous one."""
+
+
+class Writes:
+    """One rank's writes for a checkpoint: the bytes written (or meant to be, where a write failed) and the first
+    failure, kept rather than raised so that every rank goes through the same collectives."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.failure: str | None = None
+
+    def __call__(self, paths: list[Path], size: int, write: Callable[[], Any]) -> None:
+        """``write()`` produces ``paths``; ``size`` is the bytes it means to write (what is counted if it fails)."""
+        try:
+            write()
+            self.bytes += sum(path.stat().st_size for path in paths)
+        except WRITE_ERRORS as err:
+            self.bytes += size
+            self.failure = self.failure or " ".join(f"{paths[0]}: {type(err).__name__}: {err}".split())
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what saving it writes, give or take the headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 @contextmanager
@@ -78,24 +122,54 @@ def save_checkpoint(engine, model: nn.Module, run_dir: RunDir, step: int, config
     """
     final = run_dir.checkpoint(step)
     tmp = CheckpointDir(atomic.temporary(final.path, private=False))  # every rank writes into it
+    writes = Writes()
     if engine.is_main:
         shutil.rmtree(tmp.path, ignore_errors=True)
-        tmp.rng.mkdir(parents=True)
+        writes([tmp.rng], 0, lambda: tmp.rng.mkdir(parents=True))
     engine.barrier()
-    engine.save_shards(model, tmp.shards)
-    save_rng(tmp.rng, engine.rank)
+    engine.save_shards(model, tmp.shards, writes)
+    writes(rng_files(tmp.rng, engine.rank), RNG_BYTES, lambda: save_rng(tmp.rng, engine.rank))
     weights = engine.full_state_dict(model)
     if engine.is_main:
-        save_file({name: t.contiguous() for name, t in weights.items()}, tmp.weights, metadata={"step": str(step)})
-        tmp.config.write_text(config_yaml)
-        shutil.copyfile(tokenizer_file, tmp.tokenizer)
-        tmp.state.write_text(json.dumps({"step": step, "world_size": engine.world_size, **state}, indent=1) + "\n")
-    engine.barrier()
+        writes([tmp.weights], tensor_bytes(weights), lambda: save_file(
+            {name: t.contiguous() for name, t in weights.items()}, tmp.weights, metadata={"step": str(step)}))
+        texts = {tmp.config: config_yaml, tmp.state: json.dumps(
+            {"step": step, "world_size": engine.world_size, **state}, indent=1) + "\n"}
+        for path, text in texts.items():
+            writes([path], len(text.encode()), lambda: path.write_text(text))
+        writes([tmp.tokenizer], tokenizer_file.stat().st_size, lambda: shutil.copyfile(tokenizer_file, tmp.tokenizer))
+    reports = engine.gather((writes.failure, writes.bytes))
+    failures = [failure for failure, _ in reports if failure]
+    if failures:
+        if engine.is_main:
+            shutil.rmtree(tmp.path, ignore_errors=True)
+        engine.barrier()
+        raise CheckpointWriteError(write_failure(final, failures, sum(size for _, size in reports), run_dir))
     if engine.is_main:
         atomic.publish(tmp.path, final.path)
         atomic.write_text(run_dir.latest, final.path.name + "\n")
     engine.barrier()
     return final
+
+
+RNG_BYTES = 20_000
+"""About what ``save_rng`` writes per rank (Python's and numpy's Mersenne Twister states, torch's generator)."""
+
+
+def write_failure(final: CheckpointDir, failures: list[str], needed: int, run_dir: RunDir) -> str:
+    """One line: what failed, how much room a checkpoint of this run needs, what there is, what stays."""
+    from polytrain.platform.distributed.memory_planner import format_bytes
+
+    folder = next(p for p in (run_dir.checkpoints, *run_dir.checkpoints.parents) if p.exists())
+    room = f"the filesystem of {folder} has {format_bytes(shutil.disk_usage(folder).free)} free"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        room += f", and this process may write files of at most {format_bytes(limit)} (ulimit -f)"
+    previous = (f"checkpoints/latest still names {run_dir.latest.read_text().strip()}" if run_dir.latest.is_file()
+                else "there is no earlier checkpoint")
+    more = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
+    return (f"checkpoint {final.path.name} could not be written: {failures[0]}{more}; a checkpoint of this run "
+            f"needs at least {format_bytes(needed)} (all ranks), {room}; {previous}")
 
 
 def latest_checkpoint(path: str | Path) -> CheckpointDir:

@@ -1,9 +1,10 @@
 """The ``engine`` section: ZeRO stage, precision, offload and communication settings of the DeepSpeed engine."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
+from polytrain.schema import Positive, Range
 
 
 @dataclass(frozen=True)
@@ -17,11 +18,11 @@ class EngineConfig:
     """Keep optimizer states in CPU memory and step them with DeepSpeed's CPU Adam (ZeRO stage >= 1)."""
     offload_params: bool = False
     """Keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
-    initial_loss_scale_power: int = 16
+    initial_loss_scale_power: Annotated[int, Range(ge=0, le=64)] = 16
     """fp16: the loss scale starts at 2**this."""
-    loss_scale_window: int = 1000
+    loss_scale_window: Positive[int] = 1000
     """fp16: steps without overflow before the loss scale doubles."""
-    bucket_size: int = 50_000_000
+    bucket_size: Positive[int] = 50_000_000
     """Elements per gradient reduce / parameter all-gather bucket (communication granularity)."""
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto picks nccl when CUDA is present, else gloo."""
@@ -33,5 +34,3 @@ class EngineConfig:
             raise ConfigError("offload_optimizer", True, "needs zero_stage >= 1 (ZeRO-Offload shards the optimizer)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("offload_params", True, f"needs zero_stage=3, got zero_stage={self.zero_stage}")
-        if self.bucket_size <= 0:
-            raise ConfigError("bucket_size", self.bucket_size, "must be > 0")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, safe_unpickling
+from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, Writes, safe_unpickling, tensor_bytes
 from polytrain.platform.distributed.config import EngineConfig
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
@@ -34,13 +34,14 @@ class Engine:
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(SINGLE_PROCESS_ENV, MASTER_PORT=str(free_port()))
         backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        join_restarted_group(backend)
         ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, grad_clip, load_universal)
         # The LR schedule counts optimizer steps of the whole job; Accelerate would otherwise step it
         # once per process per step.
         self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
                                        gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
-        self.cfg = cfg
+        self.cfg, self.grad_clip = cfg, grad_clip
         self.model: nn.Module | None = None
 
     @property
@@ -68,6 +69,8 @@ class Engine:
         """
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.model = model
+        if steps_unchecked(self.cfg):
+            guard_step(base_optimizer(optimizer), self.grad_clip)
         return model, optimizer, scheduler
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -86,8 +89,15 @@ class Engine:
         """
         self.accelerator.backward(loss)
 
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16: the loss is scaled, and a step whose scaled gradients overflow is skipped as a matter of course."""
+        return self.cfg.precision == "fp16"
+
     def skipped_steps(self) -> int:
-        """Optimizer steps skipped so far because fp16 gradients overflowed (0 in fp32/bf16)."""
+        """Optimizer steps skipped so far because the gradients were not finite: fp16 overflows, and in every
+        precision a step whose global gradient norm is not finite (DeepSpeed's optimizers refuse it; ``guard_step``
+        where DeepSpeed steps a torch optimizer as it is)."""
         return int(self.model.skipped_steps)
 
     def grad_norm(self) -> float | None:
@@ -113,15 +123,16 @@ class Engine:
 
         return broadcast_object_list([value])[0]
 
-    def replica_digests(self, model: nn.Module) -> list[str]:
-        """SHA-256 of each rank's full parameters, gathered from all ranks; equal while replicas agree."""
-        from accelerate.utils import gather_object
-
-        digest = hashlib.sha256()
-        for param in self.unwrap(model).parameters():
+    def replica_digests(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """SHA-256 of each rank's full parameters, gathered from all ranks (equal while replicas agree), and the
+        names of the parameters that hold a value that is not finite (on this rank)."""
+        digest, nonfinite = hashlib.sha256(), []
+        for name, param in self.unwrap(model).named_parameters():
             with self.gathered(param):
                 digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return gather_object([digest.hexdigest()])
+                if not bool(torch.isfinite(param.detach()).all()):
+                    nonfinite.append(name)
+        return self.gather(digest.hexdigest()), nonfinite
 
     def gathered(self, param: nn.Parameter):
         """Context in which ``param`` is whole on this rank (ZeRO-3 shards parameters)."""
@@ -135,12 +146,29 @@ class Engine:
         """Unsharded weights (gathered from all ranks under ZeRO-3); call on every rank."""
         return self.accelerator.get_state_dict(model)
 
-    def save_shards(self, model: nn.Module, directory: Path) -> None:
+    def save_shards(self, model: nn.Module, directory: Path, writes: Writes) -> None:
         """DeepSpeed's own per-rank model/optimizer shards (in ``directory/zero``); every rank calls.
 
-        The empty universal-checkpoint info lets ``ds_to_universal`` convert them for another world size.
+        The empty universal-checkpoint info lets ``ds_to_universal`` convert them for another world size.  Each
+        file and folder goes through ``writes``, so one that fails is counted and the save goes on (DeepSpeed's
+        own barriers included) on every rank alike; the loads name the tag, so DeepSpeed's ``latest`` is not kept.
         """
-        model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}})
+        files = model.checkpoint_engine
+        files.save = lambda state_dict, path: writes([Path(path)], tensor_bytes(state_dict),
+                                                     lambda: type(files).save(files, state_dict, path))
+        files.makedirs = lambda path, exist_ok=False: writes([Path(path)], 0,
+                                                              lambda: type(files).makedirs(files, path, exist_ok))
+        try:
+            model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}},
+                                  save_latest=False)
+        finally:
+            del files.save, files.makedirs
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order, on every rank."""
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
 
     def load_shards(self, model: nn.Module, directory: Path) -> None:
         """Restore model and optimizer shards saved by ``save_shards`` (or converted to universal form).
@@ -179,6 +207,27 @@ class Engine:
             torch.distributed.destroy_process_group()
 
 
+def join_restarted_group(backend: str) -> None:
+    """After torchrun restarted the job (``launch.max_restarts``): join the process group under keys of this
+    attempt.
+
+    torchrun's agent keeps its store across restarts (``TORCHELASTIC_USE_AGENT_STORE``), and the process group's
+    keys in it are the same every attempt, so the restarted ranks would read the dead attempt's addresses and fail
+    to connect.  DeepSpeed and Accelerate then use the group this makes.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return
+    from torch.distributed import PrefixStore, TCPStore
+    from torch.distributed.constants import default_pg_timeout
+
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                     timeout=default_pg_timeout)
+    torch.distributed.init_process_group(backend, store=PrefixStore(f"polytrain/attempt_{attempt}", store),
+                                         rank=int(os.environ["RANK"]), world_size=world_size)
+
+
 def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, grad_clip: float,
                      load_universal: bool = False) -> dict:
     zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.bucket_size,
@@ -192,7 +241,7 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, 
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": 0.0 if steps_unchecked(cfg) else grad_clip,  # guard_step clips those
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": cfg.initial_loss_scale_power,
@@ -203,6 +252,35 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, grad_accum: int, 
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config
+
+
+def steps_unchecked(cfg: EngineConfig) -> bool:
+    """ZeRO 0 in fp32: DeepSpeed steps the torch optimizer as it is, without looking at the gradients (its ZeRO,
+    bf16 and fp16 optimizers skip a step whose global gradient norm is not finite)."""
+    return cfg.zero_stage == 0 and cfg.precision == "fp32"
+
+
+def guard_step(optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+    """Give the torch optimizer DeepSpeed steps as it is what DeepSpeed's own optimizers do before a step.
+
+    The global gradient norm is taken (every rank holds the same averaged gradients at stage 0, so all decide
+    alike); a non-finite one drops the gradients, so the step changes no weight and no optimizer state, and sets
+    ``overflow``, which DeepSpeed's engine reads to count the step as skipped; a finite one is clipped to
+    ``grad_clip`` (0: not clipped) and reported as the step's ``_global_grad_norm``.
+    """
+    def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        opt.overflow = not bool(torch.isfinite(norm))
+        opt._global_grad_norm = float("inf") if opt.overflow else float(norm)
+        if opt.overflow:
+            for p in params:
+                p.grad = None
+        elif grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+
+    optimizer.overflow = False
+    optimizer.register_step_pre_hook(before_step)
 
 
 def base_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -24,8 +24,11 @@ moves the parameter partition too.  Activations are an estimate per micro-batch 
 against ``StateProbe`` measurements by the tests and ``bench/zero_memory.py``.
 """
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,6 +38,7 @@ from polytrain.models.config import head_kind
 from polytrain.models.model import PolyModel
 from polytrain.platform.observe.meters import GIB
 from polytrain.platform.train.finetune import adapt, freeze
+from polytrain.schema import changed_numbers, from_dict, to_dict
 from polytrain.tokenizers.config import build_patch_tokenizer
 from polytrain.tokens import EmbedSpec
 
@@ -87,6 +91,16 @@ class Estimate:
         return self.params + self.grads + self.optimizer + self.buffers + self.cpu
 
 
+def format_bytes(count: float) -> str:
+    """4.4e15 -> '4.4 PB' (decimal units)."""
+    units = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
+    exponent = 0
+    while count >= 1000 and exponent < len(units) - 1:
+        count /= 1000
+        exponent += 1
+    return f"{count:.3g} {units[exponent]}"
+
+
 def parse_size(text: str) -> int:
     """'80GB', '80GiB', '40G', '512MB' -> bytes (GB counts as GiB, the way GPU memory is quoted)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
@@ -95,15 +109,51 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
 
 
+BUILT_BLOCKS = 256
+"""Blocks ``count_parameters`` builds on the meta device (a few ms each); deeper models are extrapolated."""
+
+
 def count_parameters(cfg: Config) -> tuple[int, int]:
-    """(all, trainable) parameters of the model the config builds, counted without allocating it."""
+    """(all, trainable) parameters of the model the config builds, counted without allocating it.
+
+    Past ``BUILT_BLOCKS`` blocks, a model with one block per stack and one with two are built and the difference
+    extrapolated (every block of a stack holds the same parameters); freezing is then not counted, every
+    parameter trains.
+    """
+    backbone = cfg.model.backbone
+    if backbone.encoder_layers + backbone.decoder_layers <= BUILT_BLOCKS:
+        return built_count(cfg, frozen=True)
+    shallow = [min(backbone.encoder_layers, 1), min(backbone.decoder_layers, 1)]
+    total = built_count(with_layers(cfg, *shallow), frozen=False)[0]
+    for stack, layers in enumerate((backbone.encoder_layers, backbone.decoder_layers)):
+        if layers > 1:
+            deeper = list(shallow)
+            deeper[stack] = 2
+            total += (layers - 1) * (built_count(with_layers(cfg, *deeper), frozen=False)[0] -
+                                     built_count(with_layers(cfg, *shallow), frozen=False)[0])
+    return total, total
+
+
+def with_layers(cfg: Config, encoder_layers: int, decoder_layers: int) -> Config:
+    backbone = dataclasses.replace(cfg.model.backbone, encoder_layers=encoder_layers, decoder_layers=decoder_layers)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
+
+
+def built_count(cfg: Config, frozen: bool) -> tuple[int, int]:
+    """(all, trainable) parameters of the model built on the meta device; ``frozen``: with finetune.freeze."""
     specs = [EmbedSpec("text", cfg.tokenizers.text.vocab_size, (1, cfg.tokenizers.text.max_len))]
     specs += [build_patch_tokenizer(modality, cfg.tokenizers).embed_spec() for modality in cfg.data.modalities]
-    with torch.device("meta"):
-        model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()},
-                          {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
-        adapt(model, cfg.finetune)
-    freeze(model, cfg.finetune)
+    try:
+        with torch.device("meta"):
+            model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()},
+                              {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
+            adapt(model, cfg.finetune)
+    except RuntimeError as err:  # torch refuses a meta tensor of more than 2**63 bytes
+        if "overflow" not in str(err):
+            raise
+        raise OverflowError(f"a tensor of more than 2**63 bytes (torch: {err})") from None
+    if frozen:
+        freeze(model, cfg.finetune)
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -168,11 +218,45 @@ def estimate(cfg: Config, option: Option, world_size: int, n_params: int, n_trai
     return Estimate(option, params, grads, optimizer, buffers, activations, cpu)
 
 
+def configured(cfg: Config, world_size: int) -> Estimate:
+    """Bytes per rank of the run as configured (its ZeRO stage and offload) on ``world_size`` ranks; with
+    activation checkpointing only the states are counted."""
+    n_params, n_trainable = count_parameters(cfg)
+    option = Option(cfg.engine.zero_stage, cfg.engine.offload_optimizer, cfg.engine.offload_params)
+    activations = 0 if cfg.model.backbone.checkpointing else activation_bytes(cfg)
+    return estimate(cfg, option, world_size, n_params, n_trainable, activations)
+
+
+def heaviest(cfg: Config, need: Callable[[Config], float]) -> tuple[str, float] | None:
+    """(dotted key, value) of the config number whose default brings ``need`` (bytes; OverflowError: more than
+    2**63) the lowest, below what ``cfg`` needs: the value to name when a run does not fit. None if no default helps."""
+    def bytes_of(candidate: Config) -> float:
+        try:
+            return need(candidate)
+        except OverflowError:
+            return math.inf
+
+    best, lowest = None, bytes_of(cfg)
+    for key, value, reset in changed_numbers(cfg):
+        try:
+            candidate = from_dict(Config, to_dict(reset))
+        except ConfigError:  # the default does not fit the other values (n_heads no longer divides dim, ...)
+            continue
+        needed = bytes_of(candidate)
+        if needed < lowest:
+            best, lowest = (key, value), needed
+    return best
+
+
 def plan(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem: int) -> tuple[list[Estimate], Estimate | None]:
     """Every option's estimate and the first (least sharded) one that fits ``gpu_mem`` per GPU."""
     if gpus_per_node <= 0 or nodes <= 0:
         raise ConfigError("--gpus-per-node/--nodes", (gpus_per_node, nodes), "both must be > 0")
-    n_params, n_trainable = count_parameters(cfg)
+    try:
+        n_params, n_trainable = count_parameters(cfg)
+    except OverflowError as err:
+        key, value = heaviest(cfg, lambda c: sum(count_parameters(c))) or ("model", None)
+        raise ConfigError(key, value, f"the model needs {err}") from None
     activations = activation_bytes(cfg)
     rows = [estimate(cfg, option, gpus_per_node * nodes, n_params, n_trainable, activations) for option in OPTIONS]
     fits = [row for row in rows if row.device_total <= USABLE_FRACTION * gpu_mem]

@@ -1,9 +1,9 @@
 """The ``tracking`` section: the metrics log, the progress bar, W&B, and what the run logs about its data."""
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from polytrain.errors import ConfigError
+from polytrain.schema import Positive, Range
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,12 @@ class WandbConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    log_every: int = 10
+    log_every: Positive[int] = 10
     """Write metrics every this many optimizer steps (and at the last one); rates are over those steps."""
     progress_bar: bool = True
     """Show the tqdm bar (loss, tokens/s, MFU, ETA) on the main process."""
     log_samples: bool = False
     """Write the sample ids of every micro-batch to RUN_DIR/samples/rank<r>.jsonl (to audit data order)."""
-    peak_tflops: float | None = None
+    peak_tflops: Annotated[float, Range(gt=0, note="or null: looked up for known GPUs")] | None = None
     """Dense peak of one device in the training precision, in TFLOP/s, for MFU; null: looked up from the
     GPU's name (``polytrain.platform.meters.PEAK_TFLOPS``), and no MFU on CPUs or unlisted GPUs."""
-
-    def check(self) -> None:
-        if self.log_every <= 0:
-            raise ConfigError("log_every", self.log_every, "must be > 0")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ConfigError("peak_tflops", self.peak_tflops, "must be > 0 (or null: looked up for known GPUs)")

@@ -21,12 +21,18 @@ The README's "Runs and checkpoints" section shows the same tree.
 """
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
+
+
+def new_run_name(config_name: str) -> str:
+    """The run directory's name when ``train.run_name`` is not set: the recipe's name and the start time."""
+    return f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,12 @@ def version(package: str) -> str | None:
 
 def read_metrics(path: Path) -> list[dict]:
     """Every line of a metrics log, in order; a line that is not JSON is a ``DataError`` naming it."""
+    return parse_lines(path.read_text(encoding="utf-8"), path)
+
+
+def parse_lines(text: str, path: Path) -> list[dict]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -75,15 +79,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def keep_until(path: Path, step: int) -> list[dict]:
-    """Drop the lines logged after ``step`` (by an attempt that did not reach its next checkpoint);
-    returns the lines kept."""
+    """Drop the lines logged after ``step`` (by an attempt that did not reach its next checkpoint), and a last
+    line without its newline (a write the killed attempt did not finish); returns the lines kept."""
     if not path.exists():
         return []
-    lines = read_metrics(path)
+    text = path.read_text(encoding="utf-8")
+    whole = text[:text.rfind("\n") + 1]
+    lines = parse_lines(whole, path)
     kept = [line for line in lines if line["step"] <= step]
-    if len(kept) < len(lines):
-        log.warning("%s: dropping %d line(s) logged after step %d, which the resumed run trains again",
-                    path, len(lines) - len(kept), step)
+    if len(kept) < len(lines) or whole != text:
+        log.warning("%s: dropping %d line(s) logged after step %d, which the resumed run trains again%s", path,
+                    len(lines) - len(kept), step, ", and an unfinished last line" if whole != text else "")
         atomic.write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
     return kept
 

@@ -3,41 +3,46 @@ where the weights start and which of them train."""
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.models.config import LoraConfig
+from polytrain.schema import Fraction, NonNegative, Positive, Probability, Range
+
+SEEDS = Range(ge=0, le=2**32 - 1, note="the seeds numpy, torch and Python all take")
+FP32_MAX = 3.4028234663852886e38
+"""The largest finite float32: AdamW's states and step sizes are fp32 in every training precision."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: Positive[int] = 1000
     """Optimizer steps (the total, counting steps done before a resume)."""
-    lr: float = 1e-3
+    lr: Positive[float] = 1e-3
     """Peak learning rate, reached at the end of warmup."""
-    warmup_steps: int = 100
+    warmup_steps: NonNegative[int] = 100
     """Steps of linear warmup from lr/warmup_steps to lr."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup: cosine or linear down to lr * min_lr_ratio on the last step, or constant."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Probability = 0.1
     """Where cosine and linear decay end, as a fraction of lr."""
-    weight_decay: float = 0.01
+    weight_decay: NonNegative[float] = 0.01
     """AdamW decoupled weight decay for matrices (not embeddings, norms or biases)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
     """AdamW moment decay rates."""
-    grad_accum: int = 1
+    grad_accum: Positive[int] = 1
     """Micro-batches per optimizer step on each process."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Range(ge=0, note="0: no clipping")] = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
-    global_batch: int | None = None
+    global_batch: Annotated[int, Range(gt=0, note="or null: not checked")] | None = None
     """If set, the samples per optimizer step the job must have: micro-batch x grad_accum x processes."""
-    seed: int = 0
+    seed: Annotated[int, SEEDS] = 0
     """Seeds model init and data order; the same seed gives the same run."""
-    eval_every: int = 0
+    eval_every: Annotated[int, Range(ge=0, note="0: only after the last step")] = 0
     """Evaluate every this many steps (0: only after the last step)."""
-    eval_batch_size: int = 64
+    eval_batch_size: Positive[int] = 64
     """Held-out samples per evaluation batch."""
-    save_every: int = 0
+    save_every: Annotated[int, Range(ge=0, note="0: only after the last step")] = 0
     """Save a checkpoint every this many steps (0: only after the last step)."""
     out_dir: str = "runs"
     """Run directories are created under this folder."""
@@ -46,22 +51,24 @@ class TrainConfig:
     resume: str | None = None
     """Continue the run in this run directory (its latest checkpoint) or from this checkpoint folder,
     on any number of processes."""
+    max_bad_steps: Positive[int] = 10
+    """Stop the run after this many optimizer steps in a row whose loss or gradient norm was not finite; each such
+    step is skipped (no weight changes) and logged with its tasks and samples."""
+    failed_save: Literal["stop", "continue"] = "stop"
+    """A checkpoint that cannot be written (a full disk, a quota): stop, or log it and train on, the next save
+    trying again (the last step's checkpoint must be written). ``checkpoints/latest`` keeps naming the previous
+    complete one either way."""
 
     def check(self) -> None:
-        for name in ("steps", "grad_accum", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, getattr(self, name), "must be > 0")
-        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "must be >= 0")
-        if self.lr <= 0:
-            raise ConfigError("lr", self.lr, "must be > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError("betas", self.betas, "each must be in [0, 1)")
-        if self.global_batch is not None and self.global_batch <= 0:
-            raise ConfigError("global_batch", self.global_batch, "must be > 0 (or null: not checked)")
+        if self.lr / (1 - self.betas[0]) > FP32_MAX:
+            raise ConfigError("lr", self.lr, f"/ (1 - betas[0]={self.betas[0]}), AdamW's first step size, must be a "
+                              f"finite float32 (<= {FP32_MAX:.4g})")
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError("weight_decay", self.weight_decay, f"times lr={self.lr} must be < 1: each step multiplies "
+                              f"the weights by 1 - lr x weight_decay")
+        if self.run_name is not None and (not self.run_name or self.run_name in (".", "..") or "/" in self.run_name):
+            raise ConfigError("run_name", self.run_name, "must name one folder under out_dir: not empty, no '/', "
+                              "not '.' or '..'")
 
 
 TimmArg = int | float | bool | str | list[int]
@@ -118,10 +125,10 @@ class FinetuneConfig(WeightsSource):
     Instead of ``init_from``."""
     freeze: list[str] = field(default_factory=list)
     """Glob patterns of parameter names that do not train (no gradient, no optimizer state)."""
-    freeze_until: dict[str, int] = field(default_factory=dict)
+    freeze_until: dict[str, Annotated[int, Range(ge=1, noun="an optimizer step")]] = field(default_factory=dict)
     """Pattern -> optimizer step: matching parameters train only from that step on (gradual unfreezing);
     before it their learning rate is 0. Takes precedence over ``freeze`` for the parameters it matches."""
-    lr_scale: dict[str, float] = field(default_factory=dict)
+    lr_scale: dict[str, NonNegative[float]] = field(default_factory=dict)
     """Pattern -> multiplier of the learning rate (e.g. a new embedder at 10x, the backbone at 0.1x);
     the first matching pattern counts, unmatched parameters get 1."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -138,9 +145,3 @@ class FinetuneConfig(WeightsSource):
                     raise ConfigError(f"init_parts.{name}.parts.{index}", part, f"comes from init_parts.{owners[part]} "
                                       "already; each part has one checkpoint")
                 owners[part] = name
-        for pattern, step in self.freeze_until.items():
-            if step < 1:
-                raise ConfigError(f"freeze_until.{pattern}", step, "must be an optimizer step >= 1")
-        for pattern, scale in self.lr_scale.items():
-            if scale < 0:
-                raise ConfigError(f"lr_scale.{pattern}", scale, "must be >= 0")

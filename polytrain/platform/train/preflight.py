@@ -1,18 +1,23 @@
 """What a config asks of the machine a job runs on, checked where the job starts, before any process group.
 
 Reading a config checks values only (it may happen on a login node without
-GPUs, or without the data); these checks need this machine: its devices,
-what its CPU can compute, and the files the config names.  Each failure is
-one line naming the key, the value and what to do instead.
+GPUs, or without the data); these checks need this machine: its devices and
+memory, what its CPU can compute, and the files and folders the config names.
+Each failure is one line naming the key, the value and what to do instead.
 """
 
+import os
 import platform
 from pathlib import Path
+from typing import NoReturn
 
+import psutil
 import torch
 
+from polytrain.atomic import unwritable
 from polytrain.config import Config
 from polytrain.errors import ConfigError
+from polytrain.platform.distributed.memory_planner import configured, format_bytes, heaviest
 from polytrain.platform.train.derive import check_sources, foreign
 from polytrain.platform.train.sources import open_sources
 
@@ -31,6 +36,50 @@ def preflight(cfg: Config) -> None:
             raise ConfigError(key, path, "no such file or directory on this machine")
     # a resumed run has its own weights; its architecture still comes from the checkpoints
     check_sources(cfg, foreign(cfg) if cfg.train.resume else open_sources(cfg.finetune))
+    for key, folder in (("train.out_dir", cfg.train.out_dir), ("data.cache_dir", cfg.data.cache_dir),
+                        ("train.resume", cfg.train.resume)):
+        reason = folder and unwritable(Path(folder))
+        if reason:
+            raise ConfigError(key, folder, f"the run writes there, but {reason}")
+    cores = len(os.sched_getaffinity(0))
+    if cfg.data.num_workers > cores:
+        raise ConfigError("data.num_workers", cfg.data.num_workers, f"is more loader processes per training process "
+                          f"than this machine's {cores} CPU core(s); use at most {cores}")
+    check_memory(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def check_memory(cfg: Config, world_size: int, local_processes: int) -> None:
+    """The memory planner's bytes per rank for this config against what this machine gives each rank (a GPU, or
+    its share of the CPU memory); too much names the value whose default would help most."""
+    try:
+        need = configured(cfg, world_size)
+    except OverflowError as err:
+        fail(cfg, world_size, f"needs {err}")
+    host = psutil.virtual_memory().total // local_processes
+    where = f"engine.zero_stage={cfg.engine.zero_stage} on {world_size} process(es)"
+    parts = (f"parameters {format_bytes(need.params)}, gradients {format_bytes(need.grads)}, optimizer states "
+             f"{format_bytes(need.optimizer)}, buffers {format_bytes(need.buffers)}, activations "
+             f"{format_bytes(need.activations)}")
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+        if need.device_total > gpu:
+            fail(cfg, world_size, f"needs {format_bytes(need.device_total)} per GPU ({parts}) with {where}, and this "
+                                  f"machine's GPUs have {format_bytes(gpu)}")
+        if need.cpu > host:
+            fail(cfg, world_size, f"offloads {format_bytes(need.cpu)} per process to CPU memory with {where}, and "
+                                  f"this machine has {format_bytes(host)} per process")
+    elif need.device_total + need.cpu > host:
+        fail(cfg, world_size, f"needs {format_bytes(need.device_total + need.cpu)} per process ({parts}) with "
+                              f"{where}, and this machine has {format_bytes(host)} of memory per process")
+
+
+def fail(cfg: Config, world_size: int, reason: str) -> NoReturn:
+    def total(candidate: Config) -> int:
+        estimate = configured(candidate, world_size)
+        return estimate.states + estimate.activations
+
+    key, value = heaviest(cfg, total) or ("model", None)
+    raise ConfigError(key, value, f"the run {reason}")
 
 
 def cpu_has_fp16() -> bool:

@@ -92,6 +92,11 @@ def read_state(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def rng_files(directory: Path, rank: int) -> list[Path]:
+    """The files ``save_rng`` writes for ``rank``."""
+    return [directory / f"rank{rank}.json", directory / f"rank{rank}.safetensors"]
+
+
 def save_rng(directory: Path, rank: int) -> None:
     """This rank's python, numpy and torch generator states (JSON and safetensors, no pickle)."""
     version, internal, gauss = random.getstate()

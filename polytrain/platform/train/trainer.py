@@ -2,9 +2,9 @@
 
 import json
 import logging
+import math
 import os
 import time
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,16 +13,21 @@ import torch
 
 from polytrain import atomic
 from polytrain.config import Config
-from polytrain.errors import ConfigError
+from polytrain.errors import ConfigError, DivergenceError, Stopped
 from polytrain.models.flops import TrainFlops
 from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.balance import cost_model
 from polytrain.platform.data.order import Budget, DataOrder
-from polytrain.platform.distributed.checkpoint import convert_to_universal, latest_checkpoint, save_checkpoint
+from polytrain.platform.distributed.checkpoint import (
+    CheckpointWriteError,
+    convert_to_universal,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from polytrain.platform.distributed.engine import Engine, base_optimizer
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
-from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
-from polytrain.platform.observe.tracking import Tracker
+from polytrain.platform.observe.run_dir import CheckpointDir, RunDir, new_run_name
+from polytrain.platform.observe.tracking import Tracker, keep_until
 from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate, format_table
 from polytrain.platform.train.finetune import freeze
@@ -40,6 +45,7 @@ from polytrain.platform.train.state import (
     seed_everything,
 )
 from polytrain.platform.train.step import Stepper
+from polytrain.platform.train.stopping import StopSignals, leave_stop_file, tell_launcher
 from polytrain.schema import dump_yaml, to_dict
 
 log = logging.getLogger(__name__)
@@ -54,13 +60,45 @@ def train(cfg: Config, config_name: str = "run") -> Path:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     preflight(cfg)
     check_global_batch(cfg, world_size)
-    resume = latest_checkpoint(cfg.train.resume) if cfg.train.resume else None
+    resume = restart_point(cfg) or (latest_checkpoint(cfg.train.resume) if cfg.train.resume else None)
     universal = resume is not None and needs_universal(read_state(resume.state), world_size, cfg.engine.zero_stage)
-    micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
-    engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
-    run_dir = Trainer(cfg, engine, config_name, resume, universal).run()
+    stops = StopSignals()
+    try:
+        micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
+        engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
+        trainer = Trainer(cfg, engine, config_name, stops, resume, universal)
+        run_dir = trainer.run()
+    finally:
+        stops.restore()
     engine.close()
+    if trainer.stopped:
+        raise Stopped(trainer.stopped)
     return run_dir.path
+
+
+RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+"""How often torchrun restarted this job's processes (launch.max_restarts), and SLURM requeued the job."""
+
+
+def restart_point(cfg: Config) -> CheckpointDir | None:
+    """In a restarted or requeued job: the newest checkpoint of the run directory it writes to, if there is one."""
+    restarts = {name: int(os.environ.get(name) or 0) for name in RESTART_COUNTS}
+    if not any(restarts.values()):
+        return None
+    if cfg.train.resume:
+        run = latest_checkpoint(cfg.train.resume).run
+    elif cfg.train.run_name:
+        run = RunDir(Path(cfg.train.out_dir) / cfg.train.run_name)
+    else:
+        log.warning("this job was restarted (%s), but train.run_name is not set, so it cannot find its run: it "
+                    "starts a new one (polytrain launch sets the name)", restarts)
+        return None
+    if not run.latest.is_file():
+        return None
+    if os.environ.get("RANK", "0") == "0":
+        log.info("this job was restarted (%s): it resumes from %s", ", ".join(f"{k}={v}" for k, v in restarts.items()
+                                                                           if v), run.path)
+    return latest_checkpoint(run.path)
 
 
 def check_global_batch(cfg: Config, world_size: int) -> None:
@@ -92,8 +130,7 @@ def needs_universal(saved: dict, world_size: int, zero_stage: int) -> bool:
 
 
 def new_run_dir(cfg: Config, config_name: str) -> RunDir:
-    name = cfg.train.run_name or f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
-    return RunDir(Path(cfg.train.out_dir) / name)
+    return RunDir(Path(cfg.train.out_dir) / (cfg.train.run_name or new_run_name(config_name)))
 
 
 class Trainer:
@@ -105,9 +142,11 @@ class Trainer:
     tracker needs the resumed W&B id.
     """
 
-    def __init__(self, cfg: Config, engine: Engine, config_name: str, resume: CheckpointDir | None = None,
-                 universal: bool = False):
-        self.cfg, self.engine = cfg, engine
+    def __init__(self, cfg: Config, engine: Engine, config_name: str, stops: StopSignals,
+                 resume: CheckpointDir | None = None, universal: bool = False):
+        self.cfg, self.engine, self.stops = cfg, engine, stops
+        self.stopped: str | None = None
+        """Why the run stopped early, with the checkpoint it wrote (after a stop signal)."""
         # 1. The run directory: the main process names it (a timestamp), every rank uses that name.
         run_dir = resume.run if resume is not None else new_run_dir(cfg, config_name)
         self.run_dir: RunDir = engine.broadcast(run_dir if engine.is_main else None)
@@ -166,6 +205,8 @@ class Trainer:
                                wandb_id=self.tracking.wandb_id, start_step=self.progress.step,
                                config_name=config_name, world_size=engine.world_size, device=engine.device)
         self.tracking.wandb_id = self.tracker.wandb_id
+        self.bad_steps: list[tuple[int, list[str]]] = []
+        """The bad steps in a row up to now: (step, what was not finite)."""
         self.samples_log = self.open_samples_log() if cfg.tracking.log_samples else None
         if engine.is_main:
             sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
@@ -211,7 +252,7 @@ class Trainer:
             began = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
             self.log_samples(micro, step)
-            result = self.stepper(micro, step)
+            result = self.stepper(micro, step, stop=self.stops.received is not None)
             meter.add(time.perf_counter() - began, result.samples, result.tokens, result.flops)
             measured = self.memory.take()
             if measured is not None:  # the first step that stepped the optimizer
@@ -223,11 +264,59 @@ class Trainer:
             if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
                 self.tracker.log(step, {**result.metrics, **rates, **self.memory_metrics()})
                 meter.reset()
+            self.count_bad_steps(step, result)
+            if result.stop:
+                self.stopped = self.stop_early(step)
+                return self.run_dir
             if step < cfg.train.steps and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                self.tracker.log(step, flatten_eval(self.evaluate()))
+                self.tracker.log(step, flatten_eval(self.evaluate(step)))
             if step < cfg.train.steps and cfg.train.save_every and step % cfg.train.save_every == 0:
-                self.checkpoint(step)
+                if self.bad_steps:  # the model gives non-finite losses: nothing to resume from
+                    log.warning("step %d: no checkpoint while steps are bad (%d in a row)", step, len(self.bad_steps))
+                else:
+                    self.checkpoint(step, final=False)
         return self.finish(time.perf_counter() - start)
+
+    def count_bad_steps(self, step: int, result) -> None:
+        """A bad step (its loss or gradient norm not finite; skipped) extends the run of them, an applied step
+        ends it; ``train.max_bad_steps`` in a row stop the run."""
+        if not result.nonfinite:
+            if not result.skipped:
+                self.bad_steps = []
+            return
+        self.bad_steps.append((step, result.nonfinite))
+        limit = self.cfg.train.max_bad_steps
+        if self.engine.is_main:
+            log.warning("step %d skipped: not finite: %s (%d bad step(s) in a row; train.max_bad_steps=%d)", step,
+                        ", ".join(result.nonfinite), len(self.bad_steps), limit)
+        if len(self.bad_steps) >= limit:
+            names = {name for _, names in self.bad_steps for name in names}
+            tasks = sorted(names - {"grad_norm"})
+            what = " or ".join([f"loss ({', '.join(tasks)})"] * bool(tasks) + ["gradient norm"] * ("grad_norm" in names))
+            raise DivergenceError(f"training diverged: {limit} steps in a row ({self.bad_steps[0][0]}-{step}, "
+                                  f"train.max_bad_steps={limit}) had a non-finite {what}; {self.last_checkpoint()}; "
+                                  f"try a lower train.lr, and look at the samples the log names")
+
+    def last_checkpoint(self) -> str:
+        """Where the run can go on from: its latest checkpoint (no checkpoint is written over non-finite weights)."""
+        latest = self.run_dir.latest
+        if not latest.is_file():
+            return "no checkpoint was written"
+        return f"the last checkpoint (finite weights) is {self.run_dir.checkpoints / latest.read_text().strip()}"
+
+    def stop_early(self, step: int) -> str:
+        """Every rank stops after ``step``: a checkpoint (unless the steps are bad), the logs closed; returns what
+        happened, for the one line the job ends with."""
+        tell_launcher()
+        saved = ("no checkpoint, the last steps being bad; " + self.last_checkpoint() if self.bad_steps else
+                 f"checkpoint {self.checkpoint(step).path}")
+        self.close_logs()
+        got = self.stops.received.name if self.stops.received else "another process's stop signal"
+        message = (f"stopped by {got} after step {step}: {saved}; continue with train.resume={self.run_dir.path} "
+                   f"(a requeued or restarted job does so by itself)")
+        if self.engine.is_main:
+            leave_stop_file(message)
+        return message
 
     def log_samples(self, micro: list, step: int) -> None:
         if self.samples_log is None:
@@ -235,6 +324,7 @@ class Trainer:
         for batch in micro:
             self.samples_log.write(json.dumps({"step": step, "slot": batch.slot.index, "samples": {
                 name: part.sample_ids for name, part in batch.tasks.items()}}) + "\n")
+        self.samples_log.flush()  # a process killed later still leaves every step it trained
 
     def log_state_memory(self, step: int, measured: int) -> None:
         """Tensor memory per rank for parameters, gradients, optimizer states and DeepSpeed's buffers,
@@ -258,12 +348,10 @@ class Trainer:
     def finish(self, train_seconds: float) -> RunDir:
         """Final evaluation, checkpoint and eval.json."""
         steps = self.cfg.train.steps
-        results = self.evaluate()
+        results = self.evaluate(steps)
         self.tracker.log(steps, {**flatten_eval(results), "train_seconds": train_seconds})
         final = self.checkpoint(steps)
-        self.tracker.close()
-        if self.samples_log is not None:
-            self.samples_log.close()
+        self.close_logs()
         if self.engine.is_main:
             atomic.write_text(self.run_dir.eval, json.dumps(results, indent=1) + "\n")
             log.info("trained to step %d in %.1f s; checkpoint %s", steps, train_seconds, final.path)
@@ -271,18 +359,47 @@ class Trainer:
             print(f"run directory: {self.run_dir.path}", flush=True)
         return self.run_dir
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        return evaluate(self.engine.unwrap(self.model), self.cfg.data.tasks, self.val_sets, self.text,
-                        self.engine.device, self.cfg.train.eval_batch_size, self.cfg.model.heads.decoding)
+    def close_logs(self) -> None:
+        self.tracker.close()
+        if self.samples_log is not None:
+            self.samples_log.close()
 
-    def checkpoint(self, step: int) -> CheckpointDir:
-        digests = self.engine.replica_digests(self.model)
+    def evaluate(self, step: int) -> dict[str, dict[str, float]]:
+        """The held-out metrics; one that is not finite fails the run."""
+        try:
+            results = evaluate(self.engine.unwrap(self.model), self.cfg.data.tasks, self.val_sets, self.text,
+                               self.engine.device, self.cfg.train.eval_batch_size, self.cfg.model.heads.decoding)
+        except OverflowError as err:  # math.exp of a loss past 709 (the perplexity)
+            raise DivergenceError(f"the evaluation at step {step} overflowed ({err}: a perplexity e**val_loss past any "
+                                  f"float); {self.last_checkpoint()}") from None
+        bad = [f"{task}.{name}={value}" for task, metrics in results.items() for name, value in metrics.items()
+               if not math.isfinite(value)]
+        if bad:
+            raise DivergenceError(f"the evaluation at step {step} is not finite: {', '.join(bad)}; the run failed "
+                                  f"and writes no checkpoint; {self.last_checkpoint()}")
+        return results
+
+    def checkpoint(self, step: int, final: bool = True) -> CheckpointDir | None:
+        """Save the run at ``step``. A save that cannot be written stops the run, or, for one that is not
+        ``final`` with ``train.failed_save=continue``, is logged and returns None."""
+        digests, nonfinite = self.engine.replica_digests(self.model)
         if len(set(digests)) > 1:
             raise RuntimeError(f"model replicas diverged by step {step}: parameter digests per rank {digests}")
+        if nonfinite:
+            raise DivergenceError(f"the weights are not finite at step {step} ({len(nonfinite)} tensor(s), e.g. "
+                                  f"{', '.join(nonfinite[:3])}); no checkpoint is written over them; "
+                                  f"{self.last_checkpoint()}")
         state: dict[str, Any] = {**self.state.state_dict(), "zero_stage": self.cfg.engine.zero_stage,
                                  "skipped_steps": self.engine.skipped_steps(), "replica_sha256": digests}
-        return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
-                               state)
+        try:
+            return save_checkpoint(self.engine, self.model, self.run_dir, step, self.config_yaml, self.tokenizer_file,
+                                   state)
+        except CheckpointWriteError as err:
+            if final or self.cfg.train.failed_save == "stop":
+                raise
+            if self.engine.is_main:
+                log.warning("step %d: %s; training goes on (train.failed_save=continue)", step, err)
+            return None
 
     def text_tokenizer_file(self) -> Path:
         """The configured tokenizer.json, the one of the checkpoint the text embedder comes from (its rows are its
@@ -313,8 +430,10 @@ class Trainer:
             log.info("%s", report.summary())
 
     def open_samples_log(self):
+        """This rank's sample log, without the lines an interrupted attempt wrote after the step resumed from."""
         path = self.run_dir.samples(self.engine.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
+        keep_until(path, self.progress.step)
         return path.open("a", encoding="utf-8")
 
 

@@ -1,7 +1,11 @@
 """DeepSpeed ZeRO 0-3 for real: the tiny recipe on 2 gloo processes under each stage gives the same loss
-curve, shards what each stage shards, resumes on 1 and 4 processes, exports whole weights, and offloads."""
+curve, shards what each stage shards, resumes on 1 and 4 processes, exports whole weights, and offloads; and
+the 2-process job survives a stop signal and a killed rank with the same curve."""
 
 import json
+import os
+import re
+import signal
 
 import pytest
 import torch
@@ -12,7 +16,18 @@ from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate
 from polytrain.platform.train.init_from import load_model
 from tests.helpers import polytrain
-from tests.platform.runs import STEPS, assert_close_curves, losses, samples
+from tests.helpers import read_jsonl
+from tests.platform.runs import (
+    STEPS,
+    assert_close_curves,
+    finish,
+    losses,
+    rank_pid,
+    samples,
+    start,
+    trained_steps,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +121,35 @@ def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
 def test_offload_follows_the_same_curve(runs, stage_runs, stage, offload):
     run = runs.train(f"offload{stage}", f"engine.zero_stage={stage}", *offload, procs=2)
     assert_close_curves(losses(run), losses(stage_runs[stage]), atol=1e-5)  # CPU Adam in AdamW mode
+
+
+def test_a_stopped_job_resumes_and_a_killed_rank_restarts_on_the_uninterrupted_curve(runs, stage_runs):
+    """A stop signal that reaches one rank stops both at one step, with a checkpoint, exit code 75 and no restart;
+    the resumed job then loses rank 1 to SIGKILL after its checkpoint at step 10, torchrun restarts it
+    (launch.max_restarts), the restart resumes by itself and the job completes. The curve, every step, is
+    the uninterrupted 2-process run's, bitwise."""
+    straight, run = stage_runs[2], runs.root / "interrupted"
+    job = start(runs, "interrupted", "launch.max_restarts=1")  # a stop is no failure to restart from
+    wait_for(lambda: trained_steps(run) >= 4, job)
+    os.kill(rank_pid(job, 1), signal.SIGUSR1)  # as a scheduler whose signal reaches the ranks at different times
+    code, stderr = finish(job)
+    assert code == 75, stderr[-3000:]
+    stops = re.findall(r"^polytrain: stopped by SIG\w+ after step (\d+): checkpoint (\S+);", stderr, re.M)
+    assert len(stops) == 3, stderr[-3000:]  # each rank's line, then the launcher's: one step, one checkpoint
+    step = int(stops[0][0])
+    assert set(stops) == {(str(step), str(run / "checkpoints" / f"step_{step:08d}"))} and 4 <= step < 10
+    assert "this job was restarted" not in stderr and trained_steps(run) == step
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}\n"
+
+    job = start(runs, "interrupted", f"train.resume={run}", "train.save_every=10", "launch.max_restarts=1")
+    wait_for(lambda: (run / "checkpoints" / "latest").read_text() == "step_00000010\n", job)
+    logged = trained_steps(run)
+    os.kill(rank_pid(job, 1), signal.SIGKILL)
+    steps = [row["step"] for row in read_jsonl(run / "samples" / "rank1.jsonl")]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= logged  # every step, up to the kill
+    code, stderr = finish(job)
+    assert code == 0, stderr[-3000:]
+    assert "this job was restarted (TORCHELASTIC_RESTART_COUNT=1): it resumes from" in stderr
+    assert json.loads((run / "eval.json").read_text()).keys() == {"image_to_text", "text_lm"}
+    assert losses(run) == losses(straight)  # bitwise, before the stop, after the resume and after the restart
+    assert samples(run) == samples(straight)  # each sample once, at the same step on the same rank

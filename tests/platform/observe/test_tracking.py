@@ -102,6 +102,9 @@ def test_resuming_drops_the_lines_an_interrupted_attempt_logged_after_the_checkp
     assert keep_until(path, 10) == lines[:4]
     assert read_jsonl(path) == lines[:4]
     assert keep_until(tmp_path / "absent.jsonl", 10) == []
+    # a process killed in the middle of writing a line leaves it without its newline: the line is dropped
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]) + json.dumps(lines[2])[:9])
+    assert keep_until(path, 10) == lines[:2] and read_jsonl(path) == lines[:2]
 
 
 def test_the_main_process_bar_shows_loss_tokens_mfu_and_eta_and_other_ranks_stay_quiet(tmp_path, capsys):

@@ -11,6 +11,7 @@ from polytrain.models.config import LoraConfig
 from polytrain.platform.train.config import FinetuneConfig
 from polytrain.platform.train.finetune import adapt, freeze
 from polytrain.platform.train.init_from import InitReport, by_name, load_initial_weights, read_pretrained
+from polytrain.schema import from_dict
 from tests.models.test_lora import tiny_model
 
 
@@ -42,9 +43,9 @@ def test_a_pattern_that_matches_nothing_names_the_key(cfg, key):
 
 def test_bad_finetune_values_name_the_key():
     with pytest.raises(ConfigError, match=r"freeze_until.backbone.\*=0: must be an optimizer step >= 1"):
-        FinetuneConfig(freeze_until={"backbone.*": 0}).check()
+        from_dict(FinetuneConfig, {"freeze_until": {"backbone.*": 0}})
     with pytest.raises(ConfigError, match=r"lr_scale.embedders.\*=-1.0: must be >= 0"):
-        FinetuneConfig(lr_scale={"embedders.*": -1.0}).check()
+        from_dict(FinetuneConfig, {"lr_scale": {"embedders.*": -1.0}})
 
 
 def test_init_report_names_loaded_new_and_ignored_tensors():
