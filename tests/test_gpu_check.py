@@ -143,7 +143,8 @@ def test_the_wheelhouse_check_names_a_missing_wheel_and_a_second_version(wheels,
 def test_the_image_environment_lacks_what_the_wheelhouse_brings(image_python):
     listing = "import json; from importlib import metadata; " \
               "print(json.dumps({d.name: d.version for d in metadata.distributions()}))"
-    seen = json.loads(subprocess.run([image_python, "-c", listing], check=True, capture_output=True, text=True,
+    # -I: not the working directory either, where an editable install leaves polytrain.egg-info
+    seen = json.loads(subprocess.run([image_python, "-I", "-c", listing], check=True, capture_output=True, text=True,
                                      env=without_pythonpath()).stdout)
     names = {canonicalize_name(name) for name in seen}
     assert names & set(wheelhouse.WHEELS) == set()

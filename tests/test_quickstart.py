@@ -139,8 +139,8 @@ def input_tokens_by_sample(run_dir, wanted: set[str]) -> dict[str, int]:
             continue
         for record in ds.records:
             if record.sample_id in wanted:
-                source, target = ds.load(record)
-                tokens[record.sample_id] = len(source) + len(target) - 1
+                example = ds.example(record)
+                tokens[record.sample_id] = len(example.inputs) + len(example.decoder)
     return tokens
 
 

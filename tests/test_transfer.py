@@ -111,13 +111,15 @@ def test_finetuned_backbone_reaches_the_target_in_fewer_steps_than_scratch(runs,
     root, _ = runs
     tuned, scratch = exact_match(root / "finetuned", task), exact_match(root / "scratch", task)
     assert sorted(tuned) == sorted(scratch) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    print(f"{task}: fine-tuned {tuned}, from scratch {scratch}")
     assert steps_to(tuned, TARGET) < steps_to(scratch, TARGET), f"fine-tuned {tuned}, from scratch {scratch}"
 
 
 def test_finetune_reports_what_it_loaded_and_trains_only_adapters_and_new_parts(runs):
     root, stderr = runs
     report = json.loads((root / "finetuned" / "init_from.json").read_text())
-    assert report["source"].endswith("pretrain/checkpoints/step_00000150/model.safetensors")
+    [source] = report["sources"]
+    assert source["source"].endswith("pretrain/checkpoints/step_00000150/model.safetensors")
     assert sorted(report["ignored"]) == ["embedders.image.modality", "embedders.image.position.col.weight",
                                          "embedders.image.position.row.weight", "embedders.image.proj.bias",
                                          "embedders.image.proj.weight"]

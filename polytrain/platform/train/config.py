@@ -91,10 +91,10 @@ class WeightsSource:
     ``embed_dim``, ``depth``, ``num_heads``, ``num_classes``, ...), as ``timm.create_model`` takes them."""
 
     def check(self) -> None:
-        if (self.timm_model or self.timm_args) and not self.init_from:
-            raise ConfigError("timm_model", self.timm_model, "describes the file init_from names; set init_from")
         if self.timm_args and not self.timm_model:
             raise ConfigError("timm_args", self.timm_args, "are the arguments of a timm model; name it in timm_model")
+        if self.timm_model and not self.init_from:
+            raise ConfigError("timm_model", self.timm_model, "describes the file init_from names; set init_from")
 
 
 @dataclass(frozen=True)
