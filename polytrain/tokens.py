@@ -126,7 +126,8 @@ class TaskBatch:
     targets: list[str] = field(default_factory=list)
     """Reference target strings (scored text, or class names), for evaluation metrics."""
     prompt: Segment | None = None
-    """decoder_only, unpacked: each sample's sequence before its scored text (left-padded), for generation."""
+    """decoder_only: each sample's sequence before its scored text (left-padded; a row per sample, packed or
+    not), for generation."""
     bidirectional_spans: bool = False
     """decoder_only: the tokens of each non-text span see each other whole (prefix-LM)."""
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 EXAMPLE = REPO / "examples" / "new_modality"
 MODEL = ["model.backbone.dim=64", "model.backbone.n_heads=4", "model.backbone.encoder_layers=2",
          "model.backbone.decoder_layers=2", "tokenizers.text.vocab_size=512", "tokenizers.text.max_len=32"]
-STEPS, EVAL_EVERY, TARGET = 50, 10, 0.4
+STEPS, EVAL_EVERY, TARGET = 50, 10, 0.3
 RECIPE = f"""
 model:
   backbone: {{dim: 64, n_heads: 4, encoder_layers: 2, decoder_layers: 2, mlp_ratio: 4.0}}
@@ -111,7 +111,6 @@ def test_finetuned_backbone_reaches_the_target_in_fewer_steps_than_scratch(runs,
     root, _ = runs
     tuned, scratch = exact_match(root / "finetuned", task), exact_match(root / "scratch", task)
     assert sorted(tuned) == sorted(scratch) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
-    print(f"{task}: fine-tuned {tuned}, from scratch {scratch}")
     assert steps_to(tuned, TARGET) < steps_to(scratch, TARGET), f"fine-tuned {tuned}, from scratch {scratch}"
 
 
@@ -119,7 +118,8 @@ def test_finetune_reports_what_it_loaded_and_trains_only_adapters_and_new_parts(
     root, stderr = runs
     report = json.loads((root / "finetuned" / "init_from.json").read_text())
     [source] = report["sources"]
-    assert source["source"].endswith("pretrain/checkpoints/step_00000150/model.safetensors")
+    assert source["source"] == f"finetune.init_from ({root / 'pretrain'})"
+    assert report["extended"] == ["embedders.text.table.weight"]  # the plugin's <motion> </motion> markers
     assert sorted(report["ignored"]) == ["embedders.image.modality", "embedders.image.position.col.weight",
                                          "embedders.image.position.row.weight", "embedders.image.proj.bias",
                                          "embedders.image.proj.weight"]

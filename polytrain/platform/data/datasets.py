@@ -350,7 +350,7 @@ class SequenceDataset(Dataset):
     def collate(self, examples: list[Example], generator: torch.Generator | None = None) -> TaskBatch:
         """A batch of ``examples``; packed into as few rows as fit with ``packing``; ``generator`` draws the
         masked_lm masks (a pure function of the data order, so a resumed run masks the same way)."""
-        pad, n = self.text.pad_id, len(examples)
+        pad = self.text.pad_id
         if self.layout == "seq2seq":
             groups = self.rows([(len(e.inputs), len(e.decoder)) for e in examples],
                                (self.budget, self.task.max_target_len + 1))
@@ -362,9 +362,9 @@ class SequenceDataset(Dataset):
         batch = dict(sample_ids=[e.sample_id for e in ordered], targets=[e.target for e in ordered])
         if self.layout == "causal":
             labels = collate_labels([[examples[i].labels for i in group] for group in groups], inputs.values.shape[1])
-            prompts = [e.prompt for e in ordered] if len(groups) == n else None
-            return TaskBatch(inputs, labels, prompt=None if prompts is None else
-                             left_aligned(collate_rows([[p] for p in prompts], pad, 1, self.stand_ins)),
+            prompts = [e.prompt for e in ordered]  # one per sample, packed rows or not: generation reads them
+            return TaskBatch(inputs, labels, prompt=left_aligned(collate_rows([[p] for p in prompts], pad, 1,
+                                                                              self.stand_ins)),
                              bidirectional_spans=self.task.span_attention == "bidirectional", **batch)
         if self.layout == "seq2seq":
             decoder = collate_rows([[examples[i].decoder for i in group] for group in groups], pad, self.multiple)

@@ -163,7 +163,10 @@ def test_packing_fills_rows_with_whole_samples_each_its_own_document(image_set, 
     lengths = [len(e.inputs) for e in examples]
     batch, unpacked = packed.collate(examples), plain.collate(examples)
     assert batch.inputs.values.shape[0] == 2 and sum(lengths) > 28 and max(lengths) * 2 <= 28
-    assert batch.inputs.documents is not None and batch.prompt is None  # packed rows are not generated from
+    assert batch.inputs.documents is not None
+    def prompts(b):  # generation starts from each sample alone, in the order of the batch's samples
+        return {t: b.prompt.values[i][b.prompt.mask[i]].tolist() for i, t in enumerate(b.targets)}
+    assert prompts(batch) == prompts(unpacked) and len(prompts(batch)) == 4
     for r in range(2):  # every document restarts its positions; labels stay with their tokens
         docs = batch.inputs.documents[r]
         for d in range(int(docs.max()) + 1):
