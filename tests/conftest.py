@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never reach the network
 os.environ.setdefault("WANDB_SILENT", "true")
+# The suite runs one test process per core (make test: -n 2), each starting training processes of its own: one
+# compute thread per process keeps the cores from being oversubscribed (torchrun sets the same for its ranks).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

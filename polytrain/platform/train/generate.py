@@ -30,7 +30,8 @@ def generate_command(run_dir: str, segments: list[tuple[str, str]], manifest: st
         raise ConfigError("generate", segments or manifest, "give the sample's segments (--image, --audio, --text, "
                           "--segment) or --manifest, one of the two")
     cfg, tokenizers, model = load_model(run_dir)
-    name = generating_task(cfg, task)
+    name = generating_task(cfg, task, {modality for modality, _ in segments if modality != "text"} if segments
+                           else None)
     decoding, max_new_tokens = settings(cfg.model.heads.decoding, overrides, cfg.data.tasks[name].max_target_len)
     records = (read_manifest(Path(manifest), name, cfg.data.skip_bad_samples,
                              plain_text_scored=False) if manifest else [command_line_sample(segments)])
@@ -48,8 +49,9 @@ def generate_command(run_dir: str, segments: list[tuple[str, str]], manifest: st
     return 0
 
 
-def generating_task(cfg, task: str | None) -> str:
-    """The task whose head continues text: the one named, or the run's only one."""
+def generating_task(cfg, task: str | None, modalities: set[str] | None = None) -> str:
+    """The task whose head continues text: the one named, the run's only one, or the only one that reads exactly
+    the non-text ``modalities`` of the sample given on the command line."""
     generating = [name for name, t in cfg.data.tasks.items() if head_kind(t.head).generates]
     if task is not None:
         if task not in cfg.data.tasks:
@@ -61,6 +63,9 @@ def generating_task(cfg, task: str | None) -> str:
     if not generating:
         raise ConfigError("--task", None, "the run was trained without a head that generates text (decoder_only or "
                           "encoder_decoder)")
+    if len(generating) > 1 and modalities is not None:
+        reading = [name for name in generating if set(cfg.data.tasks[name].modalities) == modalities]
+        generating = reading if len(reading) == 1 else generating
     if len(generating) > 1:
         raise ConfigError("--task", None, f"the run has {len(generating)} tasks whose heads generate text "
                           f"({', '.join(generating)}); name one with --task")

@@ -9,10 +9,14 @@ from polytrain.platform.train.generate import generating_task, settings
 from tests.helpers import REPO
 
 
-def test_the_only_generating_task_is_picked_and_a_classifier_run_is_refused():
+def test_the_only_generating_task_or_the_one_reading_the_sample_is_picked_and_a_classifier_run_is_refused():
     assert generating_task(load_config(REPO / "configs" / "tiny.yaml"), "image_to_text") == "image_to_text"
     with pytest.raises(ConfigError, match="the run has 2 tasks whose heads generate text"):
         generating_task(load_config(REPO / "configs" / "tiny.yaml"), None)
+    vlm = load_config(REPO / "configs" / "vlm.yaml")  # a sample's modalities pick the one task that reads them
+    assert [generating_task(vlm, None, {m}) for m in ("image", "audio")] == ["image_qa", "audio_qa"]
+    with pytest.raises(ConfigError, match="the run has 2 tasks whose heads generate text"):
+        generating_task(vlm, None, set())  # text alone: both read more than that
     with pytest.raises(ConfigError, match="trained without a head that generates text"):
         generating_task(load_config(REPO / "configs" / "classify.yaml"), None)
     with pytest.raises(ConfigError, match="head encoder_classifier does not generate text"):
