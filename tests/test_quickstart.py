@@ -96,7 +96,7 @@ def test_generate_on_the_held_out_manifest_matches_the_evaluation(run, data_cach
 @pytest.mark.parametrize("args, fragment", [
     (["--task", "image_to_text", "--image", "nowhere.png"], "--image nowhere.png: no such file"),
     (["--task", "text_lm", "--image", "IMAGE"], "a image segment, but task text_lm of"),
-    (["--image", "IMAGE"], "the run has 3 tasks whose heads generate text"),
+    (["--manifest", "IMAGE"], "the run has 3 tasks whose heads generate text"),  # a lone --image picks its task
     (["--task", "image_to_text", "--image", "IMAGE", "strategy=guess"], "model.heads.decoding.strategy='guess'"),
     (["--task", "image_to_text"], "give the sample's segments"),
 ])
