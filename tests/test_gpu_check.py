@@ -108,7 +108,7 @@ def checked(image_python, wheels, tmp_path_factory) -> tuple[dict, Path, Path]:
     """gpu_check.py run on the image-like environment: (its summary, its OUT folder, its work folder)."""
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
     env = without_pythonpath()
-    # the DeepSpeed ops it builds are the project's (the same torch, DeepSpeed and Python): built once, shared
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch-extensions"))  # not the project's cache
     done = subprocess.run([image_python, REPO / "scripts" / "gpu_check.py", "--out", out, "--wheels", wheels[0],
                            "--work", work], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

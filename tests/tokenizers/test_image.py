@@ -220,7 +220,7 @@ def test_arrays_are_channels_last_tensors_channels_first(tmp_path):
 
 
 @pytest.mark.parametrize("image, message", [
-    (torch.rand(3, 20, 20) * 2, r"must lie in \[0, 1\], these span \[0"),
+    (torch.linspace(0, 2, 1200).reshape(3, 20, 20), r"must lie in \[0, 1\], these span \[0"),
     (torch.full((3, 20, 20), float("nan")), "NaN or infinite"),
     (torch.zeros(3, 20, 20, dtype=torch.int64), "torch.int64 are ambiguous"),
     (torch.zeros(5, 20, 20), r"shape \(5, 20, 20\) is not \(H, W\) or \(C, H, W\)"),
