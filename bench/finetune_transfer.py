@@ -17,12 +17,10 @@ Last line: one JSON object with the figures.
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from polytrain.platform.observe.report import load_run
+from transfer_runs import curve, first_step_reaching, polytrain
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = {"audio_to_text": REPO / "configs" / "finetune_audio.yaml",
@@ -33,21 +31,6 @@ ARMS = {
     "scratch": ["finetune.freeze=[]", "finetune.lora.rank=0", "finetune.lr_scale={}"],
 }
 """Overrides of each task recipe (which fine-tunes with a frozen backbone plus LoRA)."""
-
-
-def polytrain(*args) -> None:
-    done = subprocess.run([sys.executable, "-m", "polytrain.cli", *map(str, args)], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"polytrain {' '.join(map(str, args[:2]))} failed:\n{done.stderr[-3000:]}")
-
-
-def curve(run_dir: Path, task: str) -> dict[int, float]:
-    """Held-out exact match by step."""
-    return dict(zip(*load_run(run_dir).series(f"eval/{task}/exact_match")))
-
-
-def first_step_reaching(points: dict[int, float], target: float) -> int | None:
-    return next((step for step, value in sorted(points.items()) if value >= target), None)
 
 
 def main() -> None:

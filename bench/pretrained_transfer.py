@@ -16,14 +16,13 @@ Last line: one JSON object with the figures.
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
 from polytrain.platform.observe.report import load_run
+from transfer_runs import curve, first_step_reaching, polytrain
 
 LM = {
     "model": {"preset": "gpt2", "backbone": {"dim": 128, "n_heads": 4, "decoder_layers": 2}},
@@ -49,21 +48,6 @@ DIGITS = {
 TASK = "image_to_text"
 
 
-def polytrain(*args) -> None:
-    done = subprocess.run([sys.executable, "-m", "polytrain.cli", *map(str, args)], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"polytrain {' '.join(map(str, args[:2]))} failed:\n{done.stderr[-3000:]}")
-
-
-def curve(run_dir: Path) -> dict[int, float]:
-    """Held-out exact match by step."""
-    return dict(zip(*load_run(run_dir).series(f"eval/{TASK}/exact_match")))
-
-
-def first_step_reaching(points: dict[int, float], target: float) -> int | None:
-    return next((step for step, value in sorted(points.items()) if value >= target), None)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lm-steps", type=int, default=400)
@@ -84,7 +68,7 @@ def main() -> None:
     # the same resolved config and tokenizer, every weight as initialized
     polytrain("train", out / "pretrained" / "config.yaml", "finetune.init_from=null", "train.run_name=scratch",
               f"tokenizers.text.path={out / 'pretrained' / 'tokenizer' / 'tokenizer.json'}", *digits)
-    curves = {arm: curve(out / arm) for arm in ("pretrained", "scratch")}
+    curves = {arm: curve(out / arm, TASK) for arm in ("pretrained", "scratch")}
     print(f"{'step':>5}  {'pretrained':>10}  {'scratch':>8}   (held-out exact match, {TASK})")
     for step in sorted(curves["pretrained"]):
         print(f"{step:5d}  {curves['pretrained'][step]:10.3f}  {curves['scratch'].get(step, float('nan')):8.3f}")
