@@ -13,13 +13,13 @@ token piece (-1 for file parts), the file's bytes as they were (encoded: PNG, JP
 text), two sizes (text: tokens, 0; image: height, width; audio: samples, sample rate; other modalities: bytes,
 0) and a CRC-32 of its ids or bytes, checked on every read.  Arrow files are memory-mapped: opening one reads
 its footer, a row is a view into the mapping, so reading sample ``i`` of a permutation costs the same whatever
-the split's size and a process's memory does not grow with it.
+the split's size; the pages a read touched leave the process after it (``file_map.py``), so a process's memory
+does not grow with the split or with the samples read.
 """
 
 import hashlib
 import json
 import zlib
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from polytrain import atomic
 from polytrain.errors import DataError
+from polytrain.platform.data.file_map import FileMap, Opened
 from polytrain.platform.data.manifest import Part, Record
 from polytrain.platform.data.token_store import Piece, TokenStore, token_dtype, write_piece
 
@@ -224,7 +225,7 @@ class PreparedSplit:
         self.row_starts = np.cumsum([0] + [s.rows for s in self.shards])
         self.dtype = token_dtype(index.vocab_size)
         self.tokens = TokenStore(self.folder, [s.tokens for s in self.shards], self.dtype, index.vocab_size)
-        self._open: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()
+        self._open: Opened[int, pa.ipc.RecordBatchFileReader] = Opened(OPEN_SHARDS, self.open_shard)
         if not len(self):
             raise DataError(f"{self.folder}: a prepared split with no samples")
 
@@ -249,6 +250,8 @@ class PreparedSplit:
                 raise DataError(f"{member}: {modality} part {k} fails its checksum: the shard is corrupt; "
                                 f"prepare it again")
             parts.append(Part(modality, tuple(value.tolist()) if text != NO_TEXT else value, scored))
+        self._open.release()
+        self.tokens.release()
         return Record(tuple(parts), raw["label"], raw["sample_id"], member)
 
     def sizes(self, index: int) -> list[tuple[str, bool, int, int]]:
@@ -259,6 +262,7 @@ class PreparedSplit:
             columns = [batch.column(name)[k].as_py() for name in SIZE_COLUMNS]
         except pa.ArrowException as err:
             raise DataError(f"{where}: unreadable member ({err}): the shard is corrupt") from None
+        self._open.release()
         return list(zip(*columns))
 
     def locate(self, index: int) -> tuple[int, int, pa.RecordBatch, str]:
@@ -269,22 +273,20 @@ class PreparedSplit:
         row = index - int(self.row_starts[shard])
         path = self.folder / self.shards[shard].name
         where = f"{path}: member {row}"
-        reader = self.reader(shard)
+        reader = self._open[shard]
         try:
             return shard, row, reader.get_batch(row // ROWS_PER_BATCH), where
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{where}: unreadable record batch ({err}): the shard is corrupt") from None
 
-    def reader(self, shard: int) -> pa.ipc.RecordBatchFileReader:
-        found = self._open.get(shard)
-        if found is not None:
-            self._open.move_to_end(shard)
-            return found
+    def open_shard(self, shard: int) -> tuple[pa.ipc.RecordBatchFileReader, list[FileMap]]:
+        """The reader of ``shard`` and its map, once its schema, rows and tokenizer are checked."""
         info = self.shards[shard]
         path = self.folder / info.name
         try:
-            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        except (pa.ArrowException, OSError) as err:
+            mapped = FileMap(path)
+            reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped.map)))
+        except (pa.ArrowException, OSError, ValueError) as err:  # ValueError: an empty file cannot be mapped
             raise DataError(f"{path}: not a readable Arrow shard ({err}); it is truncated or corrupt, prepare it "
                             f"again") from None
         if reader.schema != SCHEMA or sum(reader.get_batch(b).num_rows for b in range(reader.num_record_batches)) \
@@ -296,11 +298,12 @@ class PreparedSplit:
             raise DataError(f"{path}: encoded with the text tokenizer sha256 {encoded_by or '(none recorded)'}, the "
                             f"split's is sha256 {self.index.tokenizer_sha256}: a shard of another prepare; prepare "
                             f"the split again")
-        self._open[shard] = reader
-        if len(self._open) > OPEN_SHARDS:
-            self._open.popitem(last=False)
-        return reader
+        return reader, [mapped]
 
     def __getstate__(self) -> dict:
         # Loader workers open the files themselves; mapped files do not travel.
-        return {**self.__dict__, "_open": OrderedDict()}
+        return {k: v for k, v in self.__dict__.items() if k != "_open"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open = Opened(OPEN_SHARDS, self.open_shard)

@@ -3,7 +3,8 @@
 As Megatron's and GPT-NeoX's indexed datasets do, each piece is two files: ``<stem>.bin`` holds the ids of
 its text parts back to back (uint16 when the vocabulary fits, else uint32) and ``<stem>.idx.npy`` the int64
 offset of every part in it (parts + 1 values, the last one the piece's length).  Nothing is read until it is
-asked for, and a part is a view into the mapped file: a process's memory does not grow with the corpus.
+asked for, a part is a view into the mapped file, and the pages a read touched leave the process after it
+(``file_map.py``): a process's memory does not grow with the corpus.
 
 A split's pieces (one per shard, see ``shards.py``) together form one stream of documents: read as a language
 modeling corpus, ``stream_window`` cuts windows from ``part 0, eos, part 1, eos, ...`` without ever joining it.
@@ -19,8 +20,11 @@ import numpy as np
 
 from polytrain import atomic
 from polytrain.errors import DataError
+from polytrain.platform.data.file_map import FileMap, Opened, npy_array
 
 SUFFIXES = (".bin", ".idx.npy")
+OPEN_PIECES = 128
+"""Pieces a store keeps mapped (two files each; the least recently used are unmapped)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -80,7 +84,7 @@ def piece_sha256(folder: Path, stem: str) -> str:
 class TokenStore:
     """The pieces of one split, mapped lazily; parts are numbered across pieces in order.
 
-    Memory: two int64 per piece, plus what the pages read so far occupy of the page cache.
+    Memory: two int64 per piece; the pages of a read leave the process when it ends (``release``).
     """
 
     def __init__(self, folder: Path, pieces: Sequence[Piece], dtype: np.dtype, vocab_size: int):
@@ -89,7 +93,7 @@ class TokenStore:
         """(pieces + 1,) the number of the first part of each piece."""
         self.stream_starts = np.cumsum([0] + [p.tokens + p.parts for p in self.pieces])
         """(pieces + 1,) where each piece begins in the stream ``part, eos, part, eos, ...``."""
-        self._mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._mapped: Opened[int, tuple[np.ndarray, np.ndarray]] = Opened(OPEN_PIECES, self.map_piece)
 
     @property
     def n_parts(self) -> int:
@@ -101,11 +105,11 @@ class TokenStore:
         return int(self.stream_starts[-1])
 
     def part(self, number: int) -> np.ndarray:
-        """The ids of part ``number`` (a read-only view, dtype of the store)."""
+        """The ids of part ``number`` (a read-only view, dtype of the store); ``release`` once it is read."""
         if not 0 <= number < self.n_parts:
             raise IndexError(f"part {number} of {self.n_parts}")
         piece = int(np.searchsorted(self.part_starts, number, side="right")) - 1
-        ids, offsets = self.mapped(piece)
+        ids, offsets = self._mapped[piece]
         local = number - int(self.part_starts[piece])
         return self.checked(ids[offsets[local]: offsets[local + 1]], piece)
 
@@ -121,7 +125,7 @@ class TokenStore:
             if not self.pieces[piece].parts:  # every record of its shard was skipped as bad
                 piece += 1
                 continue
-            ids, offsets = self.mapped(piece)
+            ids, offsets = self._mapped[piece]
             local = position - int(self.stream_starts[piece])
             # Part j of the piece starts at offsets[j] + j in the piece's stream (one eos after each earlier part).
             j = bisect_right(range(len(offsets) - 1), local, key=lambda k: int(offsets[k]) + k) - 1
@@ -138,18 +142,20 @@ class TokenStore:
                     filled, local = filled + 1, local + 1
                     j += 1
             piece, position = piece + 1, begin + filled
+        self.release()
         return out, starts
 
-    def mapped(self, piece: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, offsets) of ``piece``, mapped on first use; a file of the wrong size is refused by name."""
-        found = self._mapped.get(piece)
-        if found is not None:
-            return found
+    def release(self) -> None:
+        """Drop the pages read since the last call from this process (views stay valid)."""
+        self._mapped.release()
+
+    def map_piece(self, piece: int) -> tuple[tuple[np.ndarray, np.ndarray], list[FileMap]]:
+        """((ids, offsets), their maps) of ``piece``; a file of the wrong size is refused by name."""
         info = self.pieces[piece]
         bin_path, idx_path = (self.folder / f"{info.stem}{s}" for s in SUFFIXES)
         try:
             size = bin_path.stat().st_size
-            offsets = np.load(idx_path, mmap_mode="r", allow_pickle=False)
+            offsets, offsets_map = npy_array(idx_path)
         except (OSError, ValueError) as err:
             raise DataError(f"{idx_path if bin_path.exists() else bin_path}: unreadable token store piece ({err})") \
                 from None
@@ -160,10 +166,10 @@ class TokenStore:
             last = int(offsets[-1]) if len(offsets) else 0
             raise DataError(f"{idx_path}: {offsets.shape[0]} offsets ending at {last}, the split's index says "
                             f"{info.parts} parts of {info.tokens} tokens; prepare it again")
-        ids = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(info.tokens,)) if info.tokens else \
-            np.zeros(0, self.dtype)
-        self._mapped[piece] = ids, offsets
-        return ids, offsets
+        if not info.tokens:  # an empty file cannot be mapped
+            return (np.zeros(0, self.dtype), offsets), [offsets_map]
+        ids_map = FileMap(bin_path)
+        return (ids_map.array(self.dtype, info.tokens), offsets), [ids_map, offsets_map]
 
     def checked(self, ids: np.ndarray, piece: int) -> np.ndarray:
         if len(ids) and int(ids.max()) >= self.vocab_size:
@@ -173,4 +179,8 @@ class TokenStore:
 
     def __getstate__(self) -> dict:
         # Loader workers map the files themselves rather than receive copies of mapped pages.
-        return {**self.__dict__, "_mapped": {}}
+        return {k: v for k, v in self.__dict__.items() if k != "_mapped"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._mapped = Opened(OPEN_PIECES, self.map_piece)

@@ -13,6 +13,7 @@ from polytrain.platform.data.shards import ROWS_PER_BATCH, PreparedSplit, SplitI
 from polytrain.platform.data.token_store import tokenizer_sha256
 from polytrain.tokenizers.config import TextTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer
+from tests.platform.data.test_file_map import needs_advice, resident_kib
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -83,6 +84,19 @@ def test_documents_read_as_one_stream(text, tmp_path):
     stream = [i for d in docs for i in (*text.encode(d.parts[0].value), text.eos_id)]
     tokens = PreparedSplit(tmp_path / "lm").tokens
     assert tokens.stream_window(0, len(stream), text.eos_id)[0].tolist() == stream
+
+
+@needs_advice
+def test_reading_a_split_leaves_none_of_its_pages_in_the_process(inputs, text, tmp_path):
+    _, records = inputs
+    prepare(records, tmp_path / "split", text, shard_records=20)
+    split = PreparedSplit(tmp_path / "split")
+    read = [split[i] for i in np.random.default_rng(0).permutation(len(split))]
+    assert [r.sample_id for r in read] and all(len(split.sizes(i)) for i in range(len(split)))
+    assert len(split._open.entries) == 8 and len(split.tokens._mapped.entries) == 8  # every shard is mapped
+    assert resident_kib(tmp_path / "split") == 0  # and none of it stays resident
+    stream = split.tokens.stream_window(0, split.tokens.stream_length, text.eos_id)[0]
+    assert len(stream) == split.tokens.stream_length and resident_kib(tmp_path / "split") == 0
 
 
 def interrupted(records, after):
