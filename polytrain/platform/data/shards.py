@@ -13,8 +13,8 @@ token piece (-1 for file parts), the file's bytes as they were (encoded: PNG, JP
 text), two sizes (text: tokens, 0; image: height, width; audio: samples, sample rate; other modalities: bytes,
 0) and a CRC-32 of its ids or bytes, checked on every read.  Arrow files are memory-mapped: opening one reads
 its footer, a row is a view into the mapping, so reading sample ``i`` of a permutation costs the same whatever
-the split's size; the pages a read touched leave the process after it (``file_map.py``), so a process's memory
-does not grow with the split or with the samples read.
+the split's size; the pages reads touch leave the process every few reads (``file_map.py``), so a process's
+memory does not grow with the split or with the samples read.
 """
 
 import hashlib
@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from polytrain import atomic
 from polytrain.errors import DataError
-from polytrain.platform.data.file_map import FileMap, Opened
+from polytrain.platform.data.file_map import RELEASE_EVERY, FileMap, Opened
 from polytrain.platform.data.manifest import Part, Record
 from polytrain.platform.data.token_store import Piece, TokenStore, token_dtype, write_piece
 
@@ -250,8 +250,7 @@ class PreparedSplit:
                 raise DataError(f"{member}: {modality} part {k} fails its checksum: the shard is corrupt; "
                                 f"prepare it again")
             parts.append(Part(modality, tuple(value.tolist()) if text != NO_TEXT else value, scored))
-        self._open.release()
-        self.tokens.release()
+        self.release()
         return Record(tuple(parts), raw["label"], raw["sample_id"], member)
 
     def sizes(self, index: int) -> list[tuple[str, bool, int, int]]:
@@ -262,8 +261,13 @@ class PreparedSplit:
             columns = [batch.column(name)[k].as_py() for name in SIZE_COLUMNS]
         except pa.ArrowException as err:
             raise DataError(f"{where}: unreadable member ({err}): the shard is corrupt") from None
-        self._open.release()
+        self.release()
         return list(zip(*columns))
+
+    def release(self, every: int = RELEASE_EVERY) -> None:
+        """A read is done: ``file_map.Opened.release`` of the shards and of the token store."""
+        self._open.release(every)
+        self.tokens.release(every)
 
     def locate(self, index: int) -> tuple[int, int, pa.RecordBatch, str]:
         """(shard, row in it, its record batch, ``<shard file>: member <row>``) of record ``index``."""

@@ -3,7 +3,7 @@
 As Megatron's and GPT-NeoX's indexed datasets do, each piece is two files: ``<stem>.bin`` holds the ids of
 its text parts back to back (uint16 when the vocabulary fits, else uint32) and ``<stem>.idx.npy`` the int64
 offset of every part in it (parts + 1 values, the last one the piece's length).  Nothing is read until it is
-asked for, a part is a view into the mapped file, and the pages a read touched leave the process after it
+asked for, a part is a view into the mapped file, and the pages reads touch leave the process every few reads
 (``file_map.py``): a process's memory does not grow with the corpus.
 
 A split's pieces (one per shard, see ``shards.py``) together form one stream of documents: read as a language
@@ -20,7 +20,7 @@ import numpy as np
 
 from polytrain import atomic
 from polytrain.errors import DataError
-from polytrain.platform.data.file_map import FileMap, Opened, npy_array
+from polytrain.platform.data.file_map import RELEASE_EVERY, FileMap, Opened, npy_array
 
 SUFFIXES = (".bin", ".idx.npy")
 OPEN_PIECES = 128
@@ -84,7 +84,7 @@ def piece_sha256(folder: Path, stem: str) -> str:
 class TokenStore:
     """The pieces of one split, mapped lazily; parts are numbered across pieces in order.
 
-    Memory: two int64 per piece; the pages of a read leave the process when it ends (``release``).
+    Memory: two int64 per piece; the pages reads touch leave the process every few reads (``release``).
     """
 
     def __init__(self, folder: Path, pieces: Sequence[Piece], dtype: np.dtype, vocab_size: int):
@@ -145,9 +145,9 @@ class TokenStore:
         self.release()
         return out, starts
 
-    def release(self) -> None:
-        """Drop the pages read since the last call from this process (views stay valid)."""
-        self._mapped.release()
+    def release(self, every: int = RELEASE_EVERY) -> None:
+        """A read is done: ``file_map.Opened.release`` (views stay valid)."""
+        self._mapped.release(every)
 
     def map_piece(self, piece: int) -> tuple[tuple[np.ndarray, np.ndarray], list[FileMap]]:
         """((ids, offsets), their maps) of ``piece``; a file of the wrong size is refused by name."""
