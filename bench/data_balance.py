@@ -40,7 +40,8 @@ data:
     photos: {head: encoder_decoder, source: image, train: FOLDER/photos.jsonl, val: FOLDER/photos.jsonl}
 """
 BUDGET = {"speech": 1600, "photos": 800}
-"""Tokens per micro-batch and rank (encoder patches and decoder text)."""
+"""Tokens per micro-batch and rank (encoder patches and decoder text); the attention budget is the cost that
+holds as many samples on average (this budget times the data's mean attention cost over its mean tokens)."""
 
 
 def skewed_files(folder: Path, n: int) -> Path:
@@ -101,15 +102,18 @@ def main() -> None:
         models = {kind: cost_model(kind, dim) for kind in ("tokens", "attention")}
         sizes = {n: len(ds) for n, ds in datasets.items()}
         # Before: a fixed count per micro-batch, as many samples as the budget holds on average.
-        mean_cost = {n: np.mean([sum(ds.lengths(i)) for i in range(len(ds))]) for n, ds in datasets.items()}
-        counts = {n: max(1, round(BUDGET[n] / mean_cost[n])) for n in datasets}
+        lengths = {n: np.array([ds.lengths(i) for i in range(len(ds))]) for n, ds in datasets.items()}
+        mean_cost = {kind: {n: float(model.costs(lengths[n]).mean()) for n in datasets} for kind, model in models.items()}
+        counts = {n: max(1, round(BUDGET[n] / mean_cost["tokens"][n])) for n in datasets}
         fixed = DataOrder(sizes, counts, "fixed", cfg.train.seed, slots_per_step=k)
         results = {"fixed count": {"batch_sizes": counts, **measure(datasets, fixed, cfg.train.seed, args.ranks,
                                                                     args.accum, args.steps, models)}}
         for kind, model in models.items():
-            budgets = {n: Budget(BUDGET[n] * k, 16, model, ds.lengths) for n, ds in datasets.items()}
+            # in the cost's own units, holding as many samples as the token budget on average
+            budget = {n: round(BUDGET[n] * mean_cost[kind][n] / mean_cost["tokens"][n]) for n in datasets}
+            budgets = {n: Budget(budget[n] * k, 16, model, ds.lengths) for n, ds in datasets.items()}
             order = DataOrder(sizes, {}, "fixed", cfg.train.seed, budgets, slots_per_step=k)
-            results[f"budget ({kind})"] = {"budgets": BUDGET, **measure(datasets, order, cfg.train.seed, args.ranks,
+            results[f"budget ({kind})"] = {"budgets": budget, **measure(datasets, order, cfg.train.seed, args.ranks,
                                                                          args.accum, args.steps, models)}
     print(f"{args.ranks} ranks x {args.accum} micro-batches per step, {args.steps} steps; rank load = padded cost "
           f"of its micro-batches, max over mean (worst step / mean of steps)")

@@ -6,7 +6,8 @@ the step's budget``, sorts them by cost and cuts them into that many runs of abo
 (in an order shuffled by the seed).  So each step holds samples of similar length, and what it holds depends
 on the seed, the stream and the global budget only, never on the number of processes.  The step's samples are
 then cut into its micro-batches (``ranks x grad_accum``), contiguous in length, so that the largest padded
-cost is as small as it can be, and the micro-batches are dealt to ranks so that their totals are even.
+cost is as small as it can be or evened out within that bound, and the micro-batches are dealt to ranks so that
+their totals -- with what the step's other budgeted tasks put there -- are even.
 
 Costs: a sample is a few sequences (an encoder's source, a decoder's text); a sequence of ``L`` tokens costs
 ``L + quadratic x L^2``.  A padded micro-batch of ``n`` rows costs ``n x sum(cost(longest of each sequence))``.
@@ -71,22 +72,59 @@ def pool_steps(lengths: np.ndarray, n_steps: int, model: CostModel, seed: int) -
     return [np.sort(runs[k]) for k in shuffle]
 
 
-def deal(lengths: np.ndarray, ranks: int, accum: int, model: CostModel) -> list[list[np.ndarray]]:
+def deal(lengths: np.ndarray, ranks: int, accum: int, model: CostModel,
+         loads: np.ndarray | None = None) -> list[list[np.ndarray]]:
     """One step's samples (rows of ``lengths``) as ``accum`` micro-batches for each of ``ranks`` ranks.
 
-    The samples, sorted by cost, are cut into ``ranks x accum`` contiguous groups whose largest padded cost is
-    the smallest possible (``min_max_split``); the groups go to ranks largest first, each to the rank with the
-    least so far that has room.  Returns ``[rank][micro-batch]`` -> indices of the step's samples.
+    The samples, sorted by cost, are cut into ``ranks x accum`` contiguous groups, two ways: the cut whose
+    largest padded cost is the smallest possible (``min_max_split``), and one that evens the groups out within
+    that bound (``even_split``).  Either's groups go to ranks largest first, each to the rank with the least so
+    far that has room -- counting ``loads``, what each rank already holds of the step (other tasks'
+    micro-batches, in their own cost), so that the tasks' heavy groups do not pile up on the same ranks -- and
+    the way whose busiest rank holds less is kept.  Returns ``[rank][micro-batch]`` -> indices of the step's
+    samples.
     """
+    lengths = np.asarray(lengths)
     order = np.argsort(model.costs(lengths), kind="stable")
-    groups = [order[g] for g in min_max_split(np.asarray(lengths)[order], ranks * accum, model)]
-    totals, dealt = np.zeros(ranks), [[] for _ in range(ranks)]
-    for group in sorted(groups, key=lambda g: -model.padded(np.asarray(lengths)[g])):
-        open_ranks = [r for r in range(ranks) if len(dealt[r]) < accum]
-        rank = min(open_ranks, key=lambda r: (totals[r], r))
+    ordered = lengths[order]
+    tightest = min_max_split(ordered, ranks * accum, model)
+    bound = max(model.padded(ordered[g]) for g in tightest)
+    start = np.zeros(ranks) if loads is None else np.asarray(loads, dtype=np.float64)
+    ways = [lpt(lengths, [order[g] for g in cut], ranks, accum, model, start)
+            for cut in (tightest, even_split(ordered, ranks * accum, model, bound))]
+    return min(ways, key=lambda way: way[1])[0]  # ties: the tightest cut
+
+
+def lpt(lengths: np.ndarray, groups: list[np.ndarray], ranks: int, accum: int, model: CostModel,
+        start: np.ndarray) -> tuple[list[list[np.ndarray]], float]:
+    """``groups`` (indices into ``lengths``) dealt largest first, each to the least loaded rank (from ``start``)
+    with fewer than ``accum``; returns the deal and its busiest rank's load."""
+    totals, dealt = start.copy(), [[] for _ in range(ranks)]
+    for cost, group in sorted(((model.padded(lengths[g]), g) for g in groups), key=lambda cg: -cg[0]):
+        rank = min((r for r in range(ranks) if len(dealt[r]) < accum), key=lambda r: (totals[r], r))
         dealt[rank].append(group)
-        totals[rank] += model.padded(np.asarray(lengths)[group])
-    return dealt
+        totals[rank] += cost
+    return dealt, float(totals.max())
+
+
+def even_split(lengths: np.ndarray, n_groups: int, model: CostModel, bound: float) -> list[slice]:
+    """``n_groups`` contiguous groups of the rows of ``lengths`` (sorted by cost), each in turn as near as it
+    can be to an equal share of what remains (padded cost against the remaining rows' own cost over the groups
+    left) without passing ``bound``; the last takes the rest, and groups past the last row are empty."""
+    costs, n = model.costs(lengths), len(lengths)
+    groups, start = [], 0
+    for left in range(n_groups, 0, -1):
+        if left == 1 or start >= n:
+            groups.append(slice(start, n))
+            start = n
+            continue
+        longest = np.maximum.accumulate(lengths[start:], axis=0)
+        padded = np.arange(1, n - start + 1) * model.costs(longest)  # nondecreasing in the rows taken
+        room = max(1, int(np.searchsorted(padded, bound, side="right")))
+        stop = start + 1 + int(np.argmin(np.abs(padded[:room] - costs[start:].sum() / left)))
+        groups.append(slice(start, stop))
+        start = stop
+    return groups
 
 
 def min_max_split(lengths: np.ndarray, n_groups: int, model: CostModel) -> list[slice]:
@@ -147,7 +185,12 @@ def padding_share(lengths: np.ndarray, batches: Iterable[np.ndarray]) -> float:
     return 1 - real / padded if padded else 0.0
 
 
+def rank_loads(lengths: np.ndarray, dealt: list[list[np.ndarray]], model: CostModel) -> np.ndarray:
+    """(ranks,) padded cost each rank holds of one step (``dealt``: [rank][micro-batch] -> indices)."""
+    return np.array([sum(model.padded(np.asarray(lengths)[b]) for b in micro) for micro in dealt], dtype=np.float64)
+
+
 def rank_imbalance(lengths: np.ndarray, dealt: list[list[np.ndarray]], model: CostModel) -> float:
-    """Largest over mean per-rank padded cost of one step (``dealt``: [rank][micro-batch] -> indices); 1 is even."""
-    totals = np.array([sum(model.padded(np.asarray(lengths)[b]) for b in micro) for micro in dealt])
+    """Largest over mean per-rank padded cost of one step; 1 is even."""
+    totals = rank_loads(lengths, dealt, model)
     return float(totals.max() / totals.mean()) if totals.mean() else 1.0

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from polytrain.platform.data.balance import CostModel, deal, pool_steps, take
+from polytrain.platform.data.balance import CostModel, deal, pool_steps, rank_loads, take
 
 
 POOLS_KEPT = 3
@@ -67,7 +67,7 @@ class DataOrder:
         self.shares = torch.tensor([batch_sizes[t] for t in batch_sizes], dtype=torch.float64)
         self._orders: dict[str, tuple[int, torch.Tensor]] = {}
         self._pools: OrderedDict[tuple[str, int], Pool] = OrderedDict()
-        self._dealt: dict[str, tuple[tuple[int, int, int], list[list[np.ndarray]]]] = {}
+        self._dealt: tuple[tuple[int, int, int], dict[str, list[list[np.ndarray]]]] | None = None
         assert not self.budgets or mixing == "fixed", "budgeted tasks fill steps; mixing must be fixed"
 
     def counts(self, slot: int) -> dict[str, int]:
@@ -100,10 +100,9 @@ class DataOrder:
                 samples = {t: [self.index(t, p) for p in range(positions.get(t, 0), positions.get(t, 0) + c)]
                            for t, c in counts.items() if c}
                 micro = (slot - start.slot) % self.slots_per_step
-                for t in self.budgets:
-                    dealt = self.dealt(t, step, positions.get(t, 0), world_size, accum)[rank][micro // world_size]
-                    if len(dealt):
-                        samples[t] = dealt.tolist()
+                for t, dealt in self.dealt(step, positions, world_size, accum).items():
+                    if len(dealt[rank][micro // world_size]):
+                        samples[t] = dealt[rank][micro // world_size].tolist()
                 yield Slot(slot, samples)
             for t, c in counts.items():
                 positions[t] = positions.get(t, 0) + c
@@ -155,17 +154,21 @@ class DataOrder:
             self._pools.popitem(last=False)
         return pool
 
-    def dealt(self, task: str, step: int, pool_start: int, ranks: int, accum: int) -> list[list[np.ndarray]]:
-        """[rank][micro-batch] -> dataset indices of a budgeted task in ``step``, whose pool starts at
-        ``pool_start``."""
+    def dealt(self, step: int, positions: dict[str, int], ranks: int, accum: int) -> dict[str, list[list[np.ndarray]]]:
+        """Each budgeted task's [rank][micro-batch] -> dataset indices in ``step`` (``positions``: where each
+        task's pool starts).  The tasks are dealt one after another, each counting what the ones before it put
+        on every rank, so that the step's whole load is even."""
         key = (step, ranks, accum)
-        cached = self._dealt.get(task)
-        if cached is not None and cached[0] == key:  # every slot of this rank in the step asks for it
-            return cached[1]
-        budget = self.budgets[task]
-        indices, lengths = self.pool(task, step // budget.bucket_steps, pool_start).steps[step % budget.bucket_steps]
-        dealt = [[indices[b] for b in micro] for micro in deal(lengths, ranks, accum, budget.model)]
-        self._dealt[task] = key, dealt
+        if self._dealt is not None and self._dealt[0] == key:  # every slot of this rank in the step asks for it
+            return self._dealt[1]
+        loads, dealt = np.zeros(ranks), {}
+        for task, budget in self.budgets.items():
+            pool = self.pool(task, step // budget.bucket_steps, positions.get(task, 0))
+            indices, lengths = pool.steps[step % budget.bucket_steps]
+            micro = deal(lengths, ranks, accum, budget.model, loads)
+            loads = loads + rank_loads(lengths, micro, budget.model)
+            dealt[task] = [[indices[b] for b in batch] for batch in micro]
+        self._dealt = key, dealt
         return dealt
 
 
