@@ -103,7 +103,8 @@ def main() -> None:
         sizes = {n: len(ds) for n, ds in datasets.items()}
         # Before: a fixed count per micro-batch, as many samples as the budget holds on average.
         lengths = {n: np.array([ds.lengths(i) for i in range(len(ds))]) for n, ds in datasets.items()}
-        mean_cost = {kind: {n: float(model.costs(lengths[n]).mean()) for n in datasets} for kind, model in models.items()}
+        mean_cost = {kind: {n: float(model.costs(lengths[n]).mean()) for n in datasets}
+                     for kind, model in models.items()}
         counts = {n: max(1, round(BUDGET[n] / mean_cost["tokens"][n])) for n in datasets}
         fixed = DataOrder(sizes, counts, "fixed", cfg.train.seed, slots_per_step=k)
         results = {"fixed count": {"batch_sizes": counts, **measure(datasets, fixed, cfg.train.seed, args.ranks,
