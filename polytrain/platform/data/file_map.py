@@ -74,7 +74,7 @@ class Opened(Generic[K, V]):
     def __init__(self, limit: int, open_: Callable[[K], tuple[V, list[FileMap]]]):
         self.limit, self.open = limit, open_
         self.entries: OrderedDict[K, tuple[V, list[FileMap]]] = OrderedDict()
-        self.read: dict[int, FileMap] = {}
+        self.read: set[FileMap] = set()
         self.reads = 0
 
     def __getitem__(self, key: K) -> V:
@@ -84,7 +84,7 @@ class Opened(Generic[K, V]):
             if len(self.entries) > self.limit:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
-        self.read.update((id(m), m) for m in entry[1])
+        self.read.update(entry[1])
         return entry[0]
 
     def release(self, every: int = RELEASE_EVERY) -> None:
@@ -92,6 +92,13 @@ class Opened(Generic[K, V]):
         self.reads += 1
         if self.reads % every:
             return
-        for mapped in self.read.values():
+        for mapped in self.read:
             mapped.release()
         self.read.clear()
+
+    def __getstate__(self) -> dict:
+        # What was opened stays in the process that opened it: a loader worker opens its own files.
+        return {"limit": self.limit, "open": self.open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["limit"], state["open"])

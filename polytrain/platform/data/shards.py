@@ -303,11 +303,3 @@ class PreparedSplit:
                             f"split's is sha256 {self.index.tokenizer_sha256}: a shard of another prepare; prepare "
                             f"the split again")
         return reader, [mapped]
-
-    def __getstate__(self) -> dict:
-        # Loader workers open the files themselves; mapped files do not travel.
-        return {k: v for k, v in self.__dict__.items() if k != "_open"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._open = Opened(OPEN_SHARDS, self.open_shard)

@@ -176,11 +176,3 @@ class TokenStore:
             raise DataError(f"{self.folder / self.pieces[piece].stem}.bin: token id {int(ids.max())} is outside the "
                             f"vocabulary of {self.vocab_size}: the piece is corrupt")
         return ids
-
-    def __getstate__(self) -> dict:
-        # Loader workers map the files themselves rather than receive copies of mapped pages.
-        return {k: v for k, v in self.__dict__.items() if k != "_mapped"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._mapped = Opened(OPEN_PIECES, self.map_piece)

@@ -1,5 +1,6 @@
 import filecmp
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -102,6 +103,18 @@ def test_reading_a_split_leaves_none_of_its_pages_in_the_process(inputs, text, t
     stream = split.tokens.stream_window(0, split.tokens.stream_length, text.eos_id)[0]
     split.tokens.release(every=1)
     assert len(stream) == split.tokens.stream_length and resident_kib(tmp_path / "split") == 0
+
+
+def test_a_split_sent_to_a_loader_worker_maps_its_files_anew(inputs, text, tmp_path):
+    _, records = inputs
+    prepare(records, tmp_path / "split", text)
+    split = PreparedSplit(tmp_path / "split")
+    first = split[100]
+    copy = pickle.loads(pickle.dumps(split))
+    assert len(split._open.entries) == 1 and not copy._open.entries and not copy.tokens._mapped.entries
+    again = copy[100]
+    assert (again.parts, again.where) == (first.parts, first.where)
+    assert copy._open.entries and copy._open.open.__self__ is copy  # the copy's own opener, not the original's
 
 
 def interrupted(records, after):
