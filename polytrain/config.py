@@ -21,7 +21,7 @@ from polytrain.launch.config import LaunchConfig
 from polytrain.models.config import ModelConfig, head_kind
 from polytrain.models.preset_configs import MODEL_PRESETS
 from polytrain.platform.data.config import DataConfig
-from polytrain.platform.distributed.config import EngineConfig
+from polytrain.platform.distributed.config import EngineConfig, check_sequence_parallel
 from polytrain.platform.observe.config import TrackingConfig
 from polytrain.platform.train.config import FinetuneConfig, TrainConfig
 from polytrain.registry import import_plugins
@@ -68,6 +68,7 @@ class Config:
                 raise ConfigError(f"{key}.max_target_len", task.max_target_len,
                                   f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
         self.check_init_parts()
+        check_sequence_parallel(self.engine.sequence_parallel, self.model.backbone)
 
     def check_init_parts(self) -> None:
         """Every ``heads.<task>`` and ``embedders.<modality>`` part names a task and a modality of this run."""

@@ -4,7 +4,8 @@ One ``Block`` serves both stacks: the encoder's are bidirectional, the
 decoder's causal, with cross-attention to the encoder output when the
 backbone has an encoder.  Pre-norm (GPT-2, ViT) or post-norm (the original
 Transformer, BERT, BART); LayerNorm or RMSNorm; GELU or SwiGLU MLP.  A stack
-builds its attention masks once per forward and hands them to every block.
+builds its attention masks once per forward and hands them to every block.  Under sequence parallelism a stack
+computes its ``SequenceShard``'s slice of the tokens, with the masks of the whole sequence (``sequence_shard.py``).
 
 Shape legend: B batch, L length, S memory length, E model dim.
 """
@@ -20,6 +21,7 @@ from polytrain.models.config import MLPS, NORMS, POSITIONS, BackboneConfig
 from polytrain.models.embed import Embedded
 from polytrain.models.layers import DropPath
 from polytrain.models.positions import alibi_slopes
+from polytrain.models.sequence_shard import WHOLE, SequenceShard
 
 
 class Block(nn.Module):
@@ -58,6 +60,9 @@ class Block(nn.Module):
 class Stack(nn.Module):
     """``n_layers`` blocks, the input norm/dropout, the final norm of a pre-norm stack, and the masks."""
 
+    sequence: SequenceShard = WHOLE
+    """What part of each sequence a training forward computes (``PolyModel.shard_sequences`` sets it)."""
+
     def __init__(self, cfg: BackboneConfig, n_layers: int, causal: bool, cross_attention: bool):
         super().__init__()
         self.cfg, self.causal = cfg, causal
@@ -76,25 +81,32 @@ class Stack(nn.Module):
     def forward(self, seq: Embedded, memory_BSE: Tensor | None = None, memory_valid_BS: Tensor | None = None,
                 cache: KVCache | None = None, memory_docs_BS: Tensor | None = None) -> Tensor:
         """``cache``: decode incrementally; ``memory_docs_BS``: the packed documents of the memory (cross-attention
-        keeps each decoder document to its own)."""
-        x_BLE = seq.x_BLE if self.input_norm is None else self.input_norm(seq.x_BLE)
+        keeps each decoder document to its own).
+
+        Sharded (training): ``seq`` is whole, ``memory_BSE`` this device's slice of the memory, and the output is
+        this device's slice (B, L/size, E)."""
+        shard = self.sequence if self.training and cache is None else WHOLE
+        x_BLE = shard.split(seq.x_BLE)
+        x_BLE = x_BLE if self.input_norm is None else self.input_norm(x_BLE)
         x_BLE = self.drop(x_BLE)
         plan, memory_plan = self.plans(seq, x_BLE, memory_valid_BS if memory_BSE is not None else None, cache,
-                                       memory_docs_BS)
+                                       memory_docs_BS, shard)
+        rope = shard.split_rope(seq.rope)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
-                x_BLE = checkpoint(block, x_BLE, plan, seq.rope, memory_BSE, memory_plan, layer_cache,
+                x_BLE = checkpoint(block, x_BLE, plan, rope, memory_BSE, memory_plan, layer_cache,
                                    use_reentrant=False)
             else:
-                x_BLE = block(x_BLE, plan, seq.rope, memory_BSE, memory_plan, layer_cache)
+                x_BLE = block(x_BLE, plan, rope, memory_BSE, memory_plan, layer_cache)
         if cache is not None:
             cache.advance(seq.length)
         return x_BLE if self.norm is None else self.norm(x_BLE)
 
     def plans(self, seq: Embedded, x_BLE: Tensor, memory_valid_BS: Tensor | None, cache: KVCache | None,
-              memory_docs_BS: Tensor | None) -> tuple[AttentionPlan, AttentionPlan | None]:
-        """The self-attention and cross-attention plans every block of this forward shares."""
+              memory_docs_BS: Tensor | None, shard: SequenceShard) -> tuple[AttentionPlan, AttentionPlan | None]:
+        """The self-attention and cross-attention plans every block of this forward shares: the masks of the whole
+        sequence (and memory), for the heads this device computes, with ``shard``'s exchanges around them."""
         dtype, cfg = compute_dtype(x_BLE), self.cfg
         dropout = cfg.dropout if self.training else 0.0
         if cache is None:
@@ -105,12 +117,13 @@ class Stack(nn.Module):
             offset = cache.length
             spans = seq.spans_BL if offset == 0 else None  # later tokens are text, after every span
             rule = MaskRule(cache.extend(seq.valid_BL), seq.valid_BL, self.causal, spans, offset)
-        plan = plan_attention(cfg.attention, rule, dtype, cfg.head_dim, dropout, self.alibi_H)
+        plan = plan_attention(cfg.attention, rule, dtype, cfg.head_dim, dropout, shard.heads(self.alibi_H))
         if memory_valid_BS is None:
-            return plan, None
+            return shard.attention(plan), None
         cross_rule = MaskRule(memory_valid_BS, seq.valid_BL, self_attention=False, query_docs_BL=seq.documents_BL,
                               key_docs_BS=memory_docs_BS)
-        return plan, plan_attention(cfg.attention, cross_rule, dtype, cfg.head_dim, dropout)
+        return shard.attention(plan), shard.attention(plan_attention(cfg.attention, cross_rule, dtype, cfg.head_dim,
+                                                                     dropout))
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

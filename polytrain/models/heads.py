@@ -37,10 +37,14 @@ if TYPE_CHECKING:
 def token_loss(logits_XV: Tensor, labels_X: Tensor, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy in fp32 over positions whose label is not ``IGNORE_INDEX``.
 
-    ``logits_XV`` is (..., V) with labels of shape (...): (B, T, V) with (B, T), or (B, C) with (B,).
+    ``logits_XV`` is (..., V) with labels of shape (...): (B, T, V) with (B, T), or (B, C) with (B,).  The mean
+    of no position is 0 (a sequence shard may hold none), still a function of the logits, so its backward runs.
     """
-    return F.cross_entropy(logits_XV.float().flatten(0, -2), labels_X.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction, label_smoothing=label_smoothing)
+    summed = F.cross_entropy(logits_XV.float().flatten(0, -2), labels_X.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum" if reduction == "mean" else reduction, label_smoothing=label_smoothing)
+    if reduction != "mean":
+        return summed
+    return summed / (labels_X != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class Head(nn.Module):
@@ -52,8 +56,9 @@ class Head(nn.Module):
         self.label_smoothing = cfg.heads.label_smoothing
 
     def loss(self, model: PolyModel, batch: TaskBatch) -> Tensor:
-        """The scalar training loss: mean cross-entropy over labelled positions (or samples)."""
-        return token_loss(self(model, batch), batch.labels, label_smoothing=self.label_smoothing)
+        """The scalar training loss: mean cross-entropy over labelled positions (or samples); sharded, over those of
+        this device's slice of the sequences."""
+        return token_loss(self(model, batch), model.shard.labels(batch.labels), label_smoothing=self.label_smoothing)
 
     @abstractmethod
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
@@ -140,21 +145,26 @@ class EncoderDecoderHead(TextDecoderHead):
 
     kind = HEAD_KINDS["encoder_decoder"]
 
-    def memory(self, model: PolyModel, source: Segment | None) -> tuple[Tensor, Tensor]:
-        """The encoder's view of the source and which of it is real: (B, S, E), (B, S)."""
+    def memory(self, model: PolyModel, source: Segment | None) -> tuple[Tensor, Embedded]:
+        """The encoder's view of the source (B, S, E), and the embedded source (what of it is real, its documents).
+
+        Sharded, the memory is this device's slice of it and stays split: the decoder's cross-attention exchanges
+        it as self-attention exchanges its own tokens, so no device holds the whole memory's keys and values
+        (the long side of a speech or image input)."""
         if source is None:
             raise ValueError("an encoder-decoder task needs a source segment in every batch")
         embedded = model.embed(source)
-        return model.backbone.memory(embedded), embedded.valid_BL
+        return model.backbone.memory(embedded), embedded
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
-        memory_BSE, memory_valid_BS = self.memory(model, batch.source)
+        memory_BSE, source = self.memory(model, batch.source)
         text = model.embed(batch.inputs, decoder=True)
-        return model.lm_logits(model.backbone.decode(text, memory_BSE, memory_valid_BS,
-                                                     memory_docs_BS=batch.source.documents))
+        return model.lm_logits(model.backbone.decode(text, memory_BSE, source.valid_BL,
+                                                     memory_docs_BS=source.documents_BL))
 
     def session(self, model, source, rows_per_prompt, capacity, prefix, positions_B):
-        memory_BSE, memory_valid_BS = self.memory(model, source)  # encoded once, for every step and beam
+        memory_BSE, embedded = self.memory(model, source)  # encoded once, for every step and beam
+        memory_valid_BS = embedded.valid_BL
         memory_BSE = memory_BSE.repeat_interleave(rows_per_prompt, dim=0)
         memory_valid_BS = memory_valid_BS.repeat_interleave(rows_per_prompt, dim=0)
         return DecoderSession(model, capacity, prefix, positions_B, memory_BSE, memory_valid_BS)
@@ -175,7 +185,7 @@ class EncoderClassifierHead(Head):
 
     def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         embedded = model.embed(batch.inputs)
-        h_BLE = model.backbone.encode(embedded)
+        h_BLE = model.shard.gather(model.backbone.encode(embedded))  # pooled over the whole sequence
         if self.pooling == "cls":
             pooled_BE = h_BLE[:, 0]
         else:

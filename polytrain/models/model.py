@@ -13,6 +13,7 @@ from polytrain.errors import ConfigError, DataError
 from polytrain.models.backbone import Backbone
 from polytrain.models.config import HEADS, BackboneConfig, ModelConfig, head_kind
 from polytrain.models.embed import EMBEDDERS, Embedded, TokenEmbedder
+from polytrain.models.sequence_shard import WHOLE, SequenceShard
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
@@ -43,6 +44,20 @@ class PolyModel(nn.Module):
         self.heads = nn.ModuleDict({task: cls(with_classes(cfg, (task_classes or {}).get(task)), by_modality)
                                     for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
+        self.sequence = WHOLE
+
+    def shard_sequences(self, shard: SequenceShard) -> None:
+        """Compute ``shard``'s slice of every sequence in training forwards (sequence parallelism: the engine
+        calls this with a shard whose exchanges are collectives); ``WHOLE`` undoes it."""
+        self.sequence = shard
+        for stack in (self.backbone.encoder, self.backbone.decoder):
+            if stack is not None:
+                stack.sequence = shard
+
+    @property
+    def shard(self) -> SequenceShard:
+        """The shard a forward now uses: the configured one in training, the whole sequence otherwise."""
+        return self.sequence if self.training else WHOLE
 
     def init_weights(self, std: float) -> None:
         """Normal(0, std) for every linear and embedding weight, then each embedder's own init, if it has one."""
@@ -61,7 +76,8 @@ class PolyModel(nn.Module):
 
     def embed(self, segment: Segment, decoder: bool = False, bidirectional_spans: bool = False) -> Embedded:
         """The segment's vectors; a text segment's non-text spans are embedded by their modality's embedder and
-        placed at their slots, in a fixed order of modalities (so every rank runs the same embedders).
+        placed at their slots, in a fixed order of modalities (so every rank runs the same embedders). Whole, and
+        padded for the sequence shard (``shard_sequences``), which the stacks split.
 
         ``decoder``: the segment feeds the decoder stack, so text takes the decoder's position table where
         ``embed.decoder_positions`` gives it one. ``bidirectional_spans``: each span's tokens may see each other
@@ -76,7 +92,9 @@ class PolyModel(nn.Module):
             embedded = embedder(segment, decoder=True)
         else:
             embedded = embedder(segment)
-        return self.place_spans(embedded, segment, bidirectional_spans) if segment.spans else embedded
+        if segment.spans:
+            embedded = self.place_spans(embedded, segment, bidirectional_spans)
+        return self.shard.pad(embedded)
 
     def place_spans(self, embedded: Embedded, segment: Segment, bidirectional: bool) -> Embedded:
         x_BLE = embedded.x_BLE

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
+from polytrain.models.config import BackboneConfig
 from polytrain.schema import Positive, Range
 
 
@@ -26,6 +27,11 @@ class EngineConfig:
     """Elements per gradient reduce / parameter all-gather bucket (communication granularity)."""
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto picks nccl when CUDA is present, else gloo."""
+    sequence_parallel: Positive[int] = 1
+    """Processes that share each sample, each computing a slice of every sequence (DeepSpeed-Ulysses sequence
+    parallelism: attention exchanges the slices for a slice of the heads, all-to-all). For samples whose
+    activations one device cannot hold. A divisor of the job's processes; the data-parallel degree (what reads
+    distinct samples) is processes / this. The heads, and key/value heads, of every stack must divide by it."""
 
     def check(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -34,3 +40,23 @@ class EngineConfig:
             raise ConfigError("offload_optimizer", True, "needs zero_stage >= 1 (ZeRO-Offload shards the optimizer)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("offload_params", True, f"needs zero_stage=3, got zero_stage={self.zero_stage}")
+
+
+def check_sequence_parallel(sequence_parallel: int, backbone: BackboneConfig) -> None:
+    """engine.sequence_parallel against the model: each process attends with a slice of every stack's heads."""
+    if sequence_parallel == 1:
+        return
+    key = "engine.sequence_parallel"
+    stacks = [("model.backbone", backbone)] * bool(backbone.decoder_layers)
+    if backbone.encoder_layers:
+        stacks.append(("model.backbone.encoder" if backbone.encoder else "model.backbone", backbone.encoder_stack))
+    for where, stack in stacks:
+        for name, heads in (("n_heads", stack.n_heads), ("kv_heads", stack.kv_heads)):
+            if heads % sequence_parallel:
+                noun = "key/value heads (n_kv_heads, or n_heads when 0)" if name == "kv_heads" else "query heads"
+                raise ConfigError(key, sequence_parallel, f"must divide the {noun} of {where}, {heads}: each of the "
+                                  f"{sequence_parallel} processes sharing a sample attends with a slice of them")
+    if backbone.drop_path:
+        raise ConfigError(key, sequence_parallel, f"cannot be combined with model.backbone.drop_path="
+                          f"{backbone.drop_path}: stochastic depth drops a sample's branch whole, and the processes "
+                          f"sharing it would draw apart; set drop_path=0")
