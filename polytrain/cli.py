@@ -242,7 +242,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.dry_run:
         load_torch_quietly()
     return launch(cfg.launch, cfg.train.out_dir, cfg.train.run_name, args.config, args.overrides, args.dry_run,
-                  args.submit)
+                  args.submit, cfg.engine.sequence_parallel)
 
 
 def load_torch_quietly() -> None:

@@ -7,6 +7,7 @@ the entry-point group ``polytrain.launchers`` (an object with the same three mem
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,6 +15,7 @@ from polytrain.errors import ConfigError
 from polytrain.launch import deepspeed, slurm, torchrun
 from polytrain.launch.config import LaunchConfig
 from polytrain.launch.job import Job
+from polytrain.platform.distributed.layout import Layout
 from polytrain.registry import Registry
 
 
@@ -34,16 +36,21 @@ for _name, _module in (("torchrun", torchrun), ("deepspeed", deepspeed), ("slurm
 
 
 def launch(cfg: LaunchConfig, out_dir: str, run_name: str | None, config_path: str, overrides: list[str],
-           dry_run: bool = False, submit: bool = False) -> int:
+           dry_run: bool = False, submit: bool = False, sequence_parallel: int = 1) -> int:
     """``polytrain launch``: print the job's commands (dry run) or start it; ``out_dir`` and ``run_name`` are
-    train.out_dir and train.run_name."""
+    train.out_dir and train.run_name, ``sequence_parallel`` engine.sequence_parallel (checked against the job's
+    processes before any starts)."""
     if submit and cfg.backend != "slurm":
         raise ConfigError("--submit", True, f"submits SLURM jobs; launch.backend={cfg.backend!r} "
                           f"(set launch.backend=slurm)")
     if submit and dry_run:
         raise ConfigError("--submit", True, "cannot be combined with --dry-run, which starts nothing")
+    layout = Layout(cfg.world_size, sequence_parallel)
+    layout.check(f"launch.nodes {cfg.nodes} x launch.procs_per_node {cfg.procs_per_node}")
     job = Job.create(cfg, config_path, overrides, out_dir, run_name, submit)
     backend = BACKENDS.get(cfg.backend)
+    # stderr: stdout stays exactly the commands (or the script) the nodes run
+    print(f"polytrain launch: layout: {layout.describe()}", file=sys.stderr, flush=True)
     if dry_run:
         print(backend.describe(job), flush=True)
         return 0

@@ -16,6 +16,8 @@ from torch import nn
 
 from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, Writes, safe_unpickling, tensor_bytes
 from polytrain.platform.distributed.config import EngineConfig
+from polytrain.platform.distributed.layout import Layout
+from polytrain.platform.distributed.sequence_parallel import sequence_shard
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}
@@ -43,6 +45,10 @@ class Engine:
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
         self.cfg, self.grad_clip = cfg, grad_clip
         self.model: nn.Module | None = None
+        self.layout = Layout(self.world_size, cfg.sequence_parallel)
+        self.layout.check(f"WORLD_SIZE={self.world_size}")
+        self.sequence = sequence_shard(self.layout, self.rank, backend)
+        """Which slice of every sequence this process computes (all of it without sequence parallelism)."""
 
     @property
     def rank(self) -> int:
@@ -51,6 +57,16 @@ class Engine:
     @property
     def world_size(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def data_rank(self) -> int:
+        """Which data-parallel replica this process belongs to: what the data order deals samples to."""
+        return self.layout.data_rank(self.rank)
+
+    @property
+    def data_size(self) -> int:
+        """The data-parallel degree: processes / engine.sequence_parallel."""
+        return self.layout.data
 
     @property
     def is_main(self) -> bool:
@@ -63,10 +79,13 @@ class Engine:
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler):
         """Wrap for DeepSpeed; returns (engine model, optimizer, scheduler).
 
-        Pass a ``torch.optim.AdamW``: with optimizer offload Accelerate replaces it by DeepSpeed's
+        With engine.sequence_parallel above 1 the model (a ``PolyModel``) computes this process's slice of every
+        sequence in training. Pass a ``torch.optim.AdamW``: with optimizer offload Accelerate replaces it by DeepSpeed's
         CPU Adam in AdamW mode (an optimizer of any other class comes back as plain Adam with
         L2-coupled weight decay).
         """
+        if self.sequence.size > 1:
+            model.shard_sequences(self.sequence)
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.model = model
         if steps_unchecked(self.cfg):
@@ -85,7 +104,8 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward; at an accumulation boundary DeepSpeed also clips and steps the optimizer.
 
-        DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks.
+        DeepSpeed divides the loss by the accumulation steps and averages gradients over all processes (the
+        sequence-parallel ones included: their gradients are of different slices, which the average sums).
         """
         self.accelerator.backward(loss)
 

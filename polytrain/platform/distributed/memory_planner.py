@@ -36,6 +36,7 @@ from polytrain.config import Config
 from polytrain.errors import ConfigError
 from polytrain.models.config import head_kind
 from polytrain.models.model import PolyModel
+from polytrain.platform.distributed.config import check_sequence_parallel
 from polytrain.platform.observe.meters import GIB
 from polytrain.platform.train.finetune import adapt, freeze
 from polytrain.schema import changed_numbers, from_dict, to_dict
@@ -174,24 +175,75 @@ def sequence_lengths(cfg: Config) -> dict[str, tuple[int, int]]:
     return lengths
 
 
-def activation_bytes(cfg: Config) -> int:
-    """Activations kept for the backward pass of one micro-batch (all tasks), an estimate.
+def activation_bytes(cfg: Config, sequence_parallel: int | None = None) -> int:
+    """Activations one rank keeps for the backward pass of one micro-batch (all tasks), an estimate.
 
     Per token and block a pre-norm block saves about 10·E values for attention and norms plus
     2·H for the MLP (E model width, H MLP width; SDPA's fused kernels keep no T×T matrix); decoder
     blocks with cross-attention save 4·E more.  Logits and their softmax gradient add 2·V per
-    decoder token in fp32.
+    decoder token in fp32.  Under sequence parallelism (``sequence_parallel``, default engine.sequence_parallel)
+    a rank keeps its slice of every sequence: ceil(L / N) tokens each.
     """
     backbone, vocab = cfg.model.backbone, cfg.tokenizers.text.vocab_size
     low = 4 if cfg.engine.precision == "fp32" else 2
     block = 10 * backbone.dim + 2 * backbone.mlp_hidden
+    split = sequence_parallel or cfg.engine.sequence_parallel
     total = 0
     for name, (enc, dec) in sequence_lengths(cfg).items():
         batch = cfg.data.tasks[name].batch_size
+        enc, dec = -(-enc // split), -(-dec // split)
         cross = 4 * backbone.dim if enc else 0
         per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers) * low
         total += batch * (per_sample + dec * 2 * vocab * 4)
     return total
+
+
+SEQUENCE_PARALLEL_SIZES = (1, 2, 4, 8)
+"""The engine.sequence_parallel values the plan shows."""
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """Per-rank activations of one micro-batch at each sequence-parallel size, and how long a micro-batch fits."""
+
+    tokens: int
+    """Tokens of one micro-batch at the configured lengths (all tasks, encoder and decoder)."""
+    activations: dict[int, int]
+    """engine.sequence_parallel -> bytes per rank."""
+    states: Estimate
+    """The option whose states the fit is counted against: the recommended one, else ZeRO-3."""
+    longest: int
+    """Tokens per micro-batch whose activations fit one GPU beside those states, without sequence parallelism."""
+    suggested: tuple[int, Estimate] | None
+    """When nothing fits as configured: the least engine.sequence_parallel (dividing the GPUs and the heads)
+    with which an option without offload fits, and the least sharded such option (else the same with offload)."""
+
+
+def sequence_plan(cfg: Config, rows: list[Estimate], best: Estimate | None, gpus: int, gpu_mem: int,
+                  n_params: int, n_trainable: int) -> SequencePlan:
+    """What sequence parallelism buys this config on ``gpus`` GPUs of ``gpu_mem`` bytes (see ``SequencePlan``)."""
+    tokens = sum(cfg.data.tasks[name].batch_size * (enc + dec) for name, (enc, dec) in sequence_lengths(cfg).items())
+    activations = {n: activation_bytes(cfg, n) for n in SEQUENCE_PARALLEL_SIZES}
+    states = best or next(row for row in rows if row.option == Option(3))
+    room = USABLE_FRACTION * gpu_mem - (states.device_total - states.activations)
+    longest = max(int(room / (activations[1] / max(tokens, 1))), 0) if activations[1] else 0
+    suggested = None
+    if best is None:  # splitting the sequence before offloading: the all-to-alls cost less than CPU Adam steps
+        sizes = [n for n in SEQUENCE_PARALLEL_SIZES[1:] if n <= gpus and gpus % n == 0 and heads_divide(cfg, n)]
+        candidates = [(n, option) for offload in (False, True) for n in sizes for option in OPTIONS
+                      if option.offload_optimizer == offload]
+        suggested = next(((n, row) for n, row in ((n, estimate(cfg, option, gpus, n_params, n_trainable,
+                                                                activations[n])) for n, option in candidates)
+                          if row.device_total <= USABLE_FRACTION * gpu_mem), None)
+    return SequencePlan(tokens, activations, states, longest, suggested)
+
+
+def heads_divide(cfg: Config, sequence_parallel: int) -> bool:
+    try:
+        check_sequence_parallel(sequence_parallel, cfg.model.backbone)
+    except ConfigError:
+        return False
+    return True
 
 
 def estimate(cfg: Config, option: Option, world_size: int, n_params: int, n_trainable: int,
@@ -278,12 +330,33 @@ def format_plan(cfg: Config, rows: list[Estimate], best: Estimate | None, gpus_p
     if cfg.engine.bucket_size > n_trainable:
         lines.append(f"note: engine.bucket_size={cfg.engine.bucket_size} is more than the trainable parameters; "
                      f"ZeRO-2/3 buffers shrink with engine.bucket_size={max(n_trainable // 4, 1)}")
-    if best is None:
+    sequence = sequence_plan(cfg, rows, best, gpus_per_node * nodes, gpu_mem, n_params, n_trainable)
+    lines += format_sequence_plan(cfg, sequence)
+    if best is None and sequence.suggested is None:
         lines.append("nothing fits: add GPUs, shrink train micro-batches (data.tasks.*.batch_size) or the model")
+    elif best is None:
+        n, row = sequence.suggested
+        lines.append(f"recommended: engine.sequence_parallel={n} {option_keys(row.option)} (per-rank GPU total "
+                     f"{row.device_total / GIB:.2f} GiB)")
     else:
-        lines.append(f"recommended: engine.zero_stage={best.option.zero_stage} engine.offload_optimizer="
-                     f"{str(best.option.offload_optimizer).lower()} engine.offload_params="
-                     f"{str(best.option.offload_params).lower()}")
+        lines.append(f"recommended: {option_keys(best.option)}")
     return "\n".join(lines)
+
+
+def option_keys(option: Option) -> str:
+    return (f"engine.zero_stage={option.zero_stage} engine.offload_optimizer={str(option.offload_optimizer).lower()} "
+            f"engine.offload_params={str(option.offload_params).lower()}")
+
+
+def format_sequence_plan(cfg: Config, sequence: SequencePlan) -> list[str]:
+    """The activations at each sequence-parallel size, and the length beyond which one GPU needs it."""
+    sizes = " | ".join(f"N={n} {b / GIB:.2f}" for n, b in sequence.activations.items())
+    states = sequence.states.device_total - sequence.states.activations
+    longer = ", ".join(f"N={n} up to {n * sequence.longest:,}" for n in SEQUENCE_PARALLEL_SIZES[1:])
+    return [f"sequence parallel: per-rank GiB of activations of one micro-batch ({sequence.tokens:,} tokens) with "
+            f"engine.sequence_parallel=N (configured: {cfg.engine.sequence_parallel}): {sizes}",
+            f"with {sequence.states.option.label} states ({states / GIB:.2f} GiB per GPU), one GPU holds the "
+            f"activations of a micro-batch of up to {sequence.longest:,} tokens; longer needs sequence parallelism "
+            f"({longer}) or activation checkpointing (model.backbone.checkpointing=true)"]
 
 

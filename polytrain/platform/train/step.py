@@ -2,7 +2,10 @@
 
 Each task's loss is normalized by its labelled tokens in the whole step (all
 micro-batches of all ranks), so the gradient does not depend on how the
-step's samples are split into micro-batches and processes.  A step the
+step's samples are split into micro-batches and processes.  Under sequence
+parallelism a rank's loss and labelled tokens are those of its slice of the
+sequences (the slices of a sample add up to it), and the samples, tokens and
+FLOPs of a micro-batch its group shares are counted once.  A step the
 engine skipped (its gradients were not finite) changed no weight, so the
 learning-rate schedule does not advance either.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from polytrain.models.flops import TrainFlops, input_tokens
+from polytrain.models.sequence_shard import WHOLE, SequenceShard
 from polytrain.platform.data.loader import MicroBatch
 from polytrain.platform.train.config import TrainConfig
 from polytrain.platform.train.optimizer import lr_multiplier
@@ -67,11 +71,14 @@ class Stepper:
     def __call__(self, micro: list[MicroBatch], step: int, stop: bool = False) -> StepResult:
         """One optimizer step on this rank's ``micro``-batches; ``stop``: this rank wants to stop after it."""
         accum, world, tasks = self.cfg.grad_accum, self.engine.world_size, list(self.weights)
-        counts = torch.tensor([[labelled(b.tasks[t]) if t in b.tasks else 0 for t in tasks] for b in micro],
+        shard = self.engine.sequence
+        counts = torch.tensor([[labelled(b.tasks[t], shard) if t in b.tasks else 0 for t in tasks] for b in micro],
                               dtype=torch.float64)
-        work = torch.tensor([sum(len(part.sample_ids) for b in micro for part in b.tasks.values()),
-                             sum(input_tokens(part) for b in micro for part in b.tasks.values()),
-                             sum(self.flops(b.tasks) for b in micro) if self.flops.known else 0], dtype=torch.float64)
+        first = float(shard.rank == 0)  # the one of its sequence-parallel group that counts a shared micro-batch
+        work = first * torch.tensor([sum(len(part.sample_ids) for b in micro for part in b.tasks.values()),
+                                     sum(input_tokens(part) for b in micro for part in b.tasks.values()),
+                                     sum(self.flops(b.tasks) for b in micro) if self.flops.known else 0],
+                                    dtype=torch.float64)
         slots = torch.tensor([[sum(slot_counts(b.tasks[t])[i] for b in micro if t in b.tasks) for i in (0, 1)]
                               for t in tasks], dtype=torch.float64)
         load = torch.zeros(world, dtype=torch.float64)  # every rank's slots, padding included
@@ -100,7 +107,7 @@ class Stepper:
             self.scheduler.step()
         # One all-reduce for the losses, the work, the slots and the load of every rank, and the ranks that want
         # to stop.
-        reduced = self.engine.sum(torch.cat([loss_sums, work, slots.flatten(), load,
+        reduced = self.engine.sum(torch.cat([loss_sums, work, first * slots.flatten(), load,
                                              torch.tensor([float(stop)], dtype=torch.float64)]))
         task_losses = dict(zip(tasks, (reduced[:len(tasks)] / totals).tolist()))
         samples, tokens, flops = reduced[len(tasks): len(tasks) + 3].tolist()
@@ -130,6 +137,6 @@ def slot_counts(part: TaskBatch) -> tuple[int, int]:
     return sum(int(s.mask.sum()) for s in segments), sum(s.mask.numel() for s in segments)
 
 
-def labelled(part: TaskBatch) -> int:
-    """Positions that carry a loss in ``part``."""
-    return int((part.labels != IGNORE_INDEX).sum())
+def labelled(part: TaskBatch, shard: SequenceShard = WHOLE) -> int:
+    """Positions that carry a loss in ``part`` (in ``shard``'s slice of its sequences)."""
+    return int((shard.labels(part.labels) != IGNORE_INDEX).sum())

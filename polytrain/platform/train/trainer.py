@@ -25,6 +25,7 @@ from polytrain.platform.distributed.checkpoint import (
     save_checkpoint,
 )
 from polytrain.platform.distributed.engine import Engine, base_optimizer
+from polytrain.platform.distributed.layout import Layout
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir, new_run_name
 from polytrain.platform.observe.tracking import Tracker, keep_until
@@ -58,8 +59,10 @@ def train(cfg: Config, config_name: str = "run") -> Path:
     every process and never a collective left waiting.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = Layout(world_size, cfg.engine.sequence_parallel)
+    layout.check(f"WORLD_SIZE={world_size}")
     preflight(cfg)
-    check_global_batch(cfg, world_size)
+    check_global_batch(cfg, layout.data)
     resume = restart_point(cfg) or (latest_checkpoint(cfg.train.resume) if cfg.train.resume else None)
     universal = resume is not None and needs_universal(read_state(resume.state), world_size, cfg.engine.zero_stage)
     stops = StopSignals()
@@ -156,6 +159,7 @@ class Trainer:
             atomic.write_text(self.run_dir.config, self.config_yaml)
             log.info("run directory %s (%d process(es), ZeRO stage %d)", self.run_dir.path, engine.world_size,
                      cfg.engine.zero_stage)
+            log.info("layout: %s", engine.layout.describe())
         seed_everything(cfg.train.seed)
         # 2. Manifests (the main process builds the built-in datasets, the others wait and reuse them).
         with engine.main_process_first():
@@ -189,7 +193,7 @@ class Trainer:
         # 6. The data order and what a step runs.
         self.order = DataOrder({n: len(ds) for n, ds in self.train_sets.items()},
                                {n: t.batch_size for n, t in cfg.data.tasks.items() if not t.budget}, cfg.data.mixing,
-                               cfg.train.seed, self.budgets(), cfg.train.grad_accum * engine.world_size)
+                               cfg.train.seed, self.budgets(), cfg.train.grad_accum * engine.data_size)
         stand_ins = {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()}
         self.stepper = Stepper(engine, self.model, self.optimizer, self.scheduler, cfg.train,
                                {name: task.weight for name, task in cfg.data.tasks.items()}, stand_ins,
@@ -219,7 +223,7 @@ class Trainer:
             if task.budget:
                 lengths = self.train_sets[name].lengths
                 lengths(0)  # a dataset that cannot size its samples without decoding them is refused now
-                budgets[name] = Budget(task.budget * self.cfg.train.grad_accum * self.engine.world_size,
+                budgets[name] = Budget(task.budget * self.cfg.train.grad_accum * self.engine.data_size,
                                        task.bucket_steps, cost_model(task.budget_cost, self.cfg.model.backbone.dim),
                                        lengths)
         return budgets
@@ -241,7 +245,7 @@ class Trainer:
 
     def run(self) -> RunDir:
         cfg, engine = self.cfg, self.engine
-        slots = self.order.slots(self.progress.stream, engine.rank, engine.world_size)
+        slots = self.order.slots(self.progress.stream, engine.data_rank, engine.data_size)
         batches = micro_batches(Mixture(self.train_sets, cfg.train.seed), slots, cfg.data.num_workers,
                                 cfg.data.prefetch, pin_memory=engine.device.type == "cuda")
         self.model.train()
@@ -258,7 +262,7 @@ class Trainer:
             if measured is not None:  # the first step that stepped the optimizer
                 self.log_state_memory(step, measured)
             self.progress.step = step
-            self.progress.stream = self.order.advance(self.progress.stream, cfg.train.grad_accum * engine.world_size)
+            self.progress.stream = self.order.advance(self.progress.stream, cfg.train.grad_accum * engine.data_size)
             rates = meter.rates()
             self.tracker.progress(step, result.metrics["loss"], rates)
             if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
