@@ -1,0 +1,76 @@
+"""Sequence parallelism through the CLI: ``polytrain launch ... launch.procs_per_node=2 engine.sequence_parallel=2``
+trains the tiny recipe (an encoder-decoder task and a decoder LM, activation checkpointing on) on the loss curve
+of one process with the same global batch, both ranks reading the same samples; resumed on 4 processes as 2
+data-parallel groups of 2, it goes on along the same curve. A size that does not fit the job or the model is
+refused in one line before any process group starts."""
+
+import pytest
+
+from polytrain.config import load_config
+from polytrain.errors import ConfigError
+from tests.helpers import polytrain
+from tests.platform.runs import TINY, Runs, assert_close_curves, losses, samples
+
+SP = ("model.backbone.n_heads=4", "model.backbone.checkpointing=true")
+"""Every run here: 4 heads (sequence_parallel up to 4 divides them), activations recomputed in the backward pass."""
+
+
+@pytest.fixture(scope="module")
+def sp_runs(tmp_path_factory, data_cache):
+    runs = Runs(tmp_path_factory.mktemp("sp-runs"), data_cache)
+    return runs, runs.train("one", *SP), runs.train("sp2", *SP, "engine.sequence_parallel=2", "train.save_every=10",
+                                                    procs=2)
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_each_sample_follow_one_process(sp_runs):
+    _, one, sp2 = sp_runs
+    assert_close_curves(losses(sp2), losses(one), atol=1e-5)
+    reference, rank0, rank1 = samples(one), samples(sp2, 0), samples(sp2, 1)
+    assert rank0 == rank1 == reference  # the group reads the whole global batch, each rank all of it
+    log = (sp2 / "stderr.log").read_text()
+    assert "layout: 2 process(es) = 1 data-parallel x 2 sequence-parallel; ranks sharing each sample: [0, 1]" in log
+
+
+@pytest.mark.slow
+def test_resumed_as_two_data_parallel_groups_of_two_the_curve_goes_on(sp_runs):
+    runs, one, sp2 = sp_runs
+    resumed = runs.resume_copy(sp2, "sp2x2", 10, *SP, "engine.sequence_parallel=2",
+                               "data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1", procs=4)
+    assert_close_curves(losses(resumed), losses(one), atol=1e-5, steps=list(range(11, 21)))
+    groups = [samples(resumed, rank) for rank in range(4)]
+    assert groups[0] == groups[1] and groups[2] == groups[3] and groups[0] != groups[2]
+    for step, tasks in samples(one).items():
+        if step > 10:  # the two groups hold the step's samples between them
+            assert {t: sorted(groups[0][step][t] + groups[2][step][t]) for t in tasks} == \
+                   {t: sorted(ids) for t, ids in tasks.items()}
+    assert "2 data-parallel x 2 sequence-parallel" in (resumed / "stderr.log").read_text()
+
+
+def test_a_size_that_does_not_divide_the_job_is_refused_before_it_starts(tmp_path, monkeypatch):
+    proc = polytrain("launch", TINY, f"train.out_dir={tmp_path}", "launch.procs_per_node=3",
+                     "engine.sequence_parallel=2", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "polytrain: error: engine.sequence_parallel=2: must divide the job's 3 process(es) (launch.nodes 1 x "
+        "launch.procs_per_node 3); use one of 1, 3, or a job of a multiple of 2 processes")
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+    for name, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # as torchrun starts a process
+        monkeypatch.setenv(name, value)
+    proc = polytrain("train", TINY, f"train.out_dir={tmp_path}", "engine.sequence_parallel=2", cwd=tmp_path)
+    assert proc.returncode == 2 and "engine.sequence_parallel=2: must divide the job's 3 process(es) (WORLD_SIZE=3)" \
+        in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["engine.sequence_parallel=4"], "must divide the query heads of model.backbone, 2"),
+    (["model.backbone.n_heads=4", "model.backbone.n_kv_heads=2", "engine.sequence_parallel=4"],
+     "must divide the key/value heads (n_kv_heads, or n_heads when 0) of model.backbone, 2"),
+    (["model.backbone.n_heads=4", "model.backbone.encoder={n_heads: 2}", "engine.sequence_parallel=4"],
+     "must divide the query heads of model.backbone.encoder, 2"),
+    (["model.backbone.drop_path=0.1", "engine.sequence_parallel=2"], "cannot be combined with model.backbone.drop_path"),
+])
+def test_a_size_the_model_cannot_split_is_refused_when_the_config_is_read(overrides, message):
+    with pytest.raises(ConfigError, match="engine.sequence_parallel") as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value)
