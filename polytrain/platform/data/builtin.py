@@ -10,6 +10,10 @@
 - ``digits_image_qa``, ``spoken_digits_qa``: the same files, each asked three
   questions (which digit, is it even, what is it plus one) as segments:
   [file] [question] [scored answer].
+- ``long_spoken_digits``: long clips for sequence parallelism: 10-13 of the
+  shipped spoken digits of one split's speakers, joined with pauses into one
+  20-30 s FLAC clip, target the digits' words in order ("three one four ...");
+  800 training clips, 40 held out (from the held-out speakers).
 - ``stdlib``: the running Python's own top-level standard-library ``.py``
   files, one document each; files whose name hashes to 0 mod 20 are held out.
 """
@@ -152,6 +156,45 @@ def digits_image_qa(folder: Path) -> dict[str, list[dict]]:
 @BUILTINS.register("spoken_digits_qa")
 def spoken_digits_qa(folder: Path) -> dict[str, list[dict]]:
     return questions("audio", spoken_clips(), lambda file: Path(file).stem)
+
+
+LONG_CLIPS = {"train": 800, "val": 40}
+LONG_DIGITS = (10, 13)
+"""Digits per long clip (inclusive)."""
+LONG_SECONDS = (20.0, 30.0)
+"""Length of a long clip: its pauses stretch it to a length drawn from this range."""
+LONG_SEED = 2027
+
+
+@BUILTINS.register("long_spoken_digits")
+def long_spoken_digits(folder: Path) -> dict[str, list[dict]]:
+    """Each clip: a lead-in, then each digit and the pause after it; the pauses (drawn alike, scaled together)
+    make the clip as long as drawn. Speakers mix within a clip, as they do not across splits."""
+    import soundfile
+
+    rng = np.random.default_rng(LONG_SEED)
+    (folder / "clips").mkdir()
+    pools: dict[str, list[tuple[np.ndarray, int]]] = {split: [] for split in SPLITS}
+    for path, digit, split in spoken_clips():
+        samples, rate = soundfile.read(path, dtype="float32")
+        pools[split].append((samples, digit))
+    lines = {split: [] for split in SPLITS}
+    for split, count in LONG_CLIPS.items():
+        for i in range(count):
+            picks = rng.integers(len(pools[split]), size=rng.integers(LONG_DIGITS[0], LONG_DIGITS[1] + 1))
+            words = [pools[split][p] for p in picks]
+            speech = sum(len(samples) for samples, _ in words)
+            pauses = rng.uniform(0.5, 1.5, size=len(words) + 1)  # the first is the lead-in
+            pauses *= (rng.uniform(*LONG_SECONDS) * rate - speech) / pauses.sum()
+            pieces = []
+            for (samples, _), pause in zip(words, pauses[1:]):
+                pieces += [samples, np.zeros(int(pause), dtype=np.float32)]
+            clip = np.concatenate([np.zeros(int(pauses[0]), dtype=np.float32), *pieces])
+            name = f"clips/{split}_{i:04d}.flac"
+            soundfile.write(folder / name, clip, rate, format="FLAC", subtype="PCM_16")
+            lines[split].append({"audio": name, "target": " ".join(WORDS[d] for _, d in words),
+                                 "id": f"long_{split}_{i:04d}"})
+    return lines
 
 
 @BUILTINS.register("stdlib")
