@@ -11,9 +11,9 @@
   questions (which digit, is it even, what is it plus one) as segments:
   [file] [question] [scored answer].
 - ``long_spoken_digits``: long clips for sequence parallelism: 10-13 of the
-  shipped spoken digits of one split's speakers, joined with pauses into one
-  20-30 s FLAC clip, target the digits' words in order ("three one four ...");
-  800 training clips, 40 held out (from the held-out speakers).
+  shipped spoken digits of one split's speakers, each in a 2.2 s slot at a
+  random offset, as one 22-28.6 s FLAC clip; target the digits' words in order
+  ("three one four ..."); 800 training clips, 40 held out (held-out speakers).
 - ``stdlib``: the running Python's own top-level standard-library ``.py``
   files, one document each; files whose name hashes to 0 mod 20 are held out.
 """
@@ -161,38 +161,39 @@ def spoken_digits_qa(folder: Path) -> dict[str, list[dict]]:
 LONG_CLIPS = {"train": 800, "val": 40}
 LONG_DIGITS = (10, 13)
 """Digits per long clip (inclusive)."""
-LONG_SECONDS = (20.0, 30.0)
-"""Length of a long clip: its pauses stretch it to a length drawn from this range."""
+SLOT_SECONDS = 2.2
+"""Each digit of a long clip has a slot this long (10-13 slots: 22-28.6 s)..."""
+JITTER_SECONDS = 0.8
+"""... and starts at a random point of the slot's first this many seconds (the longest digit is 0.76 s)."""
 LONG_SEED = 2027
 
 
 @BUILTINS.register("long_spoken_digits")
 def long_spoken_digits(folder: Path) -> dict[str, list[dict]]:
-    """Each clip: a lead-in, then each digit and the pause after it; the pauses (drawn alike, scaled together)
-    make the clip as long as drawn. Speakers mix within a clip, as they do not across splits."""
+    """Each clip: digits of one split's speakers (mixed within the clip), each in its slot at a random offset,
+    silence between them."""
     import soundfile
 
     rng = np.random.default_rng(LONG_SEED)
     (folder / "clips").mkdir()
     pools: dict[str, list[tuple[np.ndarray, int]]] = {split: [] for split in SPLITS}
+    rate = 0
     for path, digit, split in spoken_clips():
         samples, rate = soundfile.read(path, dtype="float32")
         pools[split].append((samples, digit))
+    slot, jitter = int(SLOT_SECONDS * rate), int(JITTER_SECONDS * rate)
     lines = {split: [] for split in SPLITS}
     for split, count in LONG_CLIPS.items():
         for i in range(count):
             picks = rng.integers(len(pools[split]), size=rng.integers(LONG_DIGITS[0], LONG_DIGITS[1] + 1))
-            words = [pools[split][p] for p in picks]
-            speech = sum(len(samples) for samples, _ in words)
-            pauses = rng.uniform(0.5, 1.5, size=len(words) + 1)  # the first is the lead-in
-            pauses *= (rng.uniform(*LONG_SECONDS) * rate - speech) / pauses.sum()
-            pieces = []
-            for (samples, _), pause in zip(words, pauses[1:]):
-                pieces += [samples, np.zeros(int(pause), dtype=np.float32)]
-            clip = np.concatenate([np.zeros(int(pauses[0]), dtype=np.float32), *pieces])
+            clip = np.zeros(len(picks) * slot, dtype=np.float32)
+            for k, pick in enumerate(picks):
+                samples = pools[split][pick][0]
+                start = k * slot + int(rng.integers(jitter))
+                clip[start:start + len(samples)] = samples
             name = f"clips/{split}_{i:04d}.flac"
             soundfile.write(folder / name, clip, rate, format="FLAC", subtype="PCM_16")
-            lines[split].append({"audio": name, "target": " ".join(WORDS[d] for _, d in words),
+            lines[split].append({"audio": name, "target": " ".join(WORDS[pools[split][p][1]] for p in picks),
                                  "id": f"long_{split}_{i:04d}"})
     return lines
 

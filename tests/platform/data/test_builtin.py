@@ -51,3 +51,29 @@ def test_question_datasets_ask_every_digit_three_questions(data_cache):
     assert asked[0].parts[0].modality == "image" and Image.open(asked[0].parts[0].value).size == (8, 8)
     nine = [r for r in clips if r.sample_id.endswith("_9/q2")]
     assert nine and all(r.scored_text == "ten" and r.parts[0].modality == "audio" for r in nine)
+
+
+def test_long_clips_hold_their_target_digits_in_order_in_their_slots(data_cache):
+    import numpy as np
+    import soundfile
+
+    from polytrain.platform.data.builtin import JITTER_SECONDS, LONG_CLIPS, SLOT_SECONDS, spoken_clips
+
+    manifest = resolve_manifest("builtin:long_spoken_digits/val", data_cache)
+    rows = lines(manifest)
+    assert len(rows) == LONG_CLIPS["val"] and len(lines(manifest.with_name("train.jsonl"))) == LONG_CLIPS["train"]
+    held_out = {}  # digit -> the held-out speakers' clips of it
+    for path, digit, split in spoken_clips():
+        if split == "val":
+            held_out.setdefault(digit, []).append(soundfile.read(path, dtype="float32")[0])
+    for row in rows[:4]:
+        clip, rate = soundfile.read(manifest.parent / row["audio"], dtype="float32")
+        words = row["target"].split()
+        assert 10 <= len(words) <= 13 and len(clip) == len(words) * int(SLOT_SECONDS * rate)  # 22 to 28.6 s
+        slot, jitter = int(SLOT_SECONDS * rate), int(JITTER_SECONDS * rate)
+        for k, word in enumerate(words):
+            piece = clip[k * slot:(k + 1) * slot]
+            found = [offset for source in held_out[WORDS.index(word)] for offset in range(jitter)
+                     if np.abs(piece[offset:offset + len(source)] - source).max() < 1e-3
+                     and not piece[offset + len(source):].any() and not piece[:offset].any()]
+            assert found, f"{row['id']}: slot {k} does not hold a held-out speaker's {word!r}"

@@ -22,6 +22,8 @@ from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfi
 from polytrain.models.model import PolyModel
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, Spans, TaskBatch, Tokens
 
+pytestmark = pytest.mark.slow
+
 VOCAB, PATCH = 40, 12
 SPECS = [EmbedSpec("text", VOCAB, (1, 64)), EmbedSpec("image", PATCH, (4, 4))]
 GRID = torch.tensor([[r, c] for r in range(4) for c in range(4)])

@@ -1,7 +1,7 @@
 """Sequence parallelism through the CLI: ``polytrain launch ... launch.procs_per_node=2 engine.sequence_parallel=2``
-trains the tiny recipe (an encoder-decoder task and a decoder LM, activation checkpointing on) on the loss curve
-of one process with the same global batch, both ranks reading the same samples; resumed on 4 processes as 2
-data-parallel groups of 2, it goes on along the same curve. A size that does not fit the job or the model is
+trains the tiny recipe (an encoder-decoder task and a decoder LM; ZeRO-3, activation checkpointing) on the loss
+curve of one process with the same global batch, both ranks reading the same samples; resumed on 4 processes as
+2 data-parallel groups of 2 (DeepSpeed's universal checkpoint), it goes on along the same curve. A size that does not fit the job or the model is
 refused in one line before any process group starts."""
 
 import pytest
@@ -11,8 +11,9 @@ from polytrain.errors import ConfigError
 from tests.helpers import polytrain
 from tests.platform.runs import TINY, Runs, assert_close_curves, losses, samples
 
-SP = ("model.backbone.n_heads=4", "model.backbone.checkpointing=true")
-"""Every run here: 4 heads (sequence_parallel up to 4 divides them), activations recomputed in the backward pass."""
+SP = ("model.backbone.dim=256", "model.backbone.n_heads=4", "model.backbone.checkpointing=true", "engine.zero_stage=3")
+"""Every run here: 4 heads (sequence_parallel up to 4 divides them), activations recomputed in the backward pass,
+ZeRO-3 at a width where DeepSpeed really partitions the attention and MLP weights (over 1e5 elements each)."""
 
 
 @pytest.fixture(scope="module")
