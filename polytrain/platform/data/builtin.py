@@ -163,8 +163,8 @@ LONG_DIGITS = (10, 13)
 """Digits per long clip (inclusive)."""
 SLOT_SECONDS = 2.2
 """Each digit of a long clip has a slot this long (10-13 slots: 22-28.6 s)..."""
-JITTER_SECONDS = 0.8
-"""... and starts at a random point of the slot's first this many seconds (the longest digit is 0.76 s)."""
+JITTER_SECONDS = 0.3
+"""... and starts at a random point of the slot's first this many seconds."""
 LONG_SEED = 2027
 
 

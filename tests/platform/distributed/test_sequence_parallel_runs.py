@@ -1,7 +1,8 @@
 """Sequence parallelism through the CLI: ``polytrain launch ... launch.procs_per_node=2 engine.sequence_parallel=2``
 trains the tiny recipe (an encoder-decoder task and a decoder LM; ZeRO-3, activation checkpointing) on the loss
-curve of one process with the same global batch, both ranks reading the same samples; resumed on 4 processes as
-2 data-parallel groups of 2 (DeepSpeed's universal checkpoint), it goes on along the same curve. A size that does not fit the job or the model is
+curve of one process with the same global batch, both ranks reading the same samples; resumed on 4 processes
+(DeepSpeed's universal checkpoint) as 2 data-parallel groups of 2, or as one group of 4, it goes on along the same
+curve. A size that does not fit the job or the model is
 refused in one line before any process group starts."""
 
 import pytest
@@ -34,18 +35,23 @@ def test_two_processes_sharing_each_sample_follow_one_process(sp_runs):
 
 
 @pytest.mark.slow
-def test_resumed_as_two_data_parallel_groups_of_two_the_curve_goes_on(sp_runs):
+@pytest.mark.parametrize("data_parallel, overrides", [
+    (2, ["engine.sequence_parallel=2", "data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1"]),
+    (1, ["engine.sequence_parallel=4"]),
+], ids=["2x2", "1x4"])
+def test_resumed_on_4_processes_in_another_layout_the_curve_goes_on(sp_runs, data_parallel, overrides):
     runs, one, sp2 = sp_runs
-    resumed = runs.resume_copy(sp2, "sp2x2", 10, *SP, "engine.sequence_parallel=2",
-                               "data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1", procs=4)
+    resumed = runs.resume_copy(sp2, f"sp{data_parallel}x{4 // data_parallel}", 10, *SP, *overrides, procs=4)
     assert_close_curves(losses(resumed), losses(one), atol=1e-5, steps=list(range(11, 21)))
     groups = [samples(resumed, rank) for rank in range(4)]
-    assert groups[0] == groups[1] and groups[2] == groups[3] and groups[0] != groups[2]
+    firsts = groups[::4 // data_parallel]  # the first rank of each group
+    assert all(groups[r] == firsts[r * data_parallel // 4] for r in range(4))  # a group's ranks read alike
     for step, tasks in samples(one).items():
-        if step > 10:  # the two groups hold the step's samples between them
-            assert {t: sorted(groups[0][step][t] + groups[2][step][t]) for t in tasks} == \
+        if step > 10:  # the groups hold the step's samples between them
+            assert {t: sorted(i for g in firsts for i in g[step].get(t, [])) for t in tasks} == \
                    {t: sorted(ids) for t, ids in tasks.items()}
-    assert "2 data-parallel x 2 sequence-parallel" in (resumed / "stderr.log").read_text()
+    layout = f"{data_parallel} data-parallel x {4 // data_parallel} sequence-parallel"
+    assert layout in (resumed / "stderr.log").read_text()
 
 
 def test_a_size_that_does_not_divide_the_job_is_refused_before_it_starts(tmp_path, monkeypatch):
