@@ -138,7 +138,8 @@ def rank_figures(rank: int, size: int, port: int, args, out: str) -> None:
     step(model, batch, saved)
     clock.sync()
     figures = {"saved_mib": sum(saved.values()) / MIB, "peak_mib": peak_since(device, before) / MIB,
-               "step_s": time.perf_counter() - began, "all_to_all_s": clock.seconds, "all_to_all_mib": clock.bytes / MIB}
+               "step_s": time.perf_counter() - began, "all_to_all_s": clock.seconds,
+               "all_to_all_mib": clock.bytes / MIB}
     Path(out, f"rank{rank}.json").write_text(json.dumps(figures))
     dist.barrier()
     dist.destroy_process_group()
@@ -170,8 +171,8 @@ def main() -> None:
         row["plan_mib"] = activation_bytes(cfg, size) / MIB
         rows[size] = row
         base = rows[args.sizes[0]]
-        print(f"N={size}: saved activations {row['saved_mib']:.1f} MiB/rank (x{row['saved_mib'] / base['saved_mib']:.3f}"
-              f" of N={args.sizes[0]}; plan {row['plan_mib']:.1f}), step peak {row['peak_mib']:.1f} MiB/rank "
+        print(f"N={size}: saved activations {row['saved_mib']:.1f} MiB/rank "
+              f"(x{row['saved_mib'] / base['saved_mib']:.3f} of N={args.sizes[0]}; plan {row['plan_mib']:.1f}), step peak {row['peak_mib']:.1f} MiB/rank "
               f"(x{row['peak_mib'] / base['peak_mib']:.3f}), step {row['step_s']:.2f} s, all-to-alls "
               f"{row['all_to_all_s']:.2f} s ({row['all_to_all_s'] / row['step_s']:.1%}, "
               f"{row['all_to_all_mib']:.1f} MiB sent)", flush=True)

@@ -75,7 +75,8 @@ def test_a_size_that_does_not_divide_the_job_is_refused_before_it_starts(tmp_pat
      "must divide the key/value heads (n_kv_heads, or n_heads when 0) of model.backbone, 2"),
     (["model.backbone.n_heads=4", "model.backbone.encoder={n_heads: 2}", "engine.sequence_parallel=4"],
      "must divide the query heads of model.backbone.encoder, 2"),
-    (["model.backbone.drop_path=0.1", "engine.sequence_parallel=2"], "cannot be combined with model.backbone.drop_path"),
+    (["model.backbone.drop_path=0.1", "engine.sequence_parallel=2"],
+     "cannot be combined with model.backbone.drop_path"),
 ])
 def test_a_size_the_model_cannot_split_is_refused_when_the_config_is_read(overrides, message):
     with pytest.raises(ConfigError, match="engine.sequence_parallel") as err:
