@@ -34,9 +34,9 @@ from side_by_side import race
 from polytrain.errors import PolytrainError
 from polytrain.models import convert, presets
 from polytrain.models.attention import plan_attention
+from polytrain.models.attention_mask import MaskRule
 from polytrain.models.flops import train_flops_per_token
 from polytrain.models.heads import text_segment
-from polytrain.models.attention_mask import MaskRule
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 

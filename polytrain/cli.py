@@ -327,9 +327,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from polytrain.config.registries import TOKENIZERS
+    from polytrain.config.tokenizers import TextTokenizerConfig
     from polytrain.errors import ConfigError, DataError
     from polytrain.schema import from_dict
-    from polytrain.tokenizers.config import TOKENIZERS, TextTokenizerConfig
     from polytrain.tokenizers.text import TextTokenizer
 
     if TOKENIZERS.get(args.modality) is not TextTokenizer:
@@ -373,7 +374,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from polytrain.models.presets import PRESETS, parameter_counts
+    from polytrain.config.registries import PRESETS
+    from polytrain.models.presets import build, parameter_counts
 
     preset = PRESETS.get(args.name)
     b = preset.model.backbone
@@ -383,7 +385,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
           f"positions {b.position}")
     print("  sized for: " + ", ".join(f"{s.modality} {s.input_dim} x grid {s.grid[0]}x{s.grid[1]}" for s in preset.specs))
     print("  heads: " + ", ".join(f"{task} ({head})" for task, head in preset.task_heads.items()))
-    counts = parameter_counts(preset.build("meta"))
+    counts = parameter_counts(build(preset, "meta"))
     width = max(len(part) for part in counts)
     for part, count in counts.items():
         print(f"  {part.ljust(width)}  {count:>15,}")

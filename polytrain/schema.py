@@ -26,7 +26,6 @@ import yaml
 
 from polytrain.errors import ConfigError
 
-
 INT64 = (-2**63, 2**63 - 1)
 """The integers a config may hold at all: what torch's tensors, seeds and the OS's sizes take."""
 

@@ -38,7 +38,6 @@ from typing import Callable
 from xml.etree import ElementTree
 
 from packaging.markers import default_environment
-
 from wheelhouse import needed, walk
 
 REPO = Path(__file__).resolve().parent.parent

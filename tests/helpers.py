@@ -75,3 +75,19 @@ def wandb_config(path: Path) -> dict:
         if kind in ("run", "config"):
             config.update(wandb_items((record.run.config if kind == "run" else record.config).update))
     return config
+
+
+def lm(family: str, dim: int, layers: int, heads: int, vocab: int, positions: int, kv_heads: int = 0,
+       hidden: int = 0, **backbone):
+    """A decoder-only ``PolyModel`` shaped like ``config.presets``' ``llama`` or ``gpt2`` at a test's size, with
+    ``backbone`` fields changed (``attention="sdpa_math"``)."""
+    from dataclasses import replace
+
+    from polytrain.config import presets
+    from polytrain.models.model import PolyModel
+    from polytrain.tokens import EmbedSpec
+
+    model = presets.llama(dim, layers, heads, kv_heads or heads, hidden) if family == "llama" else \
+        presets.gpt2(dim, layers, heads)
+    model = replace(model, backbone=replace(model.backbone, **backbone))
+    return PolyModel(model, [EmbedSpec("text", vocab, (1, positions))], {"lm": "decoder_only"})

@@ -101,18 +101,18 @@ def test_config_file_errors(tmp_path):
 
 
 def test_a_preset_gives_the_model_section_under_the_recipes_own_keys():
-    from polytrain.models.preset_configs import MODEL_PRESETS
+    from polytrain.config.registries import PRESETS
 
     cfg = load_config(None, ["data.tasks.lm.head=decoder_only", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
                              "model.preset=decoder_1b", "model.backbone.decoder_layers=4", "model.init_std=0.01"])
-    preset = MODEL_PRESETS.get("decoder_1b")
+    preset = PRESETS.get("decoder_1b").model
     assert cfg.model.backbone == preset.backbone.__class__(**{**preset.backbone.__dict__, "decoder_layers": 4})
     assert (cfg.model.init_std, cfg.model.tie_embeddings) == (0.01, False)
     assert "preset" not in yaml.safe_load(dump_yaml(cfg))["model"]  # the resolved section is what a run saves
 
 
 def test_every_preset_in_a_recipe_is_the_presets_model():
-    from polytrain.models.presets import PRESETS
+    from polytrain.config.registries import PRESETS
 
     for name in PRESETS.names():
         cfg = load_config(None, ["data.tasks.lm.head=decoder_only", "data.tasks.lm.train=a", "data.tasks.lm.val=b",

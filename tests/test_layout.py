@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from polytrain.models.config import HEADS, KERNELS, MLPS, NORMS
+from polytrain.config.registries import HEADS, KERNELS, MLPS, NORMS, TOKENIZERS
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
-from polytrain.tokenizers.config import TOKENIZERS
 from tests.helpers import REPO
 
 PACKAGE = REPO / "polytrain"

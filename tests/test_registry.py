@@ -110,7 +110,8 @@ PROBE = """
 import json, sys
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
-from polytrain.tokenizers.config import TOKENIZERS, build_patch_tokenizer
+from polytrain.config.tokenizers import build_patch_tokenizer
+from polytrain.config.registries import TOKENIZERS
 
 base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",
         "data.tasks.t.val=m.jsonl"]
@@ -152,8 +153,8 @@ USER_MODULE_PROBE = """
 import json
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
-from polytrain.models.embed import EMBEDDERS
-from polytrain.tokenizers.config import TOKENIZERS
+from polytrain.config.registries import EMBEDDERS
+from polytrain.config.registries import TOKENIZERS
 
 base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",
         "data.tasks.t.val=m.jsonl"]
@@ -172,8 +173,9 @@ print(json.dumps({"plugins": cfg.plugins, "tokenizer": TOKENIZERS.get("scalar").
 def test_a_user_module_named_in_the_recipe_registers_a_modality(tmp_path):
     """No package, no entry point: registry calls in a module the recipe lists under ``plugins``."""
     (tmp_path / "myscalar.py").write_text(PLUGIN + textwrap.dedent("""
-        from polytrain.models.embed import EMBEDDERS, PatchEmbedder
-        from polytrain.tokenizers.config import TOKENIZERS
+        from polytrain.models.embed import PatchEmbedder
+        from polytrain.config.registries import EMBEDDERS
+        from polytrain.config.registries import TOKENIZERS
 
         TOKENIZERS.register("scalar")(ScalarTokenizer)
         EMBEDDERS.register("scalar")(PatchEmbedder)

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from polytrain.config.launch import LaunchConfig
+from polytrain.config.registries import BACKENDS
 from polytrain.errors import ConfigError
-from polytrain.launch import deepspeed, slurm, torchrun
-from polytrain.launch.config import LaunchConfig
 from polytrain.launch.job import Job
-from polytrain.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -28,11 +27,6 @@ class Backend:
     raise ``LaunchError`` when it fails."""
 
 
-BACKENDS: Registry[Backend] = Registry("launch backend", group="polytrain.launchers")
-for _name, _module in (("torchrun", torchrun), ("deepspeed", deepspeed), ("slurm", slurm)):
-    BACKENDS.register(_name)(Backend(_module.check, _module.describe, _module.run))
-
-
 def launch(cfg: LaunchConfig, out_dir: str, run_name: str | None, config_path: str, overrides: list[str],
            dry_run: bool = False, submit: bool = False) -> int:
     """``polytrain launch``: print the job's commands (dry run) or start it; ``out_dir`` and ``run_name`` are
@@ -42,8 +36,12 @@ def launch(cfg: LaunchConfig, out_dir: str, run_name: str | None, config_path: s
                           f"(set launch.backend=slurm)")
     if submit and dry_run:
         raise ConfigError("--submit", True, "cannot be combined with --dry-run, which starts nothing")
-    job = Job.create(cfg, config_path, overrides, out_dir, run_name, submit)
     backend = BACKENDS.get(cfg.backend)
+    try:
+        backend.check(cfg)
+    except ConfigError as err:
+        raise err.under("launch") from None
+    job = Job.create(cfg, config_path, overrides, out_dir, run_name, submit)
     if dry_run:
         print(backend.describe(job), flush=True)
         return 0

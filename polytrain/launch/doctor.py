@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from polytrain.config import load_config
+from polytrain.config.engine import EngineConfig
+from polytrain.config.launch import LaunchConfig
 from polytrain.errors import ConfigError
-from polytrain.launch.config import LaunchConfig
 from polytrain.launch.hostfile import HostfileError, read_hostfile
 from polytrain.launch.job import check_hosts
-from polytrain.platform.distributed.config import EngineConfig
 
 PACKAGES = ("polytrain", "torch", "deepspeed", "accelerate", "transformers", "wandb")
 """Modules whose versions a bug report needs."""

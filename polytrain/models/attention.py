@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from polytrain.config.registries import KERNELS
 from polytrain.errors import PolytrainError
 from polytrain.models.attention_mask import MaskRule
-from polytrain.models.config import KERNELS
 from polytrain.models.positions import apply_rotary
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,11 @@ class SDPA(Kernel):
         return y_BHLD.transpose(1, 2)
 
 
-KERNELS.register("sdpa")(SDPA("sdpa", None))
-KERNELS.register("sdpa_flash")(SDPA("sdpa_flash", SDPBackend.FLASH_ATTENTION))
-KERNELS.register("sdpa_cudnn")(SDPA("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION))
-KERNELS.register("sdpa_efficient")(SDPA("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION))
-KERNELS.register("sdpa_math")(SDPA("sdpa_math", SDPBackend.MATH))
+SDPA_ANY = SDPA("sdpa", None)
+SDPA_FLASH = SDPA("sdpa_flash", SDPBackend.FLASH_ATTENTION)
+SDPA_CUDNN = SDPA("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)
+SDPA_EFFICIENT = SDPA("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)
+SDPA_MATH = SDPA("sdpa_math", SDPBackend.MATH)
 
 
 @functools.cache
@@ -181,7 +181,7 @@ class Flex(Kernel):
         return y_BHLD.transpose(1, 2)
 
 
-KERNELS.register("flex")(Flex())
+FLEX = Flex()
 
 
 @functools.cache
@@ -250,7 +250,7 @@ class FlashAttn(Kernel):
         return y.view(batch, length, heads, head_dim)
 
 
-KERNELS.register("flash_attn")(FlashAttn())
+FLASH_ATTN = FlashAttn()
 
 AUTO_ORDER = ("flash_attn", "flex", "sdpa")
 """What ``auto`` tries, in order; flex only for packed documents on CUDA, where its block sparsity pays."""

@@ -9,10 +9,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from polytrain.config.model import BackboneConfig, ModelConfig, head_kind
+from polytrain.config.registries import EMBEDDERS, HEADS
 from polytrain.errors import ConfigError, DataError
 from polytrain.models.backbone import Backbone
-from polytrain.models.config import HEADS, BackboneConfig, ModelConfig, head_kind
-from polytrain.models.embed import EMBEDDERS, Embedded, TokenEmbedder
+from polytrain.models.embed import Embedded, TokenEmbedder
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from polytrain.config.registries import KERNELS
 from polytrain.errors import PolytrainError
 from polytrain.models.attention import Attention, flash_attn_module, plan_attention
 from polytrain.models.attention_mask import MaskRule
-from polytrain.models.config import KERNELS
 from polytrain.models.positions import alibi_slopes
 from tests.models.reference import MASK_CASES, allowed_by_loops, mask_case, reference_attention
 

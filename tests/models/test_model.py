@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from polytrain.config.model import BackboneConfig, DecodingConfig, ModelConfig
 from polytrain.errors import ConfigError, DataError
-from polytrain.models.config import BackboneConfig, DecodingConfig, ModelConfig
 from polytrain.models.heads import text_segment
 from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens

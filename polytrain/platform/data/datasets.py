@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from polytrain import atomic
+from polytrain.config.data import TaskConfig
+from polytrain.config.model import head_kind
 from polytrain.errors import DataError
-from polytrain.models.config import head_kind
 from polytrain.models.mlm_corruption import mask_tokens
-from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.data.manifest import Part, Record, read_manifest
 from polytrain.platform.data.packing import PackedDocuments, StoreWindows
 from polytrain.platform.data.sequences import Laid, Plain, collate_labels, collate_rows, first_fit, left_aligned

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from polytrain import atomic
+from polytrain.config.tokenizers import TextTokenizerConfig
 from polytrain.errors import DataError
 from polytrain.platform.data.manifest import Part, Record
 from polytrain.platform.data.shards import (
@@ -31,7 +32,6 @@ from polytrain.platform.data.shards import (
 )
 from polytrain.platform.data.token_store import piece_sha256, tokenizer_sha256
 from polytrain.tokenizers.audio_files import read_audio
-from polytrain.tokenizers.config import TextTokenizerConfig
 from polytrain.tokenizers.image_files import read_image
 from polytrain.tokenizers.text import TextTokenizer
 

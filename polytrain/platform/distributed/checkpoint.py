@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytrain import atomic
+from polytrain.config.model import LoraConfig
 from polytrain.errors import DataError, PolytrainError
-from polytrain.models.config import LoraConfig
 from polytrain.models.lora import merge_lora
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
 from polytrain.platform.train.state import read_state, rng_files, save_rng

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from polytrain.config.engine import EngineConfig
 from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, Writes, safe_unpickling, tensor_bytes
-from polytrain.platform.distributed.config import EngineConfig
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}

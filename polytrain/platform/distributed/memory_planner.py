@@ -33,13 +33,13 @@ from typing import Callable
 import torch
 
 from polytrain.config import Config
+from polytrain.config.model import head_kind
+from polytrain.config.tokenizers import build_patch_tokenizer
 from polytrain.errors import ConfigError
-from polytrain.models.config import head_kind
 from polytrain.models.model import PolyModel
 from polytrain.platform.observe.meters import GIB
 from polytrain.platform.train.finetune import adapt, freeze
 from polytrain.schema import changed_numbers, from_dict, to_dict
-from polytrain.tokenizers.config import build_patch_tokenizer
 from polytrain.tokens import EmbedSpec
 
 USABLE_FRACTION = 0.9

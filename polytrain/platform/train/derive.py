@@ -29,8 +29,9 @@ from typing import Any
 import yaml
 
 from polytrain.config import Config, build_config, load_tree, merged
+from polytrain.config.model import BLOCK_FIELDS, BackboneConfig
+from polytrain.config.registries import POSITIONS
 from polytrain.errors import ConfigError
-from polytrain.models.config import BLOCK_FIELDS, POSITIONS, BackboneConfig
 from polytrain.models.convert.expressible import IMAGE_ONLY, TEXT_ONLY, essential_backbone
 from polytrain.models.convert.family import Architecture
 from polytrain.models.convert.timm_vit import patch_side

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from polytrain.models.config import DecodingConfig
+from polytrain.config.data import TaskConfig
+from polytrain.config.model import DecodingConfig
 from polytrain.models.heads import token_loss
-from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.data.loader import eval_batches
 from polytrain.tokenizers.text import TextTokenizer
 from polytrain.tokens import IGNORE_INDEX, TaskBatch

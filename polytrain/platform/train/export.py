@@ -12,15 +12,16 @@ import json
 from pathlib import Path
 
 from polytrain.config import Config
+from polytrain.config.model import head_kind
+from polytrain.config.registries import FAMILIES
+from polytrain.config.tokenizers import UNK
 from polytrain.errors import ConfigError
-from polytrain.models.config import head_kind
-from polytrain.models.convert import FAMILIES, ConversionError, write_external
+from polytrain.models.convert import ConversionError, write_external
 from polytrain.models.convert.family import Family
 from polytrain.models.convert.files import TokenizerFiles
 from polytrain.models.model import PolyModel
 from polytrain.platform.distributed.checkpoint import consolidated, latest_checkpoint
 from polytrain.platform.train.init_from import rebuilt
-from polytrain.tokenizers.config import UNK
 
 FORMATS = ("hf", "timm")
 """Library formats ``polytrain export --format`` writes (besides polytrain's own safetensors file)."""

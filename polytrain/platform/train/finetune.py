@@ -12,9 +12,9 @@ import logging
 
 from torch import nn
 
+from polytrain.config.train import FinetuneConfig
 from polytrain.errors import ConfigError
 from polytrain.models.lora import add_lora, is_adapter
-from polytrain.platform.train.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

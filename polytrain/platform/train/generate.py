@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import yaml
 
+from polytrain.config.model import DecodingConfig, head_kind
 from polytrain.errors import ConfigError, DataError
-from polytrain.models.config import DecodingConfig, head_kind
 from polytrain.platform.data.datasets import SequenceDataset
 from polytrain.platform.data.manifest import Part, Record, read_manifest
 from polytrain.platform.train.evaluate import generate

@@ -4,16 +4,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from polytrain.config import Config
-from polytrain.models.model import PolyModel
+from polytrain.config.model import head_kind
+from polytrain.config.tokenizers import BUILT_IN, build_patch_tokenizer
 from polytrain.errors import DataError
-from polytrain.models.config import head_kind
+from polytrain.models.model import PolyModel
 from polytrain.platform.data.builtin import PREPARED_PREFIX, SPLITS, resolve_manifest
 from polytrain.platform.data.datasets import build_dataset
 from polytrain.platform.data.manifest import iter_manifest
 from polytrain.platform.data.prepare import Builder, prepare_split, shard_builder
 from polytrain.platform.data.shards import TOKENIZER_FILE, is_prepared
 from polytrain.platform.train.finetune import adapt
-from polytrain.tokenizers.config import BUILT_IN, build_patch_tokenizer
 from polytrain.tokenizers.text import TextTokenizer
 
 

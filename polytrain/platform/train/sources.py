@@ -19,10 +19,10 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
+from polytrain.config.train import FinetuneConfig, WeightsSource
 from polytrain.errors import DataError, PolytrainError
 from polytrain.models.convert import ExternalCheckpoint, read_external
 from polytrain.models.convert.files import CONFIG
-from polytrain.platform.train.config import FinetuneConfig, WeightsSource
 from polytrain.platform.train.init_from import Offered, Pretrained, by_name, read_pretrained
 
 SOURCE_TASK = "source"

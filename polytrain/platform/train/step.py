@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from polytrain.config.train import TrainConfig
 from polytrain.models.flops import TrainFlops, input_tokens
 from polytrain.platform.data.loader import MicroBatch
-from polytrain.platform.train.config import TrainConfig
 from polytrain.platform.train.optimizer import lr_multiplier
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
 

@@ -15,8 +15,8 @@ from polytrain import atomic
 from polytrain.config import Config
 from polytrain.errors import ConfigError, DivergenceError, Stopped
 from polytrain.models.flops import TrainFlops
-from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.balance import cost_model
+from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.order import Budget, DataOrder
 from polytrain.platform.distributed.checkpoint import (
     CheckpointWriteError,

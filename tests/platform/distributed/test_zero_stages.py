@@ -15,8 +15,7 @@ from polytrain.platform.distributed.memory_planner import count_parameters
 from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate
 from polytrain.platform.train.init_from import load_model
-from tests.helpers import polytrain
-from tests.helpers import read_jsonl
+from tests.helpers import polytrain, read_jsonl
 from tests.platform.runs import (
     STEPS,
     assert_close_curves,

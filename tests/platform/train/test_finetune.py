@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from polytrain.config.model import LoraConfig
+from polytrain.config.train import FinetuneConfig
 from polytrain.errors import ConfigError, DataError
-from polytrain.models.config import LoraConfig
-from polytrain.platform.train.config import FinetuneConfig
 from polytrain.platform.train.finetune import adapt, freeze
 from polytrain.platform.train.init_from import InitReport, by_name, load_initial_weights, read_pretrained
 from polytrain.schema import from_dict

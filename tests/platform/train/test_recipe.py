@@ -8,9 +8,9 @@ import soundfile
 import torch
 
 from polytrain.config import load_config
+from polytrain.config.tokenizers import TextTokenizerConfig
 from polytrain.errors import DataError
 from polytrain.platform.train import recipe
-from polytrain.tokenizers.config import TextTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer
 
 TASK = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.tasks.t.train=m.jsonl",

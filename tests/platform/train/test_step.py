@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from polytrain.config.train import TrainConfig
 from polytrain.platform.data.loader import MicroBatch
-from polytrain.platform.distributed.engine import guard_step
 from polytrain.platform.data.order import Slot
-from polytrain.platform.train.config import TrainConfig
+from polytrain.platform.distributed.engine import guard_step
 from polytrain.platform.train.optimizer import group_lr_multiplier, param_groups
 from polytrain.platform.train.step import Stepper
 from polytrain.tokens import Segment, TaskBatch, text_tokens

@@ -3,10 +3,10 @@
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from polytrain.config.model import head_kind
+from polytrain.config.registries import HEADS, TOKENIZERS
 from polytrain.errors import ConfigError
-from polytrain.models.config import HEADS, head_kind
 from polytrain.schema import NonNegative, Positive, Range
-from polytrain.tokenizers.config import TOKENIZERS
 
 
 @dataclass(frozen=True)

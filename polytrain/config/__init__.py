@@ -15,18 +15,17 @@ from pathlib import Path
 
 import yaml
 
+from polytrain.config.data import DataConfig
+from polytrain.config.engine import EngineConfig
+from polytrain.config.launch import LaunchConfig
+from polytrain.config.model import ModelConfig, head_kind
+from polytrain.config.registries import BACKENDS, PRESETS
+from polytrain.config.tokenizers import TokenizersConfig
+from polytrain.config.tracking import TrackingConfig
+from polytrain.config.train import FinetuneConfig, TrainConfig
 from polytrain.errors import ConfigError
-from polytrain.launch.backends import BACKENDS
-from polytrain.launch.config import LaunchConfig
-from polytrain.models.config import ModelConfig, head_kind
-from polytrain.models.preset_configs import MODEL_PRESETS
-from polytrain.platform.data.config import DataConfig
-from polytrain.platform.distributed.config import EngineConfig
-from polytrain.platform.observe.config import TrackingConfig
-from polytrain.platform.train.config import FinetuneConfig, TrainConfig
 from polytrain.registry import import_plugins
 from polytrain.schema import from_dict, to_dict
-from polytrain.tokenizers.config import TokenizersConfig
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,6 @@ class Config:
         if self.launch.backend not in BACKENDS:
             raise ConfigError("launch.backend", self.launch.backend,
                               f"unknown launcher; known: {', '.join(BACKENDS.names())}")
-        try:
-            BACKENDS.get(self.launch.backend).check(self.launch)
-        except ConfigError as err:
-            raise err.under("launch") from None
         max_len = self.tokenizers.text.max_len
         for name, task in self.data.tasks.items():
             key = f"data.tasks.{name}"
@@ -131,10 +126,10 @@ def with_preset(tree: dict) -> dict:
     if not isinstance(model, dict) or "preset" not in model:
         return tree
     name = model["preset"]
-    if name not in MODEL_PRESETS:
-        raise ConfigError("model.preset", name, f"unknown model preset; known: {', '.join(MODEL_PRESETS.names())}")
+    if name not in PRESETS:
+        raise ConfigError("model.preset", name, f"unknown model preset; known: {', '.join(PRESETS.names())}")
     own = {key: value for key, value in model.items() if key != "preset"}
-    return {**tree, "model": merged(to_dict(MODEL_PRESETS.get(name)), own)}
+    return {**tree, "model": merged(to_dict(PRESETS.get(name).model), own)}
 
 
 def merged(base: dict, over: dict) -> dict:

@@ -5,8 +5,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from polytrain.config.model import LoraConfig
 from polytrain.errors import ConfigError
-from polytrain.models.config import LoraConfig
 from polytrain.schema import Fraction, NonNegative, Positive, Probability, Range
 
 SEEDS = Range(ge=0, le=2**32 - 1, note="the seeds numpy, torch and Python all take")

@@ -13,27 +13,9 @@ objects, and are imported only when a name is looked up.
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from polytrain.config.registries import HEADS, KERNELS, MLPS, NORMS, POSITIONS
 from polytrain.errors import ConfigError
-from polytrain.registry import Registry
 from polytrain.schema import Fraction, NonNegative, Positive, Range, from_dict, to_dict
-
-HEADS: Registry[type] = Registry("head", group="polytrain.heads")
-"""Head class by name, as written in ``data.tasks.<task>.head``; built as ``cls(model_config, specs)``.
-Installed packages add their own through the ``polytrain.heads`` entry-point group."""
-NORMS: Registry[type] = Registry("norm")
-"""Normalization layer by name, built as ``NORMS.get(name)(dim, eps)``."""
-MLPS: Registry[type] = Registry("mlp")
-"""MLP by name, built as ``MLPS.get(name)(dim, hidden, bias, dropout)``."""
-KERNELS: Registry = Registry("attention kernel")
-"""Attention kernel by name; ``auto`` is resolved by ``attention.plan_attention``."""
-for _registry, _module, _names in (
-        (HEADS, "polytrain.models.heads", ("decoder_only", "encoder_decoder", "encoder_classifier", "masked_lm")),
-        (NORMS, "polytrain.models.layers", ("layernorm", "rmsnorm")),
-        (MLPS, "polytrain.models.layers", ("gelu", "gelu_tanh", "relu", "swiglu")),
-        (KERNELS, "polytrain.models.attention",
-         ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex", "flash_attn"))):
-    for _name in _names:
-        _registry.lazy(_name, _module)
 
 
 @dataclass(frozen=True)
@@ -81,12 +63,11 @@ class PositionKind:
     """Attention scores get a linear distance penalty (ALiBi)."""
 
 
-POSITIONS: Registry[PositionKind] = Registry("position encoding")
-"""Position encoding by name, as written in ``model.backbone.position``."""
-POSITIONS.register("learned")(PositionKind("learned", rotary=False, alibi=False))
-POSITIONS.register("sinusoidal")(PositionKind("sinusoidal", rotary=False, alibi=False))
-POSITIONS.register("rope")(PositionKind(None, rotary=True, alibi=False))
-POSITIONS.register("alibi")(PositionKind(None, rotary=False, alibi=True))
+LEARNED = PositionKind("learned", rotary=False, alibi=False)
+SINUSOIDAL = PositionKind("sinusoidal", rotary=False, alibi=False)
+ROPE = PositionKind(None, rotary=True, alibi=False)
+ALIBI = PositionKind(None, rotary=False, alibi=True)
+"""The built-in position encodings (``config.registries.POSITIONS``)."""
 
 
 BLOCK_FIELDS = ("dim", "n_heads", "n_kv_heads", "mlp_ratio", "mlp_width", "mlp", "norm", "norm_eps", "norm_position",
