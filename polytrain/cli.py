@@ -212,37 +212,40 @@ def setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from polytrain.platform.train.derive import job_config
+    from polytrain.job import resolve
     from polytrain.platform.train.trainer import train
 
-    train(job_config(args.config, args.overrides), Path(args.config).stem)
+    train(resolve(args.config, args.overrides))
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from polytrain.errors import ConfigError
-    from polytrain.platform.train.derive import job_config
+    from polytrain.job import resolve
     from polytrain.platform.train.trainer import train
 
-    overrides = [f"finetune.{item}" if item.startswith("init_from=") else item for item in args.overrides]
-    cfg = job_config(args.config, overrides)
-    if not cfg.finetune.init_from and not cfg.finetune.init_parts:
+    job = resolve(args.config, finetune_overrides(args.overrides))
+    if not job.cfg.finetune.init_from and not job.cfg.finetune.init_parts:
         raise ConfigError("finetune.init_from", None, "polytrain finetune needs the weights to start from: "
                           "init_from=RUN_DIR, a checkpoint folder, an exported .safetensors file, a Hugging Face or "
                           "timm folder (or finetune.init_parts)")
-    train(cfg, Path(args.config).stem)
+    train(job)
     return 0
 
 
+def finetune_overrides(overrides: list[str]) -> list[str]:
+    """``init_from=PATH`` (the finetune command's short form) as ``finetune.init_from=PATH``."""
+    return [f"finetune.{item}" if item.startswith("init_from=") else item for item in overrides]
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
+    from polytrain.job import resolve
     from polytrain.launch.backends import launch
 
-    cfg = load_config(args.config, args.overrides)
+    job = resolve(args.config, args.overrides)
     if not args.dry_run:
         load_torch_quietly()
-    return launch(cfg.launch, cfg.train.out_dir, cfg.train.run_name, args.config, args.overrides, args.dry_run,
-                  args.submit)
+    return launch(job, args.config, args.overrides, args.dry_run, args.submit)
 
 
 def load_torch_quietly() -> None:
@@ -268,21 +271,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from polytrain.job import Job
     from polytrain.platform.train.generate import generate_command
 
-    return generate_command(args.run_dir, args.segments or [], args.manifest, args.task, args.overrides)
+    job = Job.of_run(args.run_dir)
+    return generate_command(job, job.trained_model(), args.run_dir, args.segments or [], args.manifest, args.task,
+                            args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from polytrain.platform.train import recipe
+    from polytrain.job import Job
+    from polytrain.platform.data.datasets import build_datasets
     from polytrain.platform.train.evaluate import evaluate, format_table
-    from polytrain.platform.train.init_from import load_model
 
-    cfg, tokenizers, model = load_model(args.run_dir)
+    job = Job.of_run(args.run_dir)
+    cfg, tokenizers = job.cfg, job.tokenizers
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate(model.to(device), cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers),
+    results = evaluate(job.trained_model().to(device), cfg.data.tasks, build_datasets(cfg, "val", tokenizers),
                        tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
     print(format_table(results))
     print(json.dumps(results))
@@ -292,15 +299,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format != "polytrain":
-        from polytrain.platform.train.export import export_library
+    from polytrain.job import Job
+    from polytrain.platform.train.export import export_library, export_model
 
-        family, task, left_out = export_library(args.run_dir, args.format, Path(args.out))
+    if args.format != "polytrain":
+        family, task, left_out = export_library(Job.of_run(args.run_dir), args.run_dir, args.format, Path(args.out))
         print(f"{args.out} ({family}, the head of task {task}; left out, as the task does not run them: "
               f"{', '.join(left_out) or '-'})")
         return 0
-    from polytrain.platform.distributed.checkpoint import export_model
-
     out = export_model(args.run_dir, Path(args.out))
     print(f"{out} (config: {out.with_suffix('.yaml')})")
     return 0
@@ -316,13 +322,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
+    from polytrain.job import resolve
     from polytrain.platform.distributed.memory_planner import format_plan, parse_size, plan
 
-    cfg = load_config(args.config, args.overrides)
+    job = resolve(args.config, finetune_overrides(args.overrides), processes=args.gpus_per_node * args.nodes)
     gpu_mem = parse_size(args.gpu_mem)
-    rows, best = plan(cfg, args.gpus_per_node, args.nodes, gpu_mem)
-    print(format_plan(cfg, rows, best, args.gpus_per_node, args.nodes, gpu_mem))
+    rows, best = plan(job.cfg, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts)
+    print(job.summary())
+    print(format_plan(job.cfg, rows, best, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts()))
     return 0
 
 
@@ -357,19 +364,20 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
     from polytrain.errors import ConfigError
-    from polytrain.platform.data.prepare import SHARD_RECORDS
-    from polytrain.platform.train.recipe import prepare_data
+    from polytrain.job import resolve
+    from polytrain.platform.data.prepare import SHARD_RECORDS, prepare_tasks
 
     shard_records = SHARD_RECORDS if args.shard_records is None else args.shard_records
     if args.workers < 0:
         raise ConfigError("--workers", args.workers, "must be >= 0 (0: one per CPU)")
     if shard_records < 1:
         raise ConfigError("--shard-records", shard_records, "must be >= 1")
-    cfg = load_config(args.config, args.overrides)
-    overrides = prepare_data(cfg, Path(args.out), args.workers, shard_records)
-    print("train on it with: polytrain train " + " ".join([args.config, *args.overrides, *overrides]))
+    job = resolve(args.config, finetune_overrides(args.overrides))
+    print(job.summary())
+    overrides = prepare_tasks(job.cfg, job.tokenizers["text"], Path(args.out), args.workers, shard_records)
+    command = "finetune" if job.cfg.finetune.init_from or job.cfg.finetune.init_parts else "train"
+    print(f"train on it with: polytrain {command} " + " ".join([args.config, *args.overrides, *overrides]))
     return 0
 
 

@@ -289,9 +289,3 @@ class TokenizersConfig:
             return getattr(self, modality)
         return from_dict(TOKENIZERS.get(modality).config_class, self.plugins.get(modality, {}), f"plugins.{modality}")
 
-
-def build_patch_tokenizer(modality: str, cfg: TokenizersConfig):
-    """The tokenizer of a modality whose tokenizer needs no training (everything but text)."""
-    if modality == "text":
-        raise ConfigError("modality", modality, "text is trained or loaded: TextTokenizer.train / .load")
-    return TOKENIZERS.get(modality)(cfg.section(modality))

@@ -27,10 +27,10 @@ class Backend:
     raise ``LaunchError`` when it fails."""
 
 
-def launch(cfg: LaunchConfig, out_dir: str, run_name: str | None, config_path: str, overrides: list[str],
-           dry_run: bool = False, submit: bool = False) -> int:
-    """``polytrain launch``: print the job's commands (dry run) or start it; ``out_dir`` and ``run_name`` are
-    train.out_dir and train.run_name."""
+def launch(job, config_path: str, overrides: list[str], dry_run: bool = False, submit: bool = False) -> int:
+    """``polytrain launch``: print the commands of ``job`` (a ``polytrain.job.Job``, resolved from ``config_path``
+    and ``overrides``) for a dry run, or start it."""
+    cfg = job.cfg.launch
     if submit and cfg.backend != "slurm":
         raise ConfigError("--submit", True, f"submits SLURM jobs; launch.backend={cfg.backend!r} "
                           f"(set launch.backend=slurm)")
@@ -41,9 +41,9 @@ def launch(cfg: LaunchConfig, out_dir: str, run_name: str | None, config_path: s
         backend.check(cfg)
     except ConfigError as err:
         raise err.under("launch") from None
-    job = Job.create(cfg, config_path, overrides, out_dir, run_name, submit)
+    nodes = Job.create(cfg, config_path, overrides, job.cfg.train.out_dir, job.cfg.train.run_name, submit)
     if dry_run:
-        print(backend.describe(job), flush=True)
+        print(backend.describe(nodes), flush=True)
         return 0
-    backend.run(job)
+    backend.run(nodes)
     return 0

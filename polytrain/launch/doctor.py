@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from polytrain.config import load_config
 from polytrain.config.engine import EngineConfig
 from polytrain.config.launch import LaunchConfig
 from polytrain.errors import ConfigError
+from polytrain.job import resolve
 from polytrain.launch.hostfile import HostfileError, read_hostfile
 from polytrain.launch.job import check_hosts
 
@@ -54,10 +54,13 @@ class Check:
 
 
 def doctor(config: str | None, overrides: list[str]) -> int:
-    cfg = load_config(config, overrides) if config else None
+    job = resolve(config, overrides) if config else None
+    cfg = job.cfg if job else None
     engine = cfg.engine if cfg else EngineConfig()
     launch = cfg.launch if cfg else LaunchConfig()
     print(format_rows([*versions(), *gpus()]))
+    if job is not None:
+        print(job.summary())
     print(f"checks for {config or 'the default settings'} (engine.zero_stage={engine.zero_stage}, "
           f"launch.backend={launch.backend}, {launch.nodes} node(s) x {launch.procs_per_node} process(es)):")
     checks = [*op_checks(engine), *launch_checks(launch)]

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from polytrain import atomic
+from polytrain.config import Config
 from polytrain.config.registries import BUILTINS
 from polytrain.errors import DataError
 
@@ -58,6 +59,12 @@ def resolve_manifest(spec: str, cache_dir: str | Path) -> Path:
     if not folder.is_dir():
         build_atomically(folder, builder)
     return folder / f"{split}.jsonl"
+
+
+def task_manifest(cfg: Config, task: str, split: str) -> Path:
+    """The manifest file (or prepared folder) of ``task``'s ``split`` (train or val), building built-in data on
+    first use."""
+    return resolve_manifest(getattr(cfg.data.tasks[task], split), cfg.data.cache_dir)
 
 
 FORMAT = 2

@@ -30,10 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from polytrain import atomic
+from polytrain.config import Config
 from polytrain.config.data import TaskConfig
 from polytrain.config.model import head_kind
 from polytrain.errors import DataError
 from polytrain.models.mlm_corruption import mask_tokens
+from polytrain.platform.data.builtin import task_manifest
 from polytrain.platform.data.manifest import Part, Record, read_manifest
 from polytrain.platform.data.packing import PackedDocuments, StoreWindows
 from polytrain.platform.data.sequences import Laid, Plain, collate_labels, collate_rows, first_fit, left_aligned
@@ -378,6 +380,13 @@ class SequenceDataset(Dataset):
     def rows(self, sizes: list[tuple[int, ...]], budgets: tuple[int, ...]) -> list[list[int]]:
         """Which examples share a row: one each, or packed."""
         return first_fit(sizes, budgets) if self.task.packing else [[i] for i in range(len(sizes))]
+
+
+def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[str, LMStream | SequenceDataset]:
+    """Every task's dataset of ``split`` (train or val); training data may be augmented."""
+    return {name: build_dataset(task, task_manifest(cfg, name, split), name, tokenizers, cfg.data.skip_bad_samples,
+                                Path(cfg.data.cache_dir), augment=split == "train")
+            for name, task in cfg.data.tasks.items()}
 
 
 def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any], skip_bad: bool,

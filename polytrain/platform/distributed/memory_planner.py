@@ -30,17 +30,14 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
+from torch import nn
 
 from polytrain.config import Config
 from polytrain.config.model import head_kind
-from polytrain.config.tokenizers import build_patch_tokenizer
 from polytrain.errors import ConfigError
-from polytrain.models.model import PolyModel
 from polytrain.platform.observe.meters import GIB
-from polytrain.platform.train.finetune import adapt, freeze
 from polytrain.schema import changed_numbers, from_dict, to_dict
-from polytrain.tokens import EmbedSpec
+from polytrain.tokenizers.build import build_patch_tokenizer
 
 USABLE_FRACTION = 0.9
 """Share of a GPU's memory the plan may fill: the CUDA context and allocator fragmentation take the rest."""
@@ -113,8 +110,13 @@ BUILT_BLOCKS = 256
 """Blocks ``count_parameters`` builds on the meta device (a few ms each); deeper models are extrapolated."""
 
 
-def count_parameters(cfg: Config) -> tuple[int, int]:
-    """(all, trainable) parameters of the model the config builds, counted without allocating it.
+Counts = tuple[int, int]
+"""(all, trainable) parameters."""
+
+
+def count_parameters(cfg: Config, build: Callable[[Config], nn.Module]) -> Counts:
+    """(all, trainable) parameters of the model ``build(cfg)`` makes on the meta device (the job's: sized by its
+    tokenizers, LoRA adapters in, ``finetune.freeze`` applied), counted without allocating it.
 
     Past ``BUILT_BLOCKS`` blocks, a model with one block per stack and one with two are built and the difference
     extrapolated (every block of a stack holds the same parameters); freezing is then not counted, every
@@ -122,15 +124,15 @@ def count_parameters(cfg: Config) -> tuple[int, int]:
     """
     backbone = cfg.model.backbone
     if backbone.encoder_layers + backbone.decoder_layers <= BUILT_BLOCKS:
-        return built_count(cfg, frozen=True)
+        return built_count(cfg, build)
     shallow = [min(backbone.encoder_layers, 1), min(backbone.decoder_layers, 1)]
-    total = built_count(with_layers(cfg, *shallow), frozen=False)[0]
+    total = built_count(with_layers(cfg, *shallow), build)[0]
     for stack, layers in enumerate((backbone.encoder_layers, backbone.decoder_layers)):
         if layers > 1:
             deeper = list(shallow)
             deeper[stack] = 2
-            total += (layers - 1) * (built_count(with_layers(cfg, *deeper), frozen=False)[0] -
-                                     built_count(with_layers(cfg, *shallow), frozen=False)[0])
+            total += (layers - 1) * (built_count(with_layers(cfg, *deeper), build)[0] -
+                                     built_count(with_layers(cfg, *shallow), build)[0])
     return total, total
 
 
@@ -139,21 +141,13 @@ def with_layers(cfg: Config, encoder_layers: int, decoder_layers: int) -> Config
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
 
 
-def built_count(cfg: Config, frozen: bool) -> tuple[int, int]:
-    """(all, trainable) parameters of the model built on the meta device; ``frozen``: with finetune.freeze."""
-    specs = [EmbedSpec("text", cfg.tokenizers.text.vocab_size, (1, cfg.tokenizers.text.max_len))]
-    specs += [build_patch_tokenizer(modality, cfg.tokenizers).embed_spec() for modality in cfg.data.modalities]
+def built_count(cfg: Config, build: Callable[[Config], nn.Module]) -> Counts:
     try:
-        with torch.device("meta"):
-            model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()},
-                              {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
-            adapt(model, cfg.finetune)
+        model = build(cfg)
     except RuntimeError as err:  # torch refuses a meta tensor of more than 2**63 bytes
         if "overflow" not in str(err):
             raise
         raise OverflowError(f"a tensor of more than 2**63 bytes (torch: {err})") from None
-    if frozen:
-        freeze(model, cfg.finetune)
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -218,10 +212,10 @@ def estimate(cfg: Config, option: Option, world_size: int, n_params: int, n_trai
     return Estimate(option, params, grads, optimizer, buffers, activations, cpu)
 
 
-def configured(cfg: Config, world_size: int) -> Estimate:
-    """Bytes per rank of the run as configured (its ZeRO stage and offload) on ``world_size`` ranks; with
-    activation checkpointing only the states are counted."""
-    n_params, n_trainable = count_parameters(cfg)
+def configured(cfg: Config, world_size: int, counts: Counts) -> Estimate:
+    """Bytes per rank of the run as configured (its ZeRO stage and offload) on ``world_size`` ranks for a model of
+    ``counts`` parameters; with activation checkpointing only the states are counted."""
+    n_params, n_trainable = counts
     option = Option(cfg.engine.zero_stage, cfg.engine.offload_optimizer, cfg.engine.offload_params)
     activations = 0 if cfg.model.backbone.checkpointing else activation_bytes(cfg)
     return estimate(cfg, option, world_size, n_params, n_trainable, activations)
@@ -248,14 +242,16 @@ def heaviest(cfg: Config, need: Callable[[Config], float]) -> tuple[str, float] 
     return best
 
 
-def plan(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem: int) -> tuple[list[Estimate], Estimate | None]:
-    """Every option's estimate and the first (least sharded) one that fits ``gpu_mem`` per GPU."""
+def plan(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem: int, count: Callable[[Config], Counts]
+         ) -> tuple[list[Estimate], Estimate | None]:
+    """Every option's estimate and the first (least sharded) one that fits ``gpu_mem`` per GPU; ``count`` gives a
+    config's (all, trainable) parameters (``Job.parameter_counts``)."""
     if gpus_per_node <= 0 or nodes <= 0:
         raise ConfigError("--gpus-per-node/--nodes", (gpus_per_node, nodes), "both must be > 0")
     try:
-        n_params, n_trainable = count_parameters(cfg)
+        n_params, n_trainable = count(cfg)
     except OverflowError as err:
-        key, value = heaviest(cfg, lambda c: sum(count_parameters(c))) or ("model", None)
+        key, value = heaviest(cfg, lambda c: sum(count(c))) or ("model", None)
         raise ConfigError(key, value, f"the model needs {err}") from None
     activations = activation_bytes(cfg)
     rows = [estimate(cfg, option, gpus_per_node * nodes, n_params, n_trainable, activations) for option in OPTIONS]
@@ -264,8 +260,8 @@ def plan(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem: int) -> tuple[lis
 
 
 def format_plan(cfg: Config, rows: list[Estimate], best: Estimate | None, gpus_per_node: int, nodes: int,
-                gpu_mem: int) -> str:
-    n_params, n_trainable = count_parameters(cfg)
+                gpu_mem: int, counts: Counts) -> str:
+    n_params, n_trainable = counts
     lines = [f"model: {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable), precision "
              f"{cfg.engine.precision}; {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks, "
              f"{gpu_mem / GIB:.1f} GiB each ({USABLE_FRACTION:.0%} usable)",

@@ -1,0 +1,29 @@
+"""A run's tokenizers from its config: the text tokenizer from its ``tokenizer.json``, one tokenizer per other
+modality the tasks read (built from its config section alone: none of them learns anything)."""
+
+from typing import Any
+
+from polytrain.config import Config
+from polytrain.config.registries import TOKENIZERS
+from polytrain.config.tokenizers import BUILT_IN, TokenizersConfig
+from polytrain.errors import ConfigError
+from polytrain.tokenizers.text import TextTokenizer
+
+
+def build_patch_tokenizer(modality: str, cfg: TokenizersConfig):
+    """The tokenizer of a modality whose tokenizer needs no training (everything but text)."""
+    if modality == "text":
+        raise ConfigError("modality", modality, "text is trained or loaded: TextTokenizer.train / .load")
+    return TOKENIZERS.get(modality)(cfg.section(modality))
+
+
+def plugin_modalities(cfg: Config) -> tuple[str, ...]:
+    """The run's modalities whose span markers the text tokenizer adds to its built-in ones."""
+    return tuple(m for m in cfg.data.modalities if m not in BUILT_IN)
+
+
+def build_tokenizers(cfg: Config, tokenizer_json: str, where: str = "the run's tokenizer.json") -> dict[str, Any]:
+    """The text tokenizer (a ``tokenizer.json``'s contents with ``tokenizers.text``'s settings) and one tokenizer
+    per non-text modality the tasks read."""
+    text = TextTokenizer.from_json(tokenizer_json, cfg.tokenizers.text, where, plugin_modalities(cfg))
+    return {"text": text, **{m: build_patch_tokenizer(m, cfg.tokenizers) for m in cfg.data.modalities}}
