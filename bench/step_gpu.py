@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from side_by_side import race
 
+from polytrain.config.registries import PRESETS
 from polytrain.errors import PolytrainError
-from polytrain.models import convert, presets
+from polytrain.models import convert
 from polytrain.models.attention import plan_attention
 from polytrain.models.attention_mask import MaskRule
-from polytrain.models.flops import train_flops_per_token
+from polytrain.models.flops import TrainFlops
 from polytrain.models.heads import text_segment
+from polytrain.models.presets import build
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 
@@ -89,10 +92,15 @@ def attempt(measure: Callable[[], dict]) -> dict:
             return {"error": "; ".join([str(err).strip().splitlines()[0], *reasons[:4]])}
 
 
+def sized(preset, **backbone):
+    """``preset`` with ``backbone`` fields changed (``attention=...``, ``compile=True``)."""
+    return replace(preset, model=replace(preset.model, backbone=replace(preset.model.backbone, **backbone)))
+
+
 def decoder(kernel: str, batch: int, seq: int, steps: int, compiled: bool, peak: float) -> dict:
     """tokens/s and MFU of ``decoder_1b`` with attention ``kernel``."""
-    preset = presets.with_backbone(presets.PRESETS.get("decoder_1b"), attention=kernel, compile=compiled)
-    model = preset.build("cuda").train()
+    preset = sized(PRESETS.get("decoder_1b"), attention=kernel, compile=compiled)
+    model = build(preset, "cuda").train()
     vocab = preset.specs[0].input_dim
     ids = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
     lm = TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:])
@@ -103,7 +111,8 @@ def decoder(kernel: str, batch: int, seq: int, steps: int, compiled: bool, peak:
         del model
         torch.cuda.empty_cache()
     tokens_per_s = batch * seq / seconds
-    flops_per_token = train_flops_per_token(preset.build("meta"), seq)
+    row = TaskBatch(text_segment(torch.zeros(1, seq, dtype=torch.long)), torch.zeros(1, seq, dtype=torch.long))
+    flops_per_token = TrainFlops(build(preset, "meta"))({"lm": row}) / seq
     return {"tokens_per_s": round(tokens_per_s), "mfu": round(tokens_per_s * flops_per_token / (peak * 1e12), 4),
             "ms": round(1000 * seconds, 1)}
 
@@ -112,8 +121,7 @@ def vit_base(batch: int, steps: int, compiled: bool) -> dict:
     """images/s of timm's ViT-B/16 and of polytrain holding the same weights, taking turns."""
     torch.manual_seed(0)
     reference = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().train()
-    preset = presets.with_backbone(presets.PRESETS.get("vit_base_patch16_224"), compile=compiled)
-    ours = preset.build("cuda").train()
+    ours = build(sized(PRESETS.get("vit_base_patch16_224"), compile=compiled), "cuda").train()
     convert.load_state(ours, "classify", "timm", reference.state_dict())
     pixels = torch.randn(batch, 3, 224, 224, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")

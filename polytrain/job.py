@@ -198,17 +198,19 @@ def resolve(path: str | Path | None, overrides: list[str] = (), processes: int |
     if processes is None:
         processes = int(os.environ.get("WORLD_SIZE", 0)) or cfg.launch.nodes * cfg.launch.procs_per_node
     resume = resume_point(cfg)
-    cfg = with_accumulation(cfg, processes, resume)
+    cfg = with_accumulation(cfg, processes, "grad_accum" in (tree.get("train") or {}), resume)
     return Job(cfg, Path(path).stem if path else "run", sources, processes, resume)
 
 
 def resume_point(cfg: Config):
     """In a restarted or requeued job, the newest checkpoint of the run directory it writes to, if there is one;
     else the latest checkpoint of ``train.resume``; None for a new run."""
+    restarts = {name: int(os.environ.get(name) or 0) for name in RESTART_COUNTS}
+    if not any(restarts.values()) and not cfg.train.resume:
+        return None  # a new run: nothing to read (nor to import)
     from polytrain.platform.distributed.checkpoint import latest_checkpoint
     from polytrain.platform.observe.run_dir import RunDir
 
-    restarts = {name: int(os.environ.get(name) or 0) for name in RESTART_COUNTS}
     if any(restarts.values()):
         if cfg.train.resume:
             run = latest_checkpoint(cfg.train.resume).run
@@ -233,14 +235,14 @@ def micro_samples(cfg: Config) -> int:
     return sum(task.batch_size for task in cfg.data.tasks.values() if not task.budget)
 
 
-def with_accumulation(cfg: Config, processes: int, resume=None) -> Config:
+def with_accumulation(cfg: Config, processes: int, explicit: bool = False, resume=None) -> Config:
     """``cfg`` with ``train.grad_accum`` split from the global batch on ``processes`` processes.
 
     The global batch is what a recipe states: ``train.global_batch`` (samples of the fixed-count tasks per step)
     or a budgeted task's ``global_budget`` (cost per step), or, for a resumed run, what its checkpoint trained
     with.  Each stated figure must split evenly into the micro-batch (or budget) x the processes x a whole number
-    of accumulation steps, the same number for all; ``train.grad_accum`` set in the recipe is the per-process form
-    and must agree.  Without a global figure accumulation stays as set (default 1).
+    of accumulation steps, the same number for all; ``train.grad_accum`` set in the recipe (``explicit``) is the
+    per-process form and must agree.  Without a global figure accumulation stays as set (default 1).
     """
     train, tasks = cfg.train, cfg.data.tasks
     data_parallel = max(processes, 1)
@@ -259,8 +261,8 @@ def with_accumulation(cfg: Config, processes: int, resume=None) -> Config:
                              split(f"data.tasks.{name}.global_budget", task.global_budget, task.budget, data_parallel,
                                    f"data.tasks.{name}.budget {task.budget}")))
     if resume is not None and not implied:
-        return resumed_accumulation(cfg, resume, micro, data_parallel)
-    if train.grad_accum is not None:
+        return resumed_accumulation(cfg, resume, micro, data_parallel, explicit)
+    if explicit:
         implied.append(("train.grad_accum", train.grad_accum, train.grad_accum))
     accums = {accum for _, _, accum in implied}
     if len(accums) > 1:
@@ -268,8 +270,7 @@ def with_accumulation(cfg: Config, processes: int, resume=None) -> Config:
         raise ConfigError(implied[0][0], implied[0][1], f"implies a different number of accumulation steps per "
                           f"process than the other figures of the step ({described}) on {data_parallel} "
                           "data-parallel process(es); state one of them")
-    accum = accums.pop() if accums else 1
-    return replace(cfg, train=replace(train, grad_accum=accum))
+    return replace(cfg, train=replace(train, grad_accum=accums.pop() if accums else train.grad_accum))
 
 
 def split(key: str, total: int, per_micro: int, data_parallel: int, micro_described: str) -> int:
@@ -285,23 +286,22 @@ def parts(cfg: Config) -> str:
     return " + ".join(f"{name} {task.batch_size}" for name, task in cfg.data.tasks.items() if not task.budget)
 
 
-def resumed_accumulation(cfg: Config, resume, micro: int, data_parallel: int) -> Config:
-    """A resumed run keeps its checkpoint's global batch: accumulation follows from this job's processes."""
+def resumed_accumulation(cfg: Config, resume, micro: int, data_parallel: int, explicit: bool) -> Config:
+    """A resumed run keeps its checkpoint's global batch: accumulation follows from this job's processes (logged
+    where it changes); ``train.grad_accum`` set in the recipe (``explicit``) is taken as it is."""
     from polytrain.platform.distributed.checkpoint import read_state
 
+    if explicit:
+        return cfg
     saved = read_state(resume.state)
     saved_cfg = config_from_yaml(resume.config.read_text(), f"{resume.path} (its config)")
-    saved_accum = saved_cfg.train.grad_accum or 1
-    saved_processes = saved.get("data_parallel", saved["world_size"])
-    own = cfg.train.grad_accum
-    if own is not None or saved_processes == data_parallel:
-        return replace(cfg, train=replace(cfg.train, grad_accum=own or saved_accum))
-    budgeted = [name for name, task in cfg.data.tasks.items() if task.budget]
-    unit = micro or (cfg.data.tasks[budgeted[0]].budget if budgeted else 0)
-    saved_micro = micro_samples(saved_cfg) or (saved_cfg.data.tasks[budgeted[0]].budget if budgeted else 0)
-    total = saved_micro * saved_accum * saved_processes
+    saved_accum, saved_processes = saved_cfg.train.grad_accum, saved.get("data_parallel", saved["world_size"])
+    budget = next((task.budget for task in cfg.data.tasks.values() if task.budget), 0)
+    saved_budget = next((task.budget for task in saved_cfg.data.tasks.values() if task.budget), 0)
+    unit, saved_unit = (micro, micro_samples(saved_cfg)) if micro else (budget, saved_budget)
+    total = saved_unit * saved_accum * saved_processes
     accum = split("train.grad_accum", total, unit, data_parallel,
-                  f"the checkpoint's global batch {total} (micro-batch {saved_micro} x grad_accum {saved_accum} x "
+                  f"the checkpoint's global batch {total} (micro-batch {saved_unit} x grad_accum {saved_accum} x "
                   f"{saved_processes} process(es)) over micro-batch {unit}")
     if accum != saved_accum and os.environ.get("RANK", "0") == "0":
         log.info("resuming %s on %d data-parallel process(es): grad_accum %d -> %d keeps its global batch of %d",

@@ -91,3 +91,12 @@ def lm(family: str, dim: int, layers: int, heads: int, vocab: int, positions: in
         presets.gpt2(dim, layers, heads)
     model = replace(model, backbone=replace(model.backbone, **backbone))
     return PolyModel(model, [EmbedSpec("text", vocab, (1, positions))], {"lm": "decoder_only"})
+
+
+def trained_run(path):
+    """(config, tokenizers, model) of a trained run directory, checkpoint folder or export, as ``polytrain eval``
+    rebuilds them."""
+    from polytrain.job import Job
+
+    job = Job.of_run(path)
+    return job.cfg, job.tokenizers, job.trained_model()

@@ -115,6 +115,8 @@ def test_every_preset_in_a_recipe_is_the_presets_model():
     from polytrain.config.registries import PRESETS
 
     for name in PRESETS.names():
-        cfg = load_config(None, ["data.tasks.lm.head=decoder_only", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
-                                 f"model.preset={name}"])
+        head = next(iter(PRESETS.get(name).task_heads.values()))  # a task the preset's stacks can run
+        classes = ["data.tasks.lm.classes=[a, b]"] if head == "encoder_classifier" else []
+        cfg = load_config(None, [f"data.tasks.lm.head={head}", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
+                                 f"model.preset={name}", *classes])
         assert cfg.model == PRESETS.get(name).model, name

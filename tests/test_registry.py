@@ -110,7 +110,7 @@ PROBE = """
 import json, sys
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
-from polytrain.config.tokenizers import build_patch_tokenizer
+from polytrain.tokenizers.build import build_patch_tokenizer
 from polytrain.config.registries import TOKENIZERS
 
 base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",

@@ -49,20 +49,28 @@ class Config:
         if self.launch.backend not in BACKENDS:
             raise ConfigError("launch.backend", self.launch.backend,
                               f"unknown launcher; known: {', '.join(BACKENDS.names())}")
-        max_len = self.tokenizers.text.max_len
         for name, task in self.data.tasks.items():
-            key = f"data.tasks.{name}"
-            if not head_kind(task.head).encoder:
-                if task.seq_len > max_len:
-                    raise ConfigError(f"{key}.seq_len", task.seq_len, f"must be <= tokenizers.text.max_len={max_len}")
-                continue
-            if self.model.backbone.encoder_layers == 0:
-                raise ConfigError(f"{key}.head", task.head, "needs an encoder, but model.backbone.encoder_layers=0; "
-                                  "set model.backbone.encoder_layers > 0 or use head=decoder_only")
-            if task.max_target_len + 2 > max_len:  # bos ... eos
-                raise ConfigError(f"{key}.max_target_len", task.max_target_len,
-                                  f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
+            self.check_task(f"data.tasks.{name}", task)
         self.check_init_parts()
+
+    def check_task(self, key: str, task) -> None:
+        """The task's head finds the stacks it runs, and its text fits the text positions."""
+        kind, backbone, max_len = head_kind(task.head), self.model.backbone, self.tokenizers.text.max_len
+        for stack, needed in (("encoder", kind.encoder), ("decoder", kind.decoder)):
+            if needed and not getattr(backbone, f"{stack}_layers"):
+                other = "head=decoder_only" if stack == "encoder" else "an encoder head"
+                raise ConfigError(f"{key}.head", task.head, f"needs {'an' if stack == 'encoder' else 'a'} {stack}, "
+                                  f"but model.backbone.{stack}_layers=0; set model.backbone.{stack}_layers > 0 or "
+                                  f"use {other}")
+        if backbone.encoder and kind.encoder and not kind.sources:
+            raise ConfigError("model.backbone.encoder", backbone.encoder, f"{key} uses head {task.head}, whose text "
+                              "the encoder would read; with blocks of its own the encoder reads image or audio inputs "
+                              "only")
+        if not kind.encoder and task.seq_len > max_len:
+            raise ConfigError(f"{key}.seq_len", task.seq_len, f"must be <= tokenizers.text.max_len={max_len}")
+        if kind.encoder and task.max_target_len + 2 > max_len:  # bos ... eos
+            raise ConfigError(f"{key}.max_target_len", task.max_target_len,
+                              f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
 
     def check_init_parts(self) -> None:
         """Every ``heads.<task>`` and ``embedders.<modality>`` part names a task and a modality of this run."""

@@ -69,19 +69,19 @@ class TaskConfig:
             if modality not in TOKENIZERS:
                 raise ConfigError("source", self.source, f"unknown modality {modality!r}; known: "
                                                          f"{', '.join(TOKENIZERS.names())}")
-        layout = head_kind(self.head).layout
-        if layout == "classify":
+        kind = head_kind(self.head)
+        if kind.classes:
             if len(self.classes) < 2 or len(set(self.classes)) < len(self.classes):
                 raise ConfigError("classes", self.classes, f"head {self.head} needs the names of at least two "
                                                            "classes, each once")
         elif self.classes:
             raise ConfigError("classes", self.classes, f"is for encoder_classifier tasks; head {self.head} "
                                                        "predicts text")
-        if layout == "masked" and self.modalities:
-            raise ConfigError("source", self.source, "masked_lm reads text only; leave source unset")
+        if not kind.sources and self.modalities:
+            raise ConfigError("source", self.source, f"{self.head} reads text only; leave source unset")
         if self.global_budget and not self.budget:
             raise ConfigError("global_budget", self.global_budget, "splits into micro-batches of budget; set budget")
-        if self.packing and layout == "classify":
+        if self.packing and kind.classes:
             raise ConfigError("packing", True, "is for heads that score tokens (decoder_only, encoder_decoder, "
                                                "masked_lm); a classifier scores whole samples")
 

@@ -30,18 +30,24 @@ class HeadKind:
     """Projects onto the text vocabulary (so the model needs the text embedder)."""
     generates: bool
     """Continues text (has ``generate``)."""
-    layout: Literal["causal", "seq2seq", "classify", "masked"]
-    """How a sample's segments reach it: causal, one sequence whose scored text carries the loss; seq2seq,
-    the inputs to the encoder and the scored text to the decoder; classify, every segment to the encoder and
-    the sample's class as the target; masked, text whose masked tokens are the targets."""
+    layout: str
+    """How a sample's segments reach it: a data layout by name (``config.registries.LAYOUTS``): causal, one
+    sequence whose scored text carries the loss; seq2seq, the inputs to the encoder and the scored text to the
+    decoder; classify, every segment to the encoder and the sample's class as the target; masked, text whose
+    masked tokens are the targets; or a plugin's own."""
+    classes: bool = False
+    """Predicts one of the task's ``classes`` per sample (so it needs them, and scores whole samples: no packing)."""
+    sources: bool = True
+    """Reads segments of other modalities than text (a task's ``source``)."""
 
 
 HEAD_KINDS = {
     "decoder_only": HeadKind(encoder=False, decoder=True, text_output=True, generates=True, layout="causal"),
     "encoder_decoder": HeadKind(encoder=True, decoder=True, text_output=True, generates=True, layout="seq2seq"),
     "encoder_classifier": HeadKind(encoder=True, decoder=False, text_output=False, generates=False,
-                                   layout="classify"),
-    "masked_lm": HeadKind(encoder=True, decoder=False, text_output=True, generates=False, layout="masked"),
+                                   layout="classify", classes=True),
+    "masked_lm": HeadKind(encoder=True, decoder=False, text_output=True, generates=False, layout="masked",
+                          sources=False),
 }
 """The built-in heads' kinds; a plugin head's class carries its own as ``kind``."""
 

@@ -30,10 +30,10 @@ class TrainConfig:
     """AdamW decoupled weight decay for matrices (not embeddings, norms or biases)."""
     betas: tuple[Fraction, Fraction] = (0.9, 0.95)
     """AdamW moment decay rates."""
-    grad_accum: Annotated[int, Range(gt=0, note="or null: from the global batch")] | None = None
-    """Micro-batches per optimizer step on each process. null: what ``global_batch`` (or a task's
-    ``global_budget``) and the job's data-parallel processes give, else 1; a resumed run keeps its checkpoint's
-    global batch. Set, it must agree with them."""
+    grad_accum: Positive[int] = 1
+    """Micro-batches per optimizer step on each process. Unset in the recipe, the job derives it from
+    ``global_batch`` (or a task's ``global_budget``) and its data-parallel processes, or, resuming, from the
+    checkpoint's global batch; set, it must agree with them."""
     grad_clip: Annotated[float, Range(ge=0, note="0: no clipping")] = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     global_batch: Annotated[int, Range(gt=0, note="or null: micro-batch x grad_accum x processes")] | None = None

@@ -59,10 +59,10 @@ def doctor(config: str | None, overrides: list[str]) -> int:
     engine = cfg.engine if cfg else EngineConfig()
     launch = cfg.launch if cfg else LaunchConfig()
     print(format_rows([*versions(), *gpus()]))
-    if job is not None:
-        print(job.summary())
     print(f"checks for {config or 'the default settings'} (engine.zero_stage={engine.zero_stage}, "
           f"launch.backend={launch.backend}, {launch.nodes} node(s) x {launch.procs_per_node} process(es)):")
+    if job is not None:
+        print(f"  {job.summary()}")
     checks = [*op_checks(engine), *launch_checks(launch)]
     for check in checks:
         print(f"  {'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")

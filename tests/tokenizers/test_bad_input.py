@@ -14,12 +14,12 @@ from polytrain.config.tokenizers import (
     ImageTokenizerConfig,
     TextTokenizerConfig,
     TokenizersConfig,
-    build_patch_tokenizer,
 )
 from polytrain.errors import DataError, PolytrainError
 from polytrain.platform.data.datasets import SequenceDataset
 from polytrain.platform.data.manifest import read_manifest
 from polytrain.tokenizers.audio import AudioTokenizer
+from polytrain.tokenizers.build import build_patch_tokenizer
 from polytrain.tokenizers.image import ImageTokenizer
 from polytrain.tokenizers.text import TextTokenizer
 from tests.tokenizers.test_image import png_header_only

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 from polytrain import atomic
 from polytrain.config import Config
 from polytrain.config.model import head_kind
+from polytrain.config.registries import LAYOUTS
 from polytrain.config.tokenizers import TextTokenizerConfig
 from polytrain.errors import DataError
 from polytrain.platform.data.builtin import PREPARED_PREFIX, SPLITS, task_manifest
@@ -269,7 +270,7 @@ def prepare_task_split(cfg: Config, name: str, split: str, text: TextTokenizer, 
         raise DataError(f"{source}: manifest not found (data.tasks.{name}.{split})")
     stat = source.stat()
     records = iter_manifest(source, name, cfg.data.skip_bad_samples,
-                            plain_text_scored=head_kind(cfg.data.tasks[name].head).layout == "causal")
+                            plain_text_scored=LAYOUTS.get(head_kind(cfg.data.tasks[name].head).layout).plain_text_scored)
     described = {"manifest": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "task": name}
     prepare_split(records, out / name / split, text, described, build, shard_records, cfg.data.skip_bad_samples)
     return f"data.tasks.{name}.{split}={PREPARED_PREFIX}{out / name / split}"

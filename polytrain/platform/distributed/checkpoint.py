@@ -86,29 +86,38 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-@contextmanager
-def safe_unpickling():
-    """While active, ``torch.load`` is ``weights_only=True`` with DeepSpeed's few classes allowed."""
-    allowed = [getattr(importlib.import_module(module), name)
-               for module, name in (path.rsplit(".", 1) for path in DEEPSPEED_PICKLED_CLASSES)]
-    original = torch.load
+def deepspeed_classes() -> list[type]:
+    return [getattr(importlib.import_module(module), name)
+            for module, name in (path.rsplit(".", 1) for path in DEEPSPEED_PICKLED_CLASSES)]
 
+
+def restricted(load: Callable) -> Callable:
+    """``load`` (``torch.load``) with ``weights_only=True`` and DeepSpeed's few classes allowed; a file that holds
+    anything else is a ``DataError`` naming it."""
     def restricted_load(f, *args, **kwargs):
         kwargs["weights_only"] = True
         try:
-            return original(f, *args, **kwargs)
+            with torch.serialization.safe_globals(deepspeed_classes()):
+                return load(f, *args, **kwargs)
         except pickle.UnpicklingError as err:
             lines = str(err).strip().splitlines()
             reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
             raise DataError(f"{f}: refused to load, it holds more than tensors and DeepSpeed's own state "
                             f"({reason})") from None
 
-    with torch.serialization.safe_globals(allowed):
-        torch.load = restricted_load
-        try:
-            yield
-        finally:
-            torch.load = original
+    return restricted_load
+
+
+@contextmanager
+def safe_unpickling():
+    """While active, ``torch.load`` is ``restricted``: for DeepSpeed's code that calls ``torch.load`` itself
+    rather than through its checkpoint engine (the universal-checkpoint converter and loader, zero_to_fp32)."""
+    original = torch.load
+    torch.load = restricted(original)
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def save_checkpoint(engine, model: nn.Module, run_dir: RunDir, step: int, config_yaml: str, tokenizer_file: Path,

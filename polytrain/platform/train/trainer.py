@@ -25,6 +25,7 @@ from polytrain.platform.distributed.checkpoint import (
     save_checkpoint,
 )
 from polytrain.platform.distributed.engine import Engine, base_optimizer
+from polytrain.platform.distributed.stand_ins import StandIns
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir, new_run_name
 from polytrain.platform.observe.tracking import Tracker, keep_until
@@ -136,7 +137,9 @@ class Trainer:
         self.order = DataOrder({n: len(ds) for n, ds in self.train_sets.items()},
                                {n: t.batch_size for n, t in cfg.data.tasks.items() if not t.budget}, cfg.data.mixing,
                                cfg.train.seed, self.budgets(), cfg.train.grad_accum * engine.world_size)
-        stand_ins = {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()}
+        stand_ins = StandIns(engine.unwrap(self.model),
+                             {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()},
+                             {n: task.modalities for n, task in cfg.data.tasks.items()})
         self.stepper = Stepper(engine, self.model, self.optimizer, self.scheduler, cfg.train,
                                {name: task.weight for name, task in cfg.data.tasks.items()}, stand_ins,
                                TrainFlops(engine.unwrap(self.model)))

@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polytrain.platform.distributed.memory_planner import count_parameters
-from polytrain.platform.train import recipe
+from polytrain.job import Job
+from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.train.evaluate import evaluate
-from polytrain.platform.train.init_from import load_model
-from tests.helpers import polytrain, read_jsonl
+from tests.helpers import polytrain, read_jsonl, trained_run
 from tests.platform.runs import (
     STEPS,
     assert_close_curves,
@@ -102,12 +101,12 @@ def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
     for name in gathered:
         assert torch.equal(exported[name], gathered[name]), name
     assert (tmp_path / "model.yaml").is_file()
-    cfg, tokenizers, model = load_model(out)
+    cfg, tokenizers, model = trained_run(out)
     assert cfg.engine.zero_stage == 3 and tokenizers["text"].vocab_size == 512
     n_params = sum(t.numel() for t in exported.values())
-    assert count_parameters(cfg) == (n_params, n_params)  # the planner's count, without building the model
+    assert Job.of_run(out).parameter_counts() == (n_params, n_params)  # the planner's count, on the meta device
     # One process, the exported file: the same held-out results the 2-process ZeRO-3 run computed at its end.
-    results = evaluate(model, cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers), tokenizers["text"],
+    results = evaluate(model, cfg.data.tasks, build_datasets(cfg, "val", tokenizers), tokenizers["text"],
                        torch.device("cpu"), cfg.train.eval_batch_size)
     final = json.loads((run / "eval.json").read_text())
     for task, metrics in final.items():

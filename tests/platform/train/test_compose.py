@@ -10,9 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from polytrain.cli import main
-from polytrain.platform.train.init_from import load_model
 from scripts import tiny_checkpoints
-from tests.helpers import REPO, polytrain
+from tests.helpers import REPO, polytrain, trained_run
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +55,7 @@ def test_the_run_config_holds_both_checkpoints_blocks(composed):
 
 def test_frozen_vision_keeps_the_vits_weights_and_lora_leaves_the_lms(composed):
     run, vit, llama = composed
-    _, _, model = load_model(run)  # LoRA folded in
+    _, _, model = trained_run(run)  # LoRA folded in
     trained = load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors"))
     timm_state, hf_state = load_file(str(vit)), load_file(str(llama / "model.safetensors"))
     assert torch.equal(trained["embedders.image.proj.weight"], timm_state["patch_embed.proj.weight"].flatten(1))

@@ -11,11 +11,10 @@ from PIL import Image
 
 from polytrain.cli import main
 from polytrain.models.heads import text_segment
-from polytrain.platform.train.init_from import load_model
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 from scripts import tiny_checkpoints
-from tests.helpers import polytrain
+from tests.helpers import polytrain, trained_run
 from tests.models.convert_checks import TOLERANCE, max_diff
 
 pytestmark = pytest.mark.slow
@@ -77,7 +76,7 @@ def run(request, tmp_path_factory):
         library, info = getattr(transformers, AUTO[family]).from_pretrained(folder / "exported",
                                                                             output_loading_info=True)
         assert not any(info.values()), info
-    cfg, tokenizers, model = load_model(folder / "run")
+    cfg, tokenizers, model = trained_run(folder / "run")
     return family, checkpoint, folder / "run", model.eval(), library.eval(), tokenizers["text"]
 
 
