@@ -97,9 +97,9 @@ def main() -> None:
         tmp = Path(tmp)
         config = skewed_files(tmp, args.samples)
         job = resolve(config)
-        job = resolve(config, prepare_tasks(job.cfg, job.tokenizers["text"], tmp / "prepared", 0, 1000))
+        job = resolve(config, prepare_tasks(job.cfg, job.manifests, job.tokenizers["text"], tmp / "prepared", 0, 1000))
         cfg, tokenizers = job.cfg, job.tokenizers
-        datasets = build_datasets(cfg, "train", tokenizers)
+        datasets = build_datasets(cfg, "train", tokenizers, job.manifests)
         dim, k = cfg.model.backbone.dim, args.ranks * args.accum
         models = {kind: cost_model(kind, dim) for kind in ("tokens", "attention")}
         sizes = {n: len(ds) for n, ds in datasets.items()}

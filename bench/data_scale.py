@@ -79,13 +79,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = f"data.cache_dir={tmp / 'cache'}"
-        cfg = resolve(QUICKSTART, [cache]).cfg
-        tokenizer = f"tokenizers.text.path={trained_tokenizer(cfg)}"
+        job = resolve(QUICKSTART, [cache])
+        cfg = job.cfg
+        tokenizer = f"tokenizers.text.path={trained_tokenizer(cfg, job.manifests)}"
         for scale in args.scales:
             manifests = scaled_manifests(cfg, tmp / f"x{scale}", scale)
             scaled = resolve(QUICKSTART, [cache, tokenizer, *manifests])
             began = time.perf_counter()
-            prepared = prepare_tasks(scaled.cfg, scaled.tokenizers["text"], tmp / f"x{scale}-prepared", args.workers, 1000)
+            prepared = prepare_tasks(scaled.cfg, scaled.manifests, scaled.tokenizers["text"],
+                                     tmp / f"x{scale}-prepared", args.workers, 1000)
             prepare_s = time.perf_counter() - began
             row = {"records": sum(1 for m in manifests for _ in open(m.split("=", 1)[1]) if "-train" in m),
                    "prepare_s": round(prepare_s, 1), "prepared_mib": round(du(tmp / f"x{scale}-prepared"), 1),

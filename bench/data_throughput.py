@@ -67,12 +67,12 @@ def realistic_files(folder: Path, n_images: int, n_clips: int) -> Path:
 def prepared_job(config: Path, out: Path, overrides: list[str]):
     """The recipe pointed at its data prepared under ``out``."""
     job = resolve(config, overrides)
-    return resolve(config, [*overrides, *prepare_tasks(job.cfg, job.tokenizers["text"], out, 0, 1000)])
+    return resolve(config, [*overrides, *prepare_tasks(job.cfg, job.manifests, job.tokenizers["text"], out, 0, 1000)])
 
 
 def parts(job):
     cfg, tokenizers = job.cfg, job.tokenizers
-    datasets = build_datasets(cfg, "train", tokenizers)
+    datasets = build_datasets(cfg, "train", tokenizers, job.manifests)
     order = DataOrder({n: len(ds) for n, ds in datasets.items()},
                       {n: t.batch_size for n, t in cfg.data.tasks.items()}, "fixed", cfg.train.seed)
     return tokenizers, datasets, order

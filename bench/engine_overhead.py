@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     job = resolve(args.config, args.overrides)
     cfg, tokenizers = job.cfg, job.tokenizers
-    datasets = build_datasets(cfg, "train", tokenizers)
+    datasets = build_datasets(cfg, "train", tokenizers, job.manifests)
     schedule = DataOrder({n: len(ds) for n, ds in datasets.items()},
                         {n: t.batch_size for n, t in cfg.data.tasks.items()}, "fixed", cfg.train.seed)
     slots, mixture = schedule.slots(StreamState(), rank=0, world_size=1), Mixture(datasets, tokenizers["text"].pad_id)

@@ -59,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             row = run_stage(args.config, overrides, stage, args.procs, args.steps, Path(tmp))
-            planned = estimate(cfg, Option(stage), args.procs, n_params, n_trainable, activation_bytes(cfg))
+            planned = estimate(cfg, Option(stage), args.procs, n_params, n_trainable, activation_bytes(cfg, job.grids()))
             row["estimated_gib"] = planned.states / GIB
             results[stage] = row
             print(f"ZeRO-{stage}: measured {row['measured_gib']:.3f} GiB/rank, plan {row['estimated_gib']:.3f} "

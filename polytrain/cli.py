@@ -289,7 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     job = Job.of_run(args.run_dir)
     cfg, tokenizers = job.cfg, job.tokenizers
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate(job.trained_model().to(device), cfg.data.tasks, build_datasets(cfg, "val", tokenizers),
+    results = evaluate(job.trained_model().to(device), cfg.data.tasks, build_datasets(cfg, "val", tokenizers, job.manifests),
                        tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
     print(format_table(results))
     print(json.dumps(results))
@@ -327,7 +327,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     job = resolve(args.config, finetune_overrides(args.overrides), processes=args.gpus_per_node * args.nodes)
     gpu_mem = parse_size(args.gpu_mem)
-    rows, best = plan(job.cfg, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts)
+    rows, best = plan(job.cfg, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts, job.grids())
     print(job.summary())
     print(format_plan(job.cfg, rows, best, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts()))
     return 0
@@ -375,7 +375,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         raise ConfigError("--shard-records", shard_records, "must be >= 1")
     job = resolve(args.config, finetune_overrides(args.overrides))
     print(job.summary())
-    overrides = prepare_tasks(job.cfg, job.tokenizers["text"], Path(args.out), args.workers, shard_records)
+    overrides = prepare_tasks(job.cfg, job.manifests, job.tokenizers["text"], Path(args.out), args.workers,
+                              shard_records)
     command = "finetune" if job.cfg.finetune.init_from or job.cfg.finetune.init_parts else "train"
     print(f"train on it with: polytrain {command} " + " ".join([args.config, *args.overrides, *overrides]))
     return 0

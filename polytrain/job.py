@@ -30,6 +30,8 @@ from polytrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+BUILT_BLOCKS = 256
+"""Blocks ``Job.parameter_counts`` builds on the meta device (a few ms each); deeper models are extrapolated."""
 RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 """How often torchrun restarted this job's processes (launch.max_restarts), and SLURM requeued the job."""
 
@@ -76,12 +78,19 @@ class Job:
     def batch(self) -> Batch:
         return Batch(micro_samples(self.cfg), self.cfg.train.grad_accum, self.processes)
 
+    @cached_property
+    def manifests(self):
+        """Every task's train and val manifest (or prepared folder), built-in data built on first use."""
+        from polytrain.platform.data.builtin import task_manifests
+
+        return task_manifests(self.cfg)
+
     @property
     def given_tokenizer(self) -> tuple[str, str] | None:
         """(contents, where) of the text tokenizer when something other than training on the recipe's text gives
         it: an exported or resumed run's, the configured file, the checkpoint the text embedder comes from (its
         rows are its ids), a prepared split's (its text is already ids of it). None: polytrain trains one."""
-        from polytrain.platform.data import vocabulary
+        from polytrain.platform.data.vocabulary import prepared_tokenizer
         from polytrain.platform.train.sources import text_source
 
         if self.pretrained is not None:
@@ -90,24 +99,40 @@ class Job:
         source = text_source(self.sources, self.cfg.data.heads)
         if not path and source is not None:
             return source.tokenizer_json(), source.name
-        path = path or vocabulary.prepared_tokenizer(self.cfg)
+        path = path or prepared_tokenizer(self.manifests)
         return None if path is None else (read_text(Path(path)), str(path))
 
     @cached_property
     def tokenizer_json(self) -> str:
         """The run's ``tokenizer.json``: the given one, or one trained on the recipe's text (cached, so every
         command and every process of the job gets the same)."""
-        from polytrain.platform.data import vocabulary
+        from polytrain.platform.data.vocabulary import trained_tokenizer
 
         given = self.given_tokenizer
-        return given[0] if given is not None else read_text(vocabulary.trained_tokenizer(self.cfg))
+        return given[0] if given is not None else read_text(trained_tokenizer(self.cfg, self.manifests))
 
     @cached_property
     def tokenizers(self) -> dict:
         """The text tokenizer and one per other modality the tasks read."""
-        from polytrain.tokenizers.build import build_tokenizers
+        from polytrain.tokenizers.build import text_tokenizer
 
-        return build_tokenizers(self.cfg, self.tokenizer_json)
+        return {"text": text_tokenizer(self.cfg, self.tokenizer_json), **self.patch_tokenizers(self.cfg)}
+
+    @cached_property
+    def own_patch_tokenizers(self) -> dict:
+        from polytrain.tokenizers.build import patch_tokenizers
+
+        return patch_tokenizers(self.cfg)
+
+    def patch_tokenizers(self, cfg: Config) -> dict:
+        """One tokenizer per non-text modality ``cfg``'s tasks read (the job's own are built once)."""
+        from polytrain.tokenizers.build import patch_tokenizers
+
+        return self.own_patch_tokenizers if cfg is self.cfg else patch_tokenizers(cfg)
+
+    def grids(self, cfg: Config | None = None) -> dict[str, tuple[int, int]]:
+        """Each non-text modality's largest patch grid (for the memory planner's activations)."""
+        return {m: tokenizer.embed_spec().grid for m, tokenizer in self.patch_tokenizers(cfg or self.cfg).items()}
 
     @cached_property
     def tokenizer_sha256(self) -> str:
@@ -125,17 +150,13 @@ class Job:
 
         from polytrain.models.model import PolyModel
         from polytrain.platform.train.finetune import adapt
-        from polytrain.tokenizers.build import build_patch_tokenizer
         from polytrain.tokens import EmbedSpec
 
         cfg = cfg or self.cfg
         text = cfg.tokenizers.text
-        if exact or self.given_tokenizer is not None:
-            vocab = self.tokenizers["text"].vocab_size
-        else:
-            vocab = text.vocab_size
+        vocab = self.tokenizers["text"].vocab_size if exact or self.given_tokenizer is not None else text.vocab_size
         specs = [EmbedSpec("text", vocab, (1, text.max_len)),
-                 *(build_patch_tokenizer(m, cfg.tokenizers).embed_spec() for m in cfg.data.modalities)]
+                 *(tokenizer.embed_spec() for tokenizer in self.patch_tokenizers(cfg).values())]
         with torch.device(device) if device is not None else nullcontext():
             model = PolyModel(cfg.model, specs, cfg.data.heads,
                               {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
@@ -143,16 +164,39 @@ class Job:
         return model, adapted
 
     def parameter_counts(self, cfg: Config | None = None, exact: bool = True) -> tuple[int, int]:
-        """(all, trainable) parameters of the model, counted on the meta device (``memory_planner``)."""
-        from polytrain.platform.distributed.memory_planner import count_parameters
+        """(all, trainable) parameters of ``cfg``'s model (default: the job's), counted on the meta device, with
+        ``finetune.freeze`` applied: what the memory planner sizes (``exact``: see ``build_model``).
+
+        Past ``BUILT_BLOCKS`` blocks, a model with one block per stack and one with two are built and the
+        difference extrapolated (every block of a stack holds the same parameters); freezing is then not counted,
+        every parameter trains.
+        """
+        cfg = cfg or self.cfg
+        backbone = cfg.model.backbone
+        if backbone.encoder_layers + backbone.decoder_layers <= BUILT_BLOCKS:
+            return self.counted(cfg, exact)
+        shallow = [min(backbone.encoder_layers, 1), min(backbone.decoder_layers, 1)]
+        total = self.counted(with_layers(cfg, *shallow), exact)[0]
+        for stack, layers in enumerate((backbone.encoder_layers, backbone.decoder_layers)):
+            if layers > 1:
+                deeper = list(shallow)
+                deeper[stack] = 2
+                total += (layers - 1) * (self.counted(with_layers(cfg, *deeper), exact)[0] -
+                                         self.counted(with_layers(cfg, *shallow), exact)[0])
+        return total, total
+
+    def counted(self, cfg: Config, exact: bool) -> tuple[int, int]:
         from polytrain.platform.train.finetune import freeze
 
-        def meta_model(candidate: Config):
-            model, _ = self.build_model("meta", candidate, exact)
-            freeze(model, candidate.finetune)
-            return model
-
-        return count_parameters(cfg or self.cfg, meta_model)
+        try:
+            model, _ = self.build_model("meta", cfg, exact)
+        except RuntimeError as err:  # torch refuses a meta tensor of more than 2**63 bytes
+            if "overflow" not in str(err):
+                raise
+            raise OverflowError(f"a tensor of more than 2**63 bytes (torch: {err})") from None
+        freeze(model, cfg.finetune)
+        return (sum(p.numel() for p in model.parameters()),
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
 
     def trained_model(self):
         """``Job.of_run``'s model, its trained weights loaded (LoRA folded in)."""
@@ -228,6 +272,11 @@ def resume_point(cfg: Config):
     if cfg.train.resume and Path(cfg.train.resume).exists():
         return latest_checkpoint(cfg.train.resume)
     return None  # a train.resume that does not exist is the machine check's to report
+
+
+def with_layers(cfg: Config, encoder_layers: int, decoder_layers: int) -> Config:
+    backbone = replace(cfg.model.backbone, encoder_layers=encoder_layers, decoder_layers=decoder_layers)
+    return replace(cfg, model=replace(cfg.model, backbone=backbone))
 
 
 def micro_samples(cfg: Config) -> int:

@@ -42,8 +42,8 @@ class PolyModel(nn.Module):
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
             self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
-        self.heads = nn.ModuleDict({task: cls(with_classes(cfg, (task_classes or {}).get(task)), by_modality)
-                                    for task, cls in head_classes.items()})
+        head_cfgs = {task: with_classes(cfg, (task_classes or {}).get(task)) for task in head_classes}
+        self.heads = nn.ModuleDict({task: cls(head_cfgs[task], by_modality) for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
 
     def init_weights(self, std: float) -> None:

@@ -22,8 +22,11 @@ def plugin_modalities(cfg: Config) -> tuple[str, ...]:
     return tuple(m for m in cfg.data.modalities if m not in BUILT_IN)
 
 
-def build_tokenizers(cfg: Config, tokenizer_json: str, where: str = "the run's tokenizer.json") -> dict[str, Any]:
-    """The text tokenizer (a ``tokenizer.json``'s contents with ``tokenizers.text``'s settings) and one tokenizer
-    per non-text modality the tasks read."""
-    text = TextTokenizer.from_json(tokenizer_json, cfg.tokenizers.text, where, plugin_modalities(cfg))
-    return {"text": text, **{m: build_patch_tokenizer(m, cfg.tokenizers) for m in cfg.data.modalities}}
+def text_tokenizer(cfg: Config, tokenizer_json: str, where: str = "the run's tokenizer.json") -> TextTokenizer:
+    """A ``tokenizer.json``'s contents (from ``where``) with ``tokenizers.text``'s settings."""
+    return TextTokenizer.from_json(tokenizer_json, cfg.tokenizers.text, where, plugin_modalities(cfg))
+
+
+def patch_tokenizers(cfg: Config) -> dict[str, Any]:
+    """One tokenizer per non-text modality the tasks read."""
+    return {m: build_patch_tokenizer(m, cfg.tokenizers) for m in cfg.data.modalities}

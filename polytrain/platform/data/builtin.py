@@ -61,10 +61,15 @@ def resolve_manifest(spec: str, cache_dir: str | Path) -> Path:
     return folder / f"{split}.jsonl"
 
 
-def task_manifest(cfg: Config, task: str, split: str) -> Path:
-    """The manifest file (or prepared folder) of ``task``'s ``split`` (train or val), building built-in data on
+Manifests = dict[str, dict[str, Path]]
+"""task -> split (train, val) -> its manifest file or prepared folder."""
+
+
+def task_manifests(cfg: Config) -> Manifests:
+    """The manifest file (or prepared folder) of every task's train and val split, building built-in data on
     first use."""
-    return resolve_manifest(getattr(cfg.data.tasks[task], split), cfg.data.cache_dir)
+    return {name: {split: resolve_manifest(getattr(task, split), cfg.data.cache_dir) for split in SPLITS}
+            for name, task in cfg.data.tasks.items()}
 
 
 FORMAT = 2

@@ -36,7 +36,7 @@ from polytrain.config.model import head_kind
 from polytrain.config.registries import LAYOUTS
 from polytrain.errors import DataError
 from polytrain.models.mlm_corruption import mask_tokens
-from polytrain.platform.data.builtin import task_manifest
+from polytrain.platform.data.builtin import Manifests
 from polytrain.platform.data.manifest import Part, Record, read_manifest
 from polytrain.platform.data.packing import PackedDocuments, StoreWindows
 from polytrain.platform.data.sequences import Laid, Plain, collate_labels, collate_rows, first_fit
@@ -304,9 +304,10 @@ class SequenceDataset(Dataset):
         return first_fit(sizes, budgets) if self.task.packing else [[i] for i in range(len(sizes))]
 
 
-def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any]) -> dict[str, LMStream | SequenceDataset]:
-    """Every task's dataset of ``split`` (train or val); training data may be augmented."""
-    return {name: build_dataset(task, task_manifest(cfg, name, split), name, tokenizers, cfg.data.skip_bad_samples,
+def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any], manifests: Manifests
+                   ) -> dict[str, LMStream | SequenceDataset]:
+    """Every task's dataset of ``split`` (train or val) from its manifest; training data may be augmented."""
+    return {name: build_dataset(task, manifests[name][split], name, tokenizers, cfg.data.skip_bad_samples,
                                 Path(cfg.data.cache_dir), augment=split == "train")
             for name, task in cfg.data.tasks.items()}
 

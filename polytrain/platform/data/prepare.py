@@ -24,7 +24,7 @@ from polytrain.config.model import head_kind
 from polytrain.config.registries import LAYOUTS
 from polytrain.config.tokenizers import TextTokenizerConfig
 from polytrain.errors import DataError
-from polytrain.platform.data.builtin import PREPARED_PREFIX, SPLITS, task_manifest
+from polytrain.platform.data.builtin import PREPARED_PREFIX, SPLITS, Manifests
 from polytrain.platform.data.manifest import Part, Record, iter_manifest
 from polytrain.platform.data.shards import (
     TOKENIZER_FILE,
@@ -253,19 +253,19 @@ def measure(modality: str, path: Path, data: bytes) -> tuple[int, int]:
     return len(data), 0  # a plugin modality's file: its tokenizer decodes it when training
 
 
-def prepare_tasks(cfg: Config, text: TextTokenizer, out: Path, workers: int, shard_records: int) -> list[str]:
-    """Prepare every task's train and val data into ``out/<task>/<split>``, text encoded with ``text`` (the job's
-    tokenizer); splits the recipe already reads prepared are left as they are. Returns the overrides that point the
-    recipe at the result."""
+def prepare_tasks(cfg: Config, manifests: Manifests, text: TextTokenizer, out: Path, workers: int,
+                  shard_records: int) -> list[str]:
+    """Prepare every task's train and val data (``manifests``) into ``out/<task>/<split>``, text encoded with
+    ``text`` (the job's tokenizer); splits the recipe already reads prepared are left as they are. Returns the
+    overrides that point the recipe at the result."""
     with shard_builder(text, workers) as build:
-        return [prepare_task_split(cfg, name, split, text, out, build, shard_records)
-                for name in cfg.data.tasks for split in SPLITS if not is_prepared(task_manifest(cfg, name, split))]
+        return [prepare_task_split(cfg, name, split, manifests[name][split], text, out, build, shard_records)
+                for name in cfg.data.tasks for split in SPLITS if not is_prepared(manifests[name][split])]
 
 
-def prepare_task_split(cfg: Config, name: str, split: str, text: TextTokenizer, out: Path, build: Builder,
-                       shard_records: int) -> str:
-    """Prepare one manifest of the recipe; returns the override that names the result."""
-    source = task_manifest(cfg, name, split)
+def prepare_task_split(cfg: Config, name: str, split: str, source: Path, text: TextTokenizer, out: Path,
+                       build: Builder, shard_records: int) -> str:
+    """Prepare one manifest of the recipe (``source``); returns the override that names the result."""
     if not source.is_file():
         raise DataError(f"{source}: manifest not found (data.tasks.{name}.{split})")
     stat = source.stat()

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from polytrain import atomic
 from polytrain.config import Config
-from polytrain.platform.data.builtin import SPLITS, task_manifest
+from polytrain.platform.data.builtin import Manifests
 from polytrain.platform.data.manifest import iter_manifest
 from polytrain.platform.data.shards import TOKENIZER_FILE, is_prepared
 from polytrain.tokenizers.build import plugin_modalities
@@ -31,46 +31,42 @@ TRAINING_SETTINGS = ("vocab_size", "min_frequency", "pad", "bos", "eos", "mask")
 """The ``tokenizers.text`` keys that change what training makes."""
 
 
-def training_text(cfg: Config) -> Iterator[str]:
+def training_text(cfg: Config, manifests: Manifests) -> Iterator[str]:
     """Every training string the text tokenizer will meet: documents, prompts, targets, class names."""
     for name, task in cfg.data.tasks.items():
         yield from task.classes
-        for record in iter_manifest(task_manifest(cfg, name, "train"), name, cfg.data.skip_bad_samples):
+        for record in iter_manifest(manifests[name]["train"], name, cfg.data.skip_bad_samples):
             yield from (str(part.value) for part in record.parts if part.modality == "text")
 
 
-def prepared_tokenizer(cfg: Config) -> Path | None:
+def prepared_tokenizer(manifests: Manifests) -> Path | None:
     """The ``tokenizer.json`` of the first prepared split a task reads (its text is already ids of it), if any."""
-    for name in cfg.data.tasks:
-        for split in SPLITS:
-            folder = task_manifest(cfg, name, split)
-            if is_prepared(folder):
-                return folder / TOKENIZER_FILE
-    return None
+    return next((folder / TOKENIZER_FILE for splits in manifests.values() for folder in splits.values()
+                 if is_prepared(folder)), None)
 
 
-def trained_tokenizer(cfg: Config) -> Path:
-    """The ``tokenizer.json`` trained on the run's training text with ``tokenizers.text``'s settings: from the
-    cache when this data and these settings trained one before, else trained now and cached."""
-    out = Path(cfg.data.cache_dir) / "tokenizers" / training_key(cfg) / TOKENIZER_FILE
+def trained_tokenizer(cfg: Config, manifests: Manifests) -> Path:
+    """The ``tokenizer.json`` trained on the run's training text (``manifests``) with ``tokenizers.text``'s
+    settings: from the cache when this data and these settings trained one before, else trained now and cached."""
+    out = Path(cfg.data.cache_dir) / "tokenizers" / training_key(cfg, manifests) / TOKENIZER_FILE
     if out.is_file():
         return out
     with locked(out.parent):
         if not out.is_file():  # another process may have trained it while this one waited
             began = time.perf_counter()
-            trained = TextTokenizer.train(training_text(cfg), cfg.tokenizers.text, plugin_modalities(cfg))
+            trained = TextTokenizer.train(training_text(cfg, manifests), cfg.tokenizers.text, plugin_modalities(cfg))
             atomic.write_text(out, trained.hf.to_str())
             log.info("trained the text tokenizer in %.1f s (%s)", time.perf_counter() - began, out)
     return out
 
 
-def training_key(cfg: Config) -> str:
+def training_key(cfg: Config, manifests: Manifests) -> str:
     """A digest of what training the tokenizer reads: the manifests (path, size, mtime), classes and settings."""
     text = cfg.tokenizers.text
     described = {"settings": {key: getattr(text, key) for key in TRAINING_SETTINGS},
                  "modalities": plugin_modalities(cfg), "tasks": {}}
     for name, task in cfg.data.tasks.items():
-        source = task_manifest(cfg, name, "train")
+        source = manifests[name]["train"]
         stat = source.stat() if source.is_file() else None
         described["tasks"][name] = {"manifest": str(source.resolve()), "classes": task.classes,
                                     "bytes": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns}

@@ -54,7 +54,7 @@ def check_memory(job, local_processes: int) -> None:
     cfg, world_size = job.cfg, job.processes
 
     def need_of(candidate: Config):
-        return configured(candidate, world_size, job.parameter_counts(candidate, exact=False))
+        return configured(candidate, world_size, job.parameter_counts(candidate, exact=False), job.grids(candidate))
 
     try:
         need = need_of(cfg)

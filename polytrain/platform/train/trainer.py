@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from polytrain import atomic
 from polytrain.errors import ConfigError, DivergenceError, Stopped
@@ -43,7 +44,7 @@ from polytrain.platform.train.state import (
 )
 from polytrain.platform.train.step import Stepper
 from polytrain.platform.train.stopping import StopSignals, leave_stop_file, tell_launcher
-from polytrain.schema import dump_yaml, to_dict
+from polytrain.schema import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class Trainer:
         run_dir = job.resume.run if job.resume is not None else \
             RunDir(Path(cfg.train.out_dir) / (cfg.train.run_name or new_run_name(job.name)))
         self.run_dir: RunDir = engine.broadcast(run_dir if engine.is_main else None)
-        self.config_yaml = dump_yaml(cfg)
+        tree = to_dict(cfg)
+        self.config_yaml = yaml.safe_dump(tree, sort_keys=False)
         if engine.is_main:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.run_dir.config, self.config_yaml)
@@ -108,8 +110,8 @@ class Trainer:
         # Data: the main process builds the built-in datasets and trains the text tokenizer, the others reuse them.
         with engine.main_process_first():
             self.tokenizers = job.tokenizers
-            self.train_sets = build_datasets(cfg, "train", self.tokenizers)
-            self.val_sets = build_datasets(cfg, "val", self.tokenizers)
+            self.train_sets = build_datasets(cfg, "train", self.tokenizers, job.manifests)
+            self.val_sets = build_datasets(cfg, "val", self.tokenizers, job.manifests)
         self.text = self.tokenizers["text"]
         self.tokenizer_file = self.run_dir.tokenizer
         if engine.is_main:
@@ -148,7 +150,7 @@ class Trainer:
                                   tracking=self.tracking)
         if job.resume is not None:
             self.restore(job.resume, universal)
-        self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), cfg.train.steps, engine.is_main,
+        self.tracker = Tracker(cfg.tracking, self.run_dir, tree, cfg.train.steps, engine.is_main,
                                wandb_id=self.tracking.wandb_id, start_step=self.progress.step,
                                config_name=job.name, world_size=engine.world_size, device=engine.device)
         self.tracking.wandb_id = self.tracker.wandb_id

@@ -49,13 +49,14 @@ def test_count_parameters_counts_frozen_ones_apart():
 
 def test_recommends_the_least_sharding_that_fits():
     cfg = tiny("model.backbone.dim=256", "model.backbone.n_heads=4", "engine.bucket_size=1000")
-    count = resolve(TINY).parameter_counts
-    rows, best = plan(cfg, gpus_per_node=4, nodes=2, gpu_mem=80 * GIB, count=count)
+    job = resolve(TINY)
+    count, grids = job.parameter_counts, job.grids()
+    rows, best = plan(cfg, gpus_per_node=4, nodes=2, gpu_mem=80 * GIB, count=count, grids=grids)
     assert [r.option for r in rows] == list(OPTIONS) and best.option == Option(0)
     needs = {r.option: r.device_total for r in rows}
     between = (needs[Option(2)] + needs[Option(3)]) / 2 / 0.9  # stage 3 fits, stage 2 does not
-    assert plan(cfg, 4, 2, int(between), count)[1].option == Option(3)
-    assert plan(cfg, 4, 2, 1, count)[1] is None
+    assert plan(cfg, 4, 2, int(between), count, grids)[1].option == Option(3)
+    assert plan(cfg, 4, 2, 1, count, grids)[1] is None
 
 
 def test_plan_cli_prints_every_option_and_a_recommendation(capsys):
@@ -78,7 +79,7 @@ def test_bad_gpu_mem_names_the_option(capsys):
     assert main(["plan", str(TINY), "--gpu-mem", "lots"]) == 2
     assert "--gpu-mem='lots'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="gpus-per-node"):
-        plan(tiny(), gpus_per_node=0, nodes=1, gpu_mem=GIB, count=resolve(TINY).parameter_counts)
+        plan(tiny(), gpus_per_node=0, nodes=1, gpu_mem=GIB, count=resolve(TINY).parameter_counts, grids={})
 
 
 def test_state_probe_sees_adam_states_after_the_first_step():

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from polytrain.job import Job
+from polytrain.platform.data.builtin import task_manifests
 from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.train.evaluate import evaluate
 from tests.helpers import polytrain, read_jsonl, trained_run
@@ -106,7 +107,7 @@ def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
     n_params = sum(t.numel() for t in exported.values())
     assert Job.of_run(out).parameter_counts() == (n_params, n_params)  # the planner's count, on the meta device
     # One process, the exported file: the same held-out results the 2-process ZeRO-3 run computed at its end.
-    results = evaluate(model, cfg.data.tasks, build_datasets(cfg, "val", tokenizers), tokenizers["text"],
+    results = evaluate(model, cfg.data.tasks, build_datasets(cfg, "val", tokenizers, task_manifests(cfg)), tokenizers["text"],
                        torch.device("cpu"), cfg.train.eval_batch_size)
     final = json.loads((run / "eval.json").read_text())
     for task, metrics in final.items():

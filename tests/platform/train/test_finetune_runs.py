@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from polytrain.config import load_config
 from polytrain.job import Job
+from polytrain.platform.data.builtin import task_manifests
 from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.distributed.memory_planner import Option, estimate
 from polytrain.platform.observe.meters import GIB
@@ -114,7 +115,7 @@ def test_export_folds_lora_into_the_weights(finetune_runs, tmp_path):
     layer = "backbone.decoder.blocks.1.mlp.fc"
     want = trained[f"{layer}.weight"] + 4.0 * trained[f"{layer}.lora_b"] @ trained[f"{layer}.lora_a"]  # alpha 16 / 4
     assert torch.allclose(model.state_dict()[f"{layer}.weight"], want, atol=1e-6)
-    results = evaluate(model, cfg.data.tasks, build_datasets(cfg, "val", tokenizers), tokenizers["text"],
+    results = evaluate(model, cfg.data.tasks, build_datasets(cfg, "val", tokenizers, task_manifests(cfg)), tokenizers["text"],
                        torch.device("cpu"), cfg.train.eval_batch_size)
     for task, metrics in json.loads((run / "eval.json").read_text()).items():
         for key, value in metrics.items():
