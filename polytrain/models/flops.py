@@ -131,11 +131,15 @@ class TrainFlops:
 
     def decode(self, t: Tensor, memory: Tensor | None = None) -> int:
         """The decoder stack over rows of ``t`` tokens, cross-attending to rows of ``memory`` tokens."""
-        macs = self.decoder * t.sum() + 2 * self.dim * self.dec_layers * (t * t).sum()
+        macs = self.decoder * t.sum()
         if memory is not None:
             macs += self.cross_query * t.sum() + self.cross_memory * memory.sum() + \
                 2 * self.dim * self.dec_layers * (t * memory).sum()
-        return TRAIN * int(macs)
+        return TRAIN * int(macs) + self.self_attention(t)
+
+    def self_attention(self, t: Tensor) -> int:
+        """The decoder's q k^T and attention x values over the full square of each row's ``t`` tokens."""
+        return TRAIN * 2 * self.dim * self.dec_layers * int((t * t).sum())
 
     def logits(self, t: Tensor) -> int:
         return TRAIN * self.vocab * self.dim * int(t.sum())
@@ -157,14 +161,18 @@ class TrainFlops:
         return self.encode(t) + TRAIN * head_weights * int(t.sum()) + self.logits(t) + self.embedding(part.inputs)
 
 
-def train_flops_per_token(model: PolyModel, seq_len: int) -> int:
+def train_flops_per_token(model: PolyModel, seq_len: int, causal_halved: bool = False) -> int:
     """Training FLOPs per token of a decoder-only ``PolyModel`` fed ``seq_len``-token rows:
 
         6 * (every decoder weight matrix + the output projection)  +  12 * layers * dim * seq_len
+
+    the attention square counted whole, as PaLM and torchtitan count; ``causal_halved``: only the half a causal
+    mask keeps (6 * layers * dim * seq_len), as Megatron's newer counts (NeMo, Megatron-Bridge) do.
     """
     cfg = model.cfg.backbone
     if cfg.encoder_layers or not cfg.decoder_layers:
         raise ConfigError("model.backbone.encoder_layers", cfg.encoder_layers,
                           "FLOPs per token are counted for decoder-only models (encoder_layers=0, decoder_layers>0)")
     counter, rows = TrainFlops(model), torch.tensor([seq_len])
-    return (counter.decode(rows) + counter.logits(rows)) // seq_len
+    flops = counter.decode(rows) + counter.logits(rows) - (counter.self_attention(rows) // 2 if causal_halved else 0)
+    return flops // seq_len

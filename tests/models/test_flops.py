@@ -11,12 +11,13 @@ from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens, text_tokens
 
 
-def test_decoder_1b_flops_are_palms_six_n_plus_attention():
+def test_decoder_1b_flops_are_palms_six_n_plus_attention_and_megatrons_with_it_halved():
     model = presets.PRESETS.get("decoder_1b").build("meta")
     dim, layers, kv_dim, hidden, vocab, seq = 2048, 22, 4 * 64, 5632, 32000, 2048
     per_layer = dim * (dim + 2 * kv_dim) + dim * dim + dim * 2 * hidden + hidden * dim  # qkv, out, swiglu fc, proj
     n = layers * per_layer + vocab * dim  # matrices a token is multiplied by (lm_head included)
     assert train_flops_per_token(model, seq) == 6 * n + 12 * layers * dim * seq
+    assert train_flops_per_token(model, seq, causal_halved=True) == 6 * n + 6 * layers * dim * seq
 
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
