@@ -211,7 +211,7 @@ def imports(check: Check, figures: dict) -> None:
 
 def doctor(check: Check, figures: dict) -> None:
     output = check.polytrain("doctor", REPO / "configs" / "quickstart.yaml")
-    print(f"  {output.strip().splitlines()[-1]}")
+    print(f"  {(output.strip().splitlines() or ['no output'])[-1]}")
 
 
 def run_figures(run_dir: Path) -> dict:
