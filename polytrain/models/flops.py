@@ -129,11 +129,15 @@ class TrainFlops:
 
     def decode(self, t: Tensor, memory: Tensor | None = None) -> int:
         """The decoder stack over rows of ``t`` tokens, cross-attending to rows of ``memory`` tokens."""
-        macs = self.decoder * t.sum() + 2 * self.dim * self.dec_layers * (t * t).sum()
+        macs = self.decoder * t.sum()
         if memory is not None:
             macs += self.cross_query * t.sum() + self.cross_memory * memory.sum() + \
                 2 * self.dim * self.dec_layers * (t * memory).sum()
-        return TRAIN * int(macs)
+        return TRAIN * int(macs) + self.self_attention(t)
+
+    def self_attention(self, t: Tensor) -> int:
+        """The decoder's q k^T and attention x values over the full square of each row's ``t`` tokens."""
+        return TRAIN * 2 * self.dim * self.dec_layers * int((t * t).sum())
 
     def logits(self, t: Tensor) -> int:
         return TRAIN * self.vocab * self.dim * int(t.sum())

@@ -12,12 +12,14 @@ from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens, text_
 from tests.helpers import lm
 
 
-def test_decoder_1b_flops_are_palms_six_n_plus_attention():
+def test_decoder_1b_flops_are_palms_six_n_plus_attention_and_megatrons_with_it_halved():
     model = build(PRESETS.get("decoder_1b"), "meta")
     dim, layers, kv_dim, hidden, vocab, seq = 2048, 22, 4 * 64, 5632, 32000, 2048
     per_layer = dim * (dim + 2 * kv_dim) + dim * dim + dim * 2 * hidden + hidden * dim  # qkv, out, swiglu fc, proj
     n = layers * per_layer + vocab * dim  # matrices a token is multiplied by (lm_head included)
     assert per_token(model, seq) == 6 * n + 12 * layers * dim * seq
+    halved = per_token(model, seq) - TrainFlops(model).self_attention(torch.tensor([seq])) // 2 // seq
+    assert halved == 6 * n + 6 * layers * dim * seq
 
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
