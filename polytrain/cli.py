@@ -275,8 +275,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from polytrain.platform.train.generate import generate_command
 
     job = Job.of_run(args.run_dir)
-    return generate_command(job, job.trained_model(), args.run_dir, args.segments or [], args.manifest, args.task,
-                            args.overrides)
+    model = job.trained_model()
+    log.info("%s", job.summary())
+    return generate_command(job, model, args.run_dir, args.segments or [], args.manifest, args.task, args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -288,6 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     job = Job.of_run(args.run_dir)
     cfg, tokenizers = job.cfg, job.tokenizers
+    log.info("%s", job.summary())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = evaluate(job.trained_model().to(device), cfg.data.tasks, build_datasets(cfg, "val", tokenizers, job.manifests),
                        tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
@@ -302,8 +304,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from polytrain.job import Job
     from polytrain.platform.train.export import export_library, export_model
 
+    job = Job.of_run(args.run_dir)
+    log.info("%s", job.summary())
     if args.format != "polytrain":
-        family, task, left_out = export_library(Job.of_run(args.run_dir), args.run_dir, args.format, Path(args.out))
+        family, task, left_out = export_library(job, args.run_dir, args.format, Path(args.out))
         print(f"{args.out} ({family}, the head of task {task}; left out, as the task does not run them: "
               f"{', '.join(left_out) or '-'})")
         return 0
@@ -328,7 +332,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     job = resolve(args.config, finetune_overrides(args.overrides), processes=args.gpus_per_node * args.nodes)
     gpu_mem = parse_size(args.gpu_mem)
     rows, best = plan(job.cfg, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts, job.grids())
-    print(job.summary())
+    log.info("%s", job.summary())
     print(format_plan(job.cfg, rows, best, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts()))
     return 0
 
@@ -374,7 +378,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     if shard_records < 1:
         raise ConfigError("--shard-records", shard_records, "must be >= 1")
     job = resolve(args.config, finetune_overrides(args.overrides))
-    print(job.summary())
+    log.info("%s", job.summary())
     overrides = prepare_tasks(job.cfg, job.manifests, job.tokenizers["text"], Path(args.out), args.workers,
                               shard_records)
     command = "finetune" if job.cfg.finetune.init_from or job.cfg.finetune.init_parts else "train"

@@ -74,7 +74,7 @@ class Job:
         cfg = config_from_yaml(pretrained.plain_config, f"{path} (its config)")
         return cls(cfg, Path(path).stem, [], pretrained=pretrained)
 
-    @property
+    @cached_property
     def batch(self) -> Batch:
         return Batch(micro_samples(self.cfg), self.cfg.train.grad_accum, self.processes)
 
@@ -116,7 +116,7 @@ class Job:
         """The text tokenizer and one per other modality the tasks read."""
         from polytrain.tokenizers.build import text_tokenizer
 
-        return {"text": text_tokenizer(self.cfg, self.tokenizer_json), **self.patch_tokenizers(self.cfg)}
+        return {"text": text_tokenizer(self.cfg, self.tokenizer_json), **self.own_patch_tokenizers}
 
     @cached_property
     def own_patch_tokenizers(self) -> dict:
@@ -155,8 +155,8 @@ class Job:
         cfg = cfg or self.cfg
         text = cfg.tokenizers.text
         vocab = self.tokenizers["text"].vocab_size if exact or self.given_tokenizer is not None else text.vocab_size
-        specs = [EmbedSpec("text", vocab, (1, text.max_len)),
-                 *(tokenizer.embed_spec() for tokenizer in self.patch_tokenizers(cfg).values())]
+        patches = self.own_patch_tokenizers if cfg is self.cfg else self.patch_tokenizers(cfg)
+        specs = [EmbedSpec("text", vocab, (1, text.max_len)), *(t.embed_spec() for t in patches.values())]
         with torch.device(device) if device is not None else nullcontext():
             model = PolyModel(cfg.model, specs, cfg.data.heads,
                               {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
@@ -212,9 +212,10 @@ class Job:
 
         preflight(self)
 
-    def summary(self) -> str:
-        """The line every command that shows a job prints: the model's size, the tokenizer, the batch."""
-        total, trainable = self.parameter_counts()
+    def summary(self, counts: tuple[int, int] | None = None) -> str:
+        """The line every command that reads a recipe or a run logs: the model's size (``counts``, else counted),
+        the text tokenizer, the batch."""
+        total, trainable = counts or self.parameter_counts()
         b = self.batch
         return (f"job {self.name}: model {total:,} parameters ({trainable:,} trainable); text tokenizer sha256 "
                 f"{self.tokenizer_sha256} ({self.tokenizers['text'].vocab_size} tokens); global batch "

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 from polytrain.config.model import head_kind
 from polytrain.config.registries import HEADS, TOKENIZERS
+from polytrain.config.tokenizers import BUILT_IN
 from polytrain.errors import ConfigError
 from polytrain.schema import NonNegative, Positive, Range
 
@@ -117,6 +118,11 @@ class DataConfig:
         if budgeted and self.mixing != "fixed":
             raise ConfigError("mixing", self.mixing, f"tasks with a budget ({', '.join(budgeted)}) fill whole steps; "
                                                      "use fixed mixing")
+
+    @property
+    def plugin_modalities(self) -> tuple[str, ...]:
+        """The modalities of plugins the tasks read: the text tokenizer adds their span markers to its own."""
+        return tuple(m for m in self.modalities if m not in BUILT_IN)
 
     @property
     def heads(self) -> dict[str, str]:

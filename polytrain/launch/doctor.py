@@ -9,6 +9,7 @@ commands are looked up.  Exit code 1 when a check fails.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import platform
 import shutil
@@ -23,6 +24,8 @@ from polytrain.errors import ConfigError
 from polytrain.job import resolve
 from polytrain.launch.hostfile import HostfileError, read_hostfile
 from polytrain.launch.job import check_hosts
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("polytrain", "torch", "deepspeed", "accelerate", "transformers", "wandb")
 """Modules whose versions a bug report needs."""
@@ -62,7 +65,7 @@ def doctor(config: str | None, overrides: list[str]) -> int:
     print(f"checks for {config or 'the default settings'} (engine.zero_stage={engine.zero_stage}, "
           f"launch.backend={launch.backend}, {launch.nodes} node(s) x {launch.procs_per_node} process(es)):")
     if job is not None:
-        print(f"  {job.summary()}")
+        log.info("%s", job.summary())
     checks = [*op_checks(engine), *launch_checks(launch)]
     for check in checks:
         print(f"  {'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")

@@ -32,6 +32,7 @@ class PolyModel(nn.Module):
         self.specs, self.task_heads = by_modality, dict(task_heads)
         """What the model was built for: its embed specs by modality, its tasks' head names (for export)."""
         head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
+        head_cfgs = {task: with_classes(cfg, (task_classes or {}).get(task)) for task in head_classes}
         if "text" not in by_modality and any(head_kind(head).text_output for head in task_heads.values()):
             raise ValueError(f"heads {task_heads} predict text, so the model needs the text embed spec")
         # text feeds the decoder (or the one block shape of both stacks); the other modalities feed the encoder
@@ -42,7 +43,6 @@ class PolyModel(nn.Module):
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
             self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
-        head_cfgs = {task: with_classes(cfg, (task_classes or {}).get(task)) for task in head_classes}
         self.heads = nn.ModuleDict({task: cls(head_cfgs[task], by_modality) for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from polytrain.config import Config
 from polytrain.config.registries import TOKENIZERS
-from polytrain.config.tokenizers import BUILT_IN, TokenizersConfig
+from polytrain.config.tokenizers import TokenizersConfig
 from polytrain.errors import ConfigError
 from polytrain.tokenizers.text import TextTokenizer
 
@@ -17,14 +17,9 @@ def build_patch_tokenizer(modality: str, cfg: TokenizersConfig):
     return TOKENIZERS.get(modality)(cfg.section(modality))
 
 
-def plugin_modalities(cfg: Config) -> tuple[str, ...]:
-    """The run's modalities whose span markers the text tokenizer adds to its built-in ones."""
-    return tuple(m for m in cfg.data.modalities if m not in BUILT_IN)
-
-
 def text_tokenizer(cfg: Config, tokenizer_json: str, where: str = "the run's tokenizer.json") -> TextTokenizer:
     """A ``tokenizer.json``'s contents (from ``where``) with ``tokenizers.text``'s settings."""
-    return TextTokenizer.from_json(tokenizer_json, cfg.tokenizers.text, where, plugin_modalities(cfg))
+    return TextTokenizer.from_json(tokenizer_json, cfg.tokenizers.text, where, cfg.data.plugin_modalities)
 
 
 def patch_tokenizers(cfg: Config) -> dict[str, Any]:

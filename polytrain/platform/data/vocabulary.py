@@ -22,7 +22,6 @@ from polytrain.config import Config
 from polytrain.platform.data.builtin import Manifests
 from polytrain.platform.data.manifest import iter_manifest
 from polytrain.platform.data.shards import TOKENIZER_FILE, is_prepared
-from polytrain.tokenizers.build import plugin_modalities
 from polytrain.tokenizers.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def trained_tokenizer(cfg: Config, manifests: Manifests) -> Path:
     with locked(out.parent):
         if not out.is_file():  # another process may have trained it while this one waited
             began = time.perf_counter()
-            trained = TextTokenizer.train(training_text(cfg, manifests), cfg.tokenizers.text, plugin_modalities(cfg))
+            trained = TextTokenizer.train(training_text(cfg, manifests), cfg.tokenizers.text, cfg.data.plugin_modalities)
             atomic.write_text(out, trained.hf.to_str())
             log.info("trained the text tokenizer in %.1f s (%s)", time.perf_counter() - began, out)
     return out
@@ -64,7 +63,7 @@ def training_key(cfg: Config, manifests: Manifests) -> str:
     """A digest of what training the tokenizer reads: the manifests (path, size, mtime), classes and settings."""
     text = cfg.tokenizers.text
     described = {"settings": {key: getattr(text, key) for key in TRAINING_SETTINGS},
-                 "modalities": plugin_modalities(cfg), "tasks": {}}
+                 "modalities": cfg.data.plugin_modalities, "tasks": {}}
     for name, task in cfg.data.tasks.items():
         source = manifests[name]["train"]
         stat = source.stat() if source.is_file() else None

@@ -122,12 +122,13 @@ class Trainer:
         self.memory = StateProbe()
         torch.manual_seed(cfg.train.seed)
         model, adapted = job.build_model()
-        n_params = sum(p.numel() for p in model.parameters())
         if job.sources and job.resume is None:
             self.load_pretrained(model, job.sources)
         starts, frozen = freeze(model, cfg.finetune)
         if engine.is_main and (adapted or frozen or starts):
             log.info("%s", describe(cfg.finetune, adapted, starts, frozen, len(model.state_dict())))
+        counts = (sum(p.numel() for p in model.parameters()),
+                  sum(p.numel() for p in model.parameters() if p.requires_grad))
         groups = param_groups(model, cfg.train.weight_decay, cfg.finetune.lr_scale, starts)
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [partial(group_lr_multiplier, group=group,
@@ -159,8 +160,7 @@ class Trainer:
         self.samples_log = self.open_samples_log() if cfg.tracking.log_samples else None
         if engine.is_main:
             sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
-            log.info("model: %.2fM parameters (%d); data: %s; vocab %d", n_params / 1e6, n_params, sizes,
-                     self.text.vocab_size)
+            log.info("%s; data: %s", job.summary(counts), sizes)
 
     def budgets(self) -> dict[str, Budget]:
         """The budgeted tasks' step costs (the budget is per process and micro-batch) and sample lengths."""

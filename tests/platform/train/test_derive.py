@@ -122,7 +122,7 @@ def test_equivalent_spellings_and_runtime_keys_are_no_contradiction(checkpoints)
     (lambda c: [f"finetune.init_from={c['vit_tiny']}", "finetune.timm_model=vit_huge_patch14_clip_224"],
      "finetune.init_from: timm model 'vit_huge_patch14_clip_224' is not a plain ViT"),
     (lambda c: [f"finetune.init_from={c['llama_tiny']}/missing"],
-     "finetune.init_from: {llama_tiny}/missing: no such file or directory"),
+     "finetune.init_from='{llama_tiny}/missing': no such file or directory on this machine"),
 ])
 def test_a_checkpoint_that_cannot_serve_is_one_line_naming_the_key(checkpoints, recipe, overrides, message, capsys):
     err = one_line_error(capsys, "finetune", recipe, *overrides(checkpoints))
