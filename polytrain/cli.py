@@ -215,8 +215,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from polytrain.job import resolve
     from polytrain.platform.train.trainer import train
 
-    train(resolve(args.config, args.overrides))
+    train(resolve(args.config, args.overrides, world_size()))
     return 0
+
+
+def world_size() -> int:
+    """The processes of this training job: torchrun's (or the launcher's) WORLD_SIZE, else this one alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -224,7 +229,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from polytrain.job import resolve
     from polytrain.platform.train.trainer import train
 
-    job = resolve(args.config, finetune_overrides(args.overrides))
+    job = resolve(args.config, finetune_overrides(args.overrides), world_size())
     if not job.cfg.finetune.init_from and not job.cfg.finetune.init_parts:
         raise ConfigError("finetune.init_from", None, "polytrain finetune needs the weights to start from: "
                           "init_from=RUN_DIR, a checkpoint folder, an exported .safetensors file, a Hugging Face or "

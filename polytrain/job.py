@@ -231,8 +231,8 @@ def read_text(path: Path) -> str:
 
 
 def resolve(path: str | Path | None, overrides: list[str] = (), processes: int | None = None) -> Job:
-    """The job of the recipe at ``path`` with ``overrides`` on ``processes`` processes (default: this job's
-    ``WORLD_SIZE``, else the launch section's nodes x procs_per_node)."""
+    """The job of the recipe at ``path`` with ``overrides`` on ``processes`` processes (default: what the launch
+    section starts, nodes x procs_per_node; a training process passes its world size)."""
     tree = load_tree(path, overrides)
     cfg = build_config(tree)
     sources = []
@@ -241,7 +241,7 @@ def resolve(path: str | Path | None, overrides: list[str] = (), processes: int |
 
         cfg, sources = derived_config(cfg, tree)
     if processes is None:
-        processes = int(os.environ.get("WORLD_SIZE", 0)) or cfg.launch.nodes * cfg.launch.procs_per_node
+        processes = cfg.launch.nodes * cfg.launch.procs_per_node
     resume = resume_point(cfg)
     cfg = with_accumulation(cfg, processes, "grad_accum" in (tree.get("train") or {}), resume)
     return Job(cfg, Path(path).stem if path else "run", sources, processes, resume)

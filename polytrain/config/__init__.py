@@ -1,13 +1,16 @@
 """The typed config tree: a YAML recipe plus dotted ``key=value`` overrides, validated.
 
-Each component owns a small frozen dataclass in its package's ``config.py``
-(torch-free, like this module: reading and checking a recipe, on a login node
-say, imports none of the training stack); the root ``Config`` nests them.
-Loading checks every key and type against those dataclasses (``schema``), runs
-each section's own ``check()``, then the checks that span sections
-(``Config.check``).  Every error names the dotted key, the value and what is
-allowed.  Checks that need the machine a job runs on (CUDA, files, fp16
-support) run where the job starts (``platform.train.machine``).
+Each component owns a small frozen dataclass, one module of this package per
+section (torch-free, like the whole package: reading and checking a recipe, on
+a login node say, imports none of the training stack, and nothing here imports
+a module above the config); the root ``Config`` nests them.  Loading checks
+every key and type against those dataclasses (``schema``), runs each section's
+own ``check()``, then the checks that span sections (``Config.check``).  Every
+error names the dotted key, the value and what is allowed.  What the
+checkpoints a recipe starts from give, and the batch arithmetic over the job's
+processes, are the job's (``polytrain.job``); checks that need the machine a
+job runs on (CUDA, files, fp16 support, memory) run where the job starts
+(``platform/train/preflight.py``).
 """
 
 from dataclasses import dataclass, field

@@ -36,7 +36,7 @@ from torch import nn
 
 from polytrain import atomic
 from polytrain.errors import DataError, PolytrainError
-from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
+from polytrain.platform.observe.run_dir import SHARD_TAG, CheckpointDir, RunDir
 
 UNIVERSAL_INFO = "universal_checkpoint_info"
 DEEPSPEED_PICKLED_CLASSES = (
@@ -203,7 +203,7 @@ def convert_to_universal(folder: CheckpointDir) -> Path:
     if folder.universal.is_dir():
         return folder.universal
     with atomic.folder(folder.universal, replace=False) as tmp:
-        args = Namespace(input_folder=str(folder.shards / "zero"), output_folder=str(tmp / "zero"),
+        args = Namespace(input_folder=str(folder.shards / SHARD_TAG), output_folder=str(tmp / SHARD_TAG),
                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                          inject_missing_state=False)
         with safe_unpickling():

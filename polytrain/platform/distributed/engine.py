@@ -22,11 +22,10 @@ from polytrain.platform.distributed.checkpoint import (
     safe_unpickling,
     tensor_bytes,
 )
+from polytrain.platform.observe.run_dir import SHARD_TAG
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}
-SHARD_TAG = "zero"
-"""DeepSpeed writes its shards to ``<dir>/zero/``."""
 
 
 class Engine:

@@ -28,6 +28,7 @@ from polytrain.models.convert.family import Family
 from polytrain.models.convert.files import TokenizerFiles
 from polytrain.models.model import PolyModel
 from polytrain.platform.distributed.checkpoint import latest_checkpoint, read_state, safe_unpickling
+from polytrain.platform.observe.run_dir import SHARD_TAG
 from polytrain.platform.train.init_from import load_weights, without_lora
 
 FORMATS = ("hf", "timm")
@@ -62,7 +63,7 @@ def consolidated(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with safe_unpickling():
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.shards), tag="zero")
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.shards), tag=SHARD_TAG)
     else:
         weights = load_file(str(folder.weights))
     weights, config_yaml = without_lora(weights, folder.config.read_text())
