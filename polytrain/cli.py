@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except Stopped as err:  # a checkpoint to resume from is written: not an error, a distinct exit code
-        print(f"polytrain: {one_line(str(err))}", file=sys.stderr, flush=True)
+        say(f"polytrain: {one_line(str(err))}")
         record_failure(err)
         return STOPPED
     except PolytrainError as err:
-        print(f"polytrain: error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        say(f"polytrain: error: {one_line(str(err))}")
         record_failure(err)
         if process_group_alive():
             # Interpreter teardown with a live gloo/NCCL group can abort the process (SIGABRT from a
@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         record_failure(err)  # a process of a launched job: its launcher reports the error in one line
         raise
+
+
+def say(line: str) -> None:
+    """``line`` to stderr in one write: the lines of a job's processes, which share the stream, never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(message: str) -> str:
@@ -280,9 +286,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from polytrain.platform.train.generate import generate_command
 
     job = Job.of_run(args.run_dir)
-    model = job.trained_model()
     log.info("%s", job.summary())
-    return generate_command(job, model, args.run_dir, args.segments or [], args.manifest, args.task, args.overrides)
+    return generate_command(job, args.run_dir, args.segments or [], args.manifest, args.task, args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -98,9 +98,8 @@ def steps_to(points: dict[int, float], target: float) -> float:
 
 
 def test_the_plugin_adds_a_modality_only_where_it_is_installed(plugin_python):
-    listing = "from polytrain.config.tokenizers import TOKENIZERS; from polytrain.models.embed import EMBEDDERS; " \
-              "from polytrain.platform.data.builtin import BUILTINS; print(TOKENIZERS.names(), EMBEDDERS.names(), " \
-              "'air_digits' in BUILTINS)"
+    listing = "from polytrain.config.registries import BUILTINS, EMBEDDERS, TOKENIZERS; " \
+              "print(TOKENIZERS.names(), EMBEDDERS.names(), 'air_digits' in BUILTINS)"
     done = subprocess.run([plugin_python, "-c", listing], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "['audio', 'image', 'motion', 'text'] ['audio', 'image', 'motion', 'text'] True"
     assert "motion" not in TOKENIZERS  # the project's own environment is untouched

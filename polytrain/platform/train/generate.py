@@ -23,9 +23,12 @@ BATCH = 16
 """Manifest samples continued together."""
 
 
-def generate_command(job, model, run_dir: str, segments: list[tuple[str, str]], manifest: str | None,
-                     task: str | None, overrides: list[str]) -> int:
-    """Continue the samples with ``model``, the trained model of ``job`` (``polytrain.job.Job.of_run(run_dir)``)."""
+def generate_command(job, run_dir: str, segments: list[tuple[str, str]], manifest: str | None, task: str | None,
+                     overrides: list[str]) -> int:
+    """Continue the samples with the trained model of ``job`` (``polytrain.job.Job.of_run(run_dir)``)."""
+    if bool(segments) == bool(manifest):
+        raise ConfigError("generate", segments or manifest, "give the sample's segments (--image, --audio, --text, "
+                          "--segment) or --manifest, one of the two")
     cfg, tokenizers = job.cfg, job.tokenizers
     name = generating_task(cfg, task, {modality for modality, _ in segments if modality != "text"} if segments
                            else None)
@@ -35,7 +38,7 @@ def generate_command(job, model, run_dir: str, segments: list[tuple[str, str]], 
     dataset = SequenceDataset(records, name, cfg.data.tasks[name], tokenizers, skip_bad=False)
     check_modalities(records, cfg.data.tasks[name].modalities, name, run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    model = job.trained_model().to(device).eval()
     for start in range(0, len(records), BATCH):
         chunk = records[start: start + BATCH]
         batch = dataset.prompts(chunk).to(device)

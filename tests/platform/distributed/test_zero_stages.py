@@ -74,14 +74,15 @@ def test_two_processes_equal_one_with_double_micro_batch(stage_runs, single_doub
             assert sorted(two[step][task]) == sorted(one[step][task])
 
 
-@pytest.mark.parametrize("source_stage, procs, overrides", [  # ZeRO-2 from 2 processes to 4, ZeRO-3 from 2 to 1
-    (2, 4, ["data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1"]),
-    (3, 1, ["train.grad_accum=2"]),
+@pytest.mark.parametrize("source_stage, procs, overrides, accum", [  # ZeRO-2 from 2 processes to 4, ZeRO-3 to 1
+    (2, 4, ["data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1"], None),
+    (3, 1, [], "grad_accum 1 -> 2 keeps its global batch of 12"),  # the checkpoint's global batch, by itself
 ])
-def test_resume_on_another_world_size_continues_the_curve(runs, stage_runs, source_stage, procs, overrides):
+def test_resume_on_another_world_size_continues_the_curve(runs, stage_runs, source_stage, procs, overrides, accum):
     source = stage_runs[source_stage]
     resumed = runs.resume_copy(source, f"from{source_stage}on{procs}", 10, f"engine.zero_stage={source_stage}",
                                *overrides, procs=procs)
+    assert accum is None or accum in (resumed / "stderr.log").read_text()
     assert (resumed / "checkpoints" / "step_00000010" / "deepspeed_universal").is_dir()
     # Same global batch and data stream, restored optimizer state: the curve goes on as if never stopped.
     assert_close_curves(losses(resumed), losses(source), atol=1e-5, steps=list(range(11, STEPS + 1)))
