@@ -46,8 +46,10 @@ class StandIns:
         for task, batch in self.batches.items():
             batch = tasks.get(task, batch)
             widths = {m: self.widths[m] for m in self.modalities[task]}
-            out[task] = replace(batch, inputs=with_spans(batch.inputs, widths),
-                                source=None if batch.source is None else with_spans(batch.source, widths))
+            if batch.source is not None:  # the encoder's input holds the spans; the decoder reads plain text
+                out[task] = replace(batch, source=with_spans(batch.source, widths))
+            else:
+                out[task] = replace(batch, inputs=with_spans(batch.inputs, widths))
         return out
 
     def zero_term(self) -> Tensor | float:
