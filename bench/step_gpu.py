@@ -161,7 +161,7 @@ def decoder(kernel: str, sizes: Sizes, device: torch.device, compiled: bool, pea
     seconds = timed({kernel: training_step(model, lambda: model({"lm": lm})["lm"], device)}, sizes, device)[kernel]
     tokens_per_s = sizes.batch * sizes.seq / seconds
     flops = flops_per_token(build(preset, "meta"), sizes.seq)
-    result = {"tokens_per_s": round(tokens_per_s), "ms": round(1000 * seconds, 1),
+    result = {"tokens_per_s": round(tokens_per_s), "ms": figures(1000 * seconds),
               "tflops": figures(tokens_per_s * flops[""] / TERA)}
     if peak is not None:
         result.update({f"mfu{count}": figures(tokens_per_s * per_token / peak) for count, per_token in flops.items()})

@@ -73,7 +73,7 @@ class Engine:
         L2-coupled weight decay).
         """
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        model.checkpoint_engine = safe_checkpoint_engine(model.checkpoint_engine)
+        model.checkpoint_engine = safe_checkpoint_engine(model)
         self.model = model
         if steps_unchecked(self.cfg):
             guard_step(base_optimizer(optimizer), self.grad_clip)
@@ -209,8 +209,9 @@ class Engine:
             torch.distributed.destroy_process_group()
 
 
-def safe_checkpoint_engine(engine):
-    """DeepSpeed's torch checkpoint engine (its ``CheckpointEngine`` interface) as polytrain uses it: every load
+def safe_checkpoint_engine(model):
+    """For the DeepSpeed engine ``model``: its torch checkpoint engine (DeepSpeed's ``CheckpointEngine`` interface, which
+    the engine reads and writes every shard through) as polytrain uses it: every load
     restricted (``checkpoint.restricted``: no unpickling of arbitrary objects), every save and folder through
     the ``writes`` of the checkpoint being written (``checkpoint.Writes``: a failed write is counted, not raised,
     so all ranks finish the save together)."""
@@ -230,10 +231,9 @@ def safe_checkpoint_engine(engine):
         def load(self, path: str, map_location=None):
             return restricted(torch.load)(path, map_location=map_location)
 
-    assert type(engine) is TorchCheckpointEngine, f"polytrain's DeepSpeed config made a {type(engine).__name__}"
-    safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
-    safe.__dict__.update(engine.__dict__)
-    return safe
+    made = type(model.checkpoint_engine)
+    assert made is TorchCheckpointEngine, f"polytrain's DeepSpeed config made a {made.__name__}"
+    return SafeCheckpointEngine(model._config)
 
 
 def join_restarted_group(backend: str) -> None:

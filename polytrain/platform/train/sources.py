@@ -135,17 +135,16 @@ def open_sources(cfg: FinetuneConfig) -> list[Source]:
 
 
 def open_source(key: str, spec: WeightsSource, parts: list[str]) -> Source:
-    path = Path(spec.init_from)
+    path, path_key = Path(spec.init_from), f"{key}.init_from" if key != "finetune.init_from" else key
     if not path.exists():
-        raise ConfigError(f"{key}.init_from" if key != "finetune.init_from" else key, spec.init_from,
-                          "no such file or directory on this machine")
+        raise ConfigError(path_key, spec.init_from, "no such file or directory on this machine")
     try:
         if is_foreign(path, spec):
             source = Source(key, path, parts, external=read_external(path, spec.timm_model, spec.timm_args))
         else:
             source = Source(key, path, parts, pretrained=read_pretrained(path))
     except PolytrainError as err:  # an unreadable file, a family or setting polytrain does not follow
-        raise DataError(f"{key}: {err}") from None
+        raise ConfigError(path_key, spec.init_from, str(err)) from None
     has = source.has
     for index, part in enumerate(parts):
         if part not in has and not (part.startswith("heads.") and f"heads.{SOURCE_TASK}" in has):
