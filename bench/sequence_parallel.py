@@ -36,8 +36,8 @@ import torch.multiprocessing as mp
 from polytrain.config import build_config
 from polytrain.models.heads import text_segment
 from polytrain.models.model import PolyModel
-from polytrain.platform.distributed.layout import Layout
 from polytrain.platform.distributed.memory_planner import activation_bytes
+from polytrain.platform.distributed.process_layout import ProcessLayout
 from polytrain.platform.distributed.sequence_parallel import sequence_shard
 from polytrain.tokens import EmbedSpec, TaskBatch
 
@@ -118,7 +118,7 @@ def rank_figures(rank: int, size: int, port: int, args, out: str) -> None:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=size)
-    shard = sequence_shard(Layout(size, size), rank, backend)
+    shard = sequence_shard(ProcessLayout(size, size), rank, backend)
     cfg = build_config(recipe(args))
     torch.manual_seed(0)
     model = PolyModel(cfg.model, [EmbedSpec("text", VOCAB, (1, args.tokens))], {"lm": "decoder_only"}).to(device)
@@ -168,7 +168,7 @@ def main() -> None:
     rows = {}
     for size in args.sizes:
         row = measure(size, args)
-        row["plan_mib"] = activation_bytes(cfg, size) / MIB
+        row["plan_mib"] = activation_bytes(cfg, {}, size) / MIB  # text only: no patch grids
         rows[size] = row
         base = rows[args.sizes[0]]
         print(f"N={size}: saved activations {row['saved_mib']:.1f} MiB/rank "

@@ -14,15 +14,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, Writes, safe_unpickling, tensor_bytes
-from polytrain.platform.distributed.config import EngineConfig
-from polytrain.platform.distributed.layout import Layout
+from polytrain.config.engine import EngineConfig
+from polytrain.platform.distributed.checkpoint import (
+    UNIVERSAL_INFO,
+    Writes,
+    restricted,
+    safe_unpickling,
+    tensor_bytes,
+)
+from polytrain.platform.distributed.process_layout import ProcessLayout
 from polytrain.platform.distributed.sequence_parallel import sequence_shard
+from polytrain.platform.observe.run_dir import SHARD_TAG
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}
-SHARD_TAG = "zero"
-"""DeepSpeed writes its shards to ``<dir>/zero/``."""
 
 
 class Engine:
@@ -45,8 +50,8 @@ class Engine:
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
         self.cfg, self.grad_clip = cfg, grad_clip
         self.model: nn.Module | None = None
-        self.layout = Layout(self.world_size, cfg.sequence_parallel)
-        self.layout.check(f"WORLD_SIZE={self.world_size}")
+        self.layout = ProcessLayout(self.world_size, cfg.sequence_parallel)
+        """Data- and sequence-parallel groups (the job checked that engine.sequence_parallel divides them)."""
         self.sequence = sequence_shard(self.layout, self.rank, backend)
         """Which slice of every sequence this process computes (all of it without sequence parallelism)."""
 
@@ -87,6 +92,7 @@ class Engine:
         if self.sequence.size > 1:
             model.shard_sequences(self.sequence)
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        model.checkpoint_engine = safe_checkpoint_engine(model)
         self.model = model
         if steps_unchecked(self.cfg):
             guard_step(base_optimizer(optimizer), self.grad_clip)
@@ -173,16 +179,12 @@ class Engine:
         file and folder goes through ``writes``, so one that fails is counted and the save goes on (DeepSpeed's
         own barriers included) on every rank alike; the loads name the tag, so DeepSpeed's ``latest`` is not kept.
         """
-        files = model.checkpoint_engine
-        files.save = lambda state_dict, path: writes([Path(path)], tensor_bytes(state_dict),
-                                                     lambda: type(files).save(files, state_dict, path))
-        files.makedirs = lambda path, exist_ok=False: writes([Path(path)], 0,
-                                                              lambda: type(files).makedirs(files, path, exist_ok))
+        model.checkpoint_engine.writes = writes
         try:
             model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}},
                                   save_latest=False)
         finally:
-            del files.save, files.makedirs
+            model.checkpoint_engine.writes = None
 
     def gather(self, value) -> list:
         """``value`` of every rank, in rank order, on every rank."""
@@ -201,7 +203,7 @@ class Engine:
         """
         groups = model.optimizer.param_groups
         settings = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
-        with safe_unpickling():
+        with safe_unpickling():  # a universal checkpoint's states are read by torch.load, not the engine
             path, _ = model.load_checkpoint(str(directory), tag=SHARD_TAG, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
         if path is None:
@@ -225,6 +227,33 @@ class Engine:
         self.accelerator.end_training()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def safe_checkpoint_engine(model):
+    """For the DeepSpeed engine ``model``: its torch checkpoint engine (DeepSpeed's ``CheckpointEngine`` interface, which
+    the engine reads and writes every shard through) as polytrain uses it: every load
+    restricted (``checkpoint.restricted``: no unpickling of arbitrary objects), every save and folder through
+    the ``writes`` of the checkpoint being written (``checkpoint.Writes``: a failed write is counted, not raised,
+    so all ranks finish the save together)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        writes: Writes | None = None
+
+        def save(self, state_dict, path: str) -> None:
+            write = lambda: TorchCheckpointEngine.save(self, state_dict, path)  # noqa: E731
+            write() if self.writes is None else self.writes([Path(path)], tensor_bytes(state_dict), write)
+
+        def makedirs(self, path, exist_ok=False) -> None:
+            write = lambda: TorchCheckpointEngine.makedirs(self, path, exist_ok)  # noqa: E731
+            write() if self.writes is None else self.writes([Path(path)], 0, write)
+
+        def load(self, path: str, map_location=None):
+            return restricted(torch.load)(path, map_location=map_location)
+
+    made = type(model.checkpoint_engine)
+    assert made is TorchCheckpointEngine, f"polytrain's DeepSpeed config made a {made.__name__}"
+    return SafeCheckpointEngine(model._config)
 
 
 def join_restarted_group(backend: str) -> None:

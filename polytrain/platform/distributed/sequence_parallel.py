@@ -1,6 +1,6 @@
 """DeepSpeed-Ulysses sequence parallelism: the collectives behind the model's ``SequenceShard``.
 
-Each group of ``engine.sequence_parallel`` processes (``layout.Layout``) shares every sample; each computes a
+Each group of ``engine.sequence_parallel`` processes (``process_layout.ProcessLayout``) shares every sample; each computes a
 slice of every sequence (``models/sequence_shard.py`` holds the slicing).  Around each attention kernel,
 DeepSpeed's own ``DistributedAttention`` all-to-alls turn the group's slices of q, k and v with every head
 into the whole sequence with a slice of the heads, and the output back; queries and keys may differ in length
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from polytrain.models.sequence_shard import WHOLE, SequenceShard
-from polytrain.platform.distributed.layout import Layout
+from polytrain.platform.distributed.process_layout import ProcessLayout
 
 
 class UlyssesShard(SequenceShard):
@@ -58,7 +58,7 @@ class ExchangedPlan:
         return self.exchange(q_BLHD, k_BSGD, v_BSGD, 0, None, self.plan, dropout_p)
 
 
-def sequence_shard(layout: Layout, rank: int, backend: str) -> SequenceShard:
+def sequence_shard(layout: ProcessLayout, rank: int, backend: str) -> SequenceShard:
     """This process's shard; every process of the job calls it (it creates the groups, a collective)."""
     if layout.sequence == 1:
         return WHOLE

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
 from polytrain.models.model import PolyModel
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, Spans, TaskBatch, Tokens
 
@@ -141,10 +141,10 @@ def sharded(rank: int, size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
-    from polytrain.platform.distributed.layout import Layout
+    from polytrain.platform.distributed.process_layout import ProcessLayout
     from polytrain.platform.distributed.sequence_parallel import sequence_shard
 
-    shard = sequence_shard(Layout(size, size), rank, "gloo")
+    shard = sequence_shard(ProcessLayout(size, size), rank, "gloo")
     results = {}
     for case in CASES:
         model, batch = build(case)

@@ -13,7 +13,7 @@ from polytrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Layout:
+class ProcessLayout:
     processes: int
     sequence: int = 1
     """engine.sequence_parallel."""

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
-from polytrain.models.config import BackboneConfig
 from polytrain.schema import Positive, Range
 
 
@@ -41,22 +40,3 @@ class EngineConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("offload_params", True, f"needs zero_stage=3, got zero_stage={self.zero_stage}")
 
-
-def check_sequence_parallel(sequence_parallel: int, backbone: BackboneConfig) -> None:
-    """engine.sequence_parallel against the model: each process attends with a slice of every stack's heads."""
-    if sequence_parallel == 1:
-        return
-    key = "engine.sequence_parallel"
-    stacks = [("model.backbone", backbone)] * bool(backbone.decoder_layers)
-    if backbone.encoder_layers:
-        stacks.append(("model.backbone.encoder" if backbone.encoder else "model.backbone", backbone.encoder_stack))
-    for where, stack in stacks:
-        for name, heads in (("n_heads", stack.n_heads), ("kv_heads", stack.kv_heads)):
-            if heads % sequence_parallel:
-                noun = "key/value heads (n_kv_heads, or n_heads when 0)" if name == "kv_heads" else "query heads"
-                raise ConfigError(key, sequence_parallel, f"must divide the {noun} of {where}, {heads}: each of the "
-                                  f"{sequence_parallel} processes sharing a sample attends with a slice of them")
-    if backbone.drop_path:
-        raise ConfigError(key, sequence_parallel, f"cannot be combined with model.backbone.drop_path="
-                          f"{backbone.drop_path}: stochastic depth drops a sample's branch whole, and the processes "
-                          f"sharing it would draw apart; set drop_path=0")
