@@ -303,8 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, tokenizers = job.cfg, job.tokenizers
     log.info("%s", job.summary())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate(job.trained_model().to(device), cfg.data.tasks, build_datasets(cfg, "val", tokenizers, job.manifests),
-                       tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
+    held_out = build_datasets(cfg, "val", tokenizers, job.manifests)
+    results = evaluate(job.trained_model().to(device), cfg.data.tasks, held_out, tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
     print(format_table(results))
     print(json.dumps(results))
     if args.out:
@@ -410,7 +410,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     print(f"  dim {b.dim}, heads {b.n_heads} (key/value heads {b.kv_heads}), layers {b.encoder_layers} encoder + "
           f"{b.decoder_layers} decoder, mlp {b.mlp} x{b.mlp_ratio:g}, {b.norm} {b.norm_position}-norm, "
           f"positions {b.position}")
-    print("  sized for: " + ", ".join(f"{s.modality} {s.input_dim} x grid {s.grid[0]}x{s.grid[1]}" for s in preset.specs))
+    sized = (f"{s.modality} {s.input_dim} x grid {s.grid[0]}x{s.grid[1]}" for s in preset.specs)
+    print("  sized for: " + ", ".join(sized))
     print("  heads: " + ", ".join(f"{task} ({head})" for task, head in preset.task_heads.items()))
     counts = parameter_counts(build(preset, "meta"))
     width = max(len(part) for part in counts)

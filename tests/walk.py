@@ -1,6 +1,7 @@
 """Follow the config from ``polytrain ...`` through the calls until the first training step, and count.
 
-Run as ``python -m tests.walk train CONFIG [overrides]`` from the repository (or with it on PYTHONPATH); prints one JSON object last.  The walk is the sequence,
+Run as ``python -m tests.walk train CONFIG [overrides]`` from the repository (or with it on PYTHONPATH); prints
+one JSON object last.  The walk is the sequence,
 in call order, of the package files whose functions are called with the config, a section of it or the job as
 an argument other than ``self`` (the config handed down, not a section reading its own fields); consecutive calls
 in one file are one visit.  ``files``: the distinct files visited; ``returns``: visits to a file visited before.

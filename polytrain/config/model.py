@@ -148,8 +148,8 @@ class BackboneConfig:
         if self.n_kv_heads and self.n_heads % self.n_kv_heads:
             raise ConfigError("n_kv_heads", self.n_kv_heads, f"must be 0 or divide n_heads={self.n_heads}")
         if self.encoder_layers + self.decoder_layers == 0:
-            raise ConfigError("decoder_layers", self.decoder_layers,
-                              f"must be >= 0, and encoder_layers + decoder_layers >= 1 (encoder_layers={self.encoder_layers})")
+            raise ConfigError("decoder_layers", self.decoder_layers, "must be >= 0, and encoder_layers + "
+                              f"decoder_layers >= 1 (encoder_layers={self.encoder_layers})")
         for key, registry in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
             if getattr(self, key) not in registry:
                 raise ConfigError(key, getattr(self, key), f"unknown; known: {', '.join(registry.names())}")

@@ -68,8 +68,8 @@ class TrainConfig:
             raise ConfigError("lr", self.lr, f"/ (1 - betas[0]={self.betas[0]}), AdamW's first step size, must be a "
                               f"finite float32 (<= {FP32_MAX:.4g})")
         if self.lr * self.weight_decay >= 1:
-            raise ConfigError("weight_decay", self.weight_decay, f"times lr={self.lr} must be < 1: each step multiplies "
-                              f"the weights by 1 - lr x weight_decay")
+            raise ConfigError("weight_decay", self.weight_decay, f"times lr={self.lr} must be < 1: each step "
+                              "multiplies the weights by 1 - lr x weight_decay")
         if self.run_name is not None and (not self.run_name or self.run_name in (".", "..") or "/" in self.run_name):
             raise ConfigError("run_name", self.run_name, "must name one folder under out_dir: not empty, no '/', "
                               "not '.' or '..'")

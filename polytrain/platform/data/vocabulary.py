@@ -53,7 +53,8 @@ def trained_tokenizer(cfg: Config, manifests: Manifests) -> Path:
     with locked(out.parent):
         if not out.is_file():  # another process may have trained it while this one waited
             began = time.perf_counter()
-            trained = TextTokenizer.train(training_text(cfg, manifests), cfg.tokenizers.text, cfg.data.plugin_modalities)
+            trained = TextTokenizer.train(training_text(cfg, manifests), cfg.tokenizers.text,
+                                          cfg.data.plugin_modalities)
             atomic.write_text(out, trained.hf.to_str())
             log.info("trained the text tokenizer in %.1f s (%s)", time.perf_counter() - began, out)
     return out

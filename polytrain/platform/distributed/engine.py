@@ -230,8 +230,8 @@ class Engine:
 
 
 def safe_checkpoint_engine(model):
-    """For the DeepSpeed engine ``model``: its torch checkpoint engine (DeepSpeed's ``CheckpointEngine`` interface, which
-    the engine reads and writes every shard through) as polytrain uses it: every load
+    """For the DeepSpeed engine ``model``: its torch checkpoint engine (DeepSpeed's ``CheckpointEngine``
+    interface, which the engine reads and writes every shard through) as polytrain uses it: every load
     restricted (``checkpoint.restricted``: no unpickling of arbitrary objects), every save and folder through
     the ``writes`` of the checkpoint being written (``checkpoint.Writes``: a failed write is counted, not raised,
     so all ranks finish the save together)."""

@@ -48,7 +48,8 @@ def derived_config(cfg: Config, tree: dict) -> tuple[Config, list[Source]]:
     if foreign:
         given = derived(cfg, foreign)
         for source in foreign:
-            log.info("%s is a %s checkpoint of %s", source.name, source.family, ", ".join(source.filled(cfg.data.heads)))
+            filled = ", ".join(source.filled(cfg.data.heads))
+            log.info("%s is a %s checkpoint of %s", source.name, source.family, filled)
         log.info("the architecture from the checkpoints: %s", yaml.safe_dump(given, default_flow_style=True,
                                                                             width=float("inf")).strip())
         cfg = build_config(merged(given, tree))
@@ -125,7 +126,8 @@ def part_settings(part: str, source: Source) -> dict[str, Any]:
         return {"model.tie_embeddings": False, "model.lm_bias": model.lm_bias}
     if kind == "heads" and arch.head == "encoder_classifier":
         classifier = model.heads.classifier
-        return {"model.heads.classifier.pooling": classifier.pooling, "model.heads.classifier.pooler": classifier.pooler}
+        return {"model.heads.classifier.pooling": classifier.pooling,
+                "model.heads.classifier.pooler": classifier.pooler}
     return {}
 
 

@@ -142,7 +142,8 @@ class Trainer:
                                {n: t.batch_size for n, t in cfg.data.tasks.items() if not t.budget}, cfg.data.mixing,
                                cfg.train.seed, self.budgets(), cfg.train.grad_accum * engine.data_size)
         stand_ins = StandIns(engine.unwrap(self.model),
-                             {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()},
+                             {n: ds.collate([ds[0]], torch.Generator().manual_seed(0))
+                              for n, ds in self.train_sets.items()},
                              {n: task.modalities for n, task in cfg.data.tasks.items()})
         self.stepper = Stepper(engine, self.model, self.optimizer, self.scheduler, cfg.train,
                                {name: task.weight for name, task in cfg.data.tasks.items()}, stand_ins,
@@ -243,7 +244,8 @@ class Trainer:
         if len(self.bad_steps) >= limit:
             names = {name for _, names in self.bad_steps for name in names}
             tasks = sorted(names - {"grad_norm"})
-            what = " or ".join([f"loss ({', '.join(tasks)})"] * bool(tasks) + ["gradient norm"] * ("grad_norm" in names))
+            what = " or ".join([f"loss ({', '.join(tasks)})"] * bool(tasks)
+                               + ["gradient norm"] * ("grad_norm" in names))
             raise DivergenceError(f"training diverged: {limit} steps in a row ({self.bad_steps[0][0]}-{step}, "
                                   f"train.max_bad_steps={limit}) had a non-finite {what}; {self.last_checkpoint()}; "
                                   f"try a lower train.lr, and look at the samples the log names")

@@ -117,8 +117,8 @@ def test_equivalent_spellings_and_runtime_keys_are_no_contradiction(checkpoints)
      "finetune.init_parts.vision.parts.1: {vit_tiny} (timm) has no backbone.decoder; it has embedders.image, "
      "backbone.encoder, a head"),
     (lambda c: [f"finetune.init_from={c['vit_tiny']}"],
-     "finetune.init_from='{vit_tiny}': {vit_tiny}: not a polytrain export (no polytrain_config in its metadata); write one with "
-     "polytrain export RUN_DIR --out FILE, or name the timm model of a timm file (timm_model)"),
+     "finetune.init_from='{vit_tiny}': {vit_tiny}: not a polytrain export (no polytrain_config in its metadata); "
+     "write one with polytrain export RUN_DIR --out FILE, or name the timm model of a timm file (timm_model)"),
     (lambda c: [f"finetune.init_from={c['vit_tiny']}", "finetune.timm_model=vit_huge_patch14_clip_224"],
      "finetune.init_from='{vit_tiny}': timm model 'vit_huge_patch14_clip_224' is not a plain ViT"),
     (lambda c: [f"finetune.init_from={c['llama_tiny']}/missing"],
@@ -136,7 +136,8 @@ def test_pickled_weights_are_refused_unopened(checkpoints, recipe, tmp_path, cap
     with open(folder / "pytorch_model.bin", "wb") as f:
         pickle.dump({"never": "opened"}, f)
     err = one_line_error(capsys, "finetune", recipe, f"init_from={folder}")
-    assert f"finetune.init_from='{folder}': {folder}/pytorch_model.bin: pickled weights, which polytrain never loads" in err
+    assert f"finetune.init_from='{folder}': {folder}/pytorch_model.bin: pickled weights, which polytrain never " \
+           "loads" in err
 
 
 def test_a_shape_mismatch_names_the_tensor_and_both_shapes(checkpoints):
