@@ -172,7 +172,8 @@ def main() -> None:
         rows[size] = row
         base = rows[args.sizes[0]]
         print(f"N={size}: saved activations {row['saved_mib']:.1f} MiB/rank "
-              f"(x{row['saved_mib'] / base['saved_mib']:.3f} of N={args.sizes[0]}; plan {row['plan_mib']:.1f}), step peak {row['peak_mib']:.1f} MiB/rank "
+              f"(x{row['saved_mib'] / base['saved_mib']:.3f} of N={args.sizes[0]}; plan {row['plan_mib']:.1f}), "
+              f"step peak {row['peak_mib']:.1f} MiB/rank "
               f"(x{row['peak_mib'] / base['peak_mib']:.3f}), step {row['step_s']:.2f} s, all-to-alls "
               f"{row['all_to_all_s']:.2f} s ({row['all_to_all_s'] / row['step_s']:.1%}, "
               f"{row['all_to_all_mib']:.1f} MiB sent)", flush=True)

@@ -141,8 +141,8 @@ def save_checkpoint(engine, model: nn.Module, run_dir: RunDir, step: int, config
     if engine.is_main:
         writes([tmp.weights], tensor_bytes(weights), lambda: save_file(
             {name: t.contiguous() for name, t in weights.items()}, tmp.weights, metadata={"step": str(step)}))
-        texts = {tmp.config: config_yaml, tmp.state: json.dumps(
-            {"step": step, "world_size": engine.world_size, "data_parallel": engine.data_size, **state}, indent=1) + "\n"}
+        described = {"step": step, "world_size": engine.world_size, "data_parallel": engine.data_size, **state}
+        texts = {tmp.config: config_yaml, tmp.state: json.dumps(described, indent=1) + "\n"}
         for path, text in texts.items():
             writes([path], len(text.encode()), lambda: path.write_text(text))
         writes([tmp.tokenizer], tokenizer_file.stat().st_size, lambda: shutil.copyfile(tokenizer_file, tmp.tokenizer))

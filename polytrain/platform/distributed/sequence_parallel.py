@@ -1,7 +1,7 @@
 """DeepSpeed-Ulysses sequence parallelism: the collectives behind the model's ``SequenceShard``.
 
-Each group of ``engine.sequence_parallel`` processes (``process_layout.ProcessLayout``) shares every sample; each computes a
-slice of every sequence (``models/sequence_shard.py`` holds the slicing).  Around each attention kernel,
+Each group of ``engine.sequence_parallel`` processes (``process_layout.ProcessLayout``) shares every sample; each
+computes a slice of every sequence (``models/sequence_shard.py`` holds the slicing).  Around each attention kernel,
 DeepSpeed's own ``DistributedAttention`` all-to-alls turn the group's slices of q, k and v with every head
 into the whole sequence with a slice of the heads, and the output back; queries and keys may differ in length
 (cross-attention to the encoder's memory, which stays split).  Under GQA the heads are split by key/value
