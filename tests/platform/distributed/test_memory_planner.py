@@ -10,7 +10,14 @@ from polytrain.cli import main
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
 from polytrain.job import resolve
-from polytrain.platform.distributed.memory_planner import OPTIONS, Option, estimate, parse_size, plan
+from polytrain.platform.distributed.memory_planner import (
+    OPTIONS,
+    Option,
+    activation_bytes,
+    estimate,
+    parse_size,
+    plan,
+)
 from polytrain.platform.observe.meters import GIB, StateProbe
 from tests.helpers import REPO
 
@@ -68,6 +75,49 @@ def test_plan_cli_prints_every_option_and_a_recommendation(capsys):
     assert out.strip().endswith("recommended: engine.zero_stage=0 engine.offload_optimizer=false "
                                 "engine.offload_params=false")
 
+
+
+@pytest.mark.parametrize("sequence_parallel, expected", [(1, 840_704), (2, 433_152), (4, 229_376)])
+def test_each_rank_keeps_the_activations_of_its_slice_of_every_sequence(sequence_parallel, expected):
+    """Hand-computed for the tiny recipe (fp32; a block saves 10 x 32 + 2 x 64 = 448 values per token, cross-attention
+    128 more, logits 2 x 512 fp32): image_to_text 4 x (4 patches, 17 target tokens), text_lm 2 x 32 tokens, each
+    sequence cut into ceil(L / N) tokens per rank."""
+    heads = "model.backbone.n_heads=4"  # N = 4 must divide them
+    cfg = tiny(heads, f"engine.sequence_parallel={sequence_parallel}")
+    grids = resolve(TINY).grids()
+    assert activation_bytes(cfg, grids) == activation_bytes(tiny(heads), grids, sequence_parallel) == expected
+
+
+LLAMA_7B_32K = """
+model:
+  backbone: {dim: 4096, n_heads: 32, encoder_layers: 0, decoder_layers: 32, mlp: swiglu, mlp_width: 11008,
+             norm: rmsnorm, bias: false, position: rope}
+  tie_embeddings: false
+tokenizers:
+  text: {vocab_size: 32000, max_len: 32768}
+data:
+  tasks:
+    lm: {head: decoder_only, train: "builtin:stdlib/train", val: "builtin:stdlib/val", batch_size: 1, seq_len: 32768}
+engine: {precision: bf16}
+"""
+"""A Llama-7B-shaped decoder on one 32k-token sequence (the README's example)."""
+
+
+def test_plan_names_the_sequence_parallel_size_a_long_sequence_needs(tmp_path, data_cache, capsys):
+    recipe = tmp_path / "llama_7b_32k.yaml"
+    recipe.write_text(LLAMA_7B_32K)
+    assert main(["plan", str(recipe), f"data.cache_dir={data_cache}", "--gpus-per-node", "8", "--gpu-mem",
+                 "80GB"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    per_token = 32 * 2 * (10 * 4096 + 2 * 11008) + 2 * 32000 * 4  # bf16 blocks, fp32 logits and their gradient
+    sizes = " | ".join(f"N={n} {per_token * 32768 // n / GIB:.2f}" for n in (1, 2, 4, 8))
+    assert sizes == "N=1 130.81 | N=2 65.41 | N=4 32.70 | N=8 16.35"
+    assert lines[-3].endswith(f"(32,768 tokens) with engine.sequence_parallel=N (configured: 1): {sizes}")
+    longest = int(lines[-2].split("up to ")[1].split(" tokens")[0].replace(",", ""))
+    assert 8_192 < longest < 32_768 and f"N=4 up to {4 * longest:,}" in lines[-2]
+    assert lines[-1].startswith("recommended: engine.sequence_parallel=4 engine.zero_stage=1 "
+                                "engine.offload_optimizer=false engine.offload_params=false")
+    assert "nothing fits" not in "\n".join(lines)
 
 @pytest.mark.parametrize("text, size", [("80GB", 80 * GIB), ("40GiB", 40 * GIB), ("24G", 24 * GIB),
                                         ("512MB", 512 * 2**20), ("1.5T", int(1.5 * 2**40))])

@@ -2,8 +2,8 @@
 trains the tiny recipe (an encoder-decoder task and a decoder LM; ZeRO-3, activation checkpointing) on the loss
 curve of one process with the same global batch, both ranks reading the same samples; resumed on 4 processes
 (DeepSpeed's universal checkpoint) as 2 data-parallel groups of 2, or as one group of 4, it goes on along the same
-curve. A size that does not fit the job or the model is
-refused in one line before any process group starts."""
+curve. A dry run shows the layout; a size that does not fit the job or the model is refused in one line before
+any process group starts."""
 
 import pytest
 
@@ -53,6 +53,15 @@ def test_resumed_on_4_processes_in_another_layout_the_curve_goes_on(sp_runs, dat
     layout = f"{data_parallel} data-parallel x {4 // data_parallel} sequence-parallel"
     assert layout in (resumed / "stderr.log").read_text()
 
+
+def test_a_dry_run_shows_the_layout_and_the_nodes_commands_stay_as_they_are(tmp_path):
+    proc = polytrain("launch", TINY, f"train.out_dir={tmp_path}", "launch.procs_per_node=4",
+                     "engine.sequence_parallel=2", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "polytrain launch: layout: 4 process(es) = 2 data-parallel x 2 sequence-parallel; ranks sharing each " \
+           "sample: [0, 1] [2, 3]" in proc.stderr
+    assert "layout" not in proc.stdout and "--nproc-per-node=4" in proc.stdout
+    assert "engine.sequence_parallel=2" in proc.stdout  # the nodes run the job the dry run described
 
 def test_a_size_that_does_not_divide_the_job_is_refused_before_it_starts(tmp_path, monkeypatch):
     proc = polytrain("launch", TINY, f"train.out_dir={tmp_path}", "launch.procs_per_node=3",

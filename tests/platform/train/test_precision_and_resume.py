@@ -75,6 +75,14 @@ def test_a_grad_accum_that_contradicts_the_global_batch_names_both():
         resolve(TINY, ["train.global_batch=24", "train.grad_accum=3"], 2)
 
 
+def test_processes_sharing_each_sample_count_once_in_the_global_batch():
+    """engine.sequence_parallel=2 on 4 processes: 2 data-parallel groups split the global batch."""
+    job = resolve(TINY, ["train.global_batch=24", "engine.sequence_parallel=2"], 4)
+    assert (job.batch.micro, job.batch.accum, job.batch.data_parallel) == (6, 2, 2) and job.batch.global_batch == 24
+    with pytest.raises(ConfigError, match=r"train.global_batch=18: is not micro-batch 6 \(image_to_text 4 \+ "
+                       r"text_lm 2\) x 2 data-parallel process\(es\) x a whole number"):
+        resolve(TINY, ["train.global_batch=18", "engine.sequence_parallel=2"], 4)
+
 def test_kill_during_save_leaves_latest_at_the_previous_checkpoint(runs):
     run = runs.root / "killed"
     args = [sys.executable, "-m", "polytrain.cli", "train", TINY, f"train.out_dir={runs.root}", "train.run_name=killed",
