@@ -1,0 +1,55 @@
+"""Held-out metrics against hand-computed values: a stand-in head whose logits are fixed, over fixed labels."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from polytrain.models.config import HEAD_KINDS
+from polytrain.models.heads import text_segment
+from polytrain.platform.data.config import TaskConfig
+from polytrain.platform.train.evaluate import evaluate
+from polytrain.tokens import IGNORE_INDEX, TaskBatch
+
+PROBABILITIES = [0.1, 0.2, 0.3, 0.4]
+"""What the stand-in head predicts at every position, whatever it reads: its argmax is token 3."""
+X = IGNORE_INDEX
+MASKED_LABELS = [[2, X, 2, 3], [X, 1, X, X]]
+"""Two held-out rows, evaluated one per batch: tokens 2, 2, 3 and 1 were masked."""
+
+
+class FixedHead(nn.Module):
+    kind = HEAD_KINDS["masked_lm"]
+
+    def forward(self, model, batch: TaskBatch) -> torch.Tensor:
+        return torch.tensor(PROBABILITIES).log().expand(*batch.labels.shape, -1)
+
+
+class Rows(torch.utils.data.Dataset):
+    """Held-out samples that collate to one masked_lm batch of their labels (the inputs do not matter)."""
+
+    def __len__(self) -> int:
+        return len(MASKED_LABELS)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return MASKED_LABELS[index]
+
+    def collate(self, rows: list[list[int]], generator: torch.Generator) -> TaskBatch:
+        labels = torch.tensor(rows)
+        return TaskBatch(text_segment(torch.zeros_like(labels)), labels)
+
+
+def test_masked_lm_metrics_are_the_hand_computed_ones():
+    model = nn.Module()
+    model.heads = nn.ModuleDict({"mlm": FixedHead()})
+    task = TaskConfig(head="masked_lm", train="unused", val="unused")
+    metrics = evaluate(model, {"mlm": task}, {"mlm": Rows()}, None, torch.device("cpu"), batch_size=1)["mlm"]
+    # masked: 2, 2, 3, 1 (IGNORE_INDEX positions are not scored); the head always says 3
+    assert metrics == pytest.approx({
+        "val_loss": -(2 * math.log(0.3) + math.log(0.4) + math.log(0.2)) / 4,
+        "accuracy": 1 / 4,
+        "baseline_accuracy": 2 / 4,  # always 2, the most frequent masked token
+        # 2 half the time, 1 and 3 a quarter each: -(1/2 ln 1/2 + 2 x 1/4 ln 1/4) nats
+        "unigram_entropy": 1.5 * math.log(2),
+    }, rel=1e-6)
