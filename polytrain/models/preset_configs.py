@@ -40,6 +40,14 @@ def gpt2(dim: int, layers: int, heads: int, eps: float = 1e-5) -> ModelConfig:
     return ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False))
 
 
+def bert(dim: int, layers: int, heads: int, eps: float = 1e-12) -> ModelConfig:
+    """Hugging Face ``BertForMaskedLM``: post-norm, a LayerNorm over the summed embeddings, erf-GELU, a token-type
+    table, the output tied to the embedding with a bias of its own."""
+    backbone = BackboneConfig(dim=dim, n_heads=heads, encoder_layers=layers, decoder_layers=0, norm_eps=eps,
+                              norm_position="post", embed_norm=True)
+    return ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False, token_types=2), lm_bias=True)
+
+
 def bart(dim: int, encoder_layers: int, decoder_layers: int, heads: int, ffn: int,
          scale_embedding: bool = False) -> ModelConfig:
     """Hugging Face ``BartForConditionalGeneration``: post-norm, embedding LayerNorm, GELU, tied output."""
@@ -56,4 +64,5 @@ MODEL_PRESETS.register("decoder_1b")(llama(2048, 22, 32, 4, 5632))
 MODEL_PRESETS.register("vit_tiny_patch16_224")(vit(192, 12, 3))
 MODEL_PRESETS.register("vit_base_patch16_224")(vit(768, 12, 12))
 MODEL_PRESETS.register("gpt2")(gpt2(768, 12, 12))
+MODEL_PRESETS.register("bert_base")(bert(768, 12, 12))
 MODEL_PRESETS.register("bart_base")(bart(768, 6, 6, 12, 3072))

@@ -57,6 +57,8 @@ named("decoder_1b", "~1.1B Llama-style decoder (TinyLlama shape), seq 2048", (Em
 named("vit_tiny_patch16_224", "timm vit_tiny_patch16_224", (IMAGE_224_16,), {"classify": "encoder_classifier"})
 named("vit_base_patch16_224", "timm vit_base_patch16_224", (IMAGE_224_16,), {"classify": "encoder_classifier"})
 named("gpt2", "Hugging Face gpt2 (124M)", (EmbedSpec("text", 50257, (1, 1024)),), {"lm": "decoder_only"})
+named("bert_base", "Hugging Face bert-base-uncased (110M) as a masked LM", (EmbedSpec("text", 30522, (1, 512)),),
+      {"mlm": "masked_lm"})
 named("bart_base", "Hugging Face facebook/bart-base (140M)", (EmbedSpec("text", 50265, (1, 1024)),),
       {"translate": "encoder_decoder"})
 
