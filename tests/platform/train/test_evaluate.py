@@ -1,5 +1,7 @@
-"""Held-out metrics against hand-computed values: a stand-in head whose logits are fixed, over fixed labels."""
+"""Held-out metrics against hand-computed values (a stand-in head whose logits are fixed, over fixed labels), and
+the masked-LM recipe's through the CLI."""
 
+import json
 import math
 
 import pytest
@@ -11,6 +13,7 @@ from polytrain.models.heads import text_segment
 from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.train.evaluate import evaluate
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
+from tests.helpers import REPO, polytrain
 
 PROBABILITIES = [0.1, 0.2, 0.3, 0.4]
 """What the stand-in head predicts at every position, whatever it reads: its argmax is token 3."""
@@ -53,3 +56,22 @@ def test_masked_lm_metrics_are_the_hand_computed_ones():
         # 2 half the time, 1 and 3 a quarter each: -(1/2 ln 1/2 + 2 x 1/4 ln 1/4) nats
         "unigram_entropy": 1.5 * math.log(2),
     }, rel=1e-6)
+
+
+MLM_STEPS = 150
+"""Steps of ``configs/mlm.yaml`` in the end-to-end check: past warmup, far short of the recipe's."""
+
+
+@pytest.mark.slow
+def test_the_masked_lm_recipe_reports_its_baselines_and_beats_them(tmp_path, data_cache):
+    proc = polytrain("train", REPO / "configs" / "mlm.yaml", f"train.steps={MLM_STEPS}", f"data.cache_dir={data_cache}",
+                     "data.tasks.text_mlm.max_val_samples=256", f"train.out_dir={tmp_path}", "train.run_name=mlm",
+                     "tracking.progress_bar=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "mlm" / "eval.json").read_text())["text_mlm"]
+    assert sorted(metrics) == ["accuracy", "baseline_accuracy", "unigram_entropy", "val_loss"]
+    assert "text_mlm  unigram_entropy" in proc.stdout  # the printed table has it too
+    vocab = 512  # the recipe's tokenizers.text.vocab_size
+    assert 1 / vocab < metrics["baseline_accuracy"] < 0.1 and 3.0 < metrics["unigram_entropy"] < math.log(vocab)
+    assert metrics["accuracy"] > 2 * metrics["baseline_accuracy"]
+    assert metrics["val_loss"] < metrics["unigram_entropy"] - 0.1
