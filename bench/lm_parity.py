@@ -29,13 +29,15 @@ import torch
 import transformers
 from torch import nn
 
-from polytrain.config import Config, load_config
-from polytrain.models.convert import FAMILIES, Architecture
+from polytrain import job
+from polytrain.config import Config
+from polytrain.config.registries import FAMILIES
+from polytrain.models.convert import Architecture
 from polytrain.models.convert.expressible import checked_config
 from polytrain.models.heads import token_loss
+from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.data.loader import Mixture, eval_batches
 from polytrain.platform.data.order import DataOrder, StreamState
-from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import entropy
 from polytrain.platform.train.optimizer import lr_multiplier, param_groups
 from polytrain.tokenizers.text import TextTokenizer
@@ -122,14 +124,14 @@ class Side:
         self.seconds += time.perf_counter() - began
 
 
-def run_arm(cfg: Config, tokenizer_file: Path, library: str, evals: int) -> dict:
+def run_arm(arm: job.Job, library: str, evals: int) -> dict:
+    cfg, tokenizers = arm.cfg, arm.tokenizers
     (task,) = cfg.data.tasks
-    tokenizers = recipe.build_tokenizers(cfg, tokenizer_file)
-    train_set, val_set = (recipe.build_datasets(cfg, split, tokenizers)[task] for split in ("train", "val"))
+    train_set, val_set = (build_datasets(cfg, split, tokenizers, arm.manifests)[task] for split in ("train", "val"))
     batches = train_batches(cfg, train_set, cfg.train.steps)
     held_out = list(eval_batches(val_set, cfg.train.eval_batch_size, cfg.data.tasks[task].max_val_samples))
     torch.manual_seed(cfg.train.seed)
-    ours = recipe.build_model(cfg, tokenizers)
+    ours, _ = arm.build_model()
     head = cfg.data.tasks[task].head
     theirs = library_model(cfg, tokenizers["text"], head, library)
     sides = {"polytrain": Side(ours, lambda b: ours.heads[task](ours, b), param_groups(ours, cfg.train.weight_decay),
@@ -161,16 +163,19 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = parser.parse_args()
     base = [*args.overrides, f"train.steps={args.steps}"]
-    cfg = load_config(args.recipe, base)
+    masked = job.resolve(args.recipe, base, 1)
+    cfg = masked.cfg
     print(f"{args.recipe.name}, {args.steps} steps, torch {torch.__version__} on {torch.get_num_threads()} threads, "
           f"transformers {transformers.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_file = recipe.train_text_tokenizer(cfg, Path(tmp))  # one tokenizer for both arms
+        tokenizer_file = Path(tmp) / "tokenizer.json"  # one tokenizer for both arms: the masked recipe's
+        tokenizer_file.write_text(masked.tokenizer_json, encoding="utf-8")
         results = {}
         for arm in args.arms:
-            arm_cfg = cfg if arm == "masked_lm" else load_config(args.recipe, [*base, *decoder_overrides(cfg)])
+            arm_job = masked if arm == "masked_lm" else job.resolve(
+                args.recipe, [*base, *decoder_overrides(cfg), f"tokenizers.text.path={tokenizer_file}"], 1)
             print(f"{arm}: polytrain beside {ARMS[arm]}", flush=True)
-            results[arm] = run_arm(arm_cfg, tokenizer_file, ARMS[arm], args.evals)
+            results[arm] = run_arm(arm_job, ARMS[arm], args.evals)
             print(f"  unigram entropy {results[arm]['unigram_entropy']:.4f}; seconds per step "
                   f"{results[arm]['seconds_per_step']}")
     print(json.dumps({"bench": "lm_parity", "steps": args.steps, "goal": "polytrain / hf held-out loss <= 1.02",

@@ -10,11 +10,9 @@ model; ``rules`` ties the tensors.  The families: ``hf_gpt2``, ``hf_llama``
 the files are read as they are.
 """
 
-# importing a family's module registers it
-from polytrain.models.convert import hf_bart, hf_bert, hf_gpt2, hf_llama, timm_vit  # noqa: F401
 from polytrain.models.convert.external import ExternalCheckpoint, load_state, read_external, write_external
-from polytrain.models.convert.family import FAMILIES, Architecture
+from polytrain.models.convert.family import Architecture
 from polytrain.models.convert.rules import ConversionError
 
-__all__ = ["FAMILIES", "Architecture", "ConversionError", "ExternalCheckpoint", "load_state", "read_external",
+__all__ = ["Architecture", "ConversionError", "ExternalCheckpoint", "load_state", "read_external",
            "write_external"]

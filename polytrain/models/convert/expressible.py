@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import replace
 from typing import Any
 
-from polytrain.models.config import BackboneConfig, HeadsConfig
+from polytrain.config.model import BackboneConfig, HeadsConfig
 from polytrain.models.convert.family import Architecture, Family
 from polytrain.models.convert.rules import ConversionError
 

@@ -16,8 +16,8 @@ import re
 
 from torch import Tensor
 
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
-from polytrain.models.convert.family import Architecture, Family, register
+from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.models.convert.family import Architecture, Family
 from polytrain.models.convert.rules import ConversionError, Rule, reshaped, same
 from polytrain.tokens import EmbedSpec
 
@@ -135,4 +135,4 @@ class TimmViT(Family):
         return rules
 
 
-register(TimmViT())
+TIMM_VIT = TimmViT()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from polytrain.models.config import HEAD_KINDS
+from polytrain.config.data import TaskConfig
+from polytrain.config.model import HEAD_KINDS
 from polytrain.models.heads import text_segment
-from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.train.evaluate import evaluate
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
 from tests.helpers import REPO, polytrain

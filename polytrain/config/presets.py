@@ -1,16 +1,45 @@
-"""The model sections of the named presets, known without importing torch: what ``model.preset`` starts from.
+"""Named model presets, known without importing torch: what ``model.preset`` starts from.
 
 A recipe's ``model.preset: decoder_1b`` takes that preset's ``ModelConfig``
 as the defaults of its model section, under the keys the recipe sets itself
 (``model.backbone.decoder_layers: 4``).  The family functions configure
-polytrain like those models at any size; ``presets.py`` pairs each named one
-with the modalities it is sized for and counts its parameters.
+polytrain like those models at any size; each named preset also says which
+modalities and heads it is sized and counted with (``polytrain model info``,
+``models/presets.py``).
 """
 
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
-from polytrain.registry import Registry
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
-MODEL_PRESETS: Registry[ModelConfig] = Registry("model preset")
+from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+
+LLM_VOCAB = 32000
+"""Text vocabulary the generic presets are counted with (Llama 2's)."""
+
+
+
+class Spec(NamedTuple):
+    """What a preset's embedder of one modality is sized for, as ``tokens.EmbedSpec`` takes it."""
+
+    modality: str
+    input_dim: int
+    """Vocabulary (text) or features per patch."""
+    grid: tuple[int, int]
+    """Positions: (1, max length) for text, the patch grid for images."""
+
+
+IMAGE_224_16 = Spec("image", 3 * 16 * 16, (14, 14))
+"""224x224 RGB images in 16x16 patches."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    about: str
+    model: ModelConfig
+    specs: tuple[Spec, ...]
+    """Modalities (vocabulary, grids) the embedders are sized for."""
+    task_heads: dict[str, str] = field(default_factory=dict)
+    """Tasks and their heads, as in ``data.tasks``."""
 
 
 def encoder_decoder(dim: int, heads: int, layers: int) -> ModelConfig:
@@ -56,13 +85,21 @@ def bart(dim: int, encoder_layers: int, decoder_layers: int, heads: int, ffn: in
     return ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False, scale_tokens=scale_embedding))
 
 
-MODEL_PRESETS.register("tiny")(encoder_decoder(192, 3, 4))
-MODEL_PRESETS.register("small")(encoder_decoder(384, 6, 6))
-MODEL_PRESETS.register("base")(encoder_decoder(768, 12, 12))
-MODEL_PRESETS.register("large")(encoder_decoder(1024, 16, 24))
-MODEL_PRESETS.register("decoder_1b")(llama(2048, 22, 32, 4, 5632))
-MODEL_PRESETS.register("vit_tiny_patch16_224")(vit(192, 12, 3))
-MODEL_PRESETS.register("vit_base_patch16_224")(vit(768, 12, 12))
-MODEL_PRESETS.register("gpt2")(gpt2(768, 12, 12))
-MODEL_PRESETS.register("bert_base")(bert(768, 12, 12))
-MODEL_PRESETS.register("bart_base")(bart(768, 6, 6, 12, 3072))
+ENCODER_DECODER = ((Spec("text", LLM_VOCAB, (1, 512)), IMAGE_224_16), {"caption": "encoder_decoder",
+                                                                      "lm": "decoder_only"})
+CLASSIFIER = ((IMAGE_224_16,), {"classify": "encoder_classifier"})
+TINY = Preset("ViT-Ti width, 4 + 4 layers", encoder_decoder(192, 3, 4), *ENCODER_DECODER)
+SMALL = Preset("T5-small depth, ViT-S width, 6 + 6 layers", encoder_decoder(384, 6, 6), *ENCODER_DECODER)
+BASE = Preset("T5-base / ViT-B shape, 12 + 12 layers", encoder_decoder(768, 12, 12), *ENCODER_DECODER)
+LARGE = Preset("T5-large / ViT-L shape, 24 + 24 layers", encoder_decoder(1024, 16, 24), *ENCODER_DECODER)
+DECODER_1B = Preset("~1.1B Llama-style decoder (TinyLlama shape), seq 2048", llama(2048, 22, 32, 4, 5632),
+                    (Spec("text", LLM_VOCAB, (1, 2048)),), {"lm": "decoder_only"})
+VIT_TINY_PATCH16_224 = Preset("timm vit_tiny_patch16_224", vit(192, 12, 3), *CLASSIFIER)
+VIT_BASE_PATCH16_224 = Preset("timm vit_base_patch16_224", vit(768, 12, 12), *CLASSIFIER)
+GPT2 = Preset("Hugging Face gpt2 (124M)", gpt2(768, 12, 12), (Spec("text", 50257, (1, 1024)),),
+              {"lm": "decoder_only"})
+BERT_BASE = Preset("Hugging Face bert-base-uncased (110M) as a masked LM", bert(768, 12, 12),
+                   (Spec("text", 30522, (1, 512)),), {"mlm": "masked_lm"})
+BART_BASE = Preset("Hugging Face facebook/bart-base (140M)", bart(768, 6, 6, 12, 3072),
+                   (Spec("text", 50265, (1, 1024)),), {"translate": "encoder_decoder"})
+"""The named presets (``config.registries.PRESETS``)."""
