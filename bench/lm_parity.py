@@ -1,16 +1,17 @@
 """Training parity: the masked-LM recipe beside Hugging Face ``BertForMaskedLM``, and its decoder beside
 ``GPT2LMHeadModel``, trained on the same batches, held-out loss side by side.
 
-The masked arm is ``configs/mlm.yaml`` (``model.preset: bert_base`` shrunk): the standard library's sources in
-windows of 64 tokens that keep their file boundaries, masks drawn by the data pipeline.  The decoder arm is the
-same recipe made a GPT-2-shaped causal LM of the same size on the same windows (``DECODER``).  polytrain's model
-is the one ``polytrain train`` builds; the library's is built from the config ``polytrain export --format hf``
-writes for it (``checked_config``: the same architecture in every setting that changes what it computes), each
-side initialized as it initializes itself (seed ``train.seed``).  Both read the same batches (packed windows: the
-library model gets the documents' positions and a mask that keeps each document to itself), with the recipe's
-AdamW (no decay for vectors and embedding tables), warmup + cosine schedule and gradient clipping, in a plain
-loop; then the same held-out batches (the evaluation's, masks included).  Goal: held-out loss polytrain / HF
-<= 1.02.
+The masked arm is ``configs/mlm.yaml`` (``model.preset: bert_base`` shrunk) with BERT's learned position table in
+place of the recipe's RoPE (``LIBRARY_POSITIONS``: neither library model has RoPE): the standard library's sources
+in windows of 64 tokens that keep their file boundaries, masks drawn by the data pipeline.  The decoder arm is
+the same recipe made a GPT-2-shaped causal LM of the same size on the same windows (``decoder_overrides``).
+polytrain's model is the one ``polytrain train`` builds; the library's is built from the config ``polytrain
+export --format hf`` writes for it (``checked_config``: the same architecture in every setting that changes what
+it computes), each side initialized as it initializes itself (seed ``train.seed``).  Both read the same batches
+(packed windows: the library model gets the documents' positions and a mask that keeps each document to itself),
+with the recipe's AdamW (no decay for vectors and embedding tables), warmup + cosine schedule and gradient
+clipping, in a plain loop; then the same held-out batches (the evaluation's, masks included).  Goal: held-out
+loss polytrain / HF <= 1.02.
 
     python bench/lm_parity.py [--steps 300] [--evals 3] [--arms masked_lm decoder] [key=value ...]
 
@@ -47,13 +48,16 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "mlm.yaml"
 ARMS = {"masked_lm": "BertForMaskedLM", "decoder": "GPT2LMHeadModel"}
 """Each arm and the Hugging Face class it is compared with."""
+LIBRARY_POSITIONS = "model.backbone.position=learned"
+"""BERT's and GPT-2's positions, a learned table: both arms use it, whatever the recipe says."""
 
 
 def decoder_overrides(cfg: Config) -> list[str]:
     """The masked-LM recipe as a GPT-2-shaped causal LM with as many blocks, on the same task's windows."""
     (task,) = cfg.data.tasks
     return ["model.preset=gpt2", "model.backbone.encoder_layers=0",
-            f"model.backbone.decoder_layers={cfg.model.backbone.encoder_layers}", f"data.tasks.{task}.head=decoder_only"]
+            f"model.backbone.decoder_layers={cfg.model.backbone.encoder_layers}",
+            f"data.tasks.{task}.head=decoder_only"]
 
 
 def train_batches(cfg: Config, dataset, steps: int) -> list[TaskBatch]:
@@ -82,7 +86,8 @@ def library_forward(model: nn.Module, causal: bool) -> Callable[[TaskBatch], tor
         if causal:
             allowed = allowed.tril()
         allowed |= torch.eye(allowed.shape[-1], dtype=torch.bool)
-        return model(input_ids=inputs.values, attention_mask=allowed[:, None], position_ids=inputs.positions[..., 1]).logits
+        return model(input_ids=inputs.values, attention_mask=allowed[:, None],
+                     position_ids=inputs.positions[..., 1]).logits
     return forward
 
 
@@ -162,7 +167,7 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=3, help="held-out evaluations along the way (the last at the end)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = parser.parse_args()
-    base = [*args.overrides, f"train.steps={args.steps}"]
+    base = [LIBRARY_POSITIONS, *args.overrides, f"train.steps={args.steps}"]
     masked = job.resolve(args.recipe, base, 1)
     cfg = masked.cfg
     print(f"{args.recipe.name}, {args.steps} steps, torch {torch.__version__} on {torch.get_num_threads()} threads, "

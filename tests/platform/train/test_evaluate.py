@@ -59,12 +59,14 @@ def test_masked_lm_metrics_are_the_hand_computed_ones():
 
 
 MLM_STEPS = 150
-"""Steps of ``configs/mlm.yaml`` in the end-to-end check: past warmup, far short of the recipe's."""
+"""Steps of ``configs/mlm.yaml`` in the end-to-end check (warmup 20), a quarter of the recipe's: at 100 its val_loss
+was only just (0.10) below the unigram entropy."""
 
 
 @pytest.mark.slow
 def test_the_masked_lm_recipe_reports_its_baselines_and_beats_them(tmp_path, data_cache):
-    proc = polytrain("train", REPO / "configs" / "mlm.yaml", f"train.steps={MLM_STEPS}", f"data.cache_dir={data_cache}",
+    proc = polytrain("train", REPO / "configs" / "mlm.yaml", f"train.steps={MLM_STEPS}", "train.warmup_steps=20",
+                     f"data.cache_dir={data_cache}",
                      "data.tasks.text_mlm.max_val_samples=256", f"train.out_dir={tmp_path}", "train.run_name=mlm",
                      "tracking.progress_bar=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,4 +76,4 @@ def test_the_masked_lm_recipe_reports_its_baselines_and_beats_them(tmp_path, dat
     vocab = 512  # the recipe's tokenizers.text.vocab_size
     assert 1 / vocab < metrics["baseline_accuracy"] < 0.1 and 3.0 < metrics["unigram_entropy"] < math.log(vocab)
     assert metrics["accuracy"] > 2 * metrics["baseline_accuracy"]
-    assert metrics["val_loss"] < metrics["unigram_entropy"] - 0.1
+    assert metrics["val_loss"] < metrics["unigram_entropy"] - 0.2  # 0.38 below when written
