@@ -51,7 +51,7 @@ def test_defaults_fill_missing_sections():
     ("data.tasks.text_lm.head=encoder_classifier", "data.tasks.text_lm.classes", "needs the names of at least two"),
     ("data.tasks.image_to_text.classes=[a,b]", "data.tasks.image_to_text.classes", "is for encoder_classifier"),
     ("data.tasks.text_lm.mask_probability=1.5", "data.tasks.text_lm.mask_probability", "must be in (0, 1)"),
-    ("model.preset=decoder_2b", "model.preset", "unknown model preset; known: bart_base, base, decoder_1b"),
+    ("model.preset=decoder_2b", "model.preset", "unknown model preset; known: bart_base, base, bert_base, decoder_1b"),
     ("finetune.timm_model=vit_tiny_patch16_224", "finetune.timm_model", "describes the file init_from names"),
     ("finetune.init_from=a finetune.init_parts.v.init_from=b finetune.init_parts.v.parts=[lm_head]",
      "finetune.init_parts",

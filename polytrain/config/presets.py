@@ -69,6 +69,14 @@ def gpt2(dim: int, layers: int, heads: int, eps: float = 1e-5) -> ModelConfig:
     return ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False))
 
 
+def bert(dim: int, layers: int, heads: int, eps: float = 1e-12) -> ModelConfig:
+    """Hugging Face ``BertForMaskedLM``: post-norm, a LayerNorm over the summed embeddings, erf-GELU, a token-type
+    table, the output tied to the embedding with a bias of its own."""
+    backbone = BackboneConfig(dim=dim, n_heads=heads, encoder_layers=layers, decoder_layers=0, norm_eps=eps,
+                              norm_position="post", embed_norm=True)
+    return ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False, token_types=2), lm_bias=True)
+
+
 def bart(dim: int, encoder_layers: int, decoder_layers: int, heads: int, ffn: int,
          scale_embedding: bool = False) -> ModelConfig:
     """Hugging Face ``BartForConditionalGeneration``: post-norm, embedding LayerNorm, GELU, tied output."""
@@ -90,6 +98,8 @@ VIT_TINY_PATCH16_224 = Preset("timm vit_tiny_patch16_224", vit(192, 12, 3), *CLA
 VIT_BASE_PATCH16_224 = Preset("timm vit_base_patch16_224", vit(768, 12, 12), *CLASSIFIER)
 GPT2 = Preset("Hugging Face gpt2 (124M)", gpt2(768, 12, 12), (Spec("text", 50257, (1, 1024)),),
               {"lm": "decoder_only"})
+BERT_BASE = Preset("Hugging Face bert-base-uncased (110M) as a masked LM", bert(768, 12, 12),
+                   (Spec("text", 30522, (1, 512)),), {"mlm": "masked_lm"})
 BART_BASE = Preset("Hugging Face facebook/bart-base (140M)", bart(768, 6, 6, 12, 3072),
                    (Spec("text", 50265, (1, 1024)),), {"translate": "encoder_decoder"})
 """The named presets (``config.registries.PRESETS``)."""

@@ -86,7 +86,7 @@ NORMALIZATIONS: Registry = Registry("image normalization", {
 
 PRESETS: Registry = Registry("model preset", {name: f"polytrain.config.presets:{name.upper()}" for name in (
     "tiny", "small", "base", "large", "decoder_1b", "vit_tiny_patch16_224", "vit_base_patch16_224", "gpt2",
-    "bart_base")})
+    "bert_base", "bart_base")})
 """``config.presets.Preset`` by name, as written in ``model.preset``."""
 
 FAMILIES: Registry = Registry("checkpoint family", {

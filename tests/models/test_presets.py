@@ -12,7 +12,7 @@ from polytrain.models.heads import text_segment
 from polytrain.models.presets import build, parameter_counts
 from polytrain.schema import from_dict
 from polytrain.tokenizers.image import patchify
-from polytrain.tokens import Segment, TaskBatch
+from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 from tests.helpers import REPO, polytrain
 
 
@@ -54,6 +54,12 @@ def gpt2_count(name: str) -> int:
     return on_meta(lambda: GPT2LMHeadModel(GPT2Config()))
 
 
+def bert_count(name: str) -> int:
+    from transformers import BertConfig, BertForMaskedLM
+
+    return on_meta(lambda: BertForMaskedLM(BertConfig()))
+
+
 def bart_count(name: str) -> int:
     """BART-base, less its second position table and its 2 unused offset rows (polytrain shares one table)."""
     from transformers import BartConfig, BartForConditionalGeneration
@@ -65,7 +71,8 @@ def bart_count(name: str) -> int:
 
 REFERENCE_COUNTS = {"tiny": encoder_decoder_count, "small": encoder_decoder_count, "base": encoder_decoder_count,
                     "large": encoder_decoder_count, "decoder_1b": llama_count, "vit_tiny_patch16_224": timm_count,
-                    "vit_base_patch16_224": timm_count, "gpt2": gpt2_count, "bart_base": bart_count}
+                    "vit_base_patch16_224": timm_count, "gpt2": gpt2_count, "bert_base": bert_count,
+                    "bart_base": bart_count}
 
 
 @pytest.mark.parametrize("name", PRESETS.names())
@@ -75,6 +82,18 @@ def test_preset_parameter_count_equals_an_independent_count(name):
     counts = parameter_counts(build(preset, "meta"))
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     assert counts["total"] == REFERENCE_COUNTS[name](name)
+
+
+def test_bert_base_is_the_architecture_of_bert_base_uncased():
+    """The preset against what polytrain reads from ``BertConfig()``'s own defaults (bert-base-uncased's)."""
+    from polytrain.config.registries import FAMILIES
+    from polytrain.models.convert import Architecture
+    from polytrain.models.convert.expressible import essentials
+
+    bert = FAMILIES.get("BertForMaskedLM")
+    preset = PRESETS.get("bert_base")
+    ours = Architecture(preset.model, EmbedSpec(*preset.specs[0]), "masked_lm")
+    assert essentials(ours) == essentials(bert.architecture({}))
 
 
 def test_decoder_1b_is_about_a_billion_parameters():

@@ -8,8 +8,9 @@ Every task gets ``val_loss`` (nats per target token, or per sample for a classif
 - language modeling (decoder_only over documents): ``perplexity`` and ``unigram_entropy``, the loss of
   the best model that ignores context;
 - classification: ``accuracy``, and per class ``count/<class>`` and ``correct/<class>``;
-- masked LM: ``accuracy`` over the masked tokens, and ``baseline_accuracy``, that of always predicting
-  the most frequent of them.
+- masked LM: ``accuracy`` over the masked tokens, ``baseline_accuracy``, that of always predicting the
+  most frequent of them, and ``unigram_entropy``, the loss of the best model that ignores context (the
+  entropy of the masked tokens' distribution), which ``val_loss`` must beat.
 
 Every rank evaluates the whole held-out set (so sharded models stay in step); results are identical
 across ranks.
@@ -118,7 +119,8 @@ class Tally:
         if self.masked_targets:
             total = sum(self.masked_targets.values())
             metrics.update(accuracy=self.masked_correct / total,
-                           baseline_accuracy=max(self.masked_targets.values()) / total)
+                           baseline_accuracy=max(self.masked_targets.values()) / total,
+                           unigram_entropy=entropy(self.masked_targets))
         return metrics
 
 
