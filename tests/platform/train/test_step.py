@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from polytrain.config.train import TrainConfig
+from polytrain.models.sequence_shard import WHOLE
 from polytrain.platform.data.loader import MicroBatch
 from polytrain.platform.data.order import Slot
 from polytrain.platform.distributed.engine import guard_step
@@ -25,7 +26,7 @@ class LossScalingEngine:
     """The engine's part of an fp16 step, as DeepSpeed does it on one process: the loss is scaled, the gradients
     are checked in fp16 range; on overflow the update is skipped, counted and the scale halved."""
 
-    world_size, rank, device, loss_scaling = 1, 0, torch.device("cpu"), True
+    world_size, rank, device, loss_scaling, sequence = 1, 0, torch.device("cpu"), True, WHOLE
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: float):
         self.model, self.optimizer, self.scale, self.skipped = model, optimizer, scale, 0
