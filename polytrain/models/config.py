@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.registry import Registry
+from polytrain.models.tower_config import TowerConfig
 from polytrain.schema import Fraction, NonNegative, Positive, Range, from_dict, to_dict
 
 HEADS: Registry[type] = Registry("head", group="polytrain.heads")
@@ -29,7 +30,7 @@ KERNELS: Registry = Registry("attention kernel")
 for _registry, _module, _names in (
         (HEADS, "polytrain.models.heads", ("decoder_only", "encoder_decoder", "encoder_classifier", "masked_lm")),
         (NORMS, "polytrain.models.layers", ("layernorm", "rmsnorm")),
-        (MLPS, "polytrain.models.layers", ("gelu", "gelu_tanh", "relu", "swiglu")),
+        (MLPS, "polytrain.models.layers", ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu")),
         (KERNELS, "polytrain.models.attention",
          ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex", "flash_attn"))):
     for _name in _names:
@@ -114,7 +115,7 @@ class BackboneConfig:
     """MLP hidden width in channels, overriding ``mlp_ratio``; 0: int(dim * mlp_ratio).  Checkpoint configs
     state the width, which a ratio does not always give back (int(224 * (976 / 224)) is 975)."""
     mlp: str = "gelu"
-    """MLP kind: gelu (erf), gelu_tanh (GPT-2), relu, swiglu."""
+    """MLP kind: gelu (erf), gelu_tanh (GPT-2), quick_gelu (OpenAI CLIP), relu, swiglu."""
     norm: str = "layernorm"
     """Normalization: layernorm or rmsnorm."""
     norm_eps: Positive[float] = 1e-5
@@ -123,6 +124,9 @@ class BackboneConfig:
     """pre: x + f(norm(x)) and a final norm after the stack; post: norm(x + f(x)), no final norm."""
     embed_norm: bool = False
     """Normalize each stack's input embeddings (BERT, BART's ``layernorm_embedding``)."""
+    layer_scale: bool = False
+    """Scale each residual branch by a learned per-channel vector before adding it (CaiT's and DINOv2's
+    LayerScale), initialized at 1e-5."""
     bias: bool = True
     """Biases in the attention and MLP projections (unless one of the three below says otherwise)."""
     qkv_bias: bool | None = None
@@ -297,6 +301,10 @@ class ModelConfig:
     lm_bias: bool = False
     """Text LM logits get a learned bias per vocabulary entry (BERT's ``cls.predictions.bias``), beside the
     tied table or in the ``lm_head``."""
+    towers: dict[str, TowerConfig] = field(default_factory=dict)
+    """A tower by modality: that modality's embedder is an encoder of its own plus a projector into the
+    backbone's width (LLaVA's vision tower, Whisper's encoder) instead of the plain patch embedding; see
+    ``polytrain.models.tower_config``. {}: every modality has its plain embedder."""
 
     def check(self) -> None:
         backbone = self.backbone

@@ -13,6 +13,7 @@ from polytrain.errors import ConfigError, DataError
 from polytrain.models.backbone import Backbone
 from polytrain.models.config import HEADS, BackboneConfig, ModelConfig, head_kind
 from polytrain.models.embed import EMBEDDERS, Embedded, TokenEmbedder
+from polytrain.models.tower import TowerEmbedder
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
@@ -31,12 +32,14 @@ class PolyModel(nn.Module):
         self.specs, self.task_heads = by_modality, dict(task_heads)
         """What the model was built for: its embed specs by modality, its tasks' head names (for export)."""
         head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
-        check_heads_fit(cfg.backbone, by_modality, task_heads)
+        check_heads_fit(cfg.backbone, by_modality, task_heads, bool(cfg.towers))
         # text feeds the decoder (or the one block shape of both stacks); the other modalities feed the encoder
         encoder_side = replace(cfg, backbone=cfg.backbone.encoder_stack)
-        self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg if s.modality == "text"
-                                                                              else encoder_side) for s in specs})
-        self.backbone = Backbone(cfg.backbone)
+        self.embedders = nn.ModuleDict({s.modality: embedder(s, cfg if s.modality == "text" else encoder_side)
+                                        for s in specs})
+        # with no encoder stack a tower is the encoder: the decoder cross-attends to its output (Whisper)
+        towers_encode = any(head_kind(head).encoder and head_kind(head).decoder for head in task_heads.values())
+        self.backbone = Backbone(cfg.backbone, cross_attention=bool(cfg.towers) and towers_encode)
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
             self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
@@ -54,7 +57,7 @@ class PolyModel(nn.Module):
         for embedder in self.embedders.values():
             if hasattr(embedder, "init_weights"):
                 embedder.init_weights(std)
-        layers = sum(len(stack.blocks) for stack in (self.backbone.encoder, self.backbone.decoder) if stack)
+        layers = max(1, sum(len(stack.blocks) for stack in (self.backbone.encoder, self.backbone.decoder) if stack))
         for name, param in self.named_parameters():
             if name.endswith(RESIDUAL_OUTPUTS):
                 nn.init.normal_(param, std=std / math.sqrt(2 * layers))
@@ -76,9 +79,9 @@ class PolyModel(nn.Module):
             embedded = embedder(segment, decoder=True)
         else:
             embedded = embedder(segment)
-        return self.place_spans(embedded, segment, bidirectional_spans) if segment.spans else embedded
+        return self.place_spans(embedded, segment, bidirectional_spans, decoder) if segment.spans else embedded
 
-    def place_spans(self, embedded: Embedded, segment: Segment, bidirectional: bool) -> Embedded:
+    def place_spans(self, embedded: Embedded, segment: Segment, bidirectional: bool, decoder: bool = False) -> Embedded:
         x_BLE = embedded.x_BLE
         rope = embedded.rope
         spans_BL = torch.full_like(segment.values, -1) if bidirectional else None
@@ -90,8 +93,11 @@ class PolyModel(nn.Module):
             unplaced = unplaced + 0.0 * inner.x_BLE.sum()  # stand-ins: embedded, placed nowhere
             n, s = where_NS.nonzero(as_tuple=True)
             rows, cols = spans.rows[n], spans.starts[n] + s
-            x_BLE = x_BLE.index_put((rows, cols), inner.x_BLE[n, s].to(x_BLE.dtype))
-            if rope is not None:
+            placed = inner.x_BLE[n, s].to(x_BLE.dtype)
+            if isinstance(self.embedders[modality], TowerEmbedder):  # its slots keep the text's positions
+                placed = placed + self.embedders["text"].positions_at(segment.positions[rows, cols], decoder)
+            x_BLE = x_BLE.index_put((rows, cols), placed)
+            if rope is not None and inner.rope is not None:  # a tower's vectors keep the text's angles
                 rope = tuple(table.index_put((rows, cols), own[n, s]) for table, own in zip(rope, inner.rope))
             if spans_BL is not None:
                 spans_BL[rows, cols] = first + n
@@ -124,11 +130,20 @@ def without_cls(e: Embedded, length: int) -> Embedded:
                                                                                           e.rope[1][:, 1:]))
 
 
-def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_heads: dict[str, str]) -> None:
-    """Every head finds the stacks and embedders it needs; errors name the model key to change."""
+def embedder(spec: EmbedSpec, cfg: ModelConfig) -> nn.Module:
+    """The embedder of ``spec``'s modality: its tower where ``cfg`` configures one, else the registered one."""
+    if spec.modality in cfg.towers:
+        return TowerEmbedder(spec, cfg, cfg.towers[spec.modality])
+    return EMBEDDERS.get(spec.modality)(spec, cfg)
+
+
+def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_heads: dict[str, str],
+                    towers: bool = False) -> None:
+    """Every head finds the stacks and embedders it needs; errors name the model key to change. ``towers``: a
+    tower may serve as the encoder of heads that read non-text inputs."""
     for task, head in task_heads.items():
         kind = head_kind(head)
-        if kind.encoder and backbone.encoder_layers == 0:
+        if kind.encoder and backbone.encoder_layers == 0 and not (towers and kind.layout != "masked"):
             raise ConfigError("model.backbone.encoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
                               "which needs an encoder")
         if kind.decoder and backbone.decoder_layers == 0:

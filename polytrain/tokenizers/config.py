@@ -101,11 +101,17 @@ class ImageTokenizerConfig:
     """Side of one square patch, in pixels; must divide ``size``."""
     channels: int = 3
     """3 reads images as RGB, 1 as grayscale."""
-    resize: Literal["crop", "pad", "fit"] = "crop"
-    """crop: shorter side to ``size``, then the center square (torchvision Resize + CenterCrop, timm's eval
-    transform). pad: longer side to ``size``, centered on a square whose border is the mean color.
-    fit: keep the aspect ratio and the native resolution, scaled down only as far as ``max_patches`` and
-    ``size`` require, each side rounded to whole patches: a variable patch grid per image."""
+    resize: Literal["crop", "pad", "fit", "stretch"] = "crop"
+    """crop: shorter side to ``size`` / ``crop_pct``, then the center ``size`` square (torchvision Resize +
+    CenterCrop, timm's eval transform, CLIP's processor). pad: longer side to ``size``, centered on a square whose
+    border is the mean color. fit: keep the aspect ratio and the native resolution, scaled down only as far as
+    ``max_patches`` and ``size`` require, each side rounded to whole patches: a variable patch grid per image.
+    stretch: both sides to ``size``, the aspect ratio not kept (SigLIP's processor)."""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    """How images are resized (antialiased either way); CLIP, SigLIP and timm's pretrained ViTs: bicubic."""
+    crop_pct: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """crop: the share of the resized shorter side the center crop keeps (timm's ``crop_pct``; 0.875 resizes a
+    224 crop's shorter side to 256)."""
     max_patches: Annotated[int, Range(ge=0, note="0: (size / patch_size)^2")] = 0
     """fit: the token budget, the most patches one image may give (0: (size / patch_size)^2)."""
     mean: Triple = (0.5, 0.5, 0.5)
