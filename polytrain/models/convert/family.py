@@ -181,7 +181,8 @@ def expect(config: dict, key: str, allowed: Any, why: str, source: str) -> None:
         raise ConversionError(f"{source} config {key}={config[key]!r}: polytrain {why} (it takes {allowed!r})")
 
 
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+                  "relu": "relu"}
 """Hugging Face ``hidden_act`` / ``activation_function`` -> polytrain ``backbone.mlp``; export writes the first
 name of each."""
 
