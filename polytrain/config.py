@@ -20,6 +20,7 @@ from polytrain.launch.backends import BACKENDS
 from polytrain.launch.config import LaunchConfig
 from polytrain.models.config import ModelConfig, head_kind
 from polytrain.models.preset_configs import MODEL_PRESETS
+from polytrain.models.tower_config import check_towers_data
 from polytrain.platform.data.config import DataConfig
 from polytrain.platform.distributed.config import EngineConfig
 from polytrain.platform.observe.config import TrackingConfig
@@ -61,13 +62,16 @@ class Config:
                 if task.seq_len > max_len:
                     raise ConfigError(f"{key}.seq_len", task.seq_len, f"must be <= tokenizers.text.max_len={max_len}")
                 continue
-            if self.model.backbone.encoder_layers == 0:
+            towers = task.modalities and all(m in self.model.towers for m in task.modalities)  # a tower encodes
+            if self.model.backbone.encoder_layers == 0 and not towers:
                 raise ConfigError(f"{key}.head", task.head, "needs an encoder, but model.backbone.encoder_layers=0; "
-                                  "set model.backbone.encoder_layers > 0 or use head=decoder_only")
+                                  "set model.backbone.encoder_layers > 0, give its inputs towers (model.towers) or "
+                                  "use head=decoder_only")
             if task.max_target_len + 2 > max_len:  # bos ... eos
                 raise ConfigError(f"{key}.max_target_len", task.max_target_len,
                                   f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
         self.check_init_parts()
+        check_towers_data(self.model.towers, self.tokenizers, self.data.tasks)
 
     def check_init_parts(self) -> None:
         """Every ``heads.<task>`` and ``embedders.<modality>`` part names a task and a modality of this run."""

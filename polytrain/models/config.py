@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
 from polytrain.registry import Registry
-from polytrain.models.tower_config import TowerConfig
+from polytrain.models.tower_config import TowerConfig, check_tower
 from polytrain.schema import Fraction, NonNegative, Positive, Range, from_dict, to_dict
 
 HEADS: Registry[type] = Registry("head", group="polytrain.heads")
@@ -308,6 +308,8 @@ class ModelConfig:
 
     def check(self) -> None:
         backbone = self.backbone
+        for modality, tower in self.towers.items():
+            check_tower(modality, tower, backbone.encoder_stack.dim)
         if self.embed.decoder_positions and (POSITIONS.get(backbone.position).table != "learned"
                                              or not backbone.encoder_layers or not backbone.decoder_layers):
             raise ConfigError("embed.decoder_positions", True, "needs learned positions and both stacks, got "

@@ -131,20 +131,25 @@ ARCHITECTURE = tuple(f.name for f in fields(TowerConfig) if f.name not in USE)
 """The fields a tower's checkpoint fixes."""
 
 
-def check_towers(towers: dict[str, TowerConfig], width: int, tokenizers, tasks) -> None:
-    """What a tower needs of the rest of the run: a width to project to, a tokenizer cutting its tokens, no kept
-    class token where a span is laid out.  ``width``: the backbone's (the encoder stack's) width; ``tokenizers``:
-    the tokenizers section; ``tasks``: the data section's tasks."""
+def check_tower(modality: str, tower: TowerConfig, width: int) -> None:
+    """A tower has a width to project to (``width``: the backbone's, the encoder stack's where it has its own);
+    errors name the key under ``model``."""
+    key = f"towers.{modality}"
+    if modality == "text":
+        raise ConfigError(key, "...", "text is embedded by its token table; towers serve image, audio and plugin "
+                          "modalities")
+    if tower.projector == "none" and tower.dim != width:
+        raise ConfigError(f"{key}.projector", "none", f"needs the tower's dim={tower.dim} to equal the backbone's "
+                          f"width {width}; use linear or mlp2x_gelu")
+
+
+def check_towers_data(towers: dict[str, TowerConfig], tokenizers, tasks) -> None:
+    """What a tower needs of the rest of the run: a tokenizer cutting its tokens, no kept class token where a
+    span is laid out.  ``tokenizers``: the tokenizers section; ``tasks``: the data section's tasks."""
     from polytrain.models.config import head_kind
 
     for modality, tower in towers.items():
         key = f"model.towers.{modality}"
-        if modality == "text":
-            raise ConfigError(key, "...", "text is embedded by its token table; towers serve image, audio and "
-                              "plugin modalities")
-        if tower.projector == "none" and tower.dim != width:
-            raise ConfigError(f"{key}.projector", "none", f"needs the tower's dim={tower.dim} to equal the "
-                              f"backbone's width {width}; use linear or mlp2x_gelu")
         if tower.stem == "conv":
             check_conv_tokenizer(key, getattr(tokenizers, modality, None), modality)
         for name, task in tasks.items():

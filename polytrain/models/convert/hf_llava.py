@@ -48,6 +48,9 @@ LAYOUTS = ((r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.
            (r"^model\.vision_tower\.", "vision_tower."), (r"^model\.multi_modal_projector\.", PROJECTOR),
            (r"^vision_tower\.(?!vision_model\.)", VISION))
 """transformers 5's module names -> the hub's, applied in order."""
+VISION_DEFAULTS = dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024, patch_size=14,
+                       image_size=336, num_hidden_layers=24, num_attention_heads=16)
+"""``LlavaConfig``'s default vision config (LLaVA-1.5's CLIP ViT-L/14 at 336 pixels), for files that leave it out."""
 IMAGE_TOKEN = markers("image")[0]
 """The image token LLaVA's tokenizers name ``<image>``, polytrain's image span slot token."""
 
@@ -63,7 +66,7 @@ class Llava(HFFamily):
         if not isinstance(lm, LlamaLike):
             raise ConversionError(f"{self.name} text_config model_type={text.get('model_type')!r}: polytrain reads "
                                   "LLaVA with a llama, qwen2 or mistral LM")
-        vision = config.get("vision_config") or {}
+        vision = config.get("vision_config") or VISION_DEFAULTS
         kind = VISION_MODEL_TYPES.get(vision.get("model_type", "clip_vision_model"))
         if kind is None:
             raise ConversionError(f"{self.name} vision_config model_type={vision.get('model_type')!r}: polytrain "
