@@ -63,6 +63,11 @@ class TextTokenizerConfig:
     """The token that ends a sequence and separates packed documents; GPT-2: ``<|endoftext|>``."""
     mask: str = MASK
     """The token masked_lm puts in place of the tokens to predict; BERT's ``tokenizer.json``: ``[MASK]``."""
+    span_markers: bool = True
+    """A non-text span inside text is laid out between its modality's markers (``<image>``, one slot per token,
+    ``</image>``); false: as its slots alone, each holding the modality's token (``<image>``), as LLaVA's
+    ``input_ids`` hold one image token per image feature (what ``export --format hf`` needs to write a run as
+    LlavaForConditionalGeneration). A prompt must then end in text."""
 
     def check(self) -> None:
         floor = N_BYTES + len(SPECIAL_TOKENS)
@@ -75,11 +80,17 @@ class TextTokenizerConfig:
             raise ConfigError("pad", self.pad, "must differ from bos and eos: padding is dropped from the loss")
 
     def special_tokens(self, modalities: tuple[str, ...] = ()) -> list[str]:
-        """Every special token the tokenizer must have, in id order for a new one: the built-in ones, then the
-        markers of the (plugin) ``modalities``."""
+        """The special tokens of a tokenizer polytrain trains, in id order: the built-in ones, then the markers of
+        the plugin ``modalities``."""
         names = [self.pad, self.bos, self.eos, UNK, self.mask, *SPECIAL_TOKENS[5:],
-                 *(marker for modality in modalities for marker in markers(modality))]
+                 *(marker for modality in modalities if modality not in BUILT_IN for marker in markers(modality))]
         return list(dict.fromkeys(names))
+
+    def required_tokens(self, modalities: tuple[str, ...] = (), masked: bool = False) -> list[str]:
+        """The special tokens a run uses, which a loaded tokenizer (a checkpoint's) gets where it lacks them: pad,
+        bos, eos; the mask for masked_lm; the markers (or slot token) of the ``modalities`` laid out in text."""
+        spans = [marker for modality in modalities for marker in markers(modality)[: 2 if self.span_markers else 1]]
+        return list(dict.fromkeys([self.pad, self.bos, self.eos, *([self.mask] if masked else []), *spans]))
 
 
 Triple = tuple[float, float, float]

@@ -241,7 +241,8 @@ class SequenceDataset(Dataset):
         prompt = None
         for part in record.parts:
             if part.scored and prompt is None:
-                prompt = Laid(list(full.ids), list(full.scored), list(full.spans))
+                prompt = full.copy()
+                self.check_prompt_end(record, prompt)
             self.add(full, record, part)
         if len(full) > self.task.seq_len + 1:
             self.overflow(record.where, f"{len(full)} tokens", str(self.task.seq_len + 1))
@@ -250,6 +251,12 @@ class SequenceDataset(Dataset):
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError(f"{record.where}: nothing scored is left within seq_len={self.task.seq_len}")
         return Example(inputs, labels, record.sample_id, self.target_text(record), prompt=prompt)
+
+    def check_prompt_end(self, record: Record, prompt: Laid) -> None:
+        """Generation feeds a prompt's last slot as a token: without span markers, that must be text."""
+        if not prompt.marked and prompt.spans and prompt.spans[-1][2] + len(prompt.spans[-1][1]) == len(prompt):
+            raise DataError(f"{record.where}: the scored text follows a {prompt.spans[-1][0]} span directly; with "
+                            "tokenizers.text.span_markers: false a prompt must end in text (a question, a newline)")
 
     def prompts(self, records: list[Record]) -> TaskBatch:
         """What generation starts from, for samples that may have no answer yet (``polytrain generate``): the
@@ -292,8 +299,7 @@ class SequenceDataset(Dataset):
             ids = self.text_ids(record, [part], None, None)
             laid.add_text(ids + ([self.text.eos_id] if part.scored else []), part.scored)
         else:
-            laid.add_span(part.modality, self.file_tokens(record, part), self.text.markers(part.modality),
-                          self.text.pad_id)
+            laid.add_span(part.modality, self.file_tokens(record, part), *self.text.span_layout(part.modality))
 
     def text_ids(self, record: Record, parts: list[Part], limit: int | None, overflow: Overflow | None) -> list[int]:
         ids = [i for part in parts for i in (list(part.value) if isinstance(part.value, tuple)
@@ -334,8 +340,10 @@ class SequenceDataset(Dataset):
                                 f"decoding (it has no count method), so the task cannot have a budget")
             return self.tokenizers[modality].count(d0, d1)
 
-        def laid(selected) -> int:  # text, with eos after scored text; spans between their two markers
-            return sum(count(m, d0, d1) + (int(scored) if m == "text" else 2) for m, scored, d0, d1 in selected)
+        markers = 2 if self.text.cfg.span_markers else 0
+
+        def laid(selected) -> int:  # text, with eos after scored text; spans between their markers
+            return sum(count(m, d0, d1) + (int(scored) if m == "text" else markers) for m, scored, d0, d1 in selected)
 
         if self.layout == "causal":
             return (min(1 + laid(parts), self.task.seq_len + 1) - 1,)

@@ -179,7 +179,8 @@ def activation_bytes(cfg: Config) -> int:
 
     Per token and block a pre-norm block saves about 10·E values for attention and norms plus
     2·H for the MLP (E model width, H MLP width; SDPA's fused kernels keep no T×T matrix); decoder
-    blocks with cross-attention save 4·E more.  Logits and their softmax gradient add 2·V per
+    blocks with cross-attention save 4·E more; a tower's blocks likewise at its own widths (counted whether
+    or not it is frozen: an upper bound).  Logits and their softmax gradient add 2·V per
     decoder token in fp32.
     """
     backbone, vocab = cfg.model.backbone, cfg.tokenizers.text.vocab_size
@@ -189,9 +190,23 @@ def activation_bytes(cfg: Config) -> int:
     for name, (enc, dec) in sequence_lengths(cfg).items():
         batch = cfg.data.tasks[name].batch_size
         cross = 4 * backbone.dim if enc else 0
-        per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers) * low
+        per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers
+                      + tower_values(cfg, cfg.data.tasks[name].modalities)) * low
         total += batch * (per_sample + dec * 2 * vocab * 4)
     return total
+
+
+def tower_values(cfg: Config, modalities: tuple[str, ...]) -> int:
+    """Activations one sample's inputs keep in the towers that read them, as for the backbone's blocks: the
+    tokens of the largest input plus the class and register tokens, per block at the tower's own widths."""
+    values = 0
+    for modality in modalities:
+        tower = cfg.model.towers.get(modality)
+        if tower is not None:
+            rows, cols = build_patch_tokenizer(modality, cfg.tokenizers).embed_spec().grid
+            tokens = rows * cols + tower.prefix_tokens
+            values += tokens * (10 * tower.dim + 2 * tower.mlp_hidden) * tower.built_layers
+    return values
 
 
 def estimate(cfg: Config, option: Option, world_size: int, n_params: int, n_trainable: int,
