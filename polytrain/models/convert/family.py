@@ -63,6 +63,9 @@ class Family(ABC):
     """The modality of the checkpoint's input: the embed spec export reads off the model."""
     head = ""
     """The polytrain head its model is (``decoder_only``, ``masked_lm``, ...): which task of a model it exports."""
+    span_slots = False
+    """It reads the spans in text as one modality token per vector, attended causally (LLaVA): a run it writes laid
+    them out so (``tokenizers.text.span_markers: false``, ``span_attention: causal``)."""
     base_prefix = ""
     """Prefix of the base model's tensors (``transformer.``), which base-model files leave out."""
     unused = ""

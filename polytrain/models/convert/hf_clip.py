@@ -22,7 +22,7 @@ from torch import Tensor
 
 from polytrain.models.convert.family import Architecture, HFFamily, hf_activation_to_mlp, mlp_to_hf_activation, register
 from polytrain.models.convert.rules import ConversionError, Rule, reshaped, same, stacked
-from polytrain.models.convert.timm_vit import patch_side, tower_architecture
+from polytrain.models.convert.timm_vit import patch_side, tower_architecture, triple
 from polytrain.models.tower_config import TowerConfig
 from polytrain.tokens import EmbedSpec
 
@@ -120,7 +120,7 @@ def image_preprocessing(vision: dict, preprocessor: dict, kind: str) -> dict:
     c = {**DEFAULTS[kind], **vision}
     mean, std = MEAN_STD[kind]
     image = dict(size=c["image_size"], patch_size=c["patch_size"], channels=c["num_channels"],
-                 mean=list(preprocessor.get("image_mean", mean)), std=list(preprocessor.get("image_std", std)),
+                 mean=triple(preprocessor.get("image_mean", mean)), std=triple(preprocessor.get("image_std", std)),
                  interpolation=RESAMPLE.get(preprocessor.get("resample", 3), "bicubic"),
                  resize="crop" if kind == "clip" else "stretch")
     if "do_center_crop" in preprocessor:

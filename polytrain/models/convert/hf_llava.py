@@ -57,7 +57,7 @@ IMAGE_TOKEN = markers("image")[0]
 
 class Llava(HFFamily):
     name, model_type, head = "LlavaForConditionalGeneration", "llava", "decoder_only"
-    unused = LlamaLike.unused
+    unused, span_slots = LlamaLike.unused, True
 
     def parts(self, config: dict) -> tuple[LlamaLike, dict, str, dict]:
         """(the LM's family, its config, the vision kind, the vision config)."""

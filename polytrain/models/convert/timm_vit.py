@@ -114,6 +114,12 @@ def check_args(given: dict, allowed: dict, reading: str) -> None:
                                   f"{key}={' or '.join(map(repr, values))}")
 
 
+def triple(values) -> list[float]:
+    """Per-channel statistics as the image tokenizer takes them: three (a grayscale model's one, repeated)."""
+    values = [float(v) for v in values]
+    return values * 3 if len(values) == 1 else values
+
+
 def image_grid(args: dict) -> tuple[int, int]:
     height, width = (args["img_size"],) * 2 if isinstance(args["img_size"], int) else tuple(args["img_size"])
     patch = args["patch_size"]
@@ -199,8 +205,8 @@ class TimmViT(Family):
                  "patch_size": args["patch_size"], "channels": args["in_chans"]}
         mean, std = (pretrained.get("mean"), pretrained.get("std")) if "mean" in pretrained else \
             PREPROCESSING.get(kind, (None, None))
-        if mean is not None and len(mean) == 3:
-            image.update(mean=list(mean), std=list(std))
+        if mean is not None:
+            image.update(mean=triple(mean), std=triple(std))
         if kind or "interpolation" in pretrained or "crop_pct" in pretrained:  # timm's eval transform
             image.update(resize="crop", crop_pct=float(pretrained.get("crop_pct", 1.0)),
                          interpolation="bicubic" if pretrained.get("interpolation", "bicubic") == "bicubic"

@@ -14,11 +14,14 @@ each, for the parts it fills:
   checkpoint's ``tokenizer.json`` becomes the run's, its special tokens ``tokenizers.text.bos``, ``eos``,
   ``pad`` and ``mask``, its positions ``tokenizers.text.max_len``;
 - an image embedder: the patch embedding's settings and ``tokenizers.image`` (patch size, side, channels);
+  a tower (``model.towers.<modality>``, the checkpoint read as one where the recipe takes it so): its
+  architecture, and its preprocessing as the tokenizer's (``derive_towers``);
 - ``lm_head``: the untied output; a classifier head: its pooling.
 
 The recipe's own keys stay where a checkpoint says nothing (dropout, kernels, the new parts), and
 ``check_sources`` (which ``preflight`` runs for every job too) stops at the first that contradicts one.
-polytrain's own checkpoints add nothing here: the recipe configures the model they fit.
+polytrain's own checkpoints add nothing here (the recipe configures the model they fit), but the towers
+``init_parts`` takes from them (``derive_towers.own_towers``: a stage-2 run continuing stage 1's projector).
 """
 
 import logging
@@ -34,6 +37,7 @@ from polytrain.models.config import BLOCK_FIELDS, POSITIONS, BackboneConfig
 from polytrain.models.convert.expressible import IMAGE_ONLY, TEXT_ONLY, essential_backbone
 from polytrain.models.convert.family import Architecture
 from polytrain.models.convert.timm_vit import patch_side
+from polytrain.platform.train.derive_towers import fixed, own_towers, tower_settings
 from polytrain.platform.train.recipe import task_heads
 from polytrain.platform.train.sources import Source, open_sources
 
@@ -46,10 +50,10 @@ def job_config(path: str | Path, overrides: list[str]) -> Config:
     """The recipe at ``path`` with ``overrides``, completed from its checkpoints' own configs and checked."""
     tree = load_tree(path, overrides)
     cfg = build_config(tree)
-    sources = foreign(cfg)
-    if not sources:
+    sources, towers = foreign(cfg), own_towers(cfg.finetune)
+    if not sources and not towers:
         return cfg
-    given = derived(cfg, sources)
+    given = merged(towers, derived(cfg, sources))
     for source in sources:
         log.info("%s is a %s checkpoint of %s", source.name, source.family, ", ".join(source.filled(task_heads(cfg))))
     log.info("the architecture from the checkpoints: %s", yaml.safe_dump(given, default_flow_style=True,
@@ -60,8 +64,8 @@ def job_config(path: str | Path, overrides: list[str]) -> Config:
 
 
 def foreign(cfg: Config) -> list[Source]:
-    """The other libraries' checkpoints the run starts from, opened."""
-    return open_sources(cfg.finetune, foreign_only=True)
+    """The other libraries' checkpoints the run starts from, opened (read as towers where the recipe takes them so)."""
+    return [source.reading_towers(set(cfg.model.towers)) for source in open_sources(cfg.finetune, foreign_only=True)]
 
 
 def derived(cfg: Config, sources: list[Source]) -> dict:
@@ -116,10 +120,14 @@ def part_settings(part: str, source: Source) -> dict[str, Any]:
         names = dict(source.external.special)
         if names.get("pad") in (names.get("bos"), names.get("eos")):
             names.pop("pad")  # polytrain drops padding from the loss, so it keeps a pad token of its own
+        if "pad" not in names and names.get("unk") not in (None, names.get("bos"), names.get("eos")):
+            names["pad"] = names["unk"]  # a byte-level tokenizer's unknown token never occurs: it pads, no new row
         return {**{f"model.embed.{key}": getattr(embed, key) for key in ("modality_vector", *TEXT_ONLY)},
                 "model.tie_embeddings": model.tie_embeddings, "model.lm_bias": model.lm_bias,
                 "tokenizers.text.max_len": arch.spec.grid[1],
                 **{f"tokenizers.text.{role}": names[role] for role in ("bos", "eos", "pad", "mask") if role in names}}
+    if kind == "embedders" and which in model.towers:
+        return tower_settings(source.external, which)
     if kind == "embedders":
         rows, cols = arch.spec.grid
         if rows != cols:
@@ -151,6 +159,7 @@ def check_sources(cfg: Config, sources: list[Source]) -> None:
     for source in sources:
         if source.external is None:
             continue  # polytrain's own: the recipe configures the model it fits
+        source = source.reading_towers(set(cfg.model.towers))
         for part in source.filled(heads):
             for key, theirs, ours in compared(cfg, part, source):
                 if ours != theirs:
@@ -172,8 +181,14 @@ def compared(cfg: Config, part: str, source: Source) -> list[tuple[str, Any, Any
         return [(f"model.backbone.{layers}", getattr(backbone, layers), getattr(cfg.model.backbone, layers))] + \
             [(f"model.backbone.{'encoder.' if name in spelled else ''}{name}", theirs[name], ours[name])
              for name in BLOCK_FIELDS]
-    return [(key, value, reduce(getattr, key.split("."), cfg)) for key, value in part_settings(part, source).items()
-            if not key.startswith("tokenizers.text.")]  # its names are defaults; its length: check_text_tokenizer
+    # the text tokenizer's names are defaults (its length: check_text_tokenizer); a tower's use is the recipe's
+    return [(key, value, reduce(lookup, key.split("."), cfg)) for key, value in part_settings(part, source).items()
+            if not key.startswith("tokenizers.text.") and fixed(key)]
+
+
+def lookup(node: Any, name: str) -> Any:
+    """A config section's field, or a mapping's entry (``model.towers.<modality>``)."""
+    return node[name] if isinstance(node, dict) else getattr(node, name)
 
 
 def check_text_tokenizer(cfg: Config, source: Source) -> None:

@@ -20,7 +20,7 @@ from polytrain.models.convert.files import TokenizerFiles
 from polytrain.models.model import PolyModel
 from polytrain.platform.distributed.checkpoint import consolidated, latest_checkpoint
 from polytrain.platform.train.init_from import rebuilt
-from polytrain.tokenizers.config import UNK
+from polytrain.tokenizers.config import UNK, markers
 
 FORMATS = ("hf", "timm")
 """Library formats ``polytrain export --format`` writes (besides polytrain's own safetensors file)."""
@@ -58,18 +58,38 @@ def export_library(run_dir: str | Path, fmt: str, out: Path) -> tuple[str, str, 
                               f"{', '.join(sorted(set(model.task_heads.values())))}, {fmt} holds "
                               f"{', '.join(sorted({f.head for f in ordered}))}")
     text = tokenizers["text"]
-    tokenizer = None if fmt == "timm" else TokenizerFiles(text.hf.to_str(), {
-        "bos": (text.cfg.bos, text.bos_id), "eos": (text.cfg.eos, text.eos_id), "pad": (text.cfg.pad, text.pad_id),
-        "mask": (text.cfg.mask, text.mask_id), "unk": (UNK, text.unk_id)})
+    tokenizer = None if fmt == "timm" else TokenizerFiles(text.hf.to_str(), special_roles(text, model.specs))
     errors = []
     for family, task in candidates:
         left_out = unused(cfg, model, task)
         try:
+            check_span_layout(cfg, family, task)
             write_external(model, task, family.name, out, tokenizer, cfg.tokenizers.image.channels, left_out)
             return family.name, task, [part.rstrip(".") for part in left_out]
         except ConversionError as err:
             errors.append(err)
     raise ConversionError(f"polytrain export --format {fmt}: {errors[0]}")
+
+
+def special_roles(text, specs) -> dict[str, tuple[str, int]]:
+    """The text tokenizer's special tokens by role, those it has: bos, eos, pad, mask, unk, and each modality's
+    slot token (``<image>``) by the modality's name."""
+    roles = {"bos": (text.cfg.bos, text.bos_id), "eos": (text.cfg.eos, text.eos_id), "pad": (text.cfg.pad, text.pad_id),
+             "mask": (text.cfg.mask, text.mask_id), "unk": (UNK, text.unk_id),
+             **{m: (markers(m)[0], text.hf.token_to_id(markers(m)[0])) for m in specs if m != "text"}}
+    return {role: (token, i) for role, (token, i) in roles.items() if i is not None}
+
+
+def check_span_layout(cfg: Config, family: Family, task: str) -> None:
+    """A class that reads spans as one modality token per vector, causally (LLaVA), writes a run laid out so."""
+    if not family.span_slots:
+        return
+    if cfg.tokenizers.text.span_markers:
+        raise ConversionError(f"{family.name} reads one image token per image feature and no markers; the run laid "
+                              "its spans out between markers (set tokenizers.text.span_markers: false)")
+    if cfg.data.tasks[task].span_attention != "causal":
+        raise ConversionError(f"{family.name} attends causally over image tokens; task {task!r} attends within its "
+                              f"spans both ways (set data.tasks.{task}.span_attention: causal)")
 
 
 def unused(cfg: Config, model: PolyModel, task: str) -> tuple[str, ...]:
