@@ -31,7 +31,7 @@ from polytrain.models.convert.files import (
     weights_file,
     write_folder,
 )
-from polytrain.models.convert.rules import ConversionError, export_state, import_state
+from polytrain.models.convert.rules import ConversionError, NoPlace, export_state, import_state
 from polytrain.models.model import PolyModel, with_classes
 
 
@@ -146,8 +146,8 @@ def export_weights(model: PolyModel, family: Family, task: str, channels: int = 
     if left:  # checked first: a part the class has no place for says more than the settings of the rest
         parts = sorted({name.split(".")[0] if name.startswith("lm_head.") else ".".join(name.split(".")[:2])
                         for name in left})
-        raise ConversionError(f"{family.name} cannot express {left[0]} ({len(left)} tensors of the model have no "
-                              f"place in it: {', '.join(parts)})")
+        raise NoPlace(f"{family.name} cannot express {left[0]} ({len(left)} tensors of the model have no place in "
+                      f"it: {', '.join(parts)})")
     config = checked_config(family, arch)
     state = export_state(model, rules, restored)
     dtype = next(iter(state.values())).dtype

@@ -25,6 +25,10 @@ class ConversionError(PolytrainError):
     """A checkpoint does not fit the configured model, or a model its target library; the message says where."""
 
 
+class NoPlace(ConversionError):
+    """A model's tensors a library's class has no place for: the class is not one of this model's shape."""
+
+
 @dataclass(frozen=True)
 class Rule:
     ours: str

@@ -15,6 +15,7 @@ from polytrain.config import Config
 from polytrain.errors import ConfigError
 from polytrain.models.config import head_kind
 from polytrain.models.convert import FAMILIES, ConversionError, write_external
+from polytrain.models.convert.rules import NoPlace
 from polytrain.models.convert.family import Family
 from polytrain.models.convert.files import TokenizerFiles
 from polytrain.models.model import PolyModel
@@ -68,7 +69,9 @@ def export_library(run_dir: str | Path, fmt: str, out: Path) -> tuple[str, str, 
             return family.name, task, [part.rstrip(".") for part in left_out]
         except ConversionError as err:
             errors.append(err)
-    raise ConversionError(f"polytrain export --format {fmt}: {errors[0]}")
+    # a class of the model's shape says what it cannot express; the others only that they are not of its shape
+    said = next((err for err in errors if not isinstance(err, NoPlace)), errors[0])
+    raise ConversionError(f"polytrain export --format {fmt}: {said}")
 
 
 def special_roles(text, specs) -> dict[str, tuple[str, int]]:
