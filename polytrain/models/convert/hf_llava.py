@@ -38,7 +38,7 @@ from polytrain.models.convert.hf_clip import (
     vision_unread,
 )
 from polytrain.models.convert.hf_llama import LlamaLike
-from polytrain.models.convert.rules import ConversionError, Rule, same
+from polytrain.models.convert.rules import ConversionError, NoPlace, Rule, same
 from polytrain.tokenizers.config import markers
 
 VISION = "vision_tower.vision_model."
@@ -102,10 +102,11 @@ class Llava(HFFamily):
         return replace(arch, model=replace(arch.model, towers={}), others=())
 
     def kind(self, arch: Architecture) -> str:
+        """The vision model of the model's image tower; a model without one is not of LLaVA's shape."""
         tower = arch.model.towers.get("image")
-        if tower is None or not arch.others or tower.stem != "patch":
-            raise ConversionError(f"{self.name} cannot express the model: it needs an image tower "
-                                  "(model.towers.image) with a patch stem")
+        if tower is None or not any(s.modality == "image" for s in arch.others) or tower.stem != "patch":
+            raise NoPlace(f"{self.name} has no place for the model's image embedder: it reads an image tower "
+                          "(model.towers.image) with a patch stem")
         return "clip" if tower.cls_token and tower.input_norm else "siglip"
 
     def settings(self, arch: Architecture) -> dict:
@@ -139,12 +140,14 @@ class Llava(HFFamily):
         return super().prepare(renamed)
 
     def unread(self, arch: Architecture) -> str:
+        self.kind(arch)
         return vision_unread(arch.model.towers["image"], VISION)
 
     def placeholders(self, arch: Architecture) -> dict[str, Tensor]:
         return identity_norm(arch.model.towers["image"], VISION)
 
     def rules(self, arch: Architecture, task: str) -> list[Rule]:
+        self.kind(arch)
         lm = FAMILIES.get("llama")
         rules = [Rule(r.ours, tuple(LANGUAGE + n for n in r.theirs), r.to_ours, r.to_theirs,
                       tuple(LANGUAGE + n for n in r.restored)) for r in lm.rules(self.language(arch), task)]

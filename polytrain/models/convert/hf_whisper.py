@@ -28,7 +28,7 @@ from polytrain.models.convert.family import (
     mlp_to_hf_activation,
     register,
 )
-from polytrain.models.convert.rules import ConversionError, Rule, same, stacked, tied, zero_filled
+from polytrain.models.convert.rules import NoPlace, Rule, same, stacked, tied, zero_filled
 from polytrain.models.tower_config import TowerConfig
 from polytrain.tokens import EmbedSpec
 
@@ -69,11 +69,16 @@ class Whisper(HFFamily):
         return Architecture(model, EmbedSpec("text", c["vocab_size"], (1, c["max_target_positions"])), self.head,
                             others=(audio,))
 
+    def tower(self, arch: Architecture) -> tuple[TowerConfig, EmbedSpec]:
+        """The model's audio tower and spec; a model without one is not of Whisper's shape."""
+        tower, audio = arch.model.towers.get("audio"), next((s for s in arch.others if s.modality == "audio"), None)
+        if tower is None or audio is None or tower.stem != "conv" or arch.model.backbone.encoder_layers:
+            raise NoPlace(f"{self.name} has no place for the model's encoder: it reads an audio tower with a conv "
+                          "stem (model.towers.audio) as its encoder, and no encoder stack")
+        return tower, audio
+
     def settings(self, arch: Architecture) -> dict:
-        b, tower, audio = arch.model.backbone, arch.model.towers.get("audio"), arch.others[0] if arch.others else None
-        if tower is None or audio is None or audio.modality != "audio" or tower.stem != "conv":
-            raise ConversionError(f"{self.name} cannot express the model's encoder: it needs model.towers.audio with "
-                                  "a conv stem (Whisper's) as the encoder")
+        b, (tower, audio) = arch.model.backbone, self.tower(arch)
         return dict(vocab_size=arch.spec.input_dim, num_mel_bins=audio.input_dim // 2, d_model=b.dim,
                     encoder_layers=tower.built_layers, encoder_attention_heads=tower.n_heads,
                     encoder_ffn_dim=tower.mlp_hidden, decoder_layers=b.decoder_layers,
@@ -102,7 +107,7 @@ class Whisper(HFFamily):
                               max_seconds=longest)}
 
     def rules(self, arch: Architecture, task: str) -> list[Rule]:
-        tower, b = arch.model.towers["audio"], arch.model.backbone
+        tower, b = self.tower(arch)[0], arch.model.backbone
         ours = "embedders.audio.tower"
         rules = [tied("embedders.text.table.weight", ("model.decoder.embed_tokens.weight", "proj_out.weight")),
                  same("embedders.text.position.weight", "model.decoder.embed_positions.weight"),

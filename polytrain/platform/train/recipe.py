@@ -44,7 +44,7 @@ def build_tokenizers(cfg: Config, text_tokenizer_file: Path) -> dict[str, Any]:
     """The text tokenizer (``tokenizer.json`` with ``tokenizers.text``'s settings, plus the special tokens the tasks
     use where it lacks them) and one tokenizer per non-text modality the tasks read."""
     masked = any(head_kind(task.head).layout == "masked" for task in cfg.data.tasks.values())
-    text = TextTokenizer.load(text_tokenizer_file, cfg=cfg.tokenizers.text, modalities=cfg.data.modalities,
+    text = TextTokenizer.load(text_tokenizer_file, cfg=cfg.tokenizers.text, modalities=cfg.data.span_modalities,
                               masked=masked)
     return {"text": text, **{m: build_patch_tokenizer(m, cfg.tokenizers) for m in cfg.data.modalities}}
 
