@@ -38,17 +38,24 @@ from scripts import tiny_checkpoints  # noqa: E402
 
 LM_PARTS = ["embedders.text", "backbone.decoder"]
 """What the GPT-2-shaped LM fills (its output is tied to its token table)."""
+SCHEDULE = {"train": {"lr": 2.0e-3, "warmup_steps": 20}, "engine": {"zero_stage": 0},
+            "tracking": {"log_every": 50, "progress_bar": False}}
+"""How the towers' classifiers train."""
+
+
+def classifier(source: str, data: str, batch: int) -> dict:
+    """A task classifying the digits of the ``data`` built-in dataset."""
+    return {"data": {"tasks": {"digit": {"head": "encoder_classifier", "source": source, "classes": list(WORDS),
+                                         "train": f"builtin:{data}/train", "val": f"builtin:{data}/val",
+                                         "batch_size": batch}}}, **SCHEDULE}
+
+
 VIT = {
     "model": {"backbone": {"dim": 64, "n_heads": 4, "encoder_layers": 4, "decoder_layers": 0, "norm_eps": 1.0e-6},
               "embed": {"modality_vector": False, "patch_positions": "raster", "cls_token": True},
               "heads": {"classifier": {"pooling": "cls"}}},
     "tokenizers": {"text": {"vocab_size": 300}, "image": {"size": 8, "patch_size": 4, "channels": 1}},
-    "data": {"tasks": {"digit": {"head": "encoder_classifier", "source": "image", "classes": list(WORDS),
-                                 "train": "builtin:digits_image/train", "val": "builtin:digits_image/val",
-                                 "batch_size": 32}}},
-    "train": {"lr": 2.0e-3, "warmup_steps": 20},
-    "engine": {"zero_stage": 0},
-    "tracking": {"log_every": 50, "progress_bar": False},
+    **classifier("image", "digits_image", 32),
 }
 """A plain ViT (timm's shape: raster positions with a class token, pre-norm, eps 1e-6) classifying the digits."""
 AUDIO = {"frontend": "whisper", "n_mels": 32, "patch_mels": 32, "patch_frames": 2, "max_seconds": 1.0}
@@ -57,12 +64,7 @@ AUDIO_TOWER = {
               "towers": {"audio": {"stem": "conv", "cls_token": False, "prefix_positions": False, "dim": 64,
                                    "layers": 4, "n_heads": 4, "norm_eps": 1.0e-5, "projector": "none"}}},
     "tokenizers": {"text": {"vocab_size": 300}, "audio": AUDIO},
-    "data": {"tasks": {"digit": {"head": "encoder_classifier", "source": "audio", "classes": list(WORDS),
-                                 "train": "builtin:spoken_digits/train", "val": "builtin:spoken_digits/val",
-                                 "batch_size": 16}}},
-    "train": {"lr": 2.0e-3, "warmup_steps": 20},
-    "engine": {"zero_stage": 0},
-    "tracking": {"log_every": 50, "progress_bar": False},
+    **classifier("audio", "spoken_digits", 16),
 }
 """A Whisper-style audio tower (and one block, which the next runs do not take) classifying the spoken digits."""
 
@@ -108,9 +110,9 @@ def stages(modality: str, tower: dict, out: Path, args, common: list[str]) -> di
     polytrain("finetune", write(out / f"{random}.yaml", resolved), f"train.run_name={random}", *schedule)
     second = f"{modality}-stage2"
     from_stage1 = {"init_from": str(out / trained), "parts": [f"embedders.{modality}"]}
-    polytrain("finetune", write(out / f"{second}.yaml", stage(modality, from_stage1, lm, [f"embedders.{modality}.tower.*"],
-                                                              args.stage2_lr)),
-              f"train.steps={args.stage2_steps}", f"train.run_name={second}", *schedule)
+    recipe = stage(modality, from_stage1, lm, [f"embedders.{modality}.tower.*"], args.stage2_lr)
+    polytrain("finetune", write(out / f"{second}.yaml", recipe), f"train.steps={args.stage2_steps}",
+              f"train.run_name={second}", *schedule)
     return {name: curve(out / name, "qa") for name in (trained, random, second)}
 
 

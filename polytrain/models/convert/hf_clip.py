@@ -51,7 +51,8 @@ def tower_of(vision: dict, kind: str, source: str) -> TowerConfig:
                               f"patch_size={c['patch_size']} patches")
     clip = kind == "clip"
     return TowerConfig(dim=c["hidden_size"], layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                       mlp_width=c["intermediate_size"], mlp=hf_activation_to_mlp(c["hidden_act"], "hidden_act", source),
+                       mlp_width=c["intermediate_size"],
+                       mlp=hf_activation_to_mlp(c["hidden_act"], "hidden_act", source),
                        norm_eps=c["layer_norm_eps"], patch_bias=not clip, input_norm=clip, cls_token=clip,
                        positions=c["image_size"] // c["patch_size"], final_norm=not clip, projector="none")
 
@@ -94,7 +95,8 @@ def vision_rules(arch: Architecture, theirs: str, ours: str = "embedders.image.t
         block, layer = f"{ours}.blocks.{i}", f"{theirs}encoder.layers.{i}"
         for kind in ("weight", "bias"):
             rules += [same(f"{block}.{o}.{kind}", f"{layer}.{t}.{kind}") for o, t in pairs]
-            rules.append(stacked(f"{block}.attn.qkv.{kind}", tuple(f"{layer}.self_attn.{p}_proj.{kind}" for p in "qkv")))
+            rules.append(stacked(f"{block}.attn.qkv.{kind}",
+                                 tuple(f"{layer}.self_attn.{p}_proj.{kind}" for p in "qkv")))
     return rules
 
 
@@ -111,7 +113,8 @@ def identity_norm(tower: TowerConfig, theirs: str) -> dict[str, Tensor]:
     """The vision model's ``post_layernorm`` where ``tower`` reads none: the library's class holds it anyway."""
     if tower.final_norm:
         return {}
-    return {f"{theirs}post_layernorm.weight": torch.ones(tower.dim), f"{theirs}post_layernorm.bias": torch.zeros(tower.dim)}
+    return {f"{theirs}post_layernorm.weight": torch.ones(tower.dim),
+            f"{theirs}post_layernorm.bias": torch.zeros(tower.dim)}
 
 
 def image_preprocessing(vision: dict, preprocessor: dict, kind: str) -> dict:
@@ -148,7 +151,8 @@ class VisionModel(HFFamily):
     def architecture(self, config: dict) -> Architecture:
         vision = self.vision(config)
         tower = tower_of(vision, self.kind, self.name)
-        return tower_architecture(tower, image_spec(vision, self.kind), {**DEFAULTS[self.kind], **vision}["num_channels"])
+        channels = {**DEFAULTS[self.kind], **vision}["num_channels"]
+        return tower_architecture(tower, image_spec(vision, self.kind), channels)
 
     def preprocessing(self, config: dict, preprocessor: dict) -> dict:
         return {"image": image_preprocessing(self.vision(config), preprocessor, self.kind)}

@@ -63,8 +63,8 @@ class Whisper(HFFamily):
         backbone = BackboneConfig(dim=c["d_model"], n_heads=c["decoder_attention_heads"], encoder_layers=0,
                                   decoder_layers=c["decoder_layers"], mlp_width=c["decoder_ffn_dim"], mlp=tower.mlp,
                                   norm_eps=NORM_EPS)
-        model = ModelConfig(backbone=backbone, embed=EmbedConfig(modality_vector=False, scale_tokens=c["scale_embedding"]),
-                            towers={"audio": tower})
+        embed = EmbedConfig(modality_vector=False, scale_tokens=c["scale_embedding"])
+        model = ModelConfig(backbone=backbone, embed=embed, towers={"audio": tower})
         audio = EmbedSpec("audio", 2 * c["num_mel_bins"], (1, c["max_source_positions"]))
         return Architecture(model, EmbedSpec("text", c["vocab_size"], (1, c["max_target_positions"])), self.head,
                             others=(audio,))

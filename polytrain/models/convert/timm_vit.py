@@ -89,7 +89,8 @@ def timm_args(config: dict) -> tuple[str, dict]:
         raise ConversionError(f"timm model {name!r}: DINOv2's giant has a SwiGLU MLP of its own layout, which "
                               "polytrain does not read")
     pretrained = config.get("pretrained_cfg", {})
-    args = dict(mlp_ratio=4.0, patch_size=int(match["patch"]), img_size=224, in_chans=pretrained.get("input_size", (3,))[0],
+    args = dict(mlp_ratio=4.0, patch_size=int(match["patch"]), img_size=224,
+                in_chans=pretrained.get("input_size", (3,))[0],
                 num_classes=config.get("num_classes", pretrained.get("num_classes", 1000)))
     args.update(**SIZES[match["size"]], **KINDS[kind])
     if match["img"]:

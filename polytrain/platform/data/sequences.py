@@ -2,8 +2,9 @@
 
 A text part becomes its token ids; a non-text part becomes a span: its
 modality's opening marker, one slot per token (filled by that modality's
-embedder), its closing marker; or, without markers (``tokenizers.text.span_markers:
-false``, LLaVA's layout), its slots alone, each holding the modality's token.  A sequence whose only part is one file (an
+embedder), its closing marker; or, without markers
+(``tokenizers.text.span_markers: false``, LLaVA's layout), its slots alone,
+each holding the modality's token.  A sequence whose only part is one file (an
 image to caption or classify) is read as that modality's tokens alone, with no
 markers, as an encoder reads a ViT or Whisper input.
 
