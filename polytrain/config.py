@@ -71,7 +71,9 @@ class Config:
                 raise ConfigError(f"{key}.max_target_len", task.max_target_len,
                                   f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
         self.check_init_parts()
-        check_towers_data(self.model.towers, self.tokenizers, self.data.tasks)
+        spans = {name: task.modalities for name, task in self.data.tasks.items()
+                 if head_kind(task.head).layout == "causal"}
+        check_towers_data(self.model.towers, self.tokenizers, spans)
 
     def check_init_parts(self) -> None:
         """Every ``heads.<task>`` and ``embedders.<modality>`` part names a task and a modality of this run."""

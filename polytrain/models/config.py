@@ -309,7 +309,7 @@ class ModelConfig:
     def check(self) -> None:
         backbone = self.backbone
         for modality, tower in self.towers.items():
-            check_tower(modality, tower, backbone.encoder_stack.dim)
+            check_tower(modality, tower, backbone.encoder_stack.dim, MLPS, NORMS)
         if self.embed.decoder_positions and (POSITIONS.get(backbone.position).table != "learned"
                                              or not backbone.encoder_layers or not backbone.decoder_layers):
             raise ConfigError("embed.decoder_positions", True, "needs learned positions and both stacks, got "

@@ -91,13 +91,9 @@ class TowerConfig:
     """Dropout on attention weights and residual branches inside the tower, during training only."""
 
     def check(self) -> None:
-        from polytrain.models.config import MLPS, NORMS
-
+        """Its own settings; its MLP and norm names are looked up where the registries are (``ModelConfig``)."""
         if self.dim % self.n_heads:
             raise ConfigError("n_heads", self.n_heads, f"must divide dim={self.dim}")
-        for key, registry in (("mlp", MLPS), ("norm", NORMS)):
-            if getattr(self, key) not in registry:
-                raise ConfigError(key, getattr(self, key), f"unknown; known: {', '.join(registry.names())}")
         if not -(self.layers + 1) <= self.feature_layer <= self.layers:
             raise ConfigError("feature_layer", self.feature_layer, f"must be in -{self.layers + 1}..{self.layers} "
                               f"(layers={self.layers}: 0 the stem's output, k the k-th block's, -1 the last's)")
@@ -131,10 +127,13 @@ ARCHITECTURE = tuple(f.name for f in fields(TowerConfig) if f.name not in USE)
 """The fields a tower's checkpoint fixes."""
 
 
-def check_tower(modality: str, tower: TowerConfig, width: int) -> None:
-    """A tower has a width to project to (``width``: the backbone's, the encoder stack's where it has its own);
-    errors name the key under ``model``."""
+def check_tower(modality: str, tower: TowerConfig, width: int, mlps, norms) -> None:
+    """A tower has known MLP and norm kinds (``mlps``, ``norms``: their registries) and a width to project to
+    (``width``: the backbone's, the encoder stack's where it has its own); errors name the key under ``model``."""
     key = f"towers.{modality}"
+    for name, registry in (("mlp", mlps), ("norm", norms)):
+        if getattr(tower, name) not in registry:
+            raise ConfigError(f"{key}.{name}", getattr(tower, name), f"unknown; known: {', '.join(registry.names())}")
     if modality == "text":
         raise ConfigError(key, "...", "text is embedded by its token table; towers serve image, audio and plugin "
                           "modalities")
@@ -143,17 +142,16 @@ def check_tower(modality: str, tower: TowerConfig, width: int) -> None:
                           f"width {width}; use linear or mlp2x_gelu")
 
 
-def check_towers_data(towers: dict[str, TowerConfig], tokenizers, tasks) -> None:
+def check_towers_data(towers: dict[str, TowerConfig], tokenizers, spans: dict[str, tuple[str, ...]]) -> None:
     """What a tower needs of the rest of the run: a tokenizer cutting its tokens, no kept class token where a
-    span is laid out.  ``tokenizers``: the tokenizers section; ``tasks``: the data section's tasks."""
-    from polytrain.models.config import head_kind
-
+    span is laid out.  ``tokenizers``: the tokenizers section; ``spans``: the modalities each task lays out as
+    spans of one slot per token (a decoder_only task's)."""
     for modality, tower in towers.items():
         key = f"model.towers.{modality}"
         if tower.stem == "conv":
             check_conv_tokenizer(key, getattr(tokenizers, modality, None), modality)
-        for name, task in tasks.items():
-            if tower.keep_cls and modality in task.modalities and head_kind(task.head).layout == "causal":
+        for name, modalities in spans.items():
+            if tower.keep_cls and modality in modalities:
                 raise ConfigError(f"{key}.keep_cls", True, f"task {name!r} lays out {modality} spans of one slot "
                                   "per token, which have no slot for the class token; keep_cls: false")
 
