@@ -3,9 +3,10 @@
 The run's whole fp32 weights (ZeRO shards merged, LoRA folded in) are rebuilt into its model, and the first
 library class that expresses it writes the folder: the families of the checkpoints the run started from (its
 ``init_from.json``) first, then every family of the format whose head one of the run's tasks uses.  A model
-no class expresses (an encoder with blocks of its own, image spans in a decoder's text, two tasks' heads) is
-one error naming the first setting or tensor the class has no place for.  Parts the exported task never runs
-(another task's head, the text embedder of a classifier of images) are left out, and said so.
+no class expresses (an encoder with blocks of its own, patch-embedded image spans in a decoder's text, two
+tasks' heads) is one error naming the first setting or tensor the class has no place for, said by the class
+of the model's shape where there is one (LLaVA's for a run with an image tower).  Parts the exported task never
+runs (another task's head, the text embedder of a classifier of images) are left out, and said so.
 """
 
 import json
@@ -15,9 +16,9 @@ from polytrain.config import Config
 from polytrain.errors import ConfigError
 from polytrain.models.config import head_kind
 from polytrain.models.convert import FAMILIES, ConversionError, write_external
-from polytrain.models.convert.rules import NoPlace
 from polytrain.models.convert.family import Family
 from polytrain.models.convert.files import TokenizerFiles
+from polytrain.models.convert.rules import NoPlace
 from polytrain.models.model import PolyModel
 from polytrain.platform.distributed.checkpoint import consolidated, latest_checkpoint
 from polytrain.platform.train.init_from import rebuilt
