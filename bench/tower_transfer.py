@@ -19,6 +19,8 @@ The learning proofs of towers, on the embedded data, every run through the ``pol
 
     python bench/tower_transfer.py [--stage1-steps 300] [--stage2-steps 200] [--out DIR] [--only image audio whisper]
 
+A rerun with the same ``--out`` reuses the runs that finished there (each run's ``eval.json``).
+
 Last line: one JSON object with the figures (curves, steps to targets, final exact matches, agreement).
 """
 
@@ -61,6 +63,7 @@ VIT = {
 AUDIO = {"frontend": "whisper", "n_mels": 32, "patch_mels": 32, "patch_frames": 2, "max_seconds": 1.0}
 AUDIO_TOWER = {
     "model": {"backbone": {"dim": 64, "n_heads": 4, "encoder_layers": 1, "decoder_layers": 0},
+              "embed": {"modality_vector": False},  # as the LM it goes under has none
               "towers": {"audio": {"stem": "conv", "cls_token": False, "prefix_positions": False, "dim": 64,
                                    "layers": 4, "n_heads": 4, "norm_eps": 1.0e-5, "projector": "none"}}},
     "tokenizers": {"text": {"vocab_size": 300}, "audio": AUDIO},
@@ -95,24 +98,31 @@ def write(path: Path, recipe: dict) -> Path:
     return path
 
 
+def run(out: Path, name: str, *args) -> None:
+    """``polytrain ARGS`` for run ``name`` under ``out``, unless it finished there before (a rerun with the same
+    ``--out`` picks up where a previous one stopped)."""
+    if not (out / name / "eval.json").is_file():
+        polytrain(*args, f"train.run_name={name}")
+
+
 def stages(modality: str, tower: dict, out: Path, args, common: list[str]) -> dict[str, dict[int, float]]:
     """Stage 1 with the trained tower and with a random one, then stage 2 from the first; their curves."""
     lm = out / "lm-hf"
     frozen = [f"embedders.{modality}.tower.*", "embedders.text.*", "backbone.*"]
     trained = f"{modality}-stage1"
     schedule = [f"train.eval_every={args.eval_every}", *common]
-    polytrain("finetune", write(out / f"{trained}.yaml", stage(modality, tower, lm, frozen, args.stage1_lr)),
-              f"train.steps={args.stage1_steps}", f"train.run_name={trained}", *schedule)
+    run(out, trained, "finetune", write(out / f"{trained}.yaml", stage(modality, tower, lm, frozen, args.stage1_lr)),
+        f"train.steps={args.stage1_steps}", *schedule)
     # the same resolved model, the tower as initialized (random) and frozen
     resolved = yaml.safe_load((out / trained / "config.yaml").read_text())
     del resolved["finetune"]["init_parts"]["tower"]
     random = f"{modality}-stage1-random"
-    polytrain("finetune", write(out / f"{random}.yaml", resolved), f"train.run_name={random}", *schedule)
+    run(out, random, "finetune", write(out / f"{random}.yaml", resolved), *schedule)
     second = f"{modality}-stage2"
     from_stage1 = {"init_from": str(out / trained), "parts": [f"embedders.{modality}"]}
     recipe = stage(modality, from_stage1, lm, [f"embedders.{modality}.tower.*"], args.stage2_lr)
-    polytrain("finetune", write(out / f"{second}.yaml", recipe), f"train.steps={args.stage2_steps}",
-              f"train.run_name={second}", *schedule)
+    run(out, second, "finetune", write(out / f"{second}.yaml", recipe), f"train.steps={args.stage2_steps}",
+        *schedule)
     return {name: curve(out / name, "qa") for name in (trained, random, second)}
 
 
@@ -128,9 +138,10 @@ def whisper_agreement(out: Path, args, common: list[str]) -> dict:
 
     tiny_checkpoints.save(tiny_checkpoints.COMPOSE["whisper_tiny"], out / "checkpoints" / "whisper_tiny")
     recipe = Path(__file__).resolve().parent.parent / "configs" / "whisper.yaml"
-    polytrain("finetune", recipe, f"init_from={out / 'checkpoints' / 'whisper_tiny'}", "train.run_name=whisper",
-              f"train.steps={args.whisper_steps}", f"train.eval_every={args.eval_every}", *common)
-    polytrain("export", out / "whisper", "--format", "hf", "--out", out / "whisper-hf")
+    run(out, "whisper", "finetune", recipe, f"init_from={out / 'checkpoints' / 'whisper_tiny'}",
+        f"train.steps={args.whisper_steps}", f"train.eval_every={args.eval_every}", *common)
+    if not (out / "whisper-hf").is_dir():
+        polytrain("export", out / "whisper", "--format", "hf", "--out", out / "whisper-hf")
     cfg, tokenizers, model = load_model(out / "whisper")
     library = transformers.WhisperForConditionalGeneration.from_pretrained(out / "whisper-hf").eval()
     encoder, text = library.model.encoder, tokenizers["text"]
@@ -180,20 +191,20 @@ def main() -> None:
     figures: dict = {}
     if {"image", "audio"} & set(args.only) and not (out / "lm-hf").is_dir():
         write_facts(out / "facts.jsonl")
-        polytrain("train", write(out / "lm.yaml", lm_recipe(out / "facts.jsonl", 4)), f"train.steps={args.lm_steps}",
-                  "train.run_name=lm", *common)
+        lm = write(out / "lm.yaml", lm_recipe(out / "facts.jsonl", 4))
+        run(out, "lm", "train", lm, f"train.steps={args.lm_steps}", *common)
         polytrain("export", out / "lm", "--format", "hf", "--out", out / "lm-hf")
     curves = {}
     if "image" in args.only:
-        polytrain("train", write(out / "vit.yaml", VIT), f"train.steps={args.tower_steps}", "train.run_name=vit",
-                  *common)
-        polytrain("export", out / "vit", "--format", "timm", "--out", out / "vit-timm")
+        run(out, "vit", "train", write(out / "vit.yaml", VIT), f"train.steps={args.tower_steps}", *common)
+        if not (out / "vit-timm").is_dir():
+            polytrain("export", out / "vit", "--format", "timm", "--out", out / "vit-timm")
         figures["image_tower_accuracy"] = json.loads((out / "vit" / "eval.json").read_text())["digit"]["accuracy"]
         curves.update(stages("image", {"init_from": str(out / "vit-timm"), "parts": ["embedders.image"]}, out, args,
                              common))
     if "audio" in args.only:
-        polytrain("train", write(out / "audio_tower.yaml", AUDIO_TOWER), f"train.steps={args.tower_steps}",
-                  "train.run_name=audio_tower", *common)
+        recipe = write(out / "audio_tower.yaml", AUDIO_TOWER)
+        run(out, "audio_tower", "train", recipe, f"train.steps={args.tower_steps}", *common)
         figures["audio_tower_accuracy"] = json.loads((out / "audio_tower" / "eval.json").read_text())["digit"][
             "accuracy"]
         curves.update(stages("audio", {"init_from": str(out / "audio_tower"), "parts": ["embedders.audio"]}, out, args,
