@@ -20,11 +20,12 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-from polytrain.config import load_config
+from polytrain.job import resolve
 from polytrain.platform.data.balance import cost_model
+from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.data.loader import Mixture
 from polytrain.platform.data.order import Budget, DataOrder, StreamState
-from polytrain.platform.train import recipe
+from polytrain.platform.data.prepare import prepare_tasks
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RECIPE = """
@@ -95,9 +96,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = skewed_files(tmp, args.samples)
-        cfg = load_config(config, [*recipe.prepare_data(load_config(config), tmp / "prepared", 0, 1000)])
-        tokenizers = recipe.build_tokenizers(cfg, recipe.prepared_tokenizer(cfg))
-        datasets = recipe.build_datasets(cfg, "train", tokenizers)
+        job = resolve(config)
+        job = resolve(config, prepare_tasks(job.cfg, job.manifests, job.tokenizers["text"], tmp / "prepared", 0, 1000))
+        cfg, tokenizers = job.cfg, job.tokenizers
+        datasets = build_datasets(cfg, "train", tokenizers, job.manifests)
         dim, k = cfg.model.backbone.dim, args.ranks * args.accum
         models = {kind: cost_model(kind, dim) for kind in ("tokens", "attention")}
         sizes = {n: len(ds) for n, ds in datasets.items()}

@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from polytrain.config import load_config
+from polytrain.job import resolve
 from polytrain.platform.data.builtin import resolve_manifest
-from polytrain.platform.train import recipe
+from polytrain.platform.data.prepare import prepare_tasks
+from polytrain.platform.data.vocabulary import trained_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -78,13 +79,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = f"data.cache_dir={tmp / 'cache'}"
-        cfg = load_config(QUICKSTART, [cache])
-        tokenizer = f"tokenizers.text.path={recipe.train_text_tokenizer(cfg, tmp / 'tokenizer')}"
+        job = resolve(QUICKSTART, [cache])
+        cfg = job.cfg
+        tokenizer = f"tokenizers.text.path={trained_tokenizer(cfg, job.manifests)}"
         for scale in args.scales:
             manifests = scaled_manifests(cfg, tmp / f"x{scale}", scale)
-            scaled = load_config(QUICKSTART, [cache, tokenizer, *manifests])
+            scaled = resolve(QUICKSTART, [cache, tokenizer, *manifests])
             began = time.perf_counter()
-            prepared = recipe.prepare_data(scaled, tmp / f"x{scale}-prepared", args.workers, 1000)
+            prepared = prepare_tasks(scaled.cfg, scaled.manifests, scaled.tokenizers["text"],
+                                     tmp / f"x{scale}-prepared", args.workers, 1000)
             prepare_s = time.perf_counter() - began
             row = {"records": sum(1 for m in manifests for _ in open(m.split("=", 1)[1]) if "-train" in m),
                    "prepare_s": round(prepare_s, 1), "prepared_mib": round(du(tmp / f"x{scale}-prepared"), 1),

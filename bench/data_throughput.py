@@ -20,10 +20,11 @@ import soundfile
 import torch
 from PIL import Image, ImageFilter
 
-from polytrain.config import load_config
+from polytrain.job import resolve
+from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.order import DataOrder, StreamState
-from polytrain.platform.train import recipe
+from polytrain.platform.data.prepare import prepare_tasks
 from polytrain.platform.train.optimizer import param_groups
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,16 +64,15 @@ def realistic_files(folder: Path, n_images: int, n_clips: int) -> Path:
     return recipe_file
 
 
-def prepared_config(config: Path, out: Path, overrides: list[str]):
+def prepared_job(config: Path, out: Path, overrides: list[str]):
     """The recipe pointed at its data prepared under ``out``."""
-    cfg = load_config(config, overrides)
-    return load_config(config, [*overrides, *recipe.prepare_data(cfg, out, workers=0, shard_records=1000)])
+    job = resolve(config, overrides)
+    return resolve(config, [*overrides, *prepare_tasks(job.cfg, job.manifests, job.tokenizers["text"], out, 0, 1000)])
 
 
-def parts(cfg, tmp: Path):
-    tokenizer = recipe.prepared_tokenizer(cfg) or recipe.train_text_tokenizer(cfg, tmp)
-    tokenizers = recipe.build_tokenizers(cfg, tokenizer)
-    datasets = recipe.build_datasets(cfg, "train", tokenizers)
+def parts(job):
+    cfg, tokenizers = job.cfg, job.tokenizers
+    datasets = build_datasets(cfg, "train", tokenizers, job.manifests)
     order = DataOrder({n: len(ds) for n, ds in datasets.items()},
                       {n: t.batch_size for n, t in cfg.data.tasks.items()}, "fixed", cfg.train.seed)
     return tokenizers, datasets, order
@@ -87,12 +87,13 @@ def loader_rate(datasets, order, cfg, workers: int, n: int) -> float:
     return samples / (time.perf_counter() - began)
 
 
-def step_rate(cfg, tokenizers, datasets, order, steps: int) -> float:
+def step_rate(job, datasets, order, steps: int) -> float:
     """Samples/s of forward + backward + AdamW on micro-batches loaded beforehand."""
+    cfg = job.cfg
     mixture, slots = Mixture(datasets, cfg.train.seed), order.slots(StreamState(), 0, 1)
     batches = [mixture.build(next(slots)).tasks for _ in range(steps + 1)]
     torch.manual_seed(cfg.train.seed)
-    model = recipe.build_model(cfg, tokenizers)
+    model = job.build_model()[0]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
 
     def step(batch):
@@ -121,15 +122,16 @@ def main() -> None:
         quickstart, cache = REPO / "configs" / "quickstart.yaml", [f"data.cache_dir={tmp / 'cache'}"]
         (tmp / "realistic").mkdir()
         cases = {
-            "quickstart (manifests)": lambda: load_config(quickstart, cache),
-            "quickstart (prepared)": lambda: prepared_config(quickstart, tmp / "qs", cache),
-            "224px JPEG + 10 s audio (prepared)": lambda: prepared_config(
+            "quickstart (manifests)": lambda: resolve(quickstart, cache),
+            "quickstart (prepared)": lambda: prepared_job(quickstart, tmp / "qs", cache),
+            "224px JPEG + 10 s audio (prepared)": lambda: prepared_job(
                 realistic_files(tmp / "realistic", args.images, args.clips), tmp / "real", []),
         }
         for name, make in cases.items():
-            cfg = make()
-            tokenizers, datasets, order = parts(cfg, tmp)
-            step = step_rate(cfg, tokenizers, datasets, order, args.steps)
+            job = make()
+            cfg = job.cfg
+            tokenizers, datasets, order = parts(job)
+            step = step_rate(job, datasets, order, args.steps)
             loads = {w: loader_rate(datasets, order, cfg, w, args.batches) for w in args.workers}
             rows[name] = {"step_samples_per_s": round(step, 1),
                           **{f"loader_w{w}_samples_per_s": round(rate, 1) for w, rate in loads.items()},

@@ -14,17 +14,16 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from polytrain.config import load_config
+from polytrain.job import resolve
+from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.data.loader import Mixture
 from polytrain.platform.data.order import DataOrder, StreamState
 from polytrain.platform.distributed.engine import Engine
-from polytrain.platform.train import recipe
 from polytrain.platform.train.optimizer import lr_multiplier, param_groups
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,17 +36,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizers = recipe.build_tokenizers(cfg, recipe.train_text_tokenizer(cfg, Path(tmp)))
-    datasets = recipe.build_datasets(cfg, "train", tokenizers)
+    job = resolve(args.config, args.overrides)
+    cfg, tokenizers = job.cfg, job.tokenizers
+    datasets = build_datasets(cfg, "train", tokenizers, job.manifests)
     schedule = DataOrder({n: len(ds) for n, ds in datasets.items()},
                         {n: t.batch_size for n, t in cfg.data.tasks.items()}, "fixed", cfg.train.seed)
     slots, mixture = schedule.slots(StreamState(), rank=0, world_size=1), Mixture(datasets, tokenizers["text"].pad_id)
     batches = [mixture.build(next(slots)).tasks for _ in range(args.steps + 1)]  # +1 for the untimed warm-up step
     torch.manual_seed(cfg.train.seed)
-    model = recipe.build_model(cfg, tokenizers)
+    model = job.build_model()[0]
 
     def optimizer_for(m):
         opt = torch.optim.AdamW(param_groups(m, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas)

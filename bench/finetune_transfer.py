@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="transfer-"))
-    from polytrain.tokenizers.config import TOKENIZERS
+    from polytrain.config.registries import TOKENIZERS
 
     tasks = {task: recipe for task, recipe in TASKS.items() if task != "motion_to_text" or "motion" in TOKENIZERS}
     if len(tasks) < len(TASKS):

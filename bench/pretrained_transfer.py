@@ -25,10 +25,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from transfer_runs import curve, first_step_reaching, polytrain
 
 from polytrain.platform.data.builtin import QUESTIONS, WORDS
 from polytrain.platform.observe.report import load_run
-from transfer_runs import curve, first_step_reaching, polytrain
 
 TASK = "image_qa"
 

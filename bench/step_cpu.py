@@ -16,6 +16,7 @@ Last line: one JSON object with the figures.
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Callable
 
 import timm
@@ -24,8 +25,11 @@ import torch.nn.functional as F
 import transformers
 from side_by_side import race
 
-from polytrain.models import convert, presets
+from polytrain.config import presets
+from polytrain.config.registries import PRESETS
+from polytrain.models import convert
 from polytrain.models.heads import text_segment
+from polytrain.models.presets import build
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 
@@ -43,6 +47,12 @@ def step(model: torch.nn.Module, forward: Callable[[], torch.Tensor], labels: to
     return run
 
 
+def sized(preset: presets.Preset, **backbone):
+    """The preset's model with ``backbone`` fields changed (``compile=True``)."""
+    model = replace(preset.model, backbone=replace(preset.model.backbone, **backbone))
+    return build(replace(preset, model=model))
+
+
 def vit_steps(batch: int, compiled: bool) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False).train()
@@ -52,8 +62,7 @@ def vit_steps(batch: int, compiled: bool) -> dict[str, Callable[[], None]]:
     steps = {"timm": step(reference, lambda: reference(pixels), labels)}
     variants = {"polytrain": False, "polytrain_compiled": True} if compiled else {"polytrain": False}
     for name, compile_blocks in variants.items():
-        preset = presets.with_backbone(presets.PRESETS.get("vit_tiny_patch16_224"), compile=compile_blocks)
-        ours = preset.build().train()
+        ours = sized(PRESETS.get("vit_tiny_patch16_224"), compile=compile_blocks).train()
         convert.load_state(ours, "classify", "timm", reference.state_dict())
         batch_ = TaskBatch(patches, labels)
         steps[name] = step(ours, lambda m=ours: m.heads["classify"](m, batch_), labels)
@@ -68,9 +77,11 @@ def gpt2_steps(batch: int, seq: int, compiled: bool) -> dict[str, Callable[[], N
     steps = {"hf": step(reference, lambda: reference(inputs).logits, labels)}
     variants = {"polytrain": False, "polytrain_compiled": True} if compiled else {"polytrain": False}
     for name, compile_blocks in variants.items():
-        preset = presets.gpt2("tiny GPT-2", GPT2_TINY["n_embd"], GPT2_TINY["n_layer"], GPT2_TINY["n_head"],
-                              vocab=GPT2_TINY["vocab_size"], positions=GPT2_TINY["n_positions"])
-        ours = presets.with_backbone(preset, compile=compile_blocks).build().train()
+        preset = presets.Preset("tiny GPT-2", presets.gpt2(GPT2_TINY["n_embd"], GPT2_TINY["n_layer"],
+                                                           GPT2_TINY["n_head"]),
+                                (presets.Spec("text", GPT2_TINY["vocab_size"], (1, GPT2_TINY["n_positions"])),),
+                                {"lm": "decoder_only"})
+        ours = sized(preset, compile=compile_blocks).train()
         convert.load_state(ours, "lm", "GPT2LMHeadModel", reference.state_dict())
         batch_ = TaskBatch(text_segment(inputs), labels)
         steps[name] = step(ours, lambda m=ours: m.heads["lm"](m, batch_), labels)

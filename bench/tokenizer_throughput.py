@@ -38,8 +38,8 @@ import torch
 import torchaudio
 from PIL import Image
 
+from polytrain.config.tokenizers import AudioTokenizerConfig, ImageTokenizerConfig, TextTokenizerConfig
 from polytrain.tokenizers.audio import AudioTokenizer
-from polytrain.tokenizers.config import AudioTokenizerConfig, ImageTokenizerConfig, TextTokenizerConfig
 from polytrain.tokenizers.image import ImageTokenizer, patchify
 from polytrain.tokenizers.text import TextTokenizer
 

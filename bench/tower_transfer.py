@@ -133,7 +133,7 @@ def whisper_agreement(out: Path, args, common: list[str]) -> dict:
     from torch.nn import functional as F
 
     from polytrain.platform.data.builtin import resolve_manifest
-    from polytrain.platform.train.init_from import load_model
+    from polytrain.job import Job
     from polytrain.tokens import Segment
 
     tiny_checkpoints.save(tiny_checkpoints.COMPOSE["whisper_tiny"], out / "checkpoints" / "whisper_tiny")
@@ -142,7 +142,8 @@ def whisper_agreement(out: Path, args, common: list[str]) -> dict:
         f"train.steps={args.whisper_steps}", f"train.eval_every={args.eval_every}", *common)
     if not (out / "whisper-hf").is_dir():
         polytrain("export", out / "whisper", "--format", "hf", "--out", out / "whisper-hf")
-    cfg, tokenizers, model = load_model(out / "whisper")
+    job = Job.of_run(out / "whisper")
+    tokenizers, model = job.tokenizers, job.trained_model()
     library = transformers.WhisperForConditionalGeneration.from_pretrained(out / "whisper-hf").eval()
     encoder, text = library.model.encoder, tokenizers["text"]
     manifest = resolve_manifest("builtin:spoken_digits/val", out / "data")

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from polytrain.config import load_config
-from polytrain.platform.distributed.memory_planner import Option, activation_bytes, count_parameters, estimate
+from polytrain.job import resolve
+from polytrain.platform.distributed.memory_planner import Option, activation_bytes, estimate
 from polytrain.platform.observe.meters import GIB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,13 +52,14 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     args = parser.parse_args()
     overrides = MODEL + args.overrides
-    cfg = load_config(args.config, overrides)
-    n_params, n_trainable = count_parameters(cfg)
+    job = resolve(args.config, overrides)
+    cfg = job.cfg
+    n_params, n_trainable = job.parameter_counts()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             row = run_stage(args.config, overrides, stage, args.procs, args.steps, Path(tmp))
-            planned = estimate(cfg, Option(stage), args.procs, n_params, n_trainable, activation_bytes(cfg))
+            planned = estimate(cfg, Option(stage), args.procs, n_params, n_trainable, activation_bytes(cfg, job.grids()))
             row["estimated_gib"] = planned.states / GIB
             results[stage] = row
             print(f"ZeRO-{stage}: measured {row['measured_gib']:.3f} GiB/rank, plan {row['estimated_gib']:.3f} "

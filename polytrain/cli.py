@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except Stopped as err:  # a checkpoint to resume from is written: not an error, a distinct exit code
-        print(f"polytrain: {one_line(str(err))}", file=sys.stderr, flush=True)
+        say(f"polytrain: {one_line(str(err))}")
         record_failure(err)
         return STOPPED
     except PolytrainError as err:
-        print(f"polytrain: error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        say(f"polytrain: error: {one_line(str(err))}")
         record_failure(err)
         if process_group_alive():
             # Interpreter teardown with a live gloo/NCCL group can abort the process (SIGABRT from a
@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         record_failure(err)  # a process of a launched job: its launcher reports the error in one line
         raise
+
+
+def say(line: str) -> None:
+    """``line`` to stderr in one write: the lines of a job's processes, which share the stream, never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(message: str) -> str:
@@ -212,37 +218,45 @@ def setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from polytrain.platform.train.derive import job_config
+    from polytrain.job import resolve
     from polytrain.platform.train.trainer import train
 
-    train(job_config(args.config, args.overrides), Path(args.config).stem)
+    train(resolve(args.config, args.overrides, world_size()))
     return 0
+
+
+def world_size() -> int:
+    """The processes of this training job: torchrun's (or the launcher's) WORLD_SIZE, else this one alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from polytrain.errors import ConfigError
-    from polytrain.platform.train.derive import job_config
+    from polytrain.job import resolve
     from polytrain.platform.train.trainer import train
 
-    overrides = [f"finetune.{item}" if item.startswith("init_from=") else item for item in args.overrides]
-    cfg = job_config(args.config, overrides)
-    if not cfg.finetune.init_from and not cfg.finetune.init_parts:
+    job = resolve(args.config, finetune_overrides(args.overrides), world_size())
+    if not job.cfg.finetune.init_from and not job.cfg.finetune.init_parts:
         raise ConfigError("finetune.init_from", None, "polytrain finetune needs the weights to start from: "
                           "init_from=RUN_DIR, a checkpoint folder, an exported .safetensors file, a Hugging Face or "
                           "timm folder (or finetune.init_parts)")
-    train(cfg, Path(args.config).stem)
+    train(job)
     return 0
 
 
+def finetune_overrides(overrides: list[str]) -> list[str]:
+    """``init_from=PATH`` (the finetune command's short form) as ``finetune.init_from=PATH``."""
+    return [f"finetune.{item}" if item.startswith("init_from=") else item for item in overrides]
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
+    from polytrain.job import resolve
     from polytrain.launch.backends import launch
 
-    cfg = load_config(args.config, args.overrides)
+    job = resolve(args.config, args.overrides)
     if not args.dry_run:
         load_torch_quietly()
-    return launch(cfg.launch, cfg.train.out_dir, cfg.train.run_name, args.config, args.overrides, args.dry_run,
-                  args.submit)
+    return launch(job, args.config, args.overrides, args.dry_run, args.submit)
 
 
 def load_torch_quietly() -> None:
@@ -268,21 +282,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from polytrain.job import Job
     from polytrain.platform.train.generate import generate_command
 
-    return generate_command(args.run_dir, args.segments or [], args.manifest, args.task, args.overrides)
+    job = Job.of_run(args.run_dir)
+    log.info("%s", job.summary())
+    return generate_command(job, args.run_dir, args.segments or [], args.manifest, args.task, args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from polytrain.platform.train import recipe
+    from polytrain.job import Job
+    from polytrain.platform.data.datasets import build_datasets
     from polytrain.platform.train.evaluate import evaluate, format_table
-    from polytrain.platform.train.init_from import load_model
 
-    cfg, tokenizers, model = load_model(args.run_dir)
+    job = Job.of_run(args.run_dir)
+    cfg, tokenizers = job.cfg, job.tokenizers
+    log.info("%s", job.summary())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate(model.to(device), cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers),
+    results = evaluate(job.trained_model().to(device), cfg.data.tasks, build_datasets(cfg, "val", tokenizers, job.manifests),
                        tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
     print(format_table(results))
     print(json.dumps(results))
@@ -292,15 +311,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format != "polytrain":
-        from polytrain.platform.train.export import export_library
+    from polytrain.job import Job
+    from polytrain.platform.train.export import export_library, export_model
 
-        family, task, left_out = export_library(args.run_dir, args.format, Path(args.out))
+    job = Job.of_run(args.run_dir)
+    log.info("%s", job.summary())
+    if args.format != "polytrain":
+        family, task, left_out = export_library(job, args.run_dir, args.format, Path(args.out))
         print(f"{args.out} ({family}, the head of task {task}; left out, as the task does not run them: "
               f"{', '.join(left_out) or '-'})")
         return 0
-    from polytrain.platform.distributed.checkpoint import export_model
-
     out = export_model(args.run_dir, Path(args.out))
     print(f"{out} (config: {out.with_suffix('.yaml')})")
     return 0
@@ -316,20 +336,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
+    from polytrain.job import resolve
     from polytrain.platform.distributed.memory_planner import format_plan, parse_size, plan
 
-    cfg = load_config(args.config, args.overrides)
+    job = resolve(args.config, finetune_overrides(args.overrides), processes=args.gpus_per_node * args.nodes)
     gpu_mem = parse_size(args.gpu_mem)
-    rows, best = plan(cfg, args.gpus_per_node, args.nodes, gpu_mem)
-    print(format_plan(cfg, rows, best, args.gpus_per_node, args.nodes, gpu_mem))
+    rows, best = plan(job.cfg, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts, job.grids())
+    log.info("%s", job.summary())
+    print(format_plan(job.cfg, rows, best, args.gpus_per_node, args.nodes, gpu_mem, job.parameter_counts()))
     return 0
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from polytrain.config.registries import TOKENIZERS
+    from polytrain.config.tokenizers import TextTokenizerConfig
     from polytrain.errors import ConfigError, DataError
     from polytrain.schema import from_dict
-    from polytrain.tokenizers.config import TOKENIZERS, TextTokenizerConfig
     from polytrain.tokenizers.text import TextTokenizer
 
     if TOKENIZERS.get(args.modality) is not TextTokenizer:
@@ -356,24 +378,27 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from polytrain.config import load_config
     from polytrain.errors import ConfigError
-    from polytrain.platform.data.prepare import SHARD_RECORDS
-    from polytrain.platform.train.recipe import prepare_data
+    from polytrain.job import resolve
+    from polytrain.platform.data.prepare import SHARD_RECORDS, prepare_tasks
 
     shard_records = SHARD_RECORDS if args.shard_records is None else args.shard_records
     if args.workers < 0:
         raise ConfigError("--workers", args.workers, "must be >= 0 (0: one per CPU)")
     if shard_records < 1:
         raise ConfigError("--shard-records", shard_records, "must be >= 1")
-    cfg = load_config(args.config, args.overrides)
-    overrides = prepare_data(cfg, Path(args.out), args.workers, shard_records)
-    print("train on it with: polytrain train " + " ".join([args.config, *args.overrides, *overrides]))
+    job = resolve(args.config, finetune_overrides(args.overrides))
+    log.info("%s", job.summary())
+    overrides = prepare_tasks(job.cfg, job.manifests, job.tokenizers["text"], Path(args.out), args.workers,
+                              shard_records)
+    command = "finetune" if job.cfg.finetune.init_from or job.cfg.finetune.init_parts else "train"
+    print(f"train on it with: polytrain {command} " + " ".join([args.config, *args.overrides, *overrides]))
     return 0
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from polytrain.models.presets import PRESETS, parameter_counts
+    from polytrain.config.registries import PRESETS
+    from polytrain.models.presets import build, parameter_counts
 
     preset = PRESETS.get(args.name)
     b = preset.model.backbone
@@ -383,7 +408,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
           f"positions {b.position}")
     print("  sized for: " + ", ".join(f"{s.modality} {s.input_dim} x grid {s.grid[0]}x{s.grid[1]}" for s in preset.specs))
     print("  heads: " + ", ".join(f"{task} ({head})" for task, head in preset.task_heads.items()))
-    counts = parameter_counts(preset.build("meta"))
+    counts = parameter_counts(build(preset, "meta"))
     width = max(len(part) for part in counts)
     for part, count in counts.items():
         print(f"  {part.ljust(width)}  {count:>15,}")

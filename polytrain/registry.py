@@ -8,8 +8,9 @@ lookup or listing; a plugin's module is imported only when its name is looked
 up, so a broken plugin fails only the runs that use it, with a message that
 names it.
 
-Built-in entries are declared by name with a ``"module:attribute"`` target (``lazy``), so a config names
-and checks them without importing torch; the target is imported on the first ``get``.
+Built-in entries are declared once, by name, with a ``"module:attribute"`` target, all of them in
+``polytrain.config.registries``: a config names and checks them without importing torch, and the target is
+imported on the first ``get``.  The modules that define them do not register them again.
 
 A user module can also register things itself (``TOKENIZERS.register("video")
 (VideoTokenizer)``); naming it in the recipe's ``plugins`` list imports it
@@ -32,19 +33,20 @@ log = logging.getLogger(__name__)
 class Registry(Generic[T]):
     """A name -> object table; ``get`` of an unknown name lists the known ones."""
 
-    def __init__(self, kind: str, group: str | None = None):
+    def __init__(self, kind: str, builtins: dict[str, str] | None = None, group: str | None = None):
         self.kind = kind
         self.group = group
-        """Entry-point group whose plugins join this registry; None: built-ins only."""
+        """Entry-point group whose plugins join this registry; None: built-ins and registered objects only."""
         self._items: dict[str, T] = {}
-        self._lazy: dict[str, str] = {}
+        self._lazy: dict[str, str] = dict(builtins or {})
         """Built-in name -> ``"module:attribute"``, imported on the first ``get``."""
         self._plugins: dict[str, EntryPoint] = {}
         self._discovered = group is None
 
     def register(self, name: str) -> Callable[[T], T]:
+        """A plugin module's own entry: ``REGISTRY.register("video")(VideoTokenizer)``; a taken name is refused."""
         def add(item: T) -> T:
-            if (name in self._items and self._items[name] is not item) or not self._declared_by_importing(name):
+            if (name in self._items and self._items[name] is not item) or name in self._lazy:
                 raise PolytrainError(f"{self.kind} {name!r} is already registered to "
                                      f"{self._items.get(name, self._lazy.get(name))!r}")
             self._items[name] = item
@@ -52,29 +54,13 @@ class Registry(Generic[T]):
 
         return add
 
-    def _declared_by_importing(self, name: str) -> bool:
-        """Whether registering ``name`` now is allowed: it is not a built-in, or it is one whose declared module
-        (a target without ``:attribute``) is being imported and registers its own objects."""
-        target = self._lazy.get(name)
-        return target is None or (":" not in target and target in sys.modules)
-
-    def lazy(self, name: str, target: str) -> None:
-        """Declare built-in ``name`` as ``"module:attribute"``, or as ``"module"`` when that module registers it
-        itself; either way the module is imported when ``name`` is first looked up."""
-        if name in self._items or name in self._lazy:
-            raise PolytrainError(f"{self.kind} {name!r} is already registered")
-        self._lazy[name] = target
-
     def get(self, name: str) -> T:
         self._discover()
         if name in self._plugins:
             self._load(name)
         elif name in self._lazy and name not in self._items:
             module, _, attribute = self._lazy[name].partition(":")
-            imported = importlib.import_module(module)
-            if attribute:
-                self._items[name] = getattr(imported, attribute)
-            assert name in self._items, f"{module} does not register {self.kind} {name!r}"
+            self._items[name] = getattr(importlib.import_module(module), attribute)
         if name not in self._items:
             raise PolytrainError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._items[name]

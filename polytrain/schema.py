@@ -22,10 +22,7 @@ import types
 import typing
 from typing import Annotated, Any, Iterator, Literal
 
-import yaml
-
 from polytrain.errors import ConfigError
-
 
 INT64 = (-2**63, 2**63 - 1)
 """The integers a config may hold at all: what torch's tensors, seeds and the OS's sizes take."""
@@ -83,10 +80,6 @@ Probability = Annotated[float, Range(ge=0, le=1)]
 def to_dict(cfg: Any) -> dict:
     """The plain nested-dict form of a config, as written to ``RUN_DIR/config.yaml``."""
     return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def changed_numbers(cfg: Any, key: str = "") -> Iterator[tuple[str, float, Any]]:

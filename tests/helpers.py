@@ -5,9 +5,12 @@ process-wide state, so each run gets a fresh interpreter, as a user's would.
 """
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +78,56 @@ def wandb_config(path: Path) -> dict:
         if kind in ("run", "config"):
             config.update(wandb_items((record.run.config if kind == "run" else record.config).update))
     return config
+
+
+def lm(family: str, dim: int, layers: int, heads: int, vocab: int, positions: int, kv_heads: int = 0,
+       hidden: int = 0, **backbone):
+    """A decoder-only ``PolyModel`` shaped like ``config.presets``' ``llama`` or ``gpt2`` at a test's size, with
+    ``backbone`` fields changed (``attention="sdpa_math"``)."""
+    from dataclasses import replace
+
+    from polytrain.config import presets
+    from polytrain.models.model import PolyModel
+    from polytrain.tokens import EmbedSpec
+
+    model = presets.llama(dim, layers, heads, kv_heads or heads, hidden) if family == "llama" else \
+        presets.gpt2(dim, layers, heads)
+    model = replace(model, backbone=replace(model.backbone, **backbone))
+    return PolyModel(model, [EmbedSpec("text", vocab, (1, positions))], {"lm": "decoder_only"})
+
+
+def trained_run(path):
+    """(config, tokenizers, model) of a trained run directory, checkpoint folder or export, as ``polytrain eval``
+    rebuilds them."""
+    from polytrain.job import Job
+
+    job = Job.of_run(path)
+    return job.cfg, job.tokenizers, job.trained_model()
+
+
+JOB_LINE = re.compile(r"job \S+: model ([\d,]+) parameters \(([\d,]+) trainable\); text tokenizer sha256 ([0-9a-f]{64})")
+"""The line every command that resolves a job logs (``Job.summary``): parameters, trainable ones, the tokenizer."""
+
+
+def job_seen(text: str) -> tuple[int, int, str]:
+    """(parameters, trainable, tokenizer sha256) of the job line in ``text``."""
+    match = JOB_LINE.search(text)
+    assert match, f"no job line in {text[-2000:]}"
+    return int(match[1].replace(",", "")), int(match[2].replace(",", "")), match[3]
+
+
+@contextmanager
+def logged():
+    """The records polytrain logs (INFO and up) while inside, as one growing list of lines."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("polytrain")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -116,7 +116,7 @@ def test_finetune_from_weights_that_are_not_there_or_not_weights(capsys, tmp_pat
     recipe = REPO / "configs" / "finetune_audio.yaml"
     assert_clean_error(cli(capsys, "finetune", recipe), "finetune.init_from=None", "needs the weights to start from")
     assert_clean_error(cli(capsys, "finetune", recipe, f"init_from={tmp_path / 'pretrain'}"),
-                       f"{tmp_path / 'pretrain'}: no such file or directory")
+                       f"finetune.init_from='{tmp_path / 'pretrain'}': no such file or directory on this machine")
     (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 a zip, as torch.save writes")
     assert_clean_error(cli(capsys, "finetune", recipe, f"init_from={tmp_path / 'model.ckpt'}"),
                        "model.ckpt: not a safetensors file, a run directory or a checkpoint folder")

@@ -3,7 +3,7 @@ import yaml
 
 from polytrain.config import Config, apply_override, load_config
 from polytrain.errors import ConfigError
-from polytrain.schema import dump_yaml, from_dict
+from polytrain.schema import from_dict, to_dict
 from tests.helpers import QUICKSTART
 
 
@@ -21,7 +21,7 @@ def test_quickstart_loads_with_overrides():
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(QUICKSTART, ["model.backbone.dim=96", "model.backbone.n_heads=4"])
     path = tmp_path / "config.yaml"
-    path.write_text(dump_yaml(cfg))
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     assert load_config(path) == cfg
 
 
@@ -101,20 +101,22 @@ def test_config_file_errors(tmp_path):
 
 
 def test_a_preset_gives_the_model_section_under_the_recipes_own_keys():
-    from polytrain.models.preset_configs import MODEL_PRESETS
+    from polytrain.config.registries import PRESETS
 
     cfg = load_config(None, ["data.tasks.lm.head=decoder_only", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
                              "model.preset=decoder_1b", "model.backbone.decoder_layers=4", "model.init_std=0.01"])
-    preset = MODEL_PRESETS.get("decoder_1b")
+    preset = PRESETS.get("decoder_1b").model
     assert cfg.model.backbone == preset.backbone.__class__(**{**preset.backbone.__dict__, "decoder_layers": 4})
     assert (cfg.model.init_std, cfg.model.tie_embeddings) == (0.01, False)
-    assert "preset" not in yaml.safe_load(dump_yaml(cfg))["model"]  # the resolved section is what a run saves
+    assert "preset" not in to_dict(cfg)["model"]  # the resolved section is what a run saves
 
 
 def test_every_preset_in_a_recipe_is_the_presets_model():
-    from polytrain.models.presets import PRESETS
+    from polytrain.config.registries import PRESETS
 
     for name in PRESETS.names():
-        cfg = load_config(None, ["data.tasks.lm.head=decoder_only", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
-                                 f"model.preset={name}"])
+        head = next(iter(PRESETS.get(name).task_heads.values()))  # a task the preset's stacks can run
+        classes = ["data.tasks.lm.classes=[a, b]"] if head == "encoder_classifier" else []
+        cfg = load_config(None, [f"data.tasks.lm.head={head}", "data.tasks.lm.train=a", "data.tasks.lm.val=b",
+                                 f"model.preset={name}", *classes])
         assert cfg.model == PRESETS.get(name).model, name

@@ -7,12 +7,15 @@ need here but the image lacks by name: a newer release of an image package may n
 (this huggingface-hub needs httpx2 where the image's needs httpx). Nothing the wheelhouse brings is linked,
 not even what the image holds at another version (transformers): there the carried wheel shadows the image's
 copy, here it is the only one. The wheelhouse is built for the running Python into a temp folder, and
-``scripts/gpu_check.py`` runs end to end on that environment's interpreter, its CUDA phases skipping.
+``scripts/gpu_check.py`` runs end to end on that environment's interpreter, its CUDA phases skipping (the bench
+and the gpu tests themselves run on the CPU in the suite: ``tests/test_bench_step_gpu.py`` and the ``gpu``
+marker), then reruns two phases with ``--only`` on that install, as on a warm GPU machine.
 """
 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +32,8 @@ from tests.helpers import REPO, polytrain, read_jsonl
 pytestmark = pytest.mark.slow
 
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+ORDER = ["install", "imports", "bench", "train", "gpu_tests", "doctor", "launch"]
+"""The figures first: the bench right after the environment is known to import."""
 
 
 def script(name: str):
@@ -104,15 +109,22 @@ def wheels(tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def checked(image_python, wheels, tmp_path_factory) -> tuple[dict, Path, Path]:
-    """gpu_check.py run on the image-like environment: (its summary, its OUT folder, its work folder)."""
+def checked(image_python, wheels, tmp_path_factory) -> tuple[dict, Path, Path, str]:
+    """gpu_check.py run on the image-like environment: (its summary, its OUT folder, its work folder, what it
+    printed)."""
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
-    env = without_pythonpath()
-    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch-extensions"))  # not the project's cache
-    done = subprocess.run([image_python, REPO / "scripts" / "gpu_check.py", "--out", out, "--wheels", wheels[0],
-                           "--work", work], env=env, capture_output=True, text=True, timeout=900)
+    done = run_check(image_python, "--out", out, "--wheels", wheels[0], "--work", work,
+                     torch_extensions=tmp_path_factory.mktemp("torch-extensions"))  # not the project's cache
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((out / "gpu_check.json").read_text()), out, work
+    return json.loads((out / "gpu_check.json").read_text()), out, work, done.stdout
+
+
+def run_check(python: Path, *args, torch_extensions: Path | None = None) -> subprocess.CompletedProcess:
+    env = without_pythonpath()
+    if torch_extensions is not None:
+        env["TORCH_EXTENSIONS_DIR"] = str(torch_extensions)
+    return subprocess.run([python, REPO / "scripts" / "gpu_check.py", *args], env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
 def test_the_wheelhouse_holds_the_listed_pins_for_this_python_and_fits_the_carry_limit(wheels):
@@ -152,11 +164,14 @@ def test_the_image_environment_lacks_what_the_wheelhouse_brings(image_python):
     assert "polytrain" not in names
 
 
-def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_each_cuda_phase_skips(checked):
-    summary, out, _ = checked
+def test_gpu_check_runs_end_to_end_on_cpu_figures_first_and_says_why_each_cuda_phase_skips(checked):
+    summary, out, _, printed = checked
+    assert [phase.name for phase in gpu_check.PHASES] == ORDER
+    assert re.findall(r"^\[gpu_check\] (\w+) \(limit", printed, re.MULTILINE) == ORDER
     statuses = {name: result["status"] for name, result in summary["phases"].items()}
-    assert statuses == {"install": "ok", "doctor": "ok", "imports": "ok", "train": "ok", "gpu_tests": "skipped",
-                        "bench": "skipped", "launch": "skipped"}
+    assert list(statuses) == ORDER
+    assert statuses == {"install": "ok", "imports": "ok", "bench": "skipped", "train": "ok", "gpu_tests": "skipped",
+                        "doctor": "ok", "launch": "skipped"}
     why = {name: result.get("why") for name, result in summary["phases"].items() if result["status"] == "skipped"}
     assert why == {"gpu_tests": "no CUDA device here, and the gpu-marked tests need one",
                    "bench": "no CUDA device here, and bench/step_gpu.py needs one",
@@ -165,16 +180,54 @@ def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_each_cuda_phase_skips(che
     assert len(list(out.iterdir())) <= gpu_check.MAX_FILES_BACK
 
 
+def test_only_reruns_the_named_phases_on_the_earlier_install(checked, image_python, tmp_path):
+    _, _, work, _ = checked
+    done = run_check(image_python, "--only", "launch,bench", "--out", tmp_path, "--work", work)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {name: result["status"] for name, result in summary["phases"].items()} == {"bench": "skipped",
+                                                                                     "launch": "skipped"}
+    assert summary["machine"]["gpus"] == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench.log", "gpu_check.json", "launch.log"]
+    refused = run_check(image_python, "--only", "bench,trian", "--out", tmp_path, "--work", work)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "gpu_check.py: error: --only 'bench,trian': unknown phase(s) trian; known: " + ", ".join(ORDER))
+
+
+def test_a_phase_that_raises_unexpectedly_fails_alone_with_its_last_line_and_the_next_runs(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "site" / "polytrain").mkdir(parents=True)  # an earlier run's install, as --only expects
+    next_phase = []
+    later = gpu_check.Phase("train", 30, lambda check, figures: next_phase.append(1))
+    monkeypatch.setattr(gpu_check, "PHASES", (gpu_check.Phase("imports", 30, gpu_check.imports), later))
+    # import_all.py's output with a warning printed last, where its JSON line should be
+    monkeypatch.setattr(gpu_check.Check, "command", lambda self, *args, **kwargs: '{"imported": []}\na warning')
+    code = gpu_check.main(["--only", "imports,train", "--out", str(tmp_path / "out"), "--work", str(work)])
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    imports = summary["phases"]["imports"]
+    assert (code, imports["status"], imports["why"]) == (1, "failed", "JSONDecodeError: Expecting value: line 1 "
+                                                                      "column 1 (char 0)")
+    assert "Traceback" in (tmp_path / "out" / "imports.log").read_text()
+    assert summary["phases"]["train"]["status"] == "ok" and next_phase == [1]
+
+
+def test_the_gpu_tests_phase_runs_every_file_of_gpu_marked_tests_the_zero_step_first():
+    marked = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").rglob("test_*.py")
+                    if re.search(r"^pytestmark = pytest\.mark\.gpu$", path.read_text(), re.MULTILINE))
+    assert sorted(path for path, _ in gpu_check.GPU_TESTS) == marked
+    assert gpu_check.GPU_TESTS[0][0] == "tests/platform/distributed/test_gpu_step.py"
+
+
 def test_the_check_installs_exactly_the_wheelhouse_and_polytrain_and_every_pin_is_met(checked):
     summary, *_ = checked
     installed = summary["phases"]["install"]["installed"]
     installed = {canonicalize_name(name): version for name, version in installed.items()}
     assert installed == {"polytrain": "0.1.0", **{name: version for name, (version, _) in wheelhouse.WHEELS.items()}}
-    assert summary["phases"]["doctor"]["gpus"] == [] and summary["phases"]["doctor"]["requirements_unmet"] == []
+    assert summary["machine"]["gpus"] == [] and summary["phases"]["imports"]["requirements_unmet"] == []
 
 
 def test_every_module_of_polytrain_imports_with_the_carried_libraries_from_the_wheelhouse(checked, image_python):
-    summary, _, work = checked
+    summary, _, work, _ = checked
     imports = summary["phases"]["imports"]
     tracked = subprocess.run(["git", "ls-files", "polytrain/*.py"], cwd=REPO, check=True, capture_output=True,
                              text=True).stdout.split()
@@ -188,7 +241,7 @@ def test_every_module_of_polytrain_imports_with_the_carried_libraries_from_the_w
 
 
 def test_the_smoke_run_trains_exactly_as_the_project_environment_does(checked, tmp_path):
-    summary, _, work = checked
+    summary, _, work, _ = checked
     recipe, *overrides = gpu_check.TRAIN["cpu"]
     done = polytrain("train", REPO / recipe, *overrides, f"train.out_dir={tmp_path}", "train.run_name=reference",
                      f"data.cache_dir={work / 'data'}", "tracking.progress_bar=false", cwd=tmp_path)

@@ -1,7 +1,10 @@
-"""The package's shape: reading a config needs no training stack, no module imports itself back, every declared
-name resolves, and the run directory's files are the ones the README lists."""
+"""The package's shape: reading a config needs no training stack, no module imports itself back or one of a layer
+above it, a run's set-up goes down the layers once, every declared name resolves, and the run directory's files are
+the ones the README lists."""
 
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
@@ -9,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from polytrain.models.config import HEADS, KERNELS, MLPS, NORMS
+from polytrain.config.registries import HEADS, KERNELS, MLPS, NORMS, TOKENIZERS
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
-from polytrain.tokenizers.config import TOKENIZERS
 from tests.helpers import REPO
 
 PACKAGE = REPO / "polytrain"
@@ -56,6 +58,42 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
     return {name for name in found if name in modules}
+
+
+LAYERS = (("polytrain", "polytrain.errors", "polytrain.atomic", "polytrain.registry", "polytrain.schema"),
+          ("polytrain.config",), ("polytrain.tokens",), ("polytrain.tokenizers",), ("polytrain.models",),
+          ("polytrain.platform", "polytrain.platform.data", "polytrain.platform.observe"),
+          ("polytrain.platform.distributed",), ("polytrain.platform.train",), ("polytrain.job",),
+          ("polytrain.launch",), ("polytrain.cli",))
+"""From the bottom up: a module may import its own layer and those below, never one above."""
+
+
+def layer(module: str) -> int:
+    """The layer of ``module``: that of its longest prefix in ``LAYERS``."""
+    return max((len(prefix), i) for i, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + "."))[1]
+
+
+def test_no_module_imports_one_of_a_layer_above_it():
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    upward = [f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
+              for name, path in sorted(files.items())
+              for target in sorted(imports_of(path, set(files))) if layer(target) > layer(name)]
+    assert not upward, upward
+    assert layer("polytrain.config.model") == 1 and layer("polytrain.job") == 8 and layer("polytrain.cli") == 10
+
+
+def test_a_runs_set_up_goes_down_the_layers_once(tmp_path, data_cache):
+    """Following the config from polytrain train to the first step (tests/walk.py): the files it reaches and how
+    often it comes back into one it had left."""
+    done = subprocess.run([sys.executable, "-m", "tests.walk", "train", REPO / "configs" / "tiny.yaml",
+                           "train.steps=1", f"train.out_dir={tmp_path}", f"data.cache_dir={data_cache}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ,
+                                                                                          "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    walked = json.loads(done.stdout.strip().splitlines()[-1])
+    assert walked["visits"][:2] == ["polytrain/config/__init__.py", "polytrain/job.py"]
+    assert walked["files"] <= 21 and walked["returns"] <= 15, walked
 
 
 def test_no_module_imports_itself_back_through_others():

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from polytrain.cli import main
 from polytrain.config import load_config
-from polytrain.platform.data.builtin import dataset_folder
-from polytrain.platform.train import recipe
+from polytrain.platform.data.builtin import dataset_folder, task_manifests
+from polytrain.platform.data.datasets import build_datasets
+from polytrain.tokenizers.build import patch_tokenizers, text_tokenizer
 from tests.helpers import QUICKSTART, polytrain, read_jsonl, wandb_config, wandb_history
 from tests.platform.observe.test_report import Rows, black, check_png, drawn_at
 
@@ -131,9 +132,10 @@ def input_tokens_by_sample(run_dir, wanted: set[str]) -> dict[str, int]:
     """Input tokens of the ``wanted`` training samples, from the datasets: a text-LM window is seq_len
     tokens; a seq2seq sample is its source tokens plus its decoder input (bos + target; eos is only a label)."""
     cfg = load_config(run_dir / "config.yaml")
-    tokenizers = recipe.build_tokenizers(cfg, run_dir / "tokenizer" / "tokenizer.json")
+    tokenizers = {"text": text_tokenizer(cfg, (run_dir / "tokenizer" / "tokenizer.json").read_text()),
+                  **patch_tokenizers(cfg)}
     tokens = {}
-    for task, ds in recipe.build_datasets(cfg, "train", tokenizers).items():
+    for task, ds in build_datasets(cfg, "train", tokenizers, task_manifests(cfg)).items():
         if cfg.data.tasks[task].source is None:
             tokens.update({ds[i].sample_id: cfg.data.tasks[task].seq_len for i in range(len(ds))})
             continue

@@ -110,7 +110,8 @@ PROBE = """
 import json, sys
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
-from polytrain.tokenizers.config import TOKENIZERS, build_patch_tokenizer
+from polytrain.tokenizers.build import build_patch_tokenizer
+from polytrain.config.registries import TOKENIZERS
 
 base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",
         "data.tasks.t.val=m.jsonl"]
@@ -152,8 +153,8 @@ USER_MODULE_PROBE = """
 import json
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
-from polytrain.models.embed import EMBEDDERS
-from polytrain.tokenizers.config import TOKENIZERS
+from polytrain.config.registries import EMBEDDERS
+from polytrain.config.registries import TOKENIZERS
 
 base = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=scalar", "data.tasks.t.train=m.jsonl",
         "data.tasks.t.val=m.jsonl"]
@@ -172,8 +173,9 @@ print(json.dumps({"plugins": cfg.plugins, "tokenizer": TOKENIZERS.get("scalar").
 def test_a_user_module_named_in_the_recipe_registers_a_modality(tmp_path):
     """No package, no entry point: registry calls in a module the recipe lists under ``plugins``."""
     (tmp_path / "myscalar.py").write_text(PLUGIN + textwrap.dedent("""
-        from polytrain.models.embed import EMBEDDERS, PatchEmbedder
-        from polytrain.tokenizers.config import TOKENIZERS
+        from polytrain.models.embed import PatchEmbedder
+        from polytrain.config.registries import EMBEDDERS
+        from polytrain.config.registries import TOKENIZERS
 
         TOKENIZERS.register("scalar")(ScalarTokenizer)
         EMBEDDERS.register("scalar")(PatchEmbedder)
@@ -188,3 +190,70 @@ def test_a_user_module_named_in_the_recipe_registers_a_modality(tmp_path):
     assert result["embedder"] == "PatchEmbedder"
     assert result["errors"][0].startswith("plugins.0='nosuchmodule': failed to import: ModuleNotFoundError")
     assert result["errors"][1:] == ["plugins.0='brokenplug': failed to import: RuntimeError: half-written plugin"]
+
+
+LAYOUT_PLUGIN = '''
+from dataclasses import replace
+
+from polytrain.config.registries import HEADS, LAYOUTS
+from polytrain.models.heads import DecoderOnlyHead
+from polytrain.platform.data.layouts import Causal
+
+
+class Reversed(Causal):
+    """decoder_only's layout, the words of each text segment in reverse order."""
+
+    def example(self, ds, record):
+        parts = tuple(replace(p, value=" ".join(reversed(p.value.split()))) if p.modality == "text" else p
+                      for p in record.parts)
+        return super().example(ds, replace(record, parts=parts))
+
+
+class ReversingLM(DecoderOnlyHead):
+    kind = replace(DecoderOnlyHead.kind, layout="reversed")
+
+
+HEADS.register("reversing_lm")(ReversingLM)
+LAYOUTS.register("reversed")(Reversed)
+'''
+LAYOUT_PROBE = """
+import json, sys
+from polytrain.job import resolve
+from polytrain.platform.data.datasets import build_datasets
+
+job = resolve(sys.argv[1], sys.argv[2:])
+example = build_datasets(job.cfg, "train", job.tokenizers, job.manifests)["t"][0]
+text = job.tokenizers["text"]
+print(json.dumps({"inputs": example.inputs.ids, "bos": text.bos_id, "prompt": text.encode("it is which"),
+                  "answer": text.encode("seven one")}))
+"""
+
+
+def test_a_plugin_head_brings_its_own_data_layout(tmp_path):
+    """A head of a user module names a layout of its own (``LAYOUTS``): its samples are laid out by it, and
+    ``polytrain train`` trains it, no file of polytrain knowing either name."""
+    (tmp_path / "reversing.py").write_text(LAYOUT_PLUGIN)
+    line = json.dumps({"segments": [{"text": "which is it"}, {"text": "one seven", "scored": True}]})
+    (tmp_path / "m.jsonl").write_text("\n".join([line] * 8) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        plugins: [reversing]
+        model: {{backbone: {{dim: 32, n_heads: 2, encoder_layers: 0, decoder_layers: 1}}}}
+        tokenizers: {{text: {{vocab_size: 300, max_len: 32}}}}
+        data:
+          cache_dir: {tmp_path / "cache"}
+          tasks: {{t: {{head: reversing_lm, train: m.jsonl, val: m.jsonl, batch_size: 4, seq_len: 16}}}}
+        train: {{steps: 2, warmup_steps: 1, out_dir: {tmp_path / "runs"}, run_name: run}}
+        engine: {{zero_stage: 0}}
+        tracking: {{progress_bar: false}}
+        """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    probe = subprocess.run([sys.executable, "-c", LAYOUT_PROBE, recipe], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    laid = json.loads(probe.stdout.splitlines()[-1])
+    assert laid["inputs"] == [laid["bos"], *laid["prompt"], *laid["answer"]]  # the words reversed, eos the label
+    proc = subprocess.run([sys.executable, "-m", "polytrain.cli", "train", recipe], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "run" / "eval.json").read_text())["t"]["val_loss"] > 0

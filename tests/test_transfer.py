@@ -16,9 +16,9 @@ import sysconfig
 import numpy as np
 import pytest
 
+from polytrain.config.registries import TOKENIZERS
 from polytrain.errors import DataError
 from polytrain.platform.observe.report import load_run
-from polytrain.tokenizers.config import TOKENIZERS
 from tests.helpers import REPO, polytrain
 
 pytestmark = pytest.mark.slow
@@ -98,9 +98,8 @@ def steps_to(points: dict[int, float], target: float) -> float:
 
 
 def test_the_plugin_adds_a_modality_only_where_it_is_installed(plugin_python):
-    listing = "from polytrain.tokenizers.config import TOKENIZERS; from polytrain.models.embed import EMBEDDERS; " \
-              "from polytrain.platform.data.builtin import BUILTINS; print(TOKENIZERS.names(), EMBEDDERS.names(), " \
-              "'air_digits' in BUILTINS)"
+    listing = "from polytrain.config.registries import BUILTINS, EMBEDDERS, TOKENIZERS; " \
+              "print(TOKENIZERS.names(), EMBEDDERS.names(), 'air_digits' in BUILTINS)"
     done = subprocess.run([plugin_python, "-c", listing], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "['audio', 'image', 'motion', 'text'] ['audio', 'image', 'motion', 'text'] True"
     assert "motion" not in TOKENIZERS  # the project's own environment is untouched

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from polytrain.config.launch import LaunchConfig
+from polytrain.config.registries import BACKENDS
 from polytrain.errors import ConfigError
-from polytrain.launch import deepspeed, slurm, torchrun
-from polytrain.launch.config import LaunchConfig
 from polytrain.launch.job import Job
-from polytrain.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -28,24 +27,23 @@ class Backend:
     raise ``LaunchError`` when it fails."""
 
 
-BACKENDS: Registry[Backend] = Registry("launch backend", group="polytrain.launchers")
-for _name, _module in (("torchrun", torchrun), ("deepspeed", deepspeed), ("slurm", slurm)):
-    BACKENDS.register(_name)(Backend(_module.check, _module.describe, _module.run))
-
-
-def launch(cfg: LaunchConfig, out_dir: str, run_name: str | None, config_path: str, overrides: list[str],
-           dry_run: bool = False, submit: bool = False) -> int:
-    """``polytrain launch``: print the job's commands (dry run) or start it; ``out_dir`` and ``run_name`` are
-    train.out_dir and train.run_name."""
+def launch(job, config_path: str, overrides: list[str], dry_run: bool = False, submit: bool = False) -> int:
+    """``polytrain launch``: print the commands of ``job`` (a ``polytrain.job.Job``, resolved from ``config_path``
+    and ``overrides``) for a dry run, or start it."""
+    cfg = job.cfg.launch
     if submit and cfg.backend != "slurm":
         raise ConfigError("--submit", True, f"submits SLURM jobs; launch.backend={cfg.backend!r} "
                           f"(set launch.backend=slurm)")
     if submit and dry_run:
         raise ConfigError("--submit", True, "cannot be combined with --dry-run, which starts nothing")
-    job = Job.create(cfg, config_path, overrides, out_dir, run_name, submit)
     backend = BACKENDS.get(cfg.backend)
+    try:
+        backend.check(cfg)
+    except ConfigError as err:
+        raise err.under("launch") from None
+    nodes = Job.create(cfg, config_path, overrides, job.cfg.train.out_dir, job.cfg.train.run_name, submit)
     if dry_run:
-        print(backend.describe(job), flush=True)
+        print(backend.describe(nodes), flush=True)
         return 0
-    backend.run(job)
+    backend.run(nodes)
     return 0

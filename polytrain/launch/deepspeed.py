@@ -14,10 +14,11 @@ import sys
 from typing import TYPE_CHECKING
 
 from polytrain.errors import ConfigError
+from polytrain.launch.backends import Backend
 from polytrain.launch.failures import LaunchError, RankFailure, failure_folder, first_failure_message, read_failures
 
 if TYPE_CHECKING:
-    from polytrain.launch.config import LaunchConfig
+    from polytrain.config.launch import LaunchConfig
     from polytrain.launch.job import Job
 
 RUNNER = ("-m", "deepspeed.launcher.runner")
@@ -62,3 +63,6 @@ def run(job: Job) -> None:
         raise RankFailure(first_failure_message(first, len(recorded), None))
     raise LaunchError(f"the deepspeed launcher exited with code {code} and no rank on this node reported an "
                       f"error; see its output above")
+
+
+BACKEND = Backend(check, describe, run)

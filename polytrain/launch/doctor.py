@@ -9,6 +9,7 @@ commands are looked up.  Exit code 1 when a check fails.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import platform
 import shutil
@@ -17,12 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from polytrain.config import load_config
+from polytrain.config.engine import EngineConfig
+from polytrain.config.launch import LaunchConfig
 from polytrain.errors import ConfigError
-from polytrain.launch.config import LaunchConfig
+from polytrain.job import resolve
 from polytrain.launch.hostfile import HostfileError, read_hostfile
 from polytrain.launch.job import check_hosts
-from polytrain.platform.distributed.config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("polytrain", "torch", "deepspeed", "accelerate", "transformers", "wandb")
 """Modules whose versions a bug report needs."""
@@ -54,12 +57,15 @@ class Check:
 
 
 def doctor(config: str | None, overrides: list[str]) -> int:
-    cfg = load_config(config, overrides) if config else None
+    job = resolve(config, overrides) if config else None
+    cfg = job.cfg if job else None
     engine = cfg.engine if cfg else EngineConfig()
     launch = cfg.launch if cfg else LaunchConfig()
     print(format_rows([*versions(), *gpus()]))
     print(f"checks for {config or 'the default settings'} (engine.zero_stage={engine.zero_stage}, "
           f"launch.backend={launch.backend}, {launch.nodes} node(s) x {launch.procs_per_node} process(es)):")
+    if job is not None:
+        log.info("%s", job.summary())
     checks = [*op_checks(engine), *launch_checks(launch)]
     for check in checks:
         print(f"  {'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")

@@ -12,18 +12,14 @@ and, for torchrun, names the nodes in a dry run and supplies node 0's address.
 Every mistake is reported with the file and line.
 """
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from polytrain.config.launch import is_reachable_name
 from polytrain.errors import PolytrainError
 
 ENTRY = re.compile(r"(?P<host>\S+)\s+slots=(?P<slots>\S*)")
-LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-"""One dot-separated part of a host name: letters, digits, inner hyphens (RFC 1123) and underscores
-(which DNS forbids but /etc/hosts and many clusters use)."""
-MAX_HOST_NAME = 253
 
 
 class HostfileError(PolytrainError):
@@ -72,13 +68,3 @@ def parse_entry(entry: str, where: str) -> Host:
     if not slots.isdigit() or int(slots) < 1:
         raise HostfileError(f"{where}: slots={slots!r} for {name}: must be a whole number >= 1")
     return Host(name, int(slots), where)
-
-
-def is_reachable_name(name: str) -> bool:
-    """A syntactically valid IP address or DNS host name (``user@host``, URLs and ``host:port`` are not)."""
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        pass
-    return len(name) <= MAX_HOST_NAME and all(LABEL.fullmatch(label) for label in name.split("."))

@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from polytrain.config.launch import LaunchConfig
 from polytrain.errors import ConfigError
-from polytrain.launch.config import LaunchConfig
 from polytrain.launch.hostfile import Host, HostfileError, read_hostfile
 from polytrain.platform.observe.run_dir import new_run_name
 

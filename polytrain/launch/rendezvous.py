@@ -11,7 +11,7 @@ message naming the rendezvous, instead of a silent hang.
 
 import re
 
-from polytrain.launch.config import RendezvousConfig
+from polytrain.config.launch import RendezvousConfig
 from polytrain.launch.failures import LaunchError
 
 

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 
 from polytrain.atomic import unwritable
 from polytrain.errors import STOPPED, ConfigError
+from polytrain.launch.backends import Backend
 from polytrain.launch.failures import LaunchError
 from polytrain.platform.train.stopping import STOP_FILE
 
 if TYPE_CHECKING:
-    from polytrain.launch.config import LaunchConfig
+    from polytrain.config.launch import LaunchConfig
     from polytrain.launch.job import Job
 
 FIRST_NODE = ('NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))', "MASTER_ADDR=${NODES[0]}")
@@ -150,3 +151,6 @@ def run(job: Job) -> None:
     job_id = done.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
     log = output_path(job).replace("%x", job_name(job)).replace("%j", job_id)
     print(f"submitted SLURM job {job_id}: {path}; log: {log}", flush=True)
+
+
+BACKEND = Backend(check, describe, run)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from polytrain.errors import STOPPED, ConfigError, Stopped
+from polytrain.launch.backends import Backend
 from polytrain.launch.failures import (
     Failure,
     LaunchError,
@@ -32,7 +33,7 @@ from polytrain.launch.rendezvous import rendezvous_error, rendezvous_failures
 from polytrain.platform.train.stopping import LAUNCHER_PID, SIGNALS
 
 if TYPE_CHECKING:
-    from polytrain.launch.config import LaunchConfig
+    from polytrain.config.launch import LaunchConfig
     from polytrain.launch.job import Job
 
 log = logging.getLogger(__name__)
@@ -192,3 +193,6 @@ def rank_failure(err, recorded: dict) -> RankFailure | Stopped:
     hint = " (SIGKILL often means the machine ran out of memory)" if process.signal_name() == "SIGKILL" else ""
     return RankFailure(f"rank {first} (local rank {process.local_rank}, pid {process.pid}) {how} without "
                        f"reporting an error{hint}; the launcher stopped the job")
+
+
+BACKEND = Backend(check, describe, run)

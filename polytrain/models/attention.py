@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from polytrain.config.registries import KERNELS
 from polytrain.errors import PolytrainError
 from polytrain.models.attention_mask import MaskRule
-from polytrain.models.config import KERNELS
 from polytrain.models.positions import apply_rotary
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Kernel(ABC):
     name = ""
 
     def why_not(self, rule: MaskRule, dtype: torch.dtype, device: torch.device, head_dim: int,
-                dropout: float) -> str | None:
+                dropout: float, alibi: bool) -> str | None:
         """Why this kernel cannot compute this call, or None when it can."""
         return None
 
@@ -95,24 +95,40 @@ class Kernel(ABC):
         """(B, L, H, D) attention output."""
 
 
+SDPA_CUDA_ONLY = {SDPBackend.CUDNN_ATTENTION: "cuDNN", SDPBackend.EFFICIENT_ATTENTION: "memory-efficient"}
+"""SDPA backends torch has on CUDA only (on CPU it has math and its own flash kernel)."""
+
+
 class SDPA(Kernel):
     """``scaled_dot_product_attention``, optionally held to one backend."""
 
     def __init__(self, name: str, backend: SDPBackend | None):
         self.name, self.backend = name, backend
 
+    def why_not(self, rule, dtype, device, head_dim, dropout, alibi):
+        if self.backend in SDPA_CUDA_ONLY and device.type != "cuda":
+            return f"torch has SDPA's {SDPA_CUDA_ONLY[self.backend]} backend on CUDA only"
+        if self.backend == SDPBackend.FLASH_ATTENTION and device.type == "cuda":
+            if dtype not in (torch.float16, torch.bfloat16):
+                return f"SDPA's flash backend on CUDA needs fp16 or bf16, got {dtype}"
+            if alibi or self.needs_mask(rule):
+                return ("SDPA's flash backend on CUDA takes no mask: only rows without padding, documents, spans "
+                        "or ALiBi (causal or not)")
+        return None
+
+    @staticmethod
+    def needs_mask(rule: MaskRule) -> bool:
+        """Whether SDPA needs an explicit mask for ``rule`` (rather than none or its own causal one)."""
+        _, length, keys = rule.shape
+        return not rule.is_plain() or (rule.causal and not (rule.offset == 0 and length == keys))
+
     def plan(self, rule: MaskRule, alibi_H: Tensor | None, dtype: torch.dtype) -> AttentionPlan:
         if alibi_H is not None:
             bias_HLS = -alibi_H.to(rule.key_valid_BS.device)[:, None, None] * rule.distance()
             return AttentionPlan(self, mask=bias_HLS.to(dtype).masked_fill(~rule.dense(), float("-inf")))
-        if not rule.is_plain():
+        if self.needs_mask(rule):
             return AttentionPlan(self, mask=rule.dense())
-        _, length, keys = rule.shape
-        if not rule.causal:
-            return AttentionPlan(self)
-        if rule.offset == 0 and length == keys:
-            return AttentionPlan(self, is_causal=True)
-        return AttentionPlan(self, mask=rule.dense())
+        return AttentionPlan(self, is_causal=rule.causal)
 
     def run(self, q_BLHD: Tensor, k_BSGD: Tensor, v_BSGD: Tensor, plan: AttentionPlan, dropout_p: float) -> Tensor:
         if self.backend is None:
@@ -128,11 +144,11 @@ class SDPA(Kernel):
         return y_BHLD.transpose(1, 2)
 
 
-KERNELS.register("sdpa")(SDPA("sdpa", None))
-KERNELS.register("sdpa_flash")(SDPA("sdpa_flash", SDPBackend.FLASH_ATTENTION))
-KERNELS.register("sdpa_cudnn")(SDPA("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION))
-KERNELS.register("sdpa_efficient")(SDPA("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION))
-KERNELS.register("sdpa_math")(SDPA("sdpa_math", SDPBackend.MATH))
+SDPA_ANY = SDPA("sdpa", None)
+SDPA_FLASH = SDPA("sdpa_flash", SDPBackend.FLASH_ATTENTION)
+SDPA_CUDNN = SDPA("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)
+SDPA_EFFICIENT = SDPA("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)
+SDPA_MATH = SDPA("sdpa_math", SDPBackend.MATH)
 
 
 @functools.cache
@@ -150,7 +166,7 @@ class Flex(Kernel):
 
     name = "flex"
 
-    def why_not(self, rule, dtype, device, head_dim, dropout):
+    def why_not(self, rule, dtype, device, head_dim, dropout, alibi):
         if flex_functions() is None:
             return "this torch has no torch.nn.attention.flex_attention"
         if dropout > 0:
@@ -181,7 +197,7 @@ class Flex(Kernel):
         return y_BHLD.transpose(1, 2)
 
 
-KERNELS.register("flex")(Flex())
+FLEX = Flex()
 
 
 @functools.cache
@@ -199,7 +215,7 @@ class FlashAttn(Kernel):
 
     name = "flash_attn"
 
-    def why_not(self, rule, dtype, device, head_dim, dropout):
+    def why_not(self, rule, dtype, device, head_dim, dropout, alibi):
         if flash_attn_module() is None:
             return "the flash_attn package is not installed"
         if device.type != "cuda":
@@ -250,7 +266,7 @@ class FlashAttn(Kernel):
         return y.view(batch, length, heads, head_dim)
 
 
-KERNELS.register("flash_attn")(FlashAttn())
+FLASH_ATTN = FlashAttn()
 
 AUTO_ORDER = ("flash_attn", "flex", "sdpa")
 """What ``auto`` tries, in order; flex only for packed documents on CUDA, where its block sparsity pays."""
@@ -262,7 +278,7 @@ def plan_attention(request: str, rule: MaskRule, dtype: torch.dtype, head_dim: i
     device = rule.key_valid_BS.device
     if request != "auto":
         kernel = KERNELS.get(request)
-        reason = kernel.why_not(rule, dtype, device, head_dim, dropout)
+        reason = kernel.why_not(rule, dtype, device, head_dim, dropout, alibi_H is not None)
         if reason is not None:
             raise PolytrainError(f"attention kernel {request!r} cannot run this call: {reason}")
         announce(kernel.name, "as configured")
@@ -270,7 +286,7 @@ def plan_attention(request: str, rule: MaskRule, dtype: torch.dtype, head_dim: i
     skipped = []
     for name in AUTO_ORDER:
         kernel = KERNELS.get(name)
-        reason = kernel.why_not(rule, dtype, device, head_dim, dropout)
+        reason = kernel.why_not(rule, dtype, device, head_dim, dropout, alibi_H is not None)
         if name == "flex" and reason is None and (rule.query_docs_BL is None or device.type != "cuda"):
             reason = "used for packed documents on CUDA only"
         if reason is None:

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from polytrain.config.model import BackboneConfig
+from polytrain.config.registries import MLPS, NORMS, POSITIONS
 from polytrain.models.attention import Attention, AttentionPlan, plan_attention
 from polytrain.models.attention_mask import MaskRule
 from polytrain.models.cache import KVCache, LayerCache
-from polytrain.models.config import MLPS, NORMS, POSITIONS, BackboneConfig
 from polytrain.models.embed import Embedded
 from polytrain.models.layers import DropPath, LayerScale
 from polytrain.models.positions import alibi_slopes

@@ -18,17 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytrain.models.config import POSITIONS
+from polytrain.config.registries import POSITIONS
 from polytrain.models.positions import Rotary, sinusoidal_table
-from polytrain.registry import Registry
 from polytrain.tokens import EmbedSpec, Segment
 
 if TYPE_CHECKING:
-    from polytrain.models.config import ModelConfig
+    from polytrain.config.model import ModelConfig
 
-EMBEDDERS: Registry[type[nn.Module]] = Registry("embedder", group="polytrain.embedders")
-"""Embedder class by modality name; built as ``cls(spec, model_config)``. Installed packages add
-their own through the ``polytrain.embedders`` entry-point group."""
 
 
 @dataclass
@@ -103,7 +99,6 @@ class Embedder(nn.Module):
         return Embedded(x_BLE, segment.mask, segment.documents, rope)
 
 
-@EMBEDDERS.register("text")
 class TokenEmbedder(Embedder):
     """Token ids -> vectors plus 1-D positions. Its table doubles as the LM output projection when tied.
 
@@ -191,8 +186,6 @@ class SinusoidalGrid(nn.Module):
         return torch.cat([self.row(positions_BL2[..., 0]), self.col(positions_BL2[..., 1])], dim=-1)
 
 
-@EMBEDDERS.register("image")
-@EMBEDDERS.register("audio")
 class PatchEmbedder(Embedder):
     """Patch features -> vectors by one linear map (a ViT's patch convolution), plus 2-D positions."""
 

@@ -49,10 +49,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-import torch
 from torch import Tensor, nn
 
-from polytrain.errors import ConfigError
 from polytrain.models.heads import DecoderOnlyHead, EncoderClassifierHead, EncoderDecoderHead, MaskedLMHead
 from polytrain.models.tower import FRAMES_PER_TOKEN, ConvStem, TowerEmbedder
 from polytrain.tokens import Segment, TaskBatch
@@ -145,11 +143,15 @@ class TrainFlops:
 
     def decode(self, t: Tensor, memory: Tensor | None = None) -> int:
         """The decoder stack over rows of ``t`` tokens, cross-attending to rows of ``memory`` tokens."""
-        macs = self.decoder * t.sum() + 2 * self.dim * self.dec_layers * (t * t).sum()
+        macs = self.decoder * t.sum()
         if memory is not None:
             macs += self.cross_query * t.sum() + self.cross_memory * memory.sum() + \
                 2 * self.dim * self.dec_layers * (t * memory).sum()
-        return TRAIN * int(macs)
+        return TRAIN * int(macs) + self.self_attention(t)
+
+    def self_attention(self, t: Tensor) -> int:
+        """The decoder's q k^T and attention x values over the full square of each row's ``t`` tokens."""
+        return TRAIN * 2 * self.dim * self.dec_layers * int((t * t).sum())
 
     def logits(self, t: Tensor) -> int:
         return TRAIN * self.vocab * self.dim * int(t.sum())
@@ -192,16 +194,3 @@ class TowerFlops:
         return TRAIN_ON_DATA * self.stem_data * int(n.sum()) + TRAIN * int(
             self.stem_rest * n.sum() + self.blocks * s.sum() + self.attention * (s * s).sum()
             + self.projector * (n + self.kept).sum())
-
-
-def train_flops_per_token(model: PolyModel, seq_len: int) -> int:
-    """Training FLOPs per token of a decoder-only ``PolyModel`` fed ``seq_len``-token rows:
-
-        6 * (every decoder weight matrix + the output projection)  +  12 * layers * dim * seq_len
-    """
-    cfg = model.cfg.backbone
-    if cfg.encoder_layers or not cfg.decoder_layers:
-        raise ConfigError("model.backbone.encoder_layers", cfg.encoder_layers,
-                          "FLOPs per token are counted for decoder-only models (encoder_layers=0, decoder_layers>0)")
-    counter, rows = TrainFlops(model), torch.tensor([seq_len])
-    return (counter.decode(rows) + counter.logits(rows)) // seq_len

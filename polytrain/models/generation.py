@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polytrain.models.config import DecodingConfig
-from polytrain.registry import Registry
+from polytrain.config.model import DecodingConfig
 
 
 class Session(Protocol):
@@ -33,8 +32,7 @@ class Session(Protocol):
 
 
 Strategy = Callable[[Callable[[int], Session], Tensor, int, int, DecodingConfig, torch.Generator | None], Tensor]
-STRATEGIES: Registry[Strategy] = Registry("decoding strategy")
-"""``strategy(start, prompt_BP, max_new_tokens, eos_id, cfg, generator) -> (B, <= max_new_tokens) ids``."""
+"""A decoding strategy (``config.registries.STRATEGIES``): ``strategy(start, prompt_BP, max_new_tokens, eos_id, cfg, generator) -> (B, <= max_new_tokens) ids``."""
 
 
 def filter_logits(logits_BV: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -74,18 +72,15 @@ def token_by_token(session: Session, prompt_BP: Tensor, max_new_tokens: int, eos
     return torch.stack(out, dim=1)
 
 
-@STRATEGIES.register("greedy")
 def greedy(start, prompt_BP, max_new_tokens, eos_id, cfg, generator):
     return token_by_token(start(1), prompt_BP, max_new_tokens, eos_id, lambda logits: logits.argmax(-1))
 
 
-@STRATEGIES.register("sample")
 def sample(start, prompt_BP, max_new_tokens, eos_id, cfg, generator):
     return token_by_token(start(1), prompt_BP, max_new_tokens, eos_id,
                           lambda logits: sample_next(logits, cfg, generator))
 
 
-@STRATEGIES.register("beam")
 def beam_search(start, prompt_BP, max_new_tokens, eos_id, cfg, generator):
     return BeamSearch(cfg.num_beams, cfg.length_penalty, max_new_tokens, eos_id).run(start, prompt_BP)
 

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polytrain.config.model import HEAD_KINDS, DecodingConfig, HeadKind
+from polytrain.config.registries import NORMS, STRATEGIES
 from polytrain.models.cache import KVCache
-from polytrain.models.config import HEAD_KINDS, HEADS, NORMS, DecodingConfig, HeadKind
 from polytrain.models.embed import Embedded
-from polytrain.models.generation import STRATEGIES
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, TaskBatch
 
 if TYPE_CHECKING:
-    from polytrain.models.config import ModelConfig
+    from polytrain.config.model import ModelConfig
     from polytrain.models.model import PolyModel
 
 def token_loss(logits_XV: Tensor, labels_X: Tensor, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
@@ -119,7 +119,6 @@ class DecoderSession:
             self.memory_BSE, self.memory_valid_BS = self.memory_BSE[rows_B], self.memory_valid_BS[rows_B]
 
 
-@HEADS.register("decoder_only")
 class DecoderOnlyHead(TextDecoderHead):
     """Causal LM over one sequence, no encoder: text, and non-text spans inside it (bidirectional within each
     span when the batch says so: prefix-LM)."""
@@ -134,7 +133,6 @@ class DecoderOnlyHead(TextDecoderHead):
         return DecoderSession(model, capacity, prefix, positions_B)
 
 
-@HEADS.register("encoder_decoder")
 class EncoderDecoderHead(TextDecoderHead):
     """Encoder over the source (any modality), causal decoder over text with cross-attention."""
 
@@ -160,7 +158,6 @@ class EncoderDecoderHead(TextDecoderHead):
         return DecoderSession(model, capacity, prefix, positions_B, memory_BSE, memory_valid_BS)
 
 
-@HEADS.register("encoder_classifier")
 class EncoderClassifierHead(Head):
     """Bidirectional encoder over ``batch.inputs`` (any modality), pooled, then a linear map to class logits."""
 
@@ -186,7 +183,6 @@ class EncoderClassifierHead(Head):
         return self.proj(pooled_BE)
 
 
-@HEADS.register("masked_lm")
 class MaskedLMHead(Head):
     """BERT's masked LM: the encoder reads text the data pipeline corrupted (``mlm_corruption``); dense + GELU +
     norm, then the (tied) vocabulary map predicts the originals at the labelled positions."""

@@ -10,11 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytrain.models.config import MLPS, NORMS
-
-NORMS.register("layernorm")(nn.LayerNorm)
-NORMS.register("rmsnorm")(nn.RMSNorm)
-
 
 class MLP(nn.Module):
     """proj(act(fc(x))): the Transformer's position-wise feed-forward network."""
@@ -30,13 +25,11 @@ class MLP(nn.Module):
         return self.drop(self.proj(self.act(self.fc(x_BLE))))
 
 
-@MLPS.register("gelu")
 def gelu_mlp(dim: int, hidden: int, bias: bool, dropout: float) -> MLP:
     """Exact (erf) GELU, as in BERT, ViT and BART."""
     return MLP(dim, hidden, bias, dropout, nn.GELU())
 
 
-@MLPS.register("gelu_tanh")
 def gelu_tanh_mlp(dim: int, hidden: int, bias: bool, dropout: float) -> MLP:
     """The tanh approximation of GELU, as in GPT-2 (``gelu_new``)."""
     return MLP(dim, hidden, bias, dropout, nn.GELU(approximate="tanh"))
@@ -49,19 +42,16 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-@MLPS.register("quick_gelu")
 def quick_gelu_mlp(dim: int, hidden: int, bias: bool, dropout: float) -> MLP:
     """OpenAI CLIP's QuickGELU (its ViTs under ``hidden_act: quick_gelu``, timm's ``*_clip_quickgelu_*``)."""
     return MLP(dim, hidden, bias, dropout, QuickGELU())
 
 
-@MLPS.register("relu")
 def relu_mlp(dim: int, hidden: int, bias: bool, dropout: float) -> MLP:
     """ReLU, as in the original Transformer."""
     return MLP(dim, hidden, bias, dropout, nn.ReLU())
 
 
-@MLPS.register("swiglu")
 class SwiGLU(nn.Module):
     """proj(silu(gate(x)) * up(x)) (Shazeer 2020); gate and up share one matmul, ``fc``."""
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polytrain.config.model import LoraConfig
 from polytrain.errors import ConfigError
-from polytrain.models.config import LoraConfig
 
 ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
 

@@ -9,10 +9,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from polytrain.errors import ConfigError, DataError
+from polytrain.config.model import ModelConfig, head_kind
+from polytrain.config.registries import EMBEDDERS, HEADS
+from polytrain.errors import DataError
 from polytrain.models.backbone import Backbone
-from polytrain.models.config import HEADS, BackboneConfig, ModelConfig, head_kind
-from polytrain.models.embed import EMBEDDERS, Embedded, TokenEmbedder
+from polytrain.models.embed import Embedded, TokenEmbedder
 from polytrain.models.tower import TowerEmbedder
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
@@ -32,19 +33,21 @@ class PolyModel(nn.Module):
         self.specs, self.task_heads = by_modality, dict(task_heads)
         """What the model was built for: its embed specs by modality, its tasks' head names (for export)."""
         head_classes = {task: HEADS.get(head) for task, head in task_heads.items()}
-        check_heads_fit(cfg.backbone, by_modality, task_heads, bool(cfg.towers))
+        head_cfgs = {task: with_classes(cfg, (task_classes or {}).get(task)) for task in head_classes}
+        if "text" not in by_modality and any(head_kind(head).text_output for head in task_heads.values()):
+            raise ValueError(f"heads {task_heads} predict text, so the model needs the text embed spec")
         # text feeds the decoder (or the one block shape of both stacks); the other modalities feed the encoder
         encoder_side = replace(cfg, backbone=cfg.backbone.encoder_stack)
-        self.embedders = nn.ModuleDict({s.modality: embedder(s, cfg if s.modality == "text" else encoder_side)
-                                        for s in specs})
+        self.embedders = nn.ModuleDict({  # a modality's tower where the config gives it one
+            s.modality: TowerEmbedder(s, encoder_side, cfg.towers[s.modality]) if s.modality in cfg.towers
+            else EMBEDDERS.get(s.modality)(s, cfg if s.modality == "text" else encoder_side) for s in specs})
         # with no encoder stack a tower is the encoder: the decoder cross-attends to its output (Whisper)
         towers_encode = any(head_kind(head).encoder and head_kind(head).decoder for head in task_heads.values())
         self.backbone = Backbone(cfg.backbone, cross_attention=bool(cfg.towers) and towers_encode)
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
             self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
-        self.heads = nn.ModuleDict({task: cls(with_classes(cfg, (task_classes or {}).get(task)), by_modality)
-                                    for task, cls in head_classes.items()})
+        self.heads = nn.ModuleDict({task: cls(head_cfgs[task], by_modality) for task, cls in head_classes.items()})
         self.init_weights(cfg.init_std)
 
     def init_weights(self, std: float) -> None:
@@ -85,12 +88,10 @@ class PolyModel(nn.Module):
         x_BLE = embedded.x_BLE
         rope = embedded.rope
         spans_BL = torch.full_like(segment.values, -1) if bidirectional else None
-        unplaced = x_BLE.new_zeros(())
         first = 0
         for modality, spans in segment.spans.items():
             inner = without_cls(self.embedders[modality](spans.tokens), spans.tokens.values.shape[1])
             where_NS = spans.tokens.mask & (spans.rows >= 0)[:, None]
-            unplaced = unplaced + 0.0 * inner.x_BLE.sum()  # stand-ins: embedded, placed nowhere
             n, s = where_NS.nonzero(as_tuple=True)
             rows, cols = spans.rows[n], spans.starts[n] + s
             placed = inner.x_BLE[n, s].to(x_BLE.dtype)
@@ -102,7 +103,7 @@ class PolyModel(nn.Module):
             if spans_BL is not None:
                 spans_BL[rows, cols] = first + n
             first += len(spans.rows)
-        return replace(embedded, x_BLE=x_BLE + unplaced, rope=rope, spans_BL=spans_BL)
+        return replace(embedded, x_BLE=x_BLE, rope=rope, spans_BL=spans_BL)
 
     def lm_logits(self, h_BTE: Tensor) -> Tensor:
         """Next-token logits (B, T, V): tied to the text embedding table, or the separate ``lm_head``."""
@@ -129,30 +130,3 @@ def without_cls(e: Embedded, length: int) -> Embedded:
     return Embedded(e.x_BLE[:, 1:], e.valid_BL[:, 1:], None, None if e.rope is None else (e.rope[0][:, 1:],
                                                                                           e.rope[1][:, 1:]))
 
-
-def embedder(spec: EmbedSpec, cfg: ModelConfig) -> nn.Module:
-    """The embedder of ``spec``'s modality: its tower where ``cfg`` configures one, else the registered one."""
-    if spec.modality in cfg.towers:
-        return TowerEmbedder(spec, cfg, cfg.towers[spec.modality])
-    return EMBEDDERS.get(spec.modality)(spec, cfg)
-
-
-def check_heads_fit(backbone: BackboneConfig, specs: dict[str, EmbedSpec], task_heads: dict[str, str],
-                    towers: bool = False) -> None:
-    """Every head finds the stacks and embedders it needs; errors name the model key to change. ``towers``: a
-    tower may serve as the encoder of heads that read non-text inputs."""
-    for task, head in task_heads.items():
-        kind = head_kind(head)
-        if kind.encoder and backbone.encoder_layers == 0 and not (towers and kind.layout != "masked"):
-            raise ConfigError("model.backbone.encoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
-                              "which needs an encoder")
-        if kind.decoder and backbone.decoder_layers == 0:
-            raise ConfigError("model.backbone.decoder_layers", 0, f"task {task!r} uses head {task_heads[task]}, "
-                              "which needs a decoder")
-        if backbone.encoder and kind.layout == "masked":
-            raise ConfigError("model.backbone.encoder", backbone.encoder, f"task {task!r} uses head masked_lm, "
-                              "whose text the encoder would read; with blocks of its own the encoder reads image "
-                              "or audio inputs only")
-        if kind.text_output and "text" not in specs:
-            raise ConfigError("model", sorted(specs), f"task {task!r} uses head {task_heads[task]}, which predicts "
-                              "text, so the model needs the text embed spec")

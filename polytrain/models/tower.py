@@ -8,7 +8,7 @@ so ``finetune.freeze``, ``lr_scale`` and LoRA patterns reach them like any part.
 Its output is an ``Embedded`` of one vector per input token (plus the class
 token where kept), with no RoPE angles: in a decoder's sequence the span's
 slots keep the text's positions (LLaVA's image features take the positions of
-their image tokens).  See ``tower_config.py`` for what each setting means.
+their image tokens).  See ``polytrain/config/tower.py`` for what each setting means.
 
 Every parameter a tower builds takes part in every forward (blocks after the
 selected layer are not built), so a rank that embeds only a stand-in span runs
@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polytrain.config.model import BackboneConfig
+from polytrain.config.tower import TowerConfig
 from polytrain.errors import ConfigError, DataError
 from polytrain.models.backbone import Stack
-from polytrain.models.config import BackboneConfig
 from polytrain.models.embed import Embedded
-from polytrain.models.tower_config import TowerConfig
 from polytrain.tokens import EmbedSpec, Segment
 
 if TYPE_CHECKING:
-    from polytrain.models.config import ModelConfig
+    from polytrain.config.model import ModelConfig
 
 FRAMES_PER_TOKEN = 2
 """Log-mel frames in one audio token read by a conv stem: its stride-2 convolution gives one vector per token."""

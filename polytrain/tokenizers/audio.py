@@ -20,10 +20,10 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor
 
+from polytrain.config.tokenizers import AudioTokenizerConfig, patch_grid
 from polytrain.errors import DataError
 from polytrain.tokenizers.audio_features import kaldi_fbank, mask_along, whisper_log_mel
 from polytrain.tokenizers.audio_files import read_audio, samples_to_float
-from polytrain.tokenizers.config import AudioTokenizerConfig, patch_grid
 from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokens import EmbedSpec, Tokens
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from polytrain.config.tokenizers import ImageTokenizerConfig
 from polytrain.errors import DataError
-from polytrain.tokenizers.config import ImageTokenizerConfig
 from polytrain.tokenizers.image_files import array_to_tensor, pil_to_tensor, read_image
 from polytrain.tokens import EmbedSpec, Tokens
 

@@ -1,13 +1,12 @@
 """What a tokenizer does with a sample longer than its limit: cut it (counted, logged) or refuse it."""
 
 import logging
-from typing import Literal
 
+from polytrain.config.tokenizers import OverflowPolicy
 from polytrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
-OverflowPolicy = Literal["truncate", "error"]
 LOG_EVERY = 1000
 """With ``truncate``, the first cut sample is logged, then every ``LOG_EVERY``-th."""
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from polytrain.config.tokenizers import UNK, TextTokenizerConfig
+from polytrain.config.tokenizers import markers as marker_tokens
 from polytrain.errors import DataError
-from polytrain.tokenizers.config import UNK, TextTokenizerConfig
-from polytrain.tokenizers.config import markers as marker_tokens
 from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokens import EmbedSpec, Segment, Tokens, text_tokens
 

@@ -41,18 +41,23 @@ def allowed_by_loops(key_valid: Tensor, query_valid: Tensor, causal: bool = Fals
     return out
 
 
-def mask_case(name: str, valid_BL: Tensor, docs_BL: Tensor) -> tuple[MaskRule, Tensor]:
-    """Self-attention rule ``name`` of ``MASK_CASES`` over these rows, and the same rule by ``allowed_by_loops``."""
+def mask_rule(name: str, valid_BL: Tensor, docs_BL: Tensor) -> MaskRule:
+    """Self-attention rule ``name`` of ``MASK_CASES`` over these rows (``docs_BL``: each token's document)."""
     opts = dict(MASK_CASES[name])
     docs = docs_BL if opts.pop("docs", False) else None
-    spans = opts.pop("spans", ())
-    spans_BL = None
+    spans, spans_BL = opts.pop("spans", ()), None
     if spans:
         spans_BL = torch.full(valid_BL.shape, -1, dtype=torch.long)
         for index, (start, end) in enumerate(spans):
             spans_BL[:, start:end] = index
-    rule = MaskRule(valid_BL, valid_BL, query_docs_BL=docs, key_docs_BS=docs, spans_BL=spans_BL, **opts)
-    return rule, allowed_by_loops(valid_BL, valid_BL, docs_q=docs, docs_k=docs, spans=spans, **opts)
+    return MaskRule(valid_BL, valid_BL, query_docs_BL=docs, key_docs_BS=docs, spans_BL=spans_BL, **opts)
+
+
+def mask_case(name: str, valid_BL: Tensor, docs_BL: Tensor) -> tuple[MaskRule, Tensor]:
+    """``mask_rule(name, ...)``, and the same rule by ``allowed_by_loops``."""
+    opts = dict(MASK_CASES[name])
+    docs = docs_BL if opts.pop("docs", False) else None
+    return mask_rule(name, valid_BL, docs_BL), allowed_by_loops(valid_BL, valid_BL, docs_q=docs, docs_k=docs, **opts)
 
 
 def reference_attention(q_BLHD: Tensor, k_BSGD: Tensor, v_BSGD: Tensor, allowed_BLS: Tensor,

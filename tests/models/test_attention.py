@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from polytrain.config.registries import KERNELS
 from polytrain.errors import PolytrainError
 from polytrain.models.attention import Attention, flash_attn_module, plan_attention
 from polytrain.models.attention_mask import MaskRule
-from polytrain.models.config import KERNELS
 from polytrain.models.positions import alibi_slopes
 from tests.models.reference import MASK_CASES, allowed_by_loops, mask_case, reference_attention
 
@@ -106,6 +106,25 @@ def test_every_cpu_kernel_equals_longhand_attention(kernel, mask, alibi):
     want = reference_attention(q, k, v, allowed, bias).float()
     real = VALID[:, :, None, None].expand_as(got)  # padded queries' outputs are ignored by design
     assert torch.allclose(got[real], want[real], atol=1e-5)
+
+
+def test_sdpa_held_to_one_backend_says_why_it_cannot_take_a_call():
+    valid, padded = torch.ones(2, 6, dtype=torch.bool), torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    causal, padded_causal = MaskRule(valid, valid, causal=True), MaskRule(padded, padded, causal=True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # why_not reads the device's type only
+
+    def why(kernel, rule=causal, device=cpu, dtype=torch.bfloat16, alibi=False):
+        return KERNELS.get(kernel).why_not(rule, dtype, device, DIM // HEADS, 0.0, alibi)
+
+    assert why("sdpa_cudnn") == "torch has SDPA's cuDNN backend on CUDA only"
+    assert why("sdpa_efficient") == "torch has SDPA's memory-efficient backend on CUDA only"
+    assert [why(k, padded_causal, alibi=True) for k in ("sdpa", "sdpa_math", "sdpa_flash")] == [None] * 3
+    assert [why(k, device=cuda) for k in ("sdpa_cudnn", "sdpa_efficient", "sdpa_flash")] == [None] * 3
+    no_mask = ("SDPA's flash backend on CUDA takes no mask: only rows without padding, documents, spans or ALiBi "
+               "(causal or not)")
+    assert why("sdpa_flash", padded_causal, cuda) == why("sdpa_flash", causal, cuda, alibi=True) == no_mask
+    assert why("sdpa_flash", device=cuda, dtype=torch.float32) == ("SDPA's flash backend on CUDA needs fp16 or bf16, "
+                                                                   "got torch.float32")
 
 
 def test_flex_block_mask_skips_other_documents_and_equals_the_dense_mask():

@@ -1,14 +1,16 @@
-"""Every attention kernel on the GPU against the CPU math path, forward and backward, on every kind of mask.
+"""Every attention kernel on the device against the CPU math path, forward and backward, on every kind of mask.
 
-Each case runs one kernel in bf16 on CUDA and SDPA's math backend in fp32 on the CPU, on the same inputs
-(drawn in fp32 and rounded to bf16, so both sides start from the same numbers) and the same upstream
-gradient; the output and the gradients of q, k and v agree within bf16 tolerance.  A padded query's
-output is ignored by design, so it gets no upstream gradient and its output is not compared.
+Each case runs one kernel in bf16 on the ``device`` (the GPU where there is one, else the CPU) and SDPA's
+math backend in fp32 on the CPU, on the same inputs (drawn in fp32 and rounded to bf16, so both sides start
+from the same numbers) and the same upstream gradient; the output and the gradients of q, k and v agree
+within bf16 tolerance.  A padded query's output is ignored by design, so it gets no upstream gradient and
+its output is not compared.
 
 Cases: each of ``MASK_CASES`` on rows with padding, plus no mask at all and a plain causal mask on rows
-without (the only calls SDPA's flash backend takes), with multi-head and grouped-query heads, and ALiBi on
-two.  A kernel that cannot take a call is skipped with the reason: polytrain's ``why_not``, or torch's
-when an SDPA backend held to itself rejects the inputs.
+without (the only calls SDPA's flash backend takes on CUDA), with multi-head and grouped-query heads, and
+ALiBi on two.  A kernel that cannot take a call is skipped with the reason: polytrain's ``why_not`` (on the
+CPU: SDPA's cuDNN and memory-efficient backends, FlexAttention's backward and ``flash_attn`` are CUDA's),
+or torch's when an SDPA backend held to itself rejects the inputs.
 """
 
 import dataclasses
@@ -21,11 +23,11 @@ from polytrain.errors import PolytrainError
 from polytrain.models.attention import AttentionPlan, plan_attention
 from polytrain.models.attention_mask import MaskRule
 from polytrain.models.positions import alibi_slopes
-from tests.models.reference import MASK_CASES
+from tests.models.reference import MASK_CASES, mask_rule
 
 pytestmark = pytest.mark.gpu
 
-GPU_KERNELS = ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn"]
+KERNELS = ["sdpa", "sdpa_math", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn"]
 BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM = 2, 200, 4, 2, 64
 """200 tokens span two of FlexAttention's 128-token tiles without filling them; GQA shares each k/v head by 2."""
 PADDED = torch.tensor([[True] * LENGTH, [True] * 150 + [False] * 50])
@@ -49,15 +51,8 @@ BF16_TOLERANCE = 2e-2
 (8 significant bits) of every input and output, with fp32 accumulation in every kernel."""
 
 
-def self_attention_rule(mask: str, valid_BL: torch.Tensor) -> MaskRule:
-    """The ``MASK_CASES`` rule ``mask`` over these rows (no longhand copy: the CPU math path is the reference)."""
-    options = dict(MASK_CASES[mask])
-    docs = DOCS if options.pop("docs", False) else None
-    return MaskRule(valid_BL, valid_BL, query_docs_BL=docs, key_docs_BS=docs, **options)
-
-
-def on_cuda(rule: MaskRule) -> MaskRule:
-    tensors = {f.name: getattr(rule, f.name).cuda() for f in dataclasses.fields(rule)
+def on_device(rule: MaskRule, device: torch.device) -> MaskRule:
+    tensors = {f.name: getattr(rule, f.name).to(device) for f in dataclasses.fields(rule)
                if isinstance(getattr(rule, f.name), torch.Tensor)}
     return dataclasses.replace(rule, **tensors)
 
@@ -69,13 +64,14 @@ def attend(plan: AttentionPlan, q, k, v, grad) -> list[torch.Tensor]:
     return [t.float().cpu() for t in (out, *torch.autograd.grad(out, (q, k, v), grad))]
 
 
-def on_gpu_or_skip(kernel: str, rule: MaskRule, slopes, q, k, v, grad) -> list[torch.Tensor]:
-    """``attend`` with ``kernel`` on CUDA in bf16; a kernel that refuses the call skips the test, saying why."""
+def on_device_or_skip(kernel: str, device: torch.device, rule: MaskRule, slopes, q, k, v, grad
+                      ) -> list[torch.Tensor]:
+    """``attend`` with ``kernel`` on ``device`` in bf16; a kernel that refuses the call skips the test, saying why."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            plan = plan_attention(kernel, on_cuda(rule), torch.bfloat16, HEAD_DIM, 0.0, slopes)
-            return attend(plan, *(t.cuda().bfloat16() for t in (q, k, v, grad)))
+            plan = plan_attention(kernel, on_device(rule, device), torch.bfloat16, HEAD_DIM, 0.0, slopes)
+            return attend(plan, *(t.to(device, torch.bfloat16) for t in (q, k, v, grad)))
         except PolytrainError as err:
             pytest.skip(str(err))
         except RuntimeError as err:
@@ -102,17 +98,17 @@ def fresh_compiles():
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kernel", GPU_KERNELS)
-def test_each_gpu_kernel_equals_the_cpu_math_path_forward_and_backward(kernel, case):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_each_kernel_on_the_device_equals_the_cpu_math_path_forward_and_backward(device, kernel, case):
     mask, valid, kv_heads, alibi = CASES[case]
-    rule = self_attention_rule(mask, valid)
+    rule = mask_rule(mask, valid, DOCS)
     slopes = alibi_slopes(HEADS) if alibi else None
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(BATCH, LENGTH, heads, HEAD_DIM, generator=g).bfloat16().float()
                for heads in (HEADS, kv_heads, kv_heads))
     grad = torch.randn(BATCH, LENGTH, HEADS, HEAD_DIM, generator=g).bfloat16().float() * valid[:, :, None, None]
     want = attend(plan_attention("sdpa_math", rule, torch.float32, HEAD_DIM, 0.0, slopes), q, k, v, grad)
-    got = on_gpu_or_skip(kernel, rule, slopes, q, k, v, grad)
+    got = on_device_or_skip(kernel, device, rule, slopes, q, k, v, grad)
     real = valid[:, :, None, None].float()
     assert_close_bf16(got[0] * real, want[0] * real, "output")
     for name, got_grad, want_grad in zip(("dq", "dk", "dv"), got[1:], want[1:]):

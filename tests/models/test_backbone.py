@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from polytrain.config.model import BackboneConfig
 from polytrain.errors import ConfigError
 from polytrain.models.attention import plan_attention
 from polytrain.models.attention_mask import MaskRule
 from polytrain.models.backbone import Backbone, Block
-from polytrain.models.config import BackboneConfig
 from polytrain.models.embed import Embedded
 from polytrain.models.positions import Rotary
 from polytrain.schema import from_dict

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from polytrain.config.model import BackboneConfig, EmbedConfig, ModelConfig
 from polytrain.errors import ConfigError
 from polytrain.models.backbone import Block
-from polytrain.models.config import BackboneConfig, EmbedConfig, ModelConfig
 from polytrain.models.heads import text_segment
 from polytrain.models.model import PolyModel
 from polytrain.schema import from_dict

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from polytrain.models import presets
 from polytrain.models.convert.external import load_state, read_external
 from polytrain.models.convert.rules import ConversionError
+from tests.helpers import lm
 from tests.models.convert_checks import TOLERANCE, causal_lm_round_trip, perturbed
 
 transformers = pytest.importorskip("transformers")
@@ -41,10 +41,10 @@ def test_the_hubs_base_model_layout_with_mask_buffers_is_read(tmp_path):
 
 def test_a_preset_takes_weights_from_memory_and_names_a_misshapen_tensor():
     hf = gpt2()
-    model = presets.gpt2("tiny", 64, 2, 4, vocab=100, positions=32).build()
+    model = lm("gpt2", 64, 2, 4, 100, 32)
     load_state(model, "lm", "GPT2LMHeadModel", hf.state_dict())
     assert torch.equal(model.backbone.decoder.blocks[1].mlp.proj.weight, hf.transformer.h[1].mlp.c_proj.weight.t())
-    shorter = presets.gpt2("tiny", 64, 2, 4, vocab=100, positions=16).build()
+    shorter = lm("gpt2", 64, 2, 4, 100, 16)
     with pytest.raises(ConversionError, match=r"transformer\.wpe\.weight \(32, 64\) gives \(32, 64\) for polytrain "
                                               r"'embedders\.text\.position\.weight', which is \(16, 64\)"):
         load_state(shorter, "lm", "GPT2LMHeadModel", hf.state_dict())

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.config.registries import FAMILIES
 from polytrain.models.convert.external import export_weights, import_weights, load_state, write_external
-from polytrain.models.convert.family import FAMILIES
 from polytrain.models.convert.rules import ConversionError
 from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec

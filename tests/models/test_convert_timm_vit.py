@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from polytrain.models import presets
+from polytrain.config.registries import PRESETS
 from polytrain.models.convert.external import load_state, read_external, write_external
 from polytrain.models.convert.rules import ConversionError
+from polytrain.models.presets import build
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 from tests.models.convert_checks import TOLERANCE, max_diff, perturbed, trained
@@ -52,7 +53,7 @@ def test_round_trip_keeps_features_and_logits(name, tmp_path):
 def test_a_named_size_exports_under_its_own_name(tmp_path):
     torch.manual_seed(0)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
-    model = presets.PRESETS.get("vit_tiny_patch16_224").build().eval()
+    model = build(PRESETS.get("vit_tiny_patch16_224")).eval()
     load_state(model, "classify", "timm", reference.state_dict())
     config = write_external(model, "classify", "timm", tmp_path)
     assert config["architecture"] == "vit_tiny_patch16_224"

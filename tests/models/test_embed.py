@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from polytrain.models.config import BackboneConfig, EmbedConfig, ModelConfig
-from polytrain.models.embed import EMBEDDERS, Embedded
+from polytrain.config.model import BackboneConfig, EmbedConfig, ModelConfig
+from polytrain.config.registries import EMBEDDERS
+from polytrain.models.embed import Embedded
 from polytrain.models.positions import sinusoidal_table
 from polytrain.tokens import EmbedSpec, Segment, Tokens, text_tokens
 

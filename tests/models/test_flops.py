@@ -2,40 +2,43 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from polytrain.errors import ConfigError
-from polytrain.models import presets
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
-from polytrain.models.flops import TrainFlops, input_tokens, train_flops_per_token
+from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.config.registries import PRESETS
+from polytrain.models.flops import TrainFlops, input_tokens
 from polytrain.models.heads import DecoderOnlyHead, text_segment
 from polytrain.models.model import PolyModel
+from polytrain.models.presets import build
 from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens, text_tokens
+from tests.helpers import lm
 
 
-def test_decoder_1b_flops_are_palms_six_n_plus_attention():
-    model = presets.PRESETS.get("decoder_1b").build("meta")
+def test_decoder_1b_flops_are_palms_six_n_plus_attention_and_megatrons_with_it_halved():
+    model = build(PRESETS.get("decoder_1b"), "meta")
     dim, layers, kv_dim, hidden, vocab, seq = 2048, 22, 4 * 64, 5632, 32000, 2048
     per_layer = dim * (dim + 2 * kv_dim) + dim * dim + dim * 2 * hidden + hidden * dim  # qkv, out, swiglu fc, proj
     n = layers * per_layer + vocab * dim  # matrices a token is multiplied by (lm_head included)
-    assert train_flops_per_token(model, seq) == 6 * n + 12 * layers * dim * seq
+    assert per_token(model, seq) == 6 * n + 12 * layers * dim * seq
+    halved = per_token(model, seq) - TrainFlops(model).self_attention(torch.tensor([seq])) // 2 // seq
+    assert halved == 6 * n + 6 * layers * dim * seq
 
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
 def test_flops_equal_torchs_flop_counter_over_a_training_step(preset):
     seq, batch = 16, 2
     if preset == "llama":
-        p = presets.llama("tiny llama", 64, 2, 4, 2, 96, vocab=100, max_len=seq)
-    else:
-        p = presets.gpt2("tiny gpt2", 64, 2, 4, vocab=100, positions=seq)
-    model = presets.with_backbone(p, attention="sdpa_math").build()  # the math path is made of counted matmuls
+        model = lm("llama", 64, 2, 4, 100, seq, kv_heads=2, hidden=96, attention="sdpa_math")
+    else:  # the math path is made of counted matmuls
+        model = lm("gpt2", 64, 2, 4, 100, seq, attention="sdpa_math")
     ids = torch.randint(0, 100, (batch, seq + 1))
     with FlopCounterMode(display=False) as counter:
         model({"lm": TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:])})["lm"].backward()
-    assert counter.get_total_flops() == train_flops_per_token(model, seq) * batch * seq
+    assert counter.get_total_flops() == per_token(model, seq) * batch * seq
 
 
-def test_flops_refuse_a_model_with_an_encoder():
-    with pytest.raises(ConfigError, match="encoder_layers"):
-        train_flops_per_token(presets.PRESETS.get("tiny").build("meta"), 128)
+def per_token(model, seq: int) -> int:
+    """What the run counts (``TrainFlops``) for one row of ``seq`` text tokens of a decoder-only task, per token."""
+    row = TaskBatch(text_segment(torch.zeros(1, seq, dtype=torch.long)), torch.zeros(1, seq, dtype=torch.long))
+    return TrainFlops(model)({"lm": row}) // seq
 
 
 def image_tokens(rows: int, cols: int, features: int) -> Tokens:
@@ -107,8 +110,8 @@ def test_every_head_matches_torchs_flop_counter_sample_by_sample(cls_token):
 
 
 def test_a_plugin_head_has_no_count():
-    p = presets.gpt2("tiny gpt2", 32, 1, 4, vocab=50, positions=8)
-    model = p.build("meta")
+    with torch.device("meta"):
+        model = lm("gpt2", 32, 1, 4, 50, 8)
     model.heads["lm"].__class__ = type("PluginHead", (DecoderOnlyHead,), {})
     assert not TrainFlops(model).known
 

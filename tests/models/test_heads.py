@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polytrain.models.config import (
+from polytrain.config.model import (
     BackboneConfig,
     ClassifierConfig,
     DecodingConfig,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polytrain.models.config import MLPS, NORMS
+from polytrain.config.registries import MLPS, NORMS
 from polytrain.models.layers import DropPath
 
 

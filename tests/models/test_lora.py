@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from polytrain.config.model import LoraConfig, ModelConfig
 from polytrain.errors import ConfigError
-from polytrain.models.config import LoraConfig, ModelConfig
 from polytrain.models.lora import LoraLinear, add_lora, merge_lora
 from polytrain.models.model import PolyModel
 from polytrain.schema import from_dict

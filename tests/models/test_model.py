@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from polytrain.config import load_config
+from polytrain.config.model import BackboneConfig, DecodingConfig, ModelConfig
 from polytrain.errors import ConfigError, DataError
-from polytrain.models.config import BackboneConfig, DecodingConfig, ModelConfig
 from polytrain.models.heads import text_segment
 from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch, Tokens, text_tokens
@@ -114,22 +115,20 @@ def test_untied_model_has_its_own_output_projection():
     assert torch.allclose(m.lm_logits(h), h @ m.lm_head.weight.T)
 
 
-@pytest.mark.parametrize("head, backbone, key", [
-    ("encoder_decoder", dict(encoder_layers=0), "model.backbone.encoder_layers"),
-    ("encoder_classifier", dict(encoder_layers=0), "model.backbone.encoder_layers"),
-    ("decoder_only", dict(decoder_layers=0), "model.backbone.decoder_layers"),
-])
-def test_a_head_without_its_stack_names_the_key(head, backbone, key):
-    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, **backbone))
+@pytest.mark.parametrize("head, stack", [("encoder_decoder", "encoder"), ("encoder_classifier", "encoder"),
+                                         ("decoder_only", "decoder")])
+def test_a_head_without_its_stack_names_the_task_and_the_stack(head, stack):
+    extra = ["data.tasks.task.classes=[a, b]"] if head == "encoder_classifier" else []
     with pytest.raises(ConfigError) as err:
-        PolyModel(cfg, SPECS, {"task": head})
-    assert err.value.key == key
+        load_config(None, [f"data.tasks.task.head={head}", "data.tasks.task.train=x", "data.tasks.task.val=x",
+                           f"model.backbone.{stack}_layers=0", *extra])
+    assert err.value.key == "data.tasks.task.head" and f"model.backbone.{stack}_layers=0" in str(err.value)
 
 
 def test_text_heads_need_the_text_spec_but_an_image_classifier_does_not():
     cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, decoder_layers=0))
     PolyModel(cfg, SPECS[1:], {"classify": "encoder_classifier"})
-    with pytest.raises(ConfigError, match="text embed spec"):
+    with pytest.raises(ValueError, match="text embed spec"):
         PolyModel(cfg, SPECS[1:], {"mlm": "masked_lm"})
 
 
@@ -163,9 +162,9 @@ def test_an_encoder_of_its_own_reads_no_text():
     text = text_segment(torch.randint(5, VOCAB, (2, 6)))
     with pytest.raises(DataError, match="a text sequence reaches the encoder, or holds spans of another modality"):
         composed({"caption": TaskBatch(text, text.values, text)})
-    cfg = ModelConfig(backbone=BackboneConfig(dim=DIM, n_heads=4, encoder=ENCODER))
-    with pytest.raises(ConfigError, match="model.backbone.encoder=.*task 'mlm' uses head masked_lm"):
-        PolyModel(cfg, SPECS, {"mlm": "masked_lm"})
+    with pytest.raises(ConfigError, match="model.backbone.encoder=.*data.tasks.mlm uses head masked_lm"):
+        load_config(None, ["data.tasks.mlm.head=masked_lm", "data.tasks.mlm.train=x", "data.tasks.mlm.val=x",
+                           f"model.backbone.encoder={ENCODER}".replace("'", "")])
 
 
 @pytest.mark.parametrize("encoder, message", [
@@ -174,8 +173,6 @@ def test_an_encoder_of_its_own_reads_no_text():
     ({"norm": "batchnorm"}, "model.backbone.encoder.norm='batchnorm': unknown; known: layernorm, rmsnorm"),
 ])
 def test_bad_encoder_settings_name_the_key(encoder, message):
-    from polytrain.config import load_config
-
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.tasks.t.head=decoder_only", "data.tasks.t.train=x", "data.tasks.t.val=x",
                            f"model.backbone.encoder={encoder}"])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from polytrain.models.config import POSITIONS
+from polytrain.config.registries import POSITIONS
 from polytrain.models.positions import Rotary, alibi_slopes, apply_rotary, sinusoidal_table
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from polytrain.cli import main
-from polytrain.models.config import ModelConfig
+from polytrain.config.model import ModelConfig
+from polytrain.config.registries import PRESETS
 from polytrain.models.heads import text_segment
-from polytrain.models.presets import PRESETS, parameter_counts
+from polytrain.models.presets import build, parameter_counts
 from polytrain.schema import from_dict
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
@@ -71,18 +72,18 @@ REFERENCE_COUNTS = {"tiny": encoder_decoder_count, "small": encoder_decoder_coun
 def test_preset_parameter_count_equals_an_independent_count(name):
     preset = PRESETS.get(name)
     assert from_dict(ModelConfig, dataclasses.asdict(preset.model)) == preset.model  # every domain and check holds
-    counts = parameter_counts(preset.build("meta"))
+    counts = parameter_counts(build(preset, "meta"))
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     assert counts["total"] == REFERENCE_COUNTS[name](name)
 
 
 def test_decoder_1b_is_about_a_billion_parameters():
-    assert parameter_counts(PRESETS.get("decoder_1b").build("meta"))["total"] == 1_100_048_384  # TinyLlama-1.1B
+    assert parameter_counts(build(PRESETS.get("decoder_1b"), "meta"))["total"] == 1_100_048_384  # TinyLlama-1.1B
 
 
 def test_tiny_preset_trains_a_step():
     torch.manual_seed(0)
-    model = PRESETS.get("tiny").build()
+    model = build(PRESETS.get("tiny"))
     ids = torch.randint(8, 32000, (2, 17))
     image = Segment.collate([patchify(torch.randn(3, 224, 224), 16) for _ in range(2)])
     losses = model({"lm": TaskBatch(text_segment(ids[:, :-1]), ids[:, 1:]),

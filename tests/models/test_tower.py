@@ -8,16 +8,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from polytrain.config import build_config
+from polytrain.config.model import BackboneConfig, ClassifierConfig, HeadsConfig, ModelConfig
+from polytrain.config.tower import TowerConfig
 from polytrain.errors import ConfigError
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
 from polytrain.models.flops import TrainFlops
 from polytrain.models.heads import text_segment
 from polytrain.models.model import PolyModel
 from polytrain.models.tower import whisper_sinusoids
-from polytrain.models.tower_config import TowerConfig
 from polytrain.schema import from_dict
 from polytrain.tokenizers.audio import patchify as mel_tokens
-from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens, text_tokens
+from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens
 from tests.models.test_flops import row
 
 VOCAB, IMAGE = 50, EmbedSpec("image", 12, (3, 3))

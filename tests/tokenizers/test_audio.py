@@ -7,10 +7,10 @@ import soundfile
 import torch
 import torchaudio
 
+from polytrain.config.tokenizers import AudioTokenizerConfig
 from polytrain.errors import DataError
 from polytrain.tokenizers.audio import AudioTokenizer
 from polytrain.tokenizers.audio_files import read_audio
-from polytrain.tokenizers.config import AudioTokenizerConfig
 
 RATE = 16_000
 

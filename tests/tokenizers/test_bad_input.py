@@ -8,18 +8,18 @@ import pytest
 import soundfile
 from PIL import Image
 
-from polytrain.errors import DataError, PolytrainError
-from polytrain.platform.data.config import TaskConfig
-from polytrain.platform.data.datasets import SequenceDataset
-from polytrain.platform.data.manifest import read_manifest
-from polytrain.tokenizers.audio import AudioTokenizer
-from polytrain.tokenizers.config import (
+from polytrain.config.data import TaskConfig
+from polytrain.config.tokenizers import (
     AudioTokenizerConfig,
     ImageTokenizerConfig,
     TextTokenizerConfig,
     TokenizersConfig,
-    build_patch_tokenizer,
 )
+from polytrain.errors import DataError, PolytrainError
+from polytrain.platform.data.datasets import SequenceDataset
+from polytrain.platform.data.manifest import read_manifest
+from polytrain.tokenizers.audio import AudioTokenizer
+from polytrain.tokenizers.build import build_patch_tokenizer
 from polytrain.tokenizers.image import ImageTokenizer
 from polytrain.tokenizers.text import TextTokenizer
 from tests.tokenizers.test_image import png_header_only

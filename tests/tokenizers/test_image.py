@@ -10,9 +10,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from polytrain.config.tokenizers import ImageTokenizerConfig
 from polytrain.errors import ConfigError, DataError
 from polytrain.schema import from_dict
-from polytrain.tokenizers.config import ImageTokenizerConfig
 from polytrain.tokenizers.image import ImageTokenizer, patchify
 
 

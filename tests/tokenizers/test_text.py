@@ -3,9 +3,9 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polytrain.config.tokenizers import SPECIAL_TOKENS, TextTokenizerConfig
 from polytrain.errors import DataError
 from polytrain.schema import from_dict
-from polytrain.tokenizers.config import SPECIAL_TOKENS, TextTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",

@@ -3,7 +3,7 @@
 import tokenizers
 
 from polytrain.cli import main
-from polytrain.tokenizers.config import SPECIAL_TOKENS
+from polytrain.config.tokenizers import SPECIAL_TOKENS
 from tests.helpers import polytrain
 
 

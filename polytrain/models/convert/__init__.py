@@ -12,20 +12,9 @@ or SigLIP tower, its projector, a Llama, Qwen2 or Mistral LM).  None of them imp
 the files are read as they are.
 """
 
-# importing a family's module registers it
-from polytrain.models.convert import (  # noqa: F401
-    hf_bart,
-    hf_bert,
-    hf_clip,
-    hf_gpt2,
-    hf_llama,
-    hf_llava,
-    hf_whisper,
-    timm_vit,
-)
 from polytrain.models.convert.external import ExternalCheckpoint, load_state, read_external, write_external
-from polytrain.models.convert.family import FAMILIES, Architecture
+from polytrain.models.convert.family import Architecture
 from polytrain.models.convert.rules import ConversionError
 
-__all__ = ["FAMILIES", "Architecture", "ConversionError", "ExternalCheckpoint", "load_state", "read_external",
+__all__ = ["Architecture", "ConversionError", "ExternalCheckpoint", "load_state", "read_external",
            "write_external"]

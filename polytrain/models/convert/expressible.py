@@ -10,10 +10,10 @@ import dataclasses
 from dataclasses import replace
 from typing import Any
 
-from polytrain.models.config import BackboneConfig, HeadsConfig
+from polytrain.config.model import BackboneConfig, HeadsConfig
+from polytrain.config.tower import TowerConfig
 from polytrain.models.convert.family import Architecture, Family
 from polytrain.models.convert.rules import ConversionError
-from polytrain.models.tower_config import TowerConfig
 from polytrain.tokens import EmbedSpec
 
 RUNTIME = ("dropout", "drop_path", "attention", "checkpointing", "compile")

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from polytrain.config.registries import FAMILIES
 from polytrain.models.convert.expressible import checked_config
-from polytrain.models.convert.family import FAMILIES, Architecture, Family, family_of
+from polytrain.models.convert.family import Architecture, Family, family_of
 from polytrain.models.convert.files import (
     CONFIG,
     PICKLE_SUFFIXES,

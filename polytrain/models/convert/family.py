@@ -4,7 +4,7 @@ A ``Family`` (one per Hugging Face architecture, and ``timm`` for timm's ViTs)
 derives the polytrain ``Architecture`` from the checkpoint's own config (a
 ``config.json`` dict; for timm, the model name and arguments), writes the
 library's config for a polytrain architecture, and lists the ``Rule``s that tie
-the tensors.  ``FAMILIES`` holds them by ``architectures[0]`` and
+the tensors.  ``config.registries.FAMILIES`` names them by ``architectures[0]`` and
 ``model_type``; ``family_of`` picks one for a config.
 
 A checkpoint of an encoder alone (a CLIP, SigLIP or DINOv2 ViT) is a model of one tower and no head; a
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polytrain.models.config import ModelConfig
+from polytrain.config.model import ModelConfig
+from polytrain.config.registries import FAMILIES
 from polytrain.models.convert.rules import ConversionError, Rule
 from polytrain.models.model import PolyModel
-from polytrain.registry import Registry
 from polytrain.tokens import EmbedSpec
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ class Family(ABC):
     """Hugging Face ``architectures[0]`` (``timm`` for timm)."""
     model_type = ""
     """Hugging Face ``model_type`` (timm: "")."""
-    by_model_type = True
-    """A config naming only ``model_type``, no architecture, means this family (false where several share it)."""
     modality = "text"
     """The modality of the checkpoint's input: the embed spec export reads off the model."""
     head = ""
@@ -154,17 +152,6 @@ class HFFamily(Family):
 
     def with_dtype(self, config: dict, dtype: torch.dtype) -> dict:
         return {**config, "dtype": str(dtype).removeprefix("torch.")}  # from_pretrained loads in this dtype
-
-
-FAMILIES: Registry[Family] = Registry("checkpoint family")
-"""Families by Hugging Face ``architectures[0]`` and ``model_type``, and ``timm``."""
-
-
-def register(family: Family) -> Family:
-    FAMILIES.register(family.name)(family)
-    if family.model_type and family.by_model_type:
-        FAMILIES.register(family.model_type)(family)
-    return family
 
 
 def family_of(config: dict) -> Family:

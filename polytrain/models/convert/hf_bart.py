@@ -8,14 +8,13 @@ agree in heads and MLP width.  ``final_logits_bias`` is a buffer that stays
 zero (nothing trains it), accepted only so.
 """
 
-from polytrain.models.config import BackboneConfig, EmbedConfig, ModelConfig
+from polytrain.config.model import BackboneConfig, EmbedConfig, ModelConfig
 from polytrain.models.convert.family import (
     Architecture,
     HFFamily,
     expect,
     hf_activation_to_mlp,
     mlp_to_hf_activation,
-    register,
 )
 from polytrain.models.convert.rules import ConversionError, Rule, offset_rows, same, stacked, tied
 from polytrain.tokens import EmbedSpec
@@ -98,4 +97,4 @@ class Bart(HFFamily):
         return rules
 
 
-register(Bart())
+BART = Bart()

@@ -13,14 +13,13 @@ either.
 from abc import abstractmethod
 from dataclasses import replace
 
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
 from polytrain.models.convert.family import (
     Architecture,
     HFFamily,
     expect,
     hf_activation_to_mlp,
     mlp_to_hf_activation,
-    register,
 )
 from polytrain.models.convert.rules import Rule, same, stacked, tied
 from polytrain.tokens import EmbedSpec
@@ -34,7 +33,7 @@ DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_att
 class Bert(HFFamily):
     """The encoder both BERT classes share; subclasses add their head."""
 
-    model_type, by_model_type = "bert", False  # "bert" alone does not say which head
+    model_type = "bert"  # not a registry name: "bert" alone does not say which head
     base_prefix = "bert."
     unused = r"\.position_ids$"  # a buffer files of older transformers saved
 
@@ -129,5 +128,4 @@ class BertSequenceClassification(Bert):
         return [*super().rules(arch, task), table, *head]
 
 
-for family in (BertMaskedLM(), BertSequenceClassification()):
-    register(family)
+BERT_MASKED_LM, BERT_CLASSIFIER = BertMaskedLM(), BertSequenceClassification()

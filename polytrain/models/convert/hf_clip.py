@@ -20,10 +20,10 @@ Shape legend: E width, C channels, p patch side.
 import torch
 from torch import Tensor
 
-from polytrain.models.convert.family import Architecture, HFFamily, hf_activation_to_mlp, mlp_to_hf_activation, register
+from polytrain.config.tower import TowerConfig
+from polytrain.models.convert.family import Architecture, HFFamily, hf_activation_to_mlp, mlp_to_hf_activation
 from polytrain.models.convert.rules import ConversionError, Rule, reshaped, same, stacked
 from polytrain.models.convert.timm_vit import patch_side, tower_architecture, triple
-from polytrain.models.tower_config import TowerConfig
 from polytrain.tokens import EmbedSpec
 
 DEFAULTS = {
@@ -167,9 +167,8 @@ class VisionModel(HFFamily):
         raise ConversionError(f"{self.name} is written inside a LlavaForConditionalGeneration, not alone")
 
 
-for family in (VisionModel("CLIPVisionModel", "clip_vision_model", "clip", full=False),
-               VisionModel("CLIPModel", "clip", "clip", full=True),
-               VisionModel("SiglipVisionModel", "siglip_vision_model", "siglip", full=False),
-               VisionModel("SiglipModel", "siglip", "siglip", full=True)):
-    register(family)
+CLIP_VISION = VisionModel("CLIPVisionModel", "clip_vision_model", "clip", full=False)
+CLIP = VisionModel("CLIPModel", "clip", "clip", full=True)
+SIGLIP_VISION = VisionModel("SiglipVisionModel", "siglip_vision_model", "siglip", full=False)
+SIGLIP = VisionModel("SiglipModel", "siglip", "siglip", full=True)
 

@@ -6,14 +6,13 @@ transposed; the output projection is the token table unless
 files (no ``transformer.`` prefix) with the causal-mask buffers saved.
 """
 
-from polytrain.models.config import BackboneConfig, EmbedConfig, ModelConfig
+from polytrain.config.model import BackboneConfig, EmbedConfig, ModelConfig
 from polytrain.models.convert.family import (
     Architecture,
     HFFamily,
     expect,
     hf_activation_to_mlp,
     mlp_to_hf_activation,
-    register,
 )
 from polytrain.models.convert.rules import Rule, same, tied, transposed
 from polytrain.tokens import EmbedSpec
@@ -70,4 +69,4 @@ class GPT2(HFFamily):
         return rules
 
 
-register(GPT2())
+GPT2_LM_HEAD = GPT2()

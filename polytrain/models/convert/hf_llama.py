@@ -10,8 +10,8 @@ it imports such a checkpoint with at most ``sliding_window`` positions, within
 which full attention computes the same.
 """
 
-from polytrain.models.config import BackboneConfig, EmbedConfig, ModelConfig
-from polytrain.models.convert.family import Architecture, HFFamily, expect, register
+from polytrain.config.model import BackboneConfig, EmbedConfig, ModelConfig
+from polytrain.models.convert.family import Architecture, HFFamily, expect
 from polytrain.models.convert.rules import ConversionError, Rule, same, stacked, tied
 from polytrain.tokens import EmbedSpec
 
@@ -151,5 +151,4 @@ class Mistral(LlamaLike):
         return dict(sliding_window=None)
 
 
-for family in (Llama(), Qwen2(), Mistral()):
-    register(family)
+LLAMA, QWEN2, MISTRAL = Llama(), Qwen2(), Mistral()

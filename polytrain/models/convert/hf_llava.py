@@ -25,7 +25,9 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from polytrain.models.convert.family import FAMILIES, Architecture, HFFamily, register
+from polytrain.config.registries import FAMILIES
+from polytrain.config.tokenizers import markers
+from polytrain.models.convert.family import Architecture, HFFamily
 from polytrain.models.convert.hf_clip import (
     DEFAULTS,
     VISION_MODEL_TYPES,
@@ -39,7 +41,6 @@ from polytrain.models.convert.hf_clip import (
 )
 from polytrain.models.convert.hf_llama import LlamaLike
 from polytrain.models.convert.rules import ConversionError, NoPlace, Rule, same
-from polytrain.tokenizers.config import markers
 
 VISION = "vision_tower.vision_model."
 LANGUAGE = "language_model."
@@ -159,4 +160,4 @@ class Llava(HFFamily):
         return rules
 
 
-register(Llava())
+LLAVA = Llava()

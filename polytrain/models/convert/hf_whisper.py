@@ -19,17 +19,16 @@ The decoder starts from ``decoder_start_token_id`` (``<|startoftranscript|>``),
 which becomes the run's ``bos``.
 """
 
-from polytrain.models.config import BackboneConfig, EmbedConfig, ModelConfig
+from polytrain.config.model import BackboneConfig, EmbedConfig, ModelConfig
+from polytrain.config.tower import TowerConfig
 from polytrain.models.convert.family import (
     Architecture,
     HFFamily,
     expect,
     hf_activation_to_mlp,
     mlp_to_hf_activation,
-    register,
 )
 from polytrain.models.convert.rules import NoPlace, Rule, same, stacked, tied, zero_filled
-from polytrain.models.tower_config import TowerConfig
 from polytrain.tokens import EmbedSpec
 
 DEFAULTS = dict(vocab_size=51865, num_mel_bins=80, encoder_layers=4, encoder_attention_heads=6, decoder_layers=4,
@@ -140,4 +139,4 @@ class Whisper(HFFamily):
         return rules
 
 
-register(Whisper())
+WHISPER = Whisper()

@@ -29,10 +29,10 @@ import re
 
 from torch import Tensor
 
-from polytrain.models.config import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
-from polytrain.models.convert.family import Architecture, Family, register
+from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.config.tower import TowerConfig
+from polytrain.models.convert.family import Architecture, Family
 from polytrain.models.convert.rules import ConversionError, Rule, reshaped, same
-from polytrain.models.tower_config import TowerConfig
 from polytrain.tokens import EmbedSpec
 
 NAME = re.compile(r"vit_(?P<size>[a-z0-9]+)_patch(?P<patch>\d+)"
@@ -290,4 +290,4 @@ class TimmViT(Family):
         return rules
 
 
-register(TimmViT())
+TIMM_VIT = TimmViT()

@@ -174,23 +174,6 @@ def greedy_split(lengths: np.ndarray, bound: float, model: CostModel, most: int)
     return groups
 
 
-def padding_share(lengths: np.ndarray, batches: Iterable[np.ndarray]) -> float:
-    """Padding tokens over all tokens of ``batches`` (indices into ``lengths``), each padded per sequence."""
-    lengths = np.asarray(lengths)
-    real = padded = 0
-    for batch in batches:
-        if len(batch):
-            real += int(lengths[batch].sum())
-            padded += len(batch) * int(lengths[batch].max(axis=0).sum())
-    return 1 - real / padded if padded else 0.0
-
-
 def rank_loads(lengths: np.ndarray, dealt: list[list[np.ndarray]], model: CostModel) -> np.ndarray:
     """(ranks,) padded cost each rank holds of one step (``dealt``: [rank][micro-batch] -> indices)."""
     return np.array([sum(model.padded(np.asarray(lengths)[b]) for b in micro) for micro in dealt], dtype=np.float64)
-
-
-def rank_imbalance(lengths: np.ndarray, dealt: list[list[np.ndarray]], model: CostModel) -> float:
-    """Largest over mean per-rank padded cost of one step; 1 is even."""
-    totals = rank_loads(lengths, dealt, model)
-    return float(totals.max() / totals.mean()) if totals.mean() else 1.0

@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 
 from polytrain import atomic
+from polytrain.config import Config
+from polytrain.config.registries import BUILTINS
 from polytrain.errors import DataError
-from polytrain.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,6 @@ HELD_OUT_SPEAKERS = 6
 IMAGE_HOLDOUT_EVERY = 5
 STDLIB_HOLDOUT_MOD = 20
 
-BUILTINS: Registry[Callable[[Path], dict[str, list[dict]]]] = Registry("builtin dataset", group="polytrain.datasets")
-"""Builder by name: given a folder to put files in, returns the manifest lines of each split. Installed
-packages add their own through the ``polytrain.datasets`` entry-point group."""
 
 
 def resolve_manifest(spec: str, cache_dir: str | Path) -> Path:
@@ -61,6 +59,17 @@ def resolve_manifest(spec: str, cache_dir: str | Path) -> Path:
     if not folder.is_dir():
         build_atomically(folder, builder)
     return folder / f"{split}.jsonl"
+
+
+Manifests = dict[str, dict[str, Path]]
+"""task -> split (train, val) -> its manifest file or prepared folder."""
+
+
+def task_manifests(cfg: Config) -> Manifests:
+    """The manifest file (or prepared folder) of every task's train and val split, building built-in data on
+    first use."""
+    return {name: {split: resolve_manifest(getattr(task, split), cfg.data.cache_dir) for split in SPLITS}
+            for name, task in cfg.data.tasks.items()}
 
 
 FORMAT = 2
@@ -125,13 +134,11 @@ def by_split(lines: Iterable[tuple[str, dict]]) -> dict[str, list[dict]]:
     return splits
 
 
-@BUILTINS.register("digits_image")
 def digits_image(folder: Path) -> dict[str, list[dict]]:
     return by_split((split, {"image": name, "target": WORDS[d], "label": WORDS[d], "id": f"digit{i:04d}"})
                     for i, (name, d, split) in enumerate(digit_images(folder)))
 
 
-@BUILTINS.register("spoken_digits")
 def spoken_digits(folder: Path) -> dict[str, list[dict]]:
     return by_split((split, {"audio": clip, "target": WORDS[d], "label": WORDS[d], "id": Path(clip).stem})
                     for clip, d, split in spoken_clips())
@@ -144,17 +151,14 @@ def questions(modality: str, files: list[tuple[str, int, str]], stem) -> dict[st
                     for file, d, split in files for q, (question, answer) in enumerate(QUESTIONS))
 
 
-@BUILTINS.register("digits_image_qa")
 def digits_image_qa(folder: Path) -> dict[str, list[dict]]:
     return questions("image", digit_images(folder), lambda file: Path(file).stem)
 
 
-@BUILTINS.register("spoken_digits_qa")
 def spoken_digits_qa(folder: Path) -> dict[str, list[dict]]:
     return questions("audio", spoken_clips(), lambda file: Path(file).stem)
 
 
-@BUILTINS.register("stdlib")
 def stdlib(folder: Path) -> dict[str, list[dict]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(root.glob("*.py"))

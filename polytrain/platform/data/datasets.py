@@ -30,18 +30,21 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from polytrain import atomic
+from polytrain.config import Config
+from polytrain.config.data import TaskConfig
+from polytrain.config.model import head_kind
+from polytrain.config.registries import LAYOUTS
 from polytrain.errors import DataError
-from polytrain.models.config import head_kind
 from polytrain.models.mlm_corruption import mask_tokens
-from polytrain.platform.data.config import TaskConfig
+from polytrain.platform.data.builtin import Manifests
 from polytrain.platform.data.manifest import Part, Record, read_manifest
 from polytrain.platform.data.packing import PackedDocuments, StoreWindows
-from polytrain.platform.data.sequences import Laid, Plain, collate_labels, collate_rows, first_fit, left_aligned
+from polytrain.platform.data.sequences import Laid, Plain, collate_labels, collate_rows, first_fit
 from polytrain.platform.data.shards import PreparedSplit, is_prepared
 from polytrain.platform.data.token_store import tokenizer_sha256
 from polytrain.tokenizers.overflow import Overflow
 from polytrain.tokenizers.text import TextTokenizer
-from polytrain.tokens import IGNORE_INDEX, TaskBatch
+from polytrain.tokens import TaskBatch
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +174,18 @@ class SequenceDataset(Dataset):
         self.records, self.name, self.task, self.skip_bad = records, name, task, skip_bad
         self.text: TextTokenizer = tokenizers["text"]
         self.tokenizers, self.multiple = tokenizers, multiple
-        self.layout = head_kind(task.head).layout
+        self.layout = LAYOUTS.get(head_kind(task.head).layout)()
+        """How the head's samples are laid out (``layouts.Layout``)."""
         self.augment = {m: augment and getattr(tokenizers[m], "augments", False) for m in task.modalities}
         """Modalities whose tokenizer augments training samples (SpecAugment), drawing from the loading
         process's torch RNG (seeded by the loader per worker)."""
-        self.stand_ins = {m: tokenizers[m].embed_spec().input_dim for m in task.modalities}
         self.budget = min(task.seq_len, self.text.max_len)
         self.overflow = Overflow(self.text.cfg.overflow, f"data.tasks.{name}.seq_len")
         self.target_overflow = Overflow(self.text.cfg.overflow, "max_target_len")
         """Targets longer than ``max_target_len`` tokens: cut (counted) or refused, per tokenizers.text.overflow."""
         kinds = records.index.inputs if isinstance(records, PreparedSplit) else \
             {tuple(p.modality for p in r.parts if not p.scored) for r in records}
-        self.plain = self.layout != "causal" and len(task.modalities) == 1 and kinds == {task.modalities}
+        self.plain = self.layout.encoder_input and len(task.modalities) == 1 and kinds == {task.modalities}
         """Every sample is one file of the task's one modality, read by the encoder: its tokens alone, without
         markers (as a ViT or Whisper reads its input)."""
 
@@ -203,29 +206,7 @@ class SequenceDataset(Dataset):
         raise DataError(f"{MAX_SKIP_TRIES} bad samples in a row from {self.name}'s sample {index}; last: {skipped[-1]}")
 
     def example(self, record: Record) -> Example:
-        if self.layout == "causal":
-            return self.causal(record)
-        inputs = [p for p in record.parts if not p.scored]
-        if not inputs:
-            raise DataError(f"{record.where}: no input segment (every segment is scored)")
-        encoded = self.sequence(record, inputs, budget=self.budget)
-        if self.layout == "seq2seq":
-            if not any(p.scored for p in record.parts):
-                raise DataError(f"{record.where}: no scored segment: the decoder needs the text to produce, marked "
-                                "\"scored\": true")
-            target = self.text_ids(record, [p for p in record.parts if p.scored], self.task.max_target_len,
-                                   self.target_overflow)
-            full = Laid([self.text.bos_id, *target, self.text.eos_id], [False] + [True] * (len(target) + 1))
-            decoder, labels = full.shifted()
-            return Example(encoded, labels, record.sample_id, self.target_text(record), decoder=decoder)
-        if self.layout == "classify":  # the label is the target; scored text (a caption, say) is left out
-            if record.label not in self.task.classes:
-                raise DataError(f"{record.where}: label {record.label!r} is not one of data.tasks.{self.name}.classes "
-                                f"({', '.join(self.task.classes)})")
-            return Example(encoded, self.task.classes.index(record.label), record.sample_id, record.label)
-        if any(p.scored for p in record.parts):
-            raise DataError(f"{record.where}: masked_lm predicts masked tokens, not a target; drop the scored segment")
-        return Example(encoded, None, record.sample_id)
+        return self.layout.example(self, record)
 
     def target_text(self, record: Record) -> str:
         """The scored parts' text, joined by spaces (a prepared split's are ids, decoded): what evaluation
@@ -233,52 +214,13 @@ class SequenceDataset(Dataset):
         return " ".join(self.text.decode(p.value) if isinstance(p.value, tuple) else str(p.value)
                         for p in record.parts if p.scored)
 
-    def causal(self, record: Record) -> Example:
-        """bos, every segment in order (scored text followed by eos), cut to ``seq_len + 1``; shifted."""
-        if not any(p.scored for p in record.parts):
-            raise DataError(f"{record.where}: no scored segment: mark the text to learn with \"scored\": true")
-        full = Laid([self.text.bos_id], [False])
-        prompt = None
-        for part in record.parts:
-            if part.scored and prompt is None:
-                prompt = full.copy()
-                self.check_prompt_end(record, prompt)
-            self.add(full, record, part)
-        if len(full) > self.task.seq_len + 1:
-            self.overflow(record.where, f"{len(full)} tokens", str(self.task.seq_len + 1))
-            full = full.cut(self.task.seq_len + 1)
-        inputs, labels = full.shifted()
-        if all(label == IGNORE_INDEX for label in labels):
-            raise DataError(f"{record.where}: nothing scored is left within seq_len={self.task.seq_len}")
-        return Example(inputs, labels, record.sample_id, self.target_text(record), prompt=prompt)
-
-    def check_prompt_end(self, record: Record, prompt: Laid) -> None:
-        """Generation feeds a prompt's last slot as a token: without span markers, that must be text."""
-        if not prompt.marked and prompt.spans and prompt.spans[-1][2] + len(prompt.spans[-1][1]) == len(prompt):
-            raise DataError(f"{record.where}: the scored text follows a {prompt.spans[-1][0]} span directly; with "
-                            "tokenizers.text.span_markers: false a prompt must end in text (a question, a newline)")
-
     def prompts(self, records: list[Record]) -> TaskBatch:
         """What generation starts from, for samples that may have no answer yet (``polytrain generate``): the
         encoder's input (encoder_decoder), or bos and every input segment (decoder_only); scored segments are
         references only (``targets``)."""
-        inputs = [[p for p in r.parts if not p.scored] for r in records]
-        batch = dict(sample_ids=[r.sample_id for r in records], targets=[self.target_text(r) for r in records],
-                     labels=torch.zeros(len(records), 0, dtype=torch.long))
-        if self.layout == "seq2seq":
-            sources = [[self.sequence(r, parts, self.budget)] for r, parts in zip(records, inputs)]
-            bos = Laid([self.text.bos_id], [False])
-            return TaskBatch(collate_rows([[bos]] * len(records), self.text.pad_id),
-                             source=collate_rows(sources, self.text.pad_id, 1, self.stand_ins), **batch)
-        laid = []
-        for record, parts in zip(records, inputs):
-            prompt = Laid([self.text.bos_id], [False])
-            for part in parts:
-                self.add(prompt, record, part)
-            laid.append([prompt])
-        prompt = left_aligned(collate_rows(laid, self.text.pad_id, 1, self.stand_ins))
-        return TaskBatch(prompt, prompt=prompt, bidirectional_spans=self.task.span_attention == "bidirectional",
-                         **batch)
+        fields = dict(sample_ids=[r.sample_id for r in records], targets=[self.target_text(r) for r in records],
+                      labels=torch.zeros(len(records), 0, dtype=torch.long))
+        return self.layout.prompts(self, records, fields)
 
     def sequence(self, record: Record, parts: list[Part], budget: int) -> Laid | Plain:
         """The encoder's input: one file alone (plain), or the segments laid out with markers."""
@@ -312,7 +254,7 @@ class SequenceDataset(Dataset):
         return ids
 
     def file_tokens(self, record: Record, part: Part):
-        if part.modality not in self.stand_ins:
+        if part.modality not in self.task.modalities:
             raise DataError(f"{record.where}: a {part.modality} segment, but data.tasks.{self.name}.source does not "
                             f"name {part.modality} (it names {', '.join(self.task.modalities) or 'text only'})")
         try:
@@ -345,47 +287,30 @@ class SequenceDataset(Dataset):
         def laid(selected) -> int:  # text, with eos after scored text; spans between their markers
             return sum(count(m, d0, d1) + (int(scored) if m == "text" else markers) for m, scored, d0, d1 in selected)
 
-        if self.layout == "causal":
-            return (min(1 + laid(parts), self.task.seq_len + 1) - 1,)
-        inputs = [p for p in parts if not p[1]]
-        modality, _, d0, d1 = inputs[0]
-        encoder = count(modality, d0, d1) if self.plain else min(laid(inputs), self.budget)
-        if self.layout == "seq2seq":
-            target = sum(d0 for m, scored, d0, _ in parts if scored)
-            return encoder, min(target, self.task.max_target_len) + 1
-        return (encoder,)
+        return self.layout.lengths(self, parts, count, laid)
 
     def collate(self, examples: list[Example], generator: torch.Generator | None = None) -> TaskBatch:
         """A batch of ``examples``; packed into as few rows as fit with ``packing``; ``generator`` draws the
         masked_lm masks (a pure function of the data order, so a resumed run masks the same way)."""
-        pad = self.text.pad_id
-        if self.layout == "seq2seq":
-            groups = self.rows([(len(e.inputs), len(e.decoder)) for e in examples],
-                               (self.budget, self.task.max_target_len + 1))
-        else:
-            groups = self.rows([(len(e.inputs),) for e in examples], (self.task.seq_len,))
+        sizes, budgets = self.layout.row_sizes(self, examples)
+        groups = self.rows(sizes, budgets)
         ordered = [examples[i] for group in groups for i in group]
-        rows = [[examples[i].inputs for i in group] for group in groups]
-        inputs = collate_rows(rows, pad, self.multiple, self.stand_ins)
-        batch = dict(sample_ids=[e.sample_id for e in ordered], targets=[e.target for e in ordered])
-        if self.layout == "causal":
-            labels = collate_labels([[examples[i].labels for i in group] for group in groups], inputs.values.shape[1])
-            prompts = [e.prompt for e in ordered]  # one per sample, packed rows or not: generation reads them
-            return TaskBatch(inputs, labels, prompt=left_aligned(collate_rows([[p] for p in prompts], pad, 1,
-                                                                              self.stand_ins)),
-                             bidirectional_spans=self.task.span_attention == "bidirectional", **batch)
-        if self.layout == "seq2seq":
-            decoder = collate_rows([[examples[i].decoder for i in group] for group in groups], pad, self.multiple)
-            labels = collate_labels([[examples[i].labels for i in group] for group in groups],
-                                    decoder.values.shape[1])
-            return TaskBatch(decoder, labels, source=inputs, **batch)
-        if self.layout == "classify":
-            return TaskBatch(inputs, torch.tensor([e.labels for e in ordered]), **batch)
-        return masked_batch(inputs, self.text, self.task.mask_probability, generator, **batch)
+        inputs = collate_rows([[examples[i].inputs for i in group] for group in groups], self.text.pad_id,
+                              self.multiple)
+        fields = dict(sample_ids=[e.sample_id for e in ordered], targets=[e.target for e in ordered])
+        return self.layout.batch(self, examples, groups, inputs, fields, generator)
 
     def rows(self, sizes: list[tuple[int, ...]], budgets: tuple[int, ...]) -> list[list[int]]:
         """Which examples share a row: one each, or packed."""
         return first_fit(sizes, budgets) if self.task.packing else [[i] for i in range(len(sizes))]
+
+
+def build_datasets(cfg: Config, split: str, tokenizers: dict[str, Any], manifests: Manifests
+                   ) -> dict[str, LMStream | SequenceDataset]:
+    """Every task's dataset of ``split`` (train or val) from its manifest; training data may be augmented."""
+    return {name: build_dataset(task, manifests[name][split], name, tokenizers, cfg.data.skip_bad_samples,
+                                Path(cfg.data.cache_dir), augment=split == "train")
+            for name, task in cfg.data.tasks.items()}
 
 
 def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[str, Any], skip_bad: bool,
@@ -393,14 +318,14 @@ def build_dataset(task: TaskConfig, manifest: Path, name: str, tokenizers: dict[
     """The dataset of a manifest, or of a prepared split (a folder ``polytrain data prepare`` wrote, whose text
     tokenizer must be this run's); ``augment``: training data, which tokenizers that augment (SpecAugment) may
     alter."""
-    layout = head_kind(task.head).layout
+    layout = LAYOUTS.get(head_kind(task.head).layout)
     text, multiple = tokenizers["text"], tokenizers["text"].cfg.pad_to_multiple
     if is_prepared(manifest):
         split = PreparedSplit(manifest, tokenizer_sha256(text.hf.to_str()))
-        if layout in ("causal", "masked") and split.index.documents:
-            return LMStream.of_split(split, text, task, multiple, masked=layout == "masked")
+        if layout.documents and split.index.documents:
+            return LMStream.of_split(split, text, task, multiple, masked=layout.masks)
         return SequenceDataset(split, name, task, tokenizers, skip_bad, augment, multiple)
-    records = read_manifest(manifest, name, skip_bad, plain_text_scored=layout == "causal")
-    if layout in ("causal", "masked") and all(len(r.parts) == 1 and r.parts[0].modality == "text" for r in records):
-        return LMStream.of_records(records, text, task, cache_dir, multiple, masked=layout == "masked")
+    records = read_manifest(manifest, name, skip_bad, plain_text_scored=layout.plain_text_scored)
+    if layout.documents and all(len(r.parts) == 1 and r.parts[0].modality == "text" for r in records):
+        return LMStream.of_records(records, text, task, cache_dir, multiple, masked=layout.masks)
     return SequenceDataset(records, name, task, tokenizers, skip_bad, augment, multiple)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from polytrain.config.registries import TOKENIZERS
 from polytrain.errors import DataError
-from polytrain.tokenizers.config import TOKENIZERS
 from polytrain.tokenizers.text import check_unicode
 
 log = logging.getLogger(__name__)

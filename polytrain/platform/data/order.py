@@ -17,7 +17,6 @@ import torch
 
 from polytrain.platform.data.balance import CostModel, deal, pool_steps, rank_loads, take
 
-
 POOLS_KEPT = 3
 """Pools of each budgeted task kept computed (the one being read, the one being advanced past, the next)."""
 

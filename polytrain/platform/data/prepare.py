@@ -19,19 +19,24 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from polytrain import atomic
+from polytrain.config import Config
+from polytrain.config.model import head_kind
+from polytrain.config.registries import LAYOUTS
+from polytrain.config.tokenizers import TextTokenizerConfig
 from polytrain.errors import DataError
-from polytrain.platform.data.manifest import Part, Record
+from polytrain.platform.data.builtin import PREPARED_PREFIX, SPLITS, Manifests
+from polytrain.platform.data.manifest import Part, Record, iter_manifest
 from polytrain.platform.data.shards import (
     TOKENIZER_FILE,
     PreparedPart,
     ShardInfo,
     SplitIndex,
     file_sha256,
+    is_prepared,
     write_shard,
 )
 from polytrain.platform.data.token_store import piece_sha256, tokenizer_sha256
 from polytrain.tokenizers.audio_files import read_audio
-from polytrain.tokenizers.config import TextTokenizerConfig
 from polytrain.tokenizers.image_files import read_image
 from polytrain.tokenizers.text import TextTokenizer
 
@@ -246,3 +251,26 @@ def measure(modality: str, path: Path, data: bytes) -> tuple[int, int]:
         samples, rate = read_audio(path)
         return samples.shape[1], rate
     return len(data), 0  # a plugin modality's file: its tokenizer decodes it when training
+
+
+def prepare_tasks(cfg: Config, manifests: Manifests, text: TextTokenizer, out: Path, workers: int,
+                  shard_records: int) -> list[str]:
+    """Prepare every task's train and val data (``manifests``) into ``out/<task>/<split>``, text encoded with
+    ``text`` (the job's tokenizer); splits the recipe already reads prepared are left as they are. Returns the
+    overrides that point the recipe at the result."""
+    with shard_builder(text, workers) as build:
+        return [prepare_task_split(cfg, name, split, manifests[name][split], text, out, build, shard_records)
+                for name in cfg.data.tasks for split in SPLITS if not is_prepared(manifests[name][split])]
+
+
+def prepare_task_split(cfg: Config, name: str, split: str, source: Path, text: TextTokenizer, out: Path,
+                       build: Builder, shard_records: int) -> str:
+    """Prepare one manifest of the recipe (``source``); returns the override that names the result."""
+    if not source.is_file():
+        raise DataError(f"{source}: manifest not found (data.tasks.{name}.{split})")
+    stat = source.stat()
+    records = iter_manifest(source, name, cfg.data.skip_bad_samples,
+                            plain_text_scored=LAYOUTS.get(head_kind(cfg.data.tasks[name].head).layout).plain_text_scored)
+    described = {"manifest": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "task": name}
+    prepare_split(records, out / name / split, text, described, build, shard_records, cfg.data.skip_bad_samples)
+    return f"data.tasks.{name}.{split}={PREPARED_PREFIX}{out / name / split}"

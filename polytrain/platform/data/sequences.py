@@ -98,13 +98,8 @@ def first_fit(sizes: list[tuple[int, ...]], budgets: tuple[int, ...]) -> list[li
     return rows
 
 
-def collate_rows(rows: list[list[Laid | Plain]], pad_id: int, multiple: int = 1,
-                 stand_ins: dict[str, int] | None = None) -> Segment:
-    """Rows of one or more sequences (several: a packed row, each its own document) as one padded Segment.
-
-    ``stand_ins``: the task's non-text modalities and their feature widths; one the rows hold no span of gets
-    a one-token stand-in span placed nowhere, so its embedder runs on every rank (ZeRO-3 gathers stay in step).
-    """
+def collate_rows(rows: list[list[Laid | Plain]], pad_id: int, multiple: int = 1) -> Segment:
+    """Rows of one or more sequences (several: a packed row, each its own document) as one padded Segment."""
     if all(isinstance(item, Plain) for row in rows for item in row):
         return collate_plain(rows, multiple)
     packed = any(len(row) > 1 for row in rows)
@@ -127,10 +122,6 @@ def collate_rows(rows: list[list[Laid | Plain]], pad_id: int, multiple: int = 1,
             for modality, tokens, start in item.spans:
                 spans.setdefault(modality, []).append((tokens, r, offset + start))
             offset += n
-    for modality, width in (stand_ins or {}).items():
-        if modality not in spans:
-            stand_in = Tokens(torch.zeros(1, width), torch.zeros(1, 2, dtype=torch.long), modality)
-            spans[modality] = [(stand_in, -1, 0)]
     positions = torch.stack([torch.zeros_like(columns), columns], dim=-1)
     return Segment(values, positions, mask, "text", documents,
                    {m: Spans(Segment.collate([t for t, _, _ in items]), torch.tensor([r for _, r, _ in items]),
@@ -180,8 +171,3 @@ def collate_labels(rows: list[list[list[int]]], length: int) -> Tensor:
 
 def pad_length(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
-
-
-def padding_share(segment: Segment) -> float:
-    """The share of a batch's slots that hold no token."""
-    return 1.0 - float(segment.mask.float().mean())

@@ -1,4 +1,4 @@
-"""Checkpoints: save, resume (on any number of processes), export; atomic; never an unrestricted unpickle.
+"""Checkpoints: save and resume (on any number of processes); atomic; never an unrestricted unpickle.
 
 A checkpoint folder (``RUN_DIR/checkpoints/step_00000300/``, laid out in
 ``observe/run_dir.py``) holds the consolidated weights, DeepSpeed's per-rank
@@ -20,6 +20,7 @@ DeepSpeed classes those files hold, so a crafted file cannot run code.
 import importlib
 import json
 import pickle
+import random
 import resource
 import shutil
 from argparse import Namespace
@@ -27,18 +28,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytrain import atomic
 from polytrain.errors import DataError, PolytrainError
-from polytrain.models.config import LoraConfig
-from polytrain.models.lora import merge_lora
-from polytrain.platform.observe.run_dir import CheckpointDir, RunDir
-from polytrain.platform.train.state import read_state, rng_files, save_rng
+from polytrain.platform.observe.run_dir import SHARD_TAG, CheckpointDir, RunDir
 
 UNIVERSAL_INFO = "universal_checkpoint_info"
 DEEPSPEED_PICKLED_CLASSES = (
@@ -88,29 +86,38 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-@contextmanager
-def safe_unpickling():
-    """While active, ``torch.load`` is ``weights_only=True`` with DeepSpeed's few classes allowed."""
-    allowed = [getattr(importlib.import_module(module), name)
-               for module, name in (path.rsplit(".", 1) for path in DEEPSPEED_PICKLED_CLASSES)]
-    original = torch.load
+def deepspeed_classes() -> list[type]:
+    return [getattr(importlib.import_module(module), name)
+            for module, name in (path.rsplit(".", 1) for path in DEEPSPEED_PICKLED_CLASSES)]
 
+
+def restricted(load: Callable) -> Callable:
+    """``load`` (``torch.load``) with ``weights_only=True`` and DeepSpeed's few classes allowed; a file that holds
+    anything else is a ``DataError`` naming it."""
     def restricted_load(f, *args, **kwargs):
         kwargs["weights_only"] = True
         try:
-            return original(f, *args, **kwargs)
+            with torch.serialization.safe_globals(deepspeed_classes()):
+                return load(f, *args, **kwargs)
         except pickle.UnpicklingError as err:
             lines = str(err).strip().splitlines()
             reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
             raise DataError(f"{f}: refused to load, it holds more than tensors and DeepSpeed's own state "
                             f"({reason})") from None
 
-    with torch.serialization.safe_globals(allowed):
-        torch.load = restricted_load
-        try:
-            yield
-        finally:
-            torch.load = original
+    return restricted_load
+
+
+@contextmanager
+def safe_unpickling():
+    """While active, ``torch.load`` is ``restricted``: for DeepSpeed's code that calls ``torch.load`` itself
+    rather than through its checkpoint engine (the universal-checkpoint converter and loader, zero_to_fp32)."""
+    original = torch.load
+    torch.load = restricted(original)
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def save_checkpoint(engine, model: nn.Module, run_dir: RunDir, step: int, config_yaml: str, tokenizer_file: Path,
@@ -196,7 +203,7 @@ def convert_to_universal(folder: CheckpointDir) -> Path:
     if folder.universal.is_dir():
         return folder.universal
     with atomic.folder(folder.universal, replace=False) as tmp:
-        args = Namespace(input_folder=str(folder.shards / "zero"), output_folder=str(tmp / "zero"),
+        args = Namespace(input_folder=str(folder.shards / SHARD_TAG), output_folder=str(tmp / SHARD_TAG),
                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                          inject_missing_state=False)
         with safe_unpickling():
@@ -204,60 +211,41 @@ def convert_to_universal(folder: CheckpointDir) -> Path:
     return folder.universal
 
 
-def load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Load the safetensors weights at ``path`` (never a pickle), or ``state`` read from it already;
-    names and shapes must match exactly."""
-    state = load_file(str(path)) if state is None else state
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise DataError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                        f"shape mismatches {wrong[:5]}")
-    model.load_state_dict(state)
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``trainer_state.json``."""
+    return json.loads(path.read_text())
 
 
-def consolidated(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A checkpoint's whole fp32 weights, LoRA folded in, and what an export carries beside them: the config
-    (with LoRA off, so the weights load into the plain model), the tokenizer and the step.
-
-    ZeRO shards (stage >= 1) are merged from the fp32 master copies in the optimizer shards;
-    stage-0 checkpoints already hold whole weights.
-    """
-    folder = latest_checkpoint(run_dir)
-    state = read_state(folder.state)
-    if state.get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with safe_unpickling():
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.shards), tag="zero")
-    else:
-        weights = load_file(str(folder.weights))
-    weights, config_yaml = without_lora(weights, folder.config.read_text())
-    metadata = {"polytrain_config": config_yaml, "polytrain_tokenizer": folder.tokenizer.read_text(),
-                "step": str(state["step"])}
-    return {name: t.float().contiguous() for name, t in weights.items()}, metadata
+def rng_files(directory: Path, rank: int) -> list[Path]:
+    """The files ``save_rng`` writes for ``rank``."""
+    return [directory / f"rank{rank}.json", directory / f"rank{rank}.safetensors"]
 
 
-def export_model(run_dir: str | Path, out: Path) -> Path:
-    """Consolidate a checkpoint (``consolidated``) into one fp32 safetensors file that carries its config and
-    tokenizer; also writes the config beside it as ``<out>.yaml``."""
-    weights, metadata = consolidated(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write(out, lambda tmp: save_file(weights, tmp, metadata=metadata))
-    atomic.write_text(out.with_suffix(".yaml"), metadata["polytrain_config"])
-    return out
+def save_rng(directory: Path, rank: int) -> None:
+    """This rank's python, numpy and torch generator states (JSON and safetensors, no pickle)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    (directory / f"rank{rank}.json").write_text(json.dumps({
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}))
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, directory / f"rank{rank}.safetensors")
 
 
-def without_lora(weights: dict[str, torch.Tensor], config_yaml: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Weights with LoRA adapters merged, and the config with LoRA off; unchanged when the run had none."""
-    tree = yaml.safe_load(config_yaml)
-    lora = tree.get("finetune", {}).get("lora", {})
-    if not lora.get("rank"):
-        return weights, config_yaml
-    merged = merge_lora(weights, LoraConfig(**lora).scale)
-    lora["rank"] = 0
-    return merged, yaml.safe_dump(tree, sort_keys=False)
-
-
+def restore_rng(directory: Path, rank: int) -> bool:
+    """Restore what ``save_rng`` wrote for ``rank``; False if the checkpoint has no state for it."""
+    path = directory / f"rank{rank}.json"
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = load_file(str(directory / f"rank{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    return True

@@ -14,13 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polytrain.platform.distributed.checkpoint import UNIVERSAL_INFO, Writes, safe_unpickling, tensor_bytes
-from polytrain.platform.distributed.config import EngineConfig
+from polytrain.config.engine import EngineConfig
+from polytrain.platform.distributed.checkpoint import (
+    UNIVERSAL_INFO,
+    Writes,
+    restricted,
+    safe_unpickling,
+    tensor_bytes,
+)
+from polytrain.platform.observe.run_dir import SHARD_TAG
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}
-SHARD_TAG = "zero"
-"""DeepSpeed writes its shards to ``<dir>/zero/``."""
 
 
 class Engine:
@@ -68,6 +73,7 @@ class Engine:
         L2-coupled weight decay).
         """
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        model.checkpoint_engine = safe_checkpoint_engine(model)
         self.model = model
         if steps_unchecked(self.cfg):
             guard_step(base_optimizer(optimizer), self.grad_clip)
@@ -153,16 +159,12 @@ class Engine:
         file and folder goes through ``writes``, so one that fails is counted and the save goes on (DeepSpeed's
         own barriers included) on every rank alike; the loads name the tag, so DeepSpeed's ``latest`` is not kept.
         """
-        files = model.checkpoint_engine
-        files.save = lambda state_dict, path: writes([Path(path)], tensor_bytes(state_dict),
-                                                     lambda: type(files).save(files, state_dict, path))
-        files.makedirs = lambda path, exist_ok=False: writes([Path(path)], 0,
-                                                              lambda: type(files).makedirs(files, path, exist_ok))
+        model.checkpoint_engine.writes = writes
         try:
             model.save_checkpoint(str(directory), tag=SHARD_TAG, client_state={UNIVERSAL_INFO: {}},
                                   save_latest=False)
         finally:
-            del files.save, files.makedirs
+            model.checkpoint_engine.writes = None
 
     def gather(self, value) -> list:
         """``value`` of every rank, in rank order, on every rank."""
@@ -181,7 +183,7 @@ class Engine:
         """
         groups = model.optimizer.param_groups
         settings = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
-        with safe_unpickling():
+        with safe_unpickling():  # a universal checkpoint's states are read by torch.load, not the engine
             path, _ = model.load_checkpoint(str(directory), tag=SHARD_TAG, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
         if path is None:
@@ -205,6 +207,33 @@ class Engine:
         self.accelerator.end_training()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def safe_checkpoint_engine(model):
+    """For the DeepSpeed engine ``model``: its torch checkpoint engine (DeepSpeed's ``CheckpointEngine`` interface, which
+    the engine reads and writes every shard through) as polytrain uses it: every load
+    restricted (``checkpoint.restricted``: no unpickling of arbitrary objects), every save and folder through
+    the ``writes`` of the checkpoint being written (``checkpoint.Writes``: a failed write is counted, not raised,
+    so all ranks finish the save together)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        writes: Writes | None = None
+
+        def save(self, state_dict, path: str) -> None:
+            write = lambda: TorchCheckpointEngine.save(self, state_dict, path)  # noqa: E731
+            write() if self.writes is None else self.writes([Path(path)], tensor_bytes(state_dict), write)
+
+        def makedirs(self, path, exist_ok=False) -> None:
+            write = lambda: TorchCheckpointEngine.makedirs(self, path, exist_ok)  # noqa: E731
+            write() if self.writes is None else self.writes([Path(path)], 0, write)
+
+        def load(self, path: str, map_location=None):
+            return restricted(torch.load)(path, map_location=map_location)
+
+    made = type(model.checkpoint_engine)
+    assert made is TorchCheckpointEngine, f"polytrain's DeepSpeed config made a {made.__name__}"
+    return SafeCheckpointEngine(model._config)
 
 
 def join_restarted_group(backend: str) -> None:

@@ -24,23 +24,16 @@ moves the parameter partition too.  Activations are an estimate per micro-batch 
 against ``StateProbe`` measurements by the tests and ``bench/zero_memory.py``.
 """
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from polytrain.config import Config
+from polytrain.config.model import head_kind
 from polytrain.errors import ConfigError
-from polytrain.models.config import head_kind
-from polytrain.models.model import PolyModel
 from polytrain.platform.observe.meters import GIB
-from polytrain.platform.train.finetune import adapt, freeze
 from polytrain.schema import changed_numbers, from_dict, to_dict
-from polytrain.tokenizers.config import build_patch_tokenizer
-from polytrain.tokens import EmbedSpec
 
 USABLE_FRACTION = 0.9
 """Share of a GPU's memory the plan may fill: the CUDA context and allocator fragmentation take the rest."""
@@ -109,56 +102,13 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
 
 
-BUILT_BLOCKS = 256
-"""Blocks ``count_parameters`` builds on the meta device (a few ms each); deeper models are extrapolated."""
+Counts = tuple[int, int]
+"""(all, trainable) parameters."""
+Grids = dict[str, tuple[int, int]]
+"""The largest patch grid of each non-text modality's tokens (its tokenizer's ``embed_spec().grid``)."""
 
 
-def count_parameters(cfg: Config) -> tuple[int, int]:
-    """(all, trainable) parameters of the model the config builds, counted without allocating it.
-
-    Past ``BUILT_BLOCKS`` blocks, a model with one block per stack and one with two are built and the difference
-    extrapolated (every block of a stack holds the same parameters); freezing is then not counted, every
-    parameter trains.
-    """
-    backbone = cfg.model.backbone
-    if backbone.encoder_layers + backbone.decoder_layers <= BUILT_BLOCKS:
-        return built_count(cfg, frozen=True)
-    shallow = [min(backbone.encoder_layers, 1), min(backbone.decoder_layers, 1)]
-    total = built_count(with_layers(cfg, *shallow), frozen=False)[0]
-    for stack, layers in enumerate((backbone.encoder_layers, backbone.decoder_layers)):
-        if layers > 1:
-            deeper = list(shallow)
-            deeper[stack] = 2
-            total += (layers - 1) * (built_count(with_layers(cfg, *deeper), frozen=False)[0] -
-                                     built_count(with_layers(cfg, *shallow), frozen=False)[0])
-    return total, total
-
-
-def with_layers(cfg: Config, encoder_layers: int, decoder_layers: int) -> Config:
-    backbone = dataclasses.replace(cfg.model.backbone, encoder_layers=encoder_layers, decoder_layers=decoder_layers)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
-
-
-def built_count(cfg: Config, frozen: bool) -> tuple[int, int]:
-    """(all, trainable) parameters of the model built on the meta device; ``frozen``: with finetune.freeze."""
-    specs = [EmbedSpec("text", cfg.tokenizers.text.vocab_size, (1, cfg.tokenizers.text.max_len))]
-    specs += [build_patch_tokenizer(modality, cfg.tokenizers).embed_spec() for modality in cfg.data.modalities]
-    try:
-        with torch.device("meta"):
-            model = PolyModel(cfg.model, specs, {name: task.head for name, task in cfg.data.tasks.items()},
-                              {name: len(task.classes) for name, task in cfg.data.tasks.items() if task.classes})
-            adapt(model, cfg.finetune)
-    except RuntimeError as err:  # torch refuses a meta tensor of more than 2**63 bytes
-        if "overflow" not in str(err):
-            raise
-        raise OverflowError(f"a tensor of more than 2**63 bytes (torch: {err})") from None
-    if frozen:
-        freeze(model, cfg.finetune)
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
-
-
-def sequence_lengths(cfg: Config) -> dict[str, tuple[int, int]]:
+def sequence_lengths(cfg: Config, grids: Grids) -> dict[str, tuple[int, int]]:
     """Per task: (encoder tokens, decoder tokens) of one sample at the most."""
     lengths = {}
     for name, task in cfg.data.tasks.items():
@@ -168,13 +118,13 @@ def sequence_lengths(cfg: Config) -> dict[str, tuple[int, int]]:
             continue
         encoder = task.seq_len
         if len(task.modalities) == 1:  # a single file is read alone
-            rows, cols = build_patch_tokenizer(task.modalities[0], cfg.tokenizers).embed_spec().grid
+            rows, cols = grids[task.modalities[0]]
             encoder = rows * cols
         lengths[name] = (encoder, task.max_target_len + 1 if kind.decoder else 0)
     return lengths
 
 
-def activation_bytes(cfg: Config) -> int:
+def activation_bytes(cfg: Config, grids: Grids) -> int:
     """Activations kept for the backward pass of one micro-batch (all tasks), an estimate.
 
     Per token and block a pre-norm block saves about 10·E values for attention and norms plus
@@ -187,23 +137,24 @@ def activation_bytes(cfg: Config) -> int:
     low = 4 if cfg.engine.precision == "fp32" else 2
     block = 10 * backbone.dim + 2 * backbone.mlp_hidden
     total = 0
-    for name, (enc, dec) in sequence_lengths(cfg).items():
+    for name, (enc, dec) in sequence_lengths(cfg, grids).items():
         batch = cfg.data.tasks[name].batch_size
         cross = 4 * backbone.dim if enc else 0
         per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers
-                      + tower_values(cfg, cfg.data.tasks[name].modalities)) * low
+                      + tower_values(cfg, grids, cfg.data.tasks[name].modalities)) * low
         total += batch * (per_sample + dec * 2 * vocab * 4)
     return total
 
 
-def tower_values(cfg: Config, modalities: tuple[str, ...]) -> int:
+def tower_values(cfg: Config, grids: Grids, modalities: tuple[str, ...]) -> int:
     """Activations one sample's inputs keep in the towers that read them, as for the backbone's blocks: the
-    tokens of the largest input plus the class and register tokens, per block at the tower's own widths."""
+    tokens of the largest input (its modality's grid) plus the class and register tokens, per block at the
+    tower's own widths."""
     values = 0
     for modality in modalities:
         tower = cfg.model.towers.get(modality)
         if tower is not None:
-            rows, cols = build_patch_tokenizer(modality, cfg.tokenizers).embed_spec().grid
+            rows, cols = grids[modality]
             tokens = rows * cols + tower.prefix_tokens
             values += tokens * (10 * tower.dim + 2 * tower.mlp_hidden) * tower.built_layers
     return values
@@ -233,12 +184,12 @@ def estimate(cfg: Config, option: Option, world_size: int, n_params: int, n_trai
     return Estimate(option, params, grads, optimizer, buffers, activations, cpu)
 
 
-def configured(cfg: Config, world_size: int) -> Estimate:
-    """Bytes per rank of the run as configured (its ZeRO stage and offload) on ``world_size`` ranks; with
-    activation checkpointing only the states are counted."""
-    n_params, n_trainable = count_parameters(cfg)
+def configured(cfg: Config, world_size: int, counts: Counts, grids: Grids) -> Estimate:
+    """Bytes per rank of the run as configured (its ZeRO stage and offload) on ``world_size`` ranks for a model of
+    ``counts`` parameters reading patch ``grids``; with activation checkpointing only the states are counted."""
+    n_params, n_trainable = counts
     option = Option(cfg.engine.zero_stage, cfg.engine.offload_optimizer, cfg.engine.offload_params)
-    activations = 0 if cfg.model.backbone.checkpointing else activation_bytes(cfg)
+    activations = 0 if cfg.model.backbone.checkpointing else activation_bytes(cfg, grids)
     return estimate(cfg, option, world_size, n_params, n_trainable, activations)
 
 
@@ -263,24 +214,26 @@ def heaviest(cfg: Config, need: Callable[[Config], float]) -> tuple[str, float] 
     return best
 
 
-def plan(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem: int) -> tuple[list[Estimate], Estimate | None]:
-    """Every option's estimate and the first (least sharded) one that fits ``gpu_mem`` per GPU."""
+def plan(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem: int, count: Callable[[Config], Counts],
+         grids: Grids) -> tuple[list[Estimate], Estimate | None]:
+    """Every option's estimate and the first (least sharded) one that fits ``gpu_mem`` per GPU; ``count`` gives a
+    config's (all, trainable) parameters (``Job.parameter_counts``)."""
     if gpus_per_node <= 0 or nodes <= 0:
         raise ConfigError("--gpus-per-node/--nodes", (gpus_per_node, nodes), "both must be > 0")
     try:
-        n_params, n_trainable = count_parameters(cfg)
+        n_params, n_trainable = count(cfg)
     except OverflowError as err:
-        key, value = heaviest(cfg, lambda c: sum(count_parameters(c))) or ("model", None)
+        key, value = heaviest(cfg, lambda c: sum(count(c))) or ("model", None)
         raise ConfigError(key, value, f"the model needs {err}") from None
-    activations = activation_bytes(cfg)
+    activations = activation_bytes(cfg, grids)
     rows = [estimate(cfg, option, gpus_per_node * nodes, n_params, n_trainable, activations) for option in OPTIONS]
     fits = [row for row in rows if row.device_total <= USABLE_FRACTION * gpu_mem]
     return rows, (fits[0] if fits else None)
 
 
 def format_plan(cfg: Config, rows: list[Estimate], best: Estimate | None, gpus_per_node: int, nodes: int,
-                gpu_mem: int) -> str:
-    n_params, n_trainable = count_parameters(cfg)
+                gpu_mem: int, counts: Counts) -> str:
+    n_params, n_trainable = counts
     lines = [f"model: {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable), precision "
              f"{cfg.engine.precision}; {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks, "
              f"{gpu_mem / GIB:.1f} GiB each ({USABLE_FRACTION:.0%} usable)",

@@ -1,10 +1,13 @@
 """What a run measures about itself while it trains: throughput, MFU against the devices' peak, memory.
 
 MFU (model FLOPs utilization, Chowdhery et al. 2022) = the model FLOPs of the
-steps (``polytrain.models.flops``) / (their wall time x devices x one
-device's peak FLOP/s in the training precision).  The peak is the configured
-``tracking.peak_tflops``, or looked up from the GPU's name in ``PEAK_TFLOPS``;
-with neither (CPUs, unlisted GPUs) there is no MFU.
+steps (``polytrain.models.flops``: 6 x the weights a token meets + the attention
+square counted whole, no causal halving, as torchtitan and PaLM count) / (their
+wall time x devices x one device's peak FLOP/s in the training precision).  The
+peak is the configured ``tracking.peak_tflops``, or looked up from the GPU's name
+in ``PEAK_TFLOPS``; with neither (CPUs, unlisted GPUs) there is no MFU.
+``PEAK_TFLOPS`` is the one table of peaks: training runs and ``bench/step_gpu.py``
+read it, and ``polytrain report`` shows the MFU the run logged with it.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+SHARD_TAG = "zero"
+"""DeepSpeed's tag of a checkpoint's shards: they go to ``<checkpoint>/deepspeed/zero/``."""
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 CONFIG = "config.yaml"

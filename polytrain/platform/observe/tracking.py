@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from polytrain import atomic
+from polytrain.config.tracking import TrackingConfig, WandbConfig
 from polytrain.errors import DataError
-from polytrain.platform.observe.config import TrackingConfig, WandbConfig
 from polytrain.platform.observe.run_dir import RunDir
 
 log = logging.getLogger(__name__)

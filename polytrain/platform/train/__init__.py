@@ -1,2 +1,2 @@
-"""Training: the train config, optimizer and LR schedule, the trainer and its resumable state, fine-tuning,
-evaluation, and building a run's parts from a recipe."""
+"""Training: the trainer (assembling what the job hands it) and its resumable state, the optimizer step and LR
+schedule, fine-tuning and the checkpoints it starts from, evaluation, generation, export."""

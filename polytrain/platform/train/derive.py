@@ -1,10 +1,9 @@
 """A run's config completed from the checkpoints it starts from: what their own configs say about the parts they
 fill, under the recipe's keys; a recipe key that contradicts them is an error naming both values.
 
-``job_config`` runs where a job starts (``polytrain train`` and ``finetune``, in every process of a launched
-job), before any process group.  It reads the recipe, opens the other libraries' checkpoints that
-``finetune.init_from`` or ``finetune.init_parts`` name (their configs; the weights come later) and takes from
-each, for the parts it fills:
+``derived_config`` is step 2 of resolving a job (``polytrain.job``), before any process group.  It opens the
+checkpoints ``finetune.init_from`` or ``finetune.init_parts`` name (their configs; the weights come later) and
+takes from each of the other libraries', for the parts it fills:
 
 - a stack (``backbone.encoder``, ``backbone.decoder``): its layers and block settings.  Two stacks from
   checkpoints with different blocks (a ViT encoder, a Llama decoder) keep the decoder's as ``model.backbone``
@@ -19,26 +18,25 @@ each, for the parts it fills:
 - ``lm_head``: the untied output; a classifier head: its pooling.
 
 The recipe's own keys stay where a checkpoint says nothing (dropout, kernels, the new parts), and
-``check_sources`` (which ``preflight`` runs for every job too) stops at the first that contradicts one.
+``check_sources`` stops at the first that contradicts one.
 polytrain's own checkpoints add nothing here (the recipe configures the model they fit), but the towers
 ``init_parts`` takes from them (``derive_towers.own_towers``: a stage-2 run continuing stage 1's projector).
 """
 
 import logging
 from functools import reduce
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from polytrain.config import Config, build_config, load_tree, merged
+from polytrain.config import Config, build_config, merged
+from polytrain.config.model import BLOCK_FIELDS, BackboneConfig
+from polytrain.config.registries import POSITIONS
 from polytrain.errors import ConfigError
-from polytrain.models.config import BLOCK_FIELDS, POSITIONS, BackboneConfig
 from polytrain.models.convert.expressible import IMAGE_ONLY, TEXT_ONLY, essential_backbone
 from polytrain.models.convert.family import Architecture
 from polytrain.models.convert.timm_vit import patch_side
 from polytrain.platform.train.derive_towers import fixed, own_towers, tower_settings
-from polytrain.platform.train.recipe import task_heads
 from polytrain.platform.train.sources import Source, open_sources
 
 log = logging.getLogger(__name__)
@@ -46,31 +44,27 @@ log = logging.getLogger(__name__)
 STACKS = ("backbone.encoder", "backbone.decoder")
 
 
-def job_config(path: str | Path, overrides: list[str]) -> Config:
-    """The recipe at ``path`` with ``overrides``, completed from its checkpoints' own configs and checked."""
-    tree = load_tree(path, overrides)
-    cfg = build_config(tree)
-    sources, towers = foreign(cfg), own_towers(cfg.finetune)
-    if not sources and not towers:
-        return cfg
-    given = merged(towers, derived(cfg, sources))
-    for source in sources:
-        log.info("%s is a %s checkpoint of %s", source.name, source.family, ", ".join(source.filled(task_heads(cfg))))
-    log.info("the architecture from the checkpoints: %s", yaml.safe_dump(given, default_flow_style=True,
-                                                                        width=float("inf")).strip())
-    cfg = build_config(merged(given, tree))
+def derived_config(cfg: Config, tree: dict) -> tuple[Config, list[Source]]:
+    """The recipe's config (``cfg``, read from ``tree``) completed from the checkpoints it starts from (another
+    library's read as towers where the recipe takes them so), checked against them, and those checkpoints, opened."""
+    sources = open_sources(cfg.finetune)
+    foreign = [source.reading_towers(set(cfg.model.towers)) for source in sources if source.external is not None]
+    towers = own_towers(sources)
+    if foreign or towers:
+        given = merged(towers, derived(cfg, foreign))
+        for source in foreign:
+            filled = ", ".join(source.filled(cfg.data.heads))
+            log.info("%s is a %s checkpoint of %s", source.name, source.family, filled)
+        log.info("the architecture from the checkpoints: %s", yaml.safe_dump(given, default_flow_style=True,
+                                                                            width=float("inf")).strip())
+        cfg = build_config(merged(given, tree))
     check_sources(cfg, sources)
-    return cfg
-
-
-def foreign(cfg: Config) -> list[Source]:
-    """The other libraries' checkpoints the run starts from, opened (read as towers where the recipe takes them so)."""
-    return [source.reading_towers(set(cfg.model.towers)) for source in open_sources(cfg.finetune, foreign_only=True)]
+    return cfg, sources
 
 
 def derived(cfg: Config, sources: list[Source]) -> dict:
     """The config tree (``model``, ``tokenizers``) the checkpoints give, as defaults under the recipe's keys."""
-    by_part = {part: source for source in sources for part in source.filled(task_heads(cfg))}
+    by_part = {part: source for source in sources for part in source.filled(cfg.data.heads)}
     tree: dict = {}
     for source in sources:
         if not source.parts:  # the whole checkpoint: a stack it lacks is absent (unless the recipe adds one)
@@ -155,7 +149,7 @@ def put(tree: dict, key: str, value: Any) -> None:
 
 def check_sources(cfg: Config, sources: list[Source]) -> None:
     """Stop at the first setting of ``cfg`` that contradicts a checkpoint it starts from, naming both values."""
-    heads = task_heads(cfg)
+    heads = cfg.data.heads
     for source in sources:
         if source.external is None:
             continue  # polytrain's own: the recipe configures the model it fits

@@ -1,6 +1,6 @@
 """What a checkpoint gives a run that takes a modality's embedder from it as a tower (``derive.py`` asks).
 
-The tower's architecture (``tower_config.ARCHITECTURE``: widths, depth, norms,
+The tower's architecture (``config.tower.ARCHITECTURE``: widths, depth, norms,
 tokens, its position table) is the checkpoint's, and a recipe key that
 contradicts it is an error; how the run uses the tower is the recipe's, with
 the checkpoint's own use as the default where it is a whole model that uses
@@ -16,14 +16,11 @@ run continuing stage 1's tower and projector beside the original LM) gives
 its saved tower and tokenizer settings the same way (``own_towers``).
 """
 
-from pathlib import Path
 from typing import Any
 
 from polytrain.config import config_from_yaml
+from polytrain.config.tower import ARCHITECTURE, USE
 from polytrain.models.convert.external import ExternalCheckpoint
-from polytrain.models.tower_config import ARCHITECTURE, USE
-from polytrain.platform.train.config import FinetuneConfig
-from polytrain.platform.train.init_from import read_pretrained
 from polytrain.schema import to_dict
 
 FIXED_TOKENIZER_KEYS = ("patch_size", "channels", "frontend", "n_mels", "patch_mels", "patch_frames")
@@ -60,18 +57,16 @@ def read_as_towers(checkpoint: ExternalCheckpoint, parts: list[str], towers: set
     return checkpoint.as_towers(towers & named if parts else towers)
 
 
-def own_towers(finetune: FinetuneConfig) -> dict:
+def own_towers(sources: list) -> dict:
     """The config tree (``model.towers``, ``tokenizers``) of the towers polytrain checkpoints hand the run through
-    ``finetune.init_parts`` (their ``embedders.<modality>`` parts), as their runs saved them."""
+    ``finetune.init_parts`` (their ``embedders.<modality>`` parts), as their runs saved them; ``sources``: the
+    run's checkpoints, opened (``sources.Source``)."""
     tree: dict = {}
-    for name, entry in finetune.init_parts.items():
-        path = Path(entry.init_from)
-        if (path / "config.json").is_file() or entry.timm_model:
-            continue  # another library's: derive.py reads it
-        modalities = [part.partition(".")[2] for part in entry.parts if part.startswith("embedders.")]
-        if not modalities:
-            continue
-        saved = config_from_yaml(read_pretrained(path).config_yaml, f"finetune.init_parts.{name} ({path})")
+    for source in sources:
+        modalities = [part.partition(".")[2] for part in source.parts if part.startswith("embedders.")]
+        if source.pretrained is None or not modalities:
+            continue  # another library's (derive.py reads it), or no embedder taken
+        saved = config_from_yaml(source.pretrained.config_yaml, source.name)
         for modality in modalities:
             if modality in saved.model.towers:
                 tree.setdefault("model", {}).setdefault("towers", {})[modality] = to_dict(saved.model.towers[modality])

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from polytrain.models.config import DecodingConfig
+from polytrain.config.data import TaskConfig
+from polytrain.config.model import DecodingConfig
+from polytrain.config.registries import LAYOUTS
 from polytrain.models.heads import token_loss
-from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.data.loader import eval_batches
 from polytrain.tokenizers.text import TextTokenizer
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
@@ -46,10 +47,10 @@ def evaluate(model: nn.Module, tasks: dict[str, TaskConfig], datasets: dict[str,
             logits = head(model, batch)
             tally.loss += float(token_loss(logits, batch.labels, reduction="sum"))
             tally.scored += int((batch.labels != IGNORE_INDEX).sum())
-            layout = head.kind.layout
-            if layout == "classify":
+            layout = LAYOUTS.get(head.kind.layout)
+            if layout.classifies:
                 tally.classes(logits.argmax(-1).tolist(), batch.labels.tolist(), task.classes)
-            elif layout == "masked":
+            elif layout.masks:
                 tally.masked(logits, batch.labels)
             elif batch.source is not None or batch.prompt is not None:
                 tally.texts(generate(head, model, batch, text, task.max_target_len + 1, decoding), batch.targets)

@@ -1,6 +1,9 @@
-"""``polytrain export RUN_DIR --format hf|timm --out DIR``: a run's model as a Hugging Face or timm checkpoint.
+"""``polytrain export``: a run's model as one safetensors file of polytrain's (``--out FILE``), or as a Hugging Face
+or timm checkpoint (``--format hf|timm --out DIR``).
 
-The run's whole fp32 weights (ZeRO shards merged, LoRA folded in) are rebuilt into its model, and the first
+Either way the whole fp32 weights come from the latest checkpoint, ZeRO shards merged from their fp32 master copies
+and LoRA folded in (``consolidated``).  polytrain's file carries the config and tokenizer in its metadata. For a
+library, the run's whole fp32 weights (ZeRO shards merged, LoRA folded in) are rebuilt into its model, and the first
 library class that expresses it writes the folder: the families of the checkpoints the run started from (its
 ``init_from.json``) first, then every family of the format whose head one of the run's tasks uses.  A model
 no class expresses (an encoder with blocks of its own, patch-embedded image spans in a decoder's text, two
@@ -12,17 +15,23 @@ runs (another task's head, the text embedder of a classifier of images) are left
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from polytrain import atomic
 from polytrain.config import Config
+from polytrain.config.model import head_kind
+from polytrain.config.registries import FAMILIES
+from polytrain.config.tokenizers import UNK, markers
 from polytrain.errors import ConfigError
-from polytrain.models.config import head_kind
-from polytrain.models.convert import FAMILIES, ConversionError, write_external
+from polytrain.models.convert import ConversionError, write_external
 from polytrain.models.convert.family import Family
 from polytrain.models.convert.files import TokenizerFiles
 from polytrain.models.convert.rules import NoPlace
 from polytrain.models.model import PolyModel
-from polytrain.platform.distributed.checkpoint import consolidated, latest_checkpoint
-from polytrain.platform.train.init_from import rebuilt
-from polytrain.tokenizers.config import UNK, markers
+from polytrain.platform.distributed.checkpoint import latest_checkpoint, read_state, safe_unpickling
+from polytrain.platform.observe.run_dir import SHARD_TAG
+from polytrain.platform.train.init_from import load_weights, without_lora
 
 FORMATS = ("hf", "timm")
 """Library formats ``polytrain export --format`` writes (besides polytrain's own safetensors file)."""
@@ -43,14 +52,46 @@ def started_from(run_dir: str | Path) -> list[str]:
     return [source["family"] for source in json.loads(report.read_text()).get("sources", [])]
 
 
-def export_library(run_dir: str | Path, fmt: str, out: Path) -> tuple[str, str, list[str]]:
-    """Write the run's model as a ``fmt`` checkpoint folder at ``out``; the family and task it was written as, and
-    the parts left out (``unused``)."""
+def consolidated(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint's whole fp32 weights, LoRA folded in, and what an export carries beside them: the config
+    (with LoRA off, so the weights load into the plain model), the tokenizer and the step.
+
+    ZeRO shards (stage >= 1) are merged from the fp32 master copies in the optimizer shards;
+    stage-0 checkpoints already hold whole weights.
+    """
+    folder = latest_checkpoint(run_dir)
+    state = read_state(folder.state)
+    if state.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with safe_unpickling():
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.shards), tag=SHARD_TAG)
+    else:
+        weights = load_file(str(folder.weights))
+    weights, config_yaml = without_lora(weights, folder.config.read_text())
+    metadata = {"polytrain_config": config_yaml, "polytrain_tokenizer": folder.tokenizer.read_text(),
+                "step": str(state["step"])}
+    return {name: t.float().contiguous() for name, t in weights.items()}, metadata
+
+
+def export_model(run_dir: str | Path, out: Path) -> Path:
+    """Consolidate a checkpoint (``consolidated``) into one fp32 safetensors file that carries its config and
+    tokenizer; also writes the config beside it as ``<out>.yaml``."""
+    weights, metadata = consolidated(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write(out, lambda tmp: save_file(weights, tmp, metadata=metadata))
+    atomic.write_text(out.with_suffix(".yaml"), metadata["polytrain_config"])
+    return out
+
+
+def export_library(job, run_dir: str | Path, fmt: str, out: Path) -> tuple[str, str, list[str]]:
+    """Write the run's model (``job``: ``polytrain.job.Job.of_run(run_dir)``) as a ``fmt`` checkpoint folder at
+    ``out``; the family and task it was written as, and the parts left out (``unused``)."""
     if fmt not in FORMATS:
         raise ConfigError("--format", fmt, f"must be polytrain, {' or '.join(FORMATS)}")
-    weights, metadata = consolidated(run_dir)
-    cfg, tokenizers, model = rebuilt(weights, metadata["polytrain_config"], metadata["polytrain_tokenizer"],
-                                     Path(run_dir))
+    cfg, tokenizers = job.cfg, job.tokenizers
+    model, _ = job.build_model()
+    load_weights(model, Path(run_dir), consolidated(run_dir)[0])
     preferred = started_from(run_dir)
     ordered = sorted(families(fmt), key=lambda f: preferred.index(f.name) if f.name in preferred else len(preferred))
     candidates = [(family, task) for family in ordered for task, head in model.task_heads.items()

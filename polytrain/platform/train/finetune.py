@@ -8,27 +8,34 @@ trains the adapters inside a frozen backbone.
 """
 
 import fnmatch
-import logging
 
 from torch import nn
 
+from polytrain.config.train import FinetuneConfig
 from polytrain.errors import ConfigError
 from polytrain.models.lora import add_lora, is_adapter
-from polytrain.platform.train.config import FinetuneConfig
-
-log = logging.getLogger(__name__)
 
 
-def adapt(model: nn.Module, cfg: FinetuneConfig) -> None:
-    """Give ``model`` the structure fine-tuning needs (LoRA adapters), before any weights are loaded."""
-    if cfg.lora.rank:
-        adapted = add_lora(model, cfg.lora)
-        log.info("LoRA rank %d on %d linear layers (%s)", cfg.lora.rank, len(adapted), ", ".join(cfg.lora.targets))
+def adapt(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """Give ``model`` the structure fine-tuning needs (LoRA adapters), before any weights are loaded; returns the
+    adapted layers."""
+    return add_lora(model, cfg.lora) if cfg.lora.rank else []
 
 
-def freeze(model: nn.Module, cfg: FinetuneConfig) -> dict[str, int]:
+def describe(cfg: FinetuneConfig, adapted: list[str], starts: dict[str, int], frozen: int, names: int) -> str:
+    """One line on what ``adapt`` and ``freeze`` did to a model of ``names`` parameter tensors (logged once)."""
+    lines = []
+    if adapted:
+        lines.append(f"LoRA rank {cfg.lora.rank} on {len(adapted)} linear layers ({', '.join(cfg.lora.targets)})")
+    if frozen or starts:
+        lines.append(f"froze {frozen} of {names} parameter tensors ({', '.join(cfg.freeze) or '-'}); {len(starts)} wait "
+                     f"for their step ({', '.join(f'{p} from {s}' for p, s in cfg.freeze_until.items()) or '-'})")
+    return "; ".join(lines)
+
+
+def freeze(model: nn.Module, cfg: FinetuneConfig) -> tuple[dict[str, int], int]:
     """Turn off gradients of the parameters ``freeze`` matches; returns {name: first step} of those
-    ``freeze_until`` matches (they keep gradients, their learning rate waits).
+    ``freeze_until`` matches (they keep gradients, their learning rate waits), and how many it froze.
 
     A pattern that matches nothing is a mistake in the config, not a no-op.
     """
@@ -45,11 +52,7 @@ def freeze(model: nn.Module, cfg: FinetuneConfig) -> dict[str, int]:
         elif any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.freeze):
             param.requires_grad_(False)
             frozen += 1
-    if frozen or starts:
-        log.info("froze %d of %d parameter tensors (%s); %d wait for their step (%s)", frozen, len(names),
-                 ", ".join(cfg.freeze) or "-", len(starts),
-                 ", ".join(f"{p} from {s}" for p, s in cfg.freeze_until.items()) or "-")
-    return starts
+    return starts, frozen
 
 
 def check_patterns(key: str, patterns, names: list[str]) -> None:

@@ -12,24 +12,24 @@ from typing import Any
 import torch
 import yaml
 
+from polytrain.config.model import DecodingConfig, head_kind
 from polytrain.errors import ConfigError, DataError
-from polytrain.models.config import DecodingConfig, head_kind
 from polytrain.platform.data.datasets import SequenceDataset
 from polytrain.platform.data.manifest import Part, Record, read_manifest
 from polytrain.platform.train.evaluate import generate
-from polytrain.platform.train.init_from import load_model
 from polytrain.schema import from_dict
 
 BATCH = 16
 """Manifest samples continued together."""
 
 
-def generate_command(run_dir: str, segments: list[tuple[str, str]], manifest: str | None, task: str | None,
+def generate_command(job, run_dir: str, segments: list[tuple[str, str]], manifest: str | None, task: str | None,
                      overrides: list[str]) -> int:
+    """Continue the samples with the trained model of ``job`` (``polytrain.job.Job.of_run(run_dir)``)."""
     if bool(segments) == bool(manifest):
         raise ConfigError("generate", segments or manifest, "give the sample's segments (--image, --audio, --text, "
                           "--segment) or --manifest, one of the two")
-    cfg, tokenizers, model = load_model(run_dir)
+    cfg, tokenizers = job.cfg, job.tokenizers
     name = generating_task(cfg, task, {modality for modality, _ in segments if modality != "text"} if segments
                            else None)
     decoding, max_new_tokens = settings(cfg.model.heads.decoding, overrides, cfg.data.tasks[name].max_target_len)
@@ -38,7 +38,7 @@ def generate_command(run_dir: str, segments: list[tuple[str, str]], manifest: st
     dataset = SequenceDataset(records, name, cfg.data.tasks[name], tokenizers, skip_bad=False)
     check_modalities(records, cfg.data.tasks[name].modalities, name, run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    model = job.trained_model().to(device).eval()
     for start in range(0, len(records), BATCH):
         chunk = records[start: start + BATCH]
         batch = dataset.prompts(chunk).to(device)

@@ -3,28 +3,25 @@
 ``read_pretrained`` checks the source before anything is loaded (nothing is
 ever unpickled); ``load_initial_weights`` copies what fits into a new model and
 reports what it loaded, left new and ignored (``init_from.json``);
-``load_model`` rebuilds a whole trained model in one process.
+``load_weights`` fills a whole trained model (``Job.of_run`` builds it).
 """
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from polytrain import atomic
-from polytrain.config import Config, config_from_yaml
+from polytrain.config.model import LoraConfig
 from polytrain.errors import DataError
-from polytrain.models.lora import is_adapter
-from polytrain.models.model import PolyModel
-from polytrain.platform.distributed.checkpoint import latest_checkpoint, load_weights, without_lora
+from polytrain.models.lora import is_adapter, merge_lora
+from polytrain.platform.distributed.checkpoint import latest_checkpoint
 from polytrain.platform.observe.run_dir import RunDir
-from polytrain.platform.train import recipe
 
 
 @dataclass
@@ -36,13 +33,15 @@ class Pretrained:
     config_yaml: str
     tokenizer_json: str
 
-    def merged(self) -> tuple[dict[str, torch.Tensor], str]:
-        """The weights, read now (not before: they can be large), with LoRA adapters merged into the weights
-        they adapted, and the config with LoRA off (which builds the model they fit)."""
-        return without_lora(load_file(str(self.path)), self.config_yaml)
-
     def weights(self) -> dict[str, torch.Tensor]:
-        return self.merged()[0]
+        """The weights, read now (not before: they can be large), with LoRA adapters merged into the weights they
+        adapted (they fit the model of ``plain_config``)."""
+        return without_lora(load_file(str(self.path)), self.config_yaml)[0]
+
+    @property
+    def plain_config(self) -> str:
+        """The config the weights were trained with, LoRA off: the model ``weights`` fit."""
+        return without_lora({}, self.config_yaml)[1]
 
 
 def read_pretrained(path: str | Path) -> Pretrained:
@@ -64,25 +63,29 @@ def read_pretrained(path: str | Path) -> Pretrained:
     return Pretrained(path, metadata["polytrain_config"], metadata["polytrain_tokenizer"])
 
 
-def load_model(path: str | Path) -> tuple[Config, dict[str, Any], PolyModel]:
-    """(config, tokenizers, model) rebuilt from a run directory, a checkpoint folder or a file written by
-    ``polytrain export``, its weights loaded (LoRA adapters merged)."""
-    pretrained = read_pretrained(path)
-    weights, config_yaml = pretrained.merged()
-    return rebuilt(weights, config_yaml, pretrained.tokenizer_json, pretrained.path)
+def load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load the safetensors weights at ``path`` (never a pickle), or ``state`` read from it already;
+    names and shapes must match exactly."""
+    state = load_file(str(path)) if state is None else state
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise DataError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                        f"shape mismatches {wrong[:5]}")
+    model.load_state_dict(state)
 
 
-def rebuilt(weights: dict[str, torch.Tensor], config_yaml: str, tokenizer_json: str, path: Path
-            ) -> tuple[Config, dict[str, Any], PolyModel]:
-    """(config, tokenizers, model) of a run's saved config and tokenizer, holding ``weights`` (read from ``path``)."""
-    cfg = config_from_yaml(config_yaml, f"{path} (its config)")
-    with tempfile.TemporaryDirectory() as tmp:  # an export carries its tokenizer in its metadata
-        tokenizer_file = Path(tmp) / "tokenizer.json"
-        tokenizer_file.write_text(tokenizer_json, encoding="utf-8")
-        tokenizers = recipe.build_tokenizers(cfg, tokenizer_file)
-    model = recipe.build_model(cfg, tokenizers)
-    load_weights(model, path, weights)
-    return cfg, tokenizers, model
+def without_lora(weights: dict[str, torch.Tensor], config_yaml: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights with LoRA adapters merged, and the config with LoRA off; unchanged when the run had none."""
+    tree = yaml.safe_load(config_yaml)
+    lora = tree.get("finetune", {}).get("lora", {})
+    if not lora.get("rank"):
+        return weights, config_yaml
+    merged = merge_lora(weights, LoraConfig(**lora).scale)
+    lora["rank"] = 0
+    return merged, yaml.safe_dump(tree, sort_keys=False)
 
 
 VOCABULARY_TABLES = ("embedders.text.table.weight", "embedders.text.output_bias", "lm_head.weight", "lm_head.bias")

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from polytrain.platform.train.config import TrainConfig
+from polytrain.config.train import TrainConfig
 from polytrain.platform.train.finetune import first_match
 
 NO_DECAY_MARKERS = ("embedders.",)

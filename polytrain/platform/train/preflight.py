@@ -18,11 +18,12 @@ from polytrain.atomic import unwritable
 from polytrain.config import Config
 from polytrain.errors import ConfigError
 from polytrain.platform.distributed.memory_planner import configured, format_bytes, heaviest
-from polytrain.platform.train.derive import check_sources, foreign
-from polytrain.platform.train.sources import open_sources
 
 
-def preflight(cfg: Config) -> None:
+def preflight(job) -> None:
+    """Every check of what ``job`` (a ``polytrain.job.Job``) asks of this machine; the first that fails raises
+    ``ConfigError``."""
+    cfg = job.cfg
     engine = cfg.engine
     cuda = torch.cuda.is_available()
     if engine.dist_backend == "nccl" and not cuda:
@@ -34,8 +35,6 @@ def preflight(cfg: Config) -> None:
     for key, path in (("tokenizers.text.path", cfg.tokenizers.text.path), ("train.resume", cfg.train.resume)):
         if path and not Path(path).exists():
             raise ConfigError(key, path, "no such file or directory on this machine")
-    # a resumed run has its own weights; its architecture still comes from the checkpoints
-    check_sources(cfg, foreign(cfg) if cfg.train.resume else open_sources(cfg.finetune))
     for key, folder in (("train.out_dir", cfg.train.out_dir), ("data.cache_dir", cfg.data.cache_dir),
                         ("train.resume", cfg.train.resume)):
         reason = folder and unwritable(Path(folder))
@@ -45,16 +44,22 @@ def preflight(cfg: Config) -> None:
     if cfg.data.num_workers > cores:
         raise ConfigError("data.num_workers", cfg.data.num_workers, f"is more loader processes per training process "
                           f"than this machine's {cores} CPU core(s); use at most {cores}")
-    check_memory(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    check_memory(job, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def check_memory(cfg: Config, world_size: int, local_processes: int) -> None:
-    """The memory planner's bytes per rank for this config against what this machine gives each rank (a GPU, or
-    its share of the CPU memory); too much names the value whose default would help most."""
+def check_memory(job, local_processes: int) -> None:
+    """The memory planner's bytes per rank for this job against what this machine gives each rank (a GPU, or
+    its share of the CPU memory); too much names the value whose default would help most.  A vocabulary still to
+    be trained counts as ``tokenizers.text.vocab_size`` tokens, its upper bound."""
+    cfg, world_size = job.cfg, job.processes
+
+    def need_of(candidate: Config):
+        return configured(candidate, world_size, job.parameter_counts(candidate, exact=False), job.grids(candidate))
+
     try:
-        need = configured(cfg, world_size)
+        need = need_of(cfg)
     except OverflowError as err:
-        fail(cfg, world_size, f"needs {err}")
+        fail(cfg, need_of, f"needs {err}")
     host = psutil.virtual_memory().total // local_processes
     where = f"engine.zero_stage={cfg.engine.zero_stage} on {world_size} process(es)"
     parts = (f"parameters {format_bytes(need.params)}, gradients {format_bytes(need.grads)}, optimizer states "
@@ -63,19 +68,19 @@ def check_memory(cfg: Config, world_size: int, local_processes: int) -> None:
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
         if need.device_total > gpu:
-            fail(cfg, world_size, f"needs {format_bytes(need.device_total)} per GPU ({parts}) with {where}, and this "
+            fail(cfg, need_of, f"needs {format_bytes(need.device_total)} per GPU ({parts}) with {where}, and this "
                                   f"machine's GPUs have {format_bytes(gpu)}")
         if need.cpu > host:
-            fail(cfg, world_size, f"offloads {format_bytes(need.cpu)} per process to CPU memory with {where}, and "
+            fail(cfg, need_of, f"offloads {format_bytes(need.cpu)} per process to CPU memory with {where}, and "
                                   f"this machine has {format_bytes(host)} per process")
     elif need.device_total + need.cpu > host:
-        fail(cfg, world_size, f"needs {format_bytes(need.device_total + need.cpu)} per process ({parts}) with "
+        fail(cfg, need_of, f"needs {format_bytes(need.device_total + need.cpu)} per process ({parts}) with "
                               f"{where}, and this machine has {format_bytes(host)} of memory per process")
 
 
-def fail(cfg: Config, world_size: int, reason: str) -> NoReturn:
+def fail(cfg: Config, need_of, reason: str) -> NoReturn:
     def total(candidate: Config) -> int:
-        estimate = configured(candidate, world_size)
+        estimate = need_of(candidate)
         return estimate.states + estimate.activations
 
     key, value = heaviest(cfg, total) or ("model", None)

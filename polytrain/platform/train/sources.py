@@ -19,10 +19,10 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
-from polytrain.errors import DataError, PolytrainError
+from polytrain.config.train import FinetuneConfig, WeightsSource
+from polytrain.errors import ConfigError, DataError, PolytrainError
 from polytrain.models.convert import ExternalCheckpoint, read_external
 from polytrain.models.convert.files import CONFIG
-from polytrain.platform.train.config import FinetuneConfig, WeightsSource
 from polytrain.platform.train.derive_towers import read_as_towers
 from polytrain.platform.train.init_from import Offered, Pretrained, by_name, read_pretrained
 
@@ -142,24 +142,25 @@ def renamed_heads(state: dict[str, Tensor], tasks: list[str]) -> dict[str, Tenso
     return out
 
 
-def open_sources(cfg: FinetuneConfig, foreign_only: bool = False) -> list[Source]:
-    """Every checkpoint the finetune section names (or only the other libraries'), opened and checked (files there,
-    no pickle, a config polytrain can follow, every listed part in it); errors name the key."""
+def open_sources(cfg: FinetuneConfig) -> list[Source]:
+    """Every checkpoint the finetune section names, opened and checked (files there, no pickle, a config polytrain
+    can follow, every listed part in it); errors name the key."""
     named = [("finetune.init_from", cfg, [])] if cfg.init_from else \
         [(f"finetune.init_parts.{name}", entry, entry.parts) for name, entry in cfg.init_parts.items()]
-    return [open_source(key, spec, parts) for key, spec, parts in named
-            if not foreign_only or is_foreign(Path(spec.init_from), spec)]
+    return [open_source(key, spec, parts) for key, spec, parts in named]
 
 
 def open_source(key: str, spec: WeightsSource, parts: list[str]) -> Source:
-    path = Path(spec.init_from)
+    path, path_key = Path(spec.init_from), f"{key}.init_from" if key != "finetune.init_from" else key
+    if not path.exists():
+        raise ConfigError(path_key, spec.init_from, "no such file or directory on this machine")
     try:
         if is_foreign(path, spec):
             source = Source(key, path, parts, external=read_external(path, spec.timm_model, spec.timm_args))
         else:
             source = Source(key, path, parts, pretrained=read_pretrained(path))
     except PolytrainError as err:  # an unreadable file, a family or setting polytrain does not follow
-        raise DataError(f"{key}: {err}") from None
+        raise ConfigError(path_key, spec.init_from, str(err)) from None
     has = source.has
     for index, part in enumerate(parts):
         if part not in has and not (part.startswith("heads.") and f"heads.{SOURCE_TASK}" in has):

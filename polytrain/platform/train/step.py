@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from polytrain.config.train import TrainConfig
 from polytrain.models.flops import TrainFlops, input_tokens
 from polytrain.platform.data.loader import MicroBatch
-from polytrain.platform.train.config import TrainConfig
+from polytrain.platform.distributed.stand_ins import StandIns
 from polytrain.platform.train.optimizer import lr_multiplier
 from polytrain.tokens import IGNORE_INDEX, TaskBatch
 
@@ -57,12 +58,12 @@ class Stepper:
     """Runs optimizer steps of the model the engine prepared."""
 
     def __init__(self, engine, model, optimizer, scheduler, cfg: TrainConfig, weights: dict[str, float],
-                 stand_ins: dict[str, TaskBatch], flops: TrainFlops):
+                 stand_ins: StandIns, flops: TrainFlops):
         self.engine, self.model, self.optimizer, self.scheduler = engine, model, optimizer, scheduler
         self.cfg, self.weights, self.flops = cfg, weights, flops
         self.stand_ins = stand_ins
-        """With sampled mixing a rank may get no sample of a task; it then runs that task on a stand-in with
-        zero loss weight, so every rank uses every parameter (ZeRO-3 gathers stay in step)."""
+        """What a rank's micro-batch lacks (a task, a span modality) runs on a stand-in, at zero loss weight, so
+        every rank uses every parameter (``platform/distributed/stand_ins.py``)."""
 
     def __call__(self, micro: list[MicroBatch], step: int, stop: bool = False) -> StepResult:
         """One optimizer step on this rank's ``micro``-batches; ``stop``: this rank wants to stop after it."""
@@ -80,12 +81,13 @@ class Stepper:
         loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
         skipped_before = self.engine.skipped_steps()
         for index, (batch, n) in enumerate(zip(micro, counts)):
-            parts = {t: batch.tasks.get(t, self.stand_ins[t]).to(self.engine.device) for t in tasks}
+            parts = {t: part.to(self.engine.device) for t, part in self.stand_ins.complete(batch.tasks).items()}
             with self.engine.accumulate(self.model):
                 losses = self.model(parts)
                 values = torch.tensor([float(losses[t].detach()) for t in tasks], dtype=torch.float64)
                 factors = n * world * accum / totals  # DeepSpeed divides by accum and averages over ranks
-                total = sum(self.weights[t] * losses[t] * float(factors[i]) for i, t in enumerate(tasks))
+                total = sum(self.weights[t] * losses[t] * float(factors[i]) for i, t in enumerate(tasks)) + \
+                    self.stand_ins.zero_term()
                 if not bool(torch.isfinite(values).all()):
                     self.log_nonfinite(step, index, batch, dict(zip(tasks, values.tolist())))
                     total = total * math.nan  # every gradient NaN: the step's norm is, on every rank

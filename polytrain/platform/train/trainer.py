@@ -1,72 +1,69 @@
-"""The training loop: set-up from the config, steps, logging, evaluation, checkpoints, resume."""
+"""The training loop: a job's parts assembled, then steps, logging, evaluation, checkpoints, resume."""
 
 import json
 import logging
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from polytrain import atomic
-from polytrain.config import Config
 from polytrain.errors import ConfigError, DivergenceError, Stopped
 from polytrain.models.flops import TrainFlops
-from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.balance import cost_model
+from polytrain.platform.data.datasets import build_datasets
+from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.order import Budget, DataOrder
 from polytrain.platform.distributed.checkpoint import (
     CheckpointWriteError,
     convert_to_universal,
-    latest_checkpoint,
+    read_state,
+    restore_rng,
     save_checkpoint,
 )
 from polytrain.platform.distributed.engine import Engine, base_optimizer
+from polytrain.platform.distributed.stand_ins import StandIns
 from polytrain.platform.observe.meters import StateProbe, Throughput, memory_gib, peak_flops
 from polytrain.platform.observe.run_dir import CheckpointDir, RunDir, new_run_name
 from polytrain.platform.observe.tracking import Tracker, keep_until
-from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate, format_table
-from polytrain.platform.train.finetune import freeze
+from polytrain.platform.train.finetune import describe, freeze
 from polytrain.platform.train.init_from import load_initial_weights
 from polytrain.platform.train.optimizer import group_lr_multiplier, param_groups
-from polytrain.platform.train.preflight import preflight
-from polytrain.platform.train.sources import offers, open_sources, text_source
+from polytrain.platform.train.sources import offers
 from polytrain.platform.train.state import (
     Progress,
     SchedulerState,
     TrackingState,
     TrainerState,
-    read_state,
-    restore_rng,
     seed_everything,
 )
 from polytrain.platform.train.step import Stepper
 from polytrain.platform.train.stopping import StopSignals, leave_stop_file, tell_launcher
-from polytrain.schema import dump_yaml, to_dict
+from polytrain.schema import to_dict
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config, config_name: str = "run") -> Path:
-    """Train as configured; every process of the job calls this. Returns the run directory.
+def train(job) -> Path:
+    """Train the job (a ``polytrain.job.Job``); every process of it calls this. Returns the run directory.
 
     What can be checked before any process group exists is checked first, so a mistake is one line from
     every process and never a collective left waiting.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    preflight(cfg)
-    check_global_batch(cfg, world_size)
-    resume = restart_point(cfg) or (latest_checkpoint(cfg.train.resume) if cfg.train.resume else None)
-    universal = resume is not None and needs_universal(read_state(resume.state), world_size, cfg.engine.zero_stage)
+    job.check_machine()
+    cfg, resume = job.cfg, job.resume
+    universal = resume is not None and needs_universal(read_state(resume.state), job.processes, cfg.engine.zero_stage)
     stops = StopSignals()
     try:
-        micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())
-        engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip, load_universal=universal)
-        trainer = Trainer(cfg, engine, config_name, stops, resume, universal)
+        micro_batch = sum(task.batch_size for task in cfg.data.tasks.values())  # DeepSpeed's bookkeeping
+        engine = Engine(cfg.engine, micro_batch, cfg.train.grad_accum, cfg.train.grad_clip,
+                        load_universal=universal)
+        trainer = Trainer(job, engine, stops, universal)
         run_dir = trainer.run()
     finally:
         stops.restore()
@@ -74,46 +71,6 @@ def train(cfg: Config, config_name: str = "run") -> Path:
     if trainer.stopped:
         raise Stopped(trainer.stopped)
     return run_dir.path
-
-
-RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
-"""How often torchrun restarted this job's processes (launch.max_restarts), and SLURM requeued the job."""
-
-
-def restart_point(cfg: Config) -> CheckpointDir | None:
-    """In a restarted or requeued job: the newest checkpoint of the run directory it writes to, if there is one."""
-    restarts = {name: int(os.environ.get(name) or 0) for name in RESTART_COUNTS}
-    if not any(restarts.values()):
-        return None
-    if cfg.train.resume:
-        run = latest_checkpoint(cfg.train.resume).run
-    elif cfg.train.run_name:
-        run = RunDir(Path(cfg.train.out_dir) / cfg.train.run_name)
-    else:
-        log.warning("this job was restarted (%s), but train.run_name is not set, so it cannot find its run: it "
-                    "starts a new one (polytrain launch sets the name)", restarts)
-        return None
-    if not run.latest.is_file():
-        return None
-    if os.environ.get("RANK", "0") == "0":
-        log.info("this job was restarted (%s): it resumes from %s", ", ".join(f"{k}={v}" for k, v in restarts.items()
-                                                                           if v), run.path)
-    return latest_checkpoint(run.path)
-
-
-def check_global_batch(cfg: Config, world_size: int) -> None:
-    train, tasks = cfg.train, cfg.data.tasks
-    budgeted = [name for name, task in tasks.items() if task.budget]
-    if train.global_batch is not None and budgeted:
-        raise ConfigError("train.global_batch", train.global_batch, f"counts samples, and the tasks with a budget "
-                          f"({', '.join(budgeted)}) take as many as their budget holds; leave it unset")
-    micro = sum(task.batch_size for task in tasks.values())
-    actual = micro * train.grad_accum * world_size
-    if train.global_batch is not None and train.global_batch != actual:
-        parts = " + ".join(f"{name} {task.batch_size}" for name, task in tasks.items())
-        raise ConfigError("train.global_batch", train.global_batch,
-                          f"!= micro-batch {micro} ({parts}) x train.grad_accum {train.grad_accum} x "
-                          f"data-parallel processes {world_size} = {actual}")
 
 
 def needs_universal(saved: dict, world_size: int, zero_stage: int) -> bool:
@@ -129,88 +86,81 @@ def needs_universal(saved: dict, world_size: int, zero_stage: int) -> bool:
     return saved["world_size"] != world_size or saved["zero_stage"] != zero_stage
 
 
-def new_run_dir(cfg: Config, config_name: str) -> RunDir:
-    return RunDir(Path(cfg.train.out_dir) / (cfg.train.run_name or new_run_name(config_name)))
-
-
 class Trainer:
-    """One run on one process of the job: its parts are built from the config, then ``run()`` trains.
+    """One run on one process of the job: ``__init__`` assembles what the job hands it, going down the layers once
+    (run directory, data, model, engine, loop), then ``run()`` trains."""
 
-    The set-up runs in an order that matters, step by step below: the tokenizer needs the manifests (it
-    trains on their text) and the pretrained weights (whose tokenizer it may be); the datasets need the
-    tokenizer; the optimizer needs the frozen parameters; the resumed state needs the prepared model; the
-    tracker needs the resumed W&B id.
-    """
-
-    def __init__(self, cfg: Config, engine: Engine, config_name: str, stops: StopSignals,
-                 resume: CheckpointDir | None = None, universal: bool = False):
+    def __init__(self, job, engine: Engine, stops: StopSignals, universal: bool = False):
+        cfg = job.cfg
         self.cfg, self.engine, self.stops = cfg, engine, stops
         self.stopped: str | None = None
         """Why the run stopped early, with the checkpoint it wrote (after a stop signal)."""
-        # 1. The run directory: the main process names it (a timestamp), every rank uses that name.
-        run_dir = resume.run if resume is not None else new_run_dir(cfg, config_name)
+        # The run directory: the main process names it (a timestamp), every rank uses that name.
+        run_dir = job.resume.run if job.resume is not None else \
+            RunDir(Path(cfg.train.out_dir) / (cfg.train.run_name or new_run_name(job.name)))
         self.run_dir: RunDir = engine.broadcast(run_dir if engine.is_main else None)
-        self.config_yaml = dump_yaml(cfg)
+        tree = to_dict(cfg)
+        self.config_yaml = yaml.safe_dump(tree, sort_keys=False)
         if engine.is_main:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.run_dir.config, self.config_yaml)
             log.info("run directory %s (%d process(es), ZeRO stage %d)", self.run_dir.path, engine.world_size,
                      cfg.engine.zero_stage)
         seed_everything(cfg.train.seed)
-        # 2. Manifests (the main process builds the built-in datasets, the others wait and reuse them).
+        # Data: the main process builds the built-in datasets and trains the text tokenizer, the others reuse them.
         with engine.main_process_first():
-            for name in cfg.data.tasks:
-                for split in ("train", "val"):
-                    recipe.manifest(cfg, name, split)
-        # 3. Where the weights start (a resumed run has its own), then the text tokenizer.
-        self.sources = open_sources(cfg.finetune) if resume is None else []
-        self.tokenizer_file = resume.tokenizer if resume is not None else self.text_tokenizer_file()
-        self.tokenizers = recipe.build_tokenizers(cfg, self.tokenizer_file)
+            self.tokenizers = job.tokenizers
+            self.train_sets = build_datasets(cfg, "train", self.tokenizers, job.manifests)
+            self.val_sets = build_datasets(cfg, "val", self.tokenizers, job.manifests)
         self.text = self.tokenizers["text"]
-        # 4. Datasets: the main process tokenizes and caches, the others read the cache.
-        with engine.main_process_first():
-            self.train_sets = recipe.build_datasets(cfg, "train", self.tokenizers)
-            self.val_sets = recipe.build_datasets(cfg, "val", self.tokenizers)
-        # 5. The model: initialized, pretrained weights loaded, frozen where configured; then the optimizer
-        #    over what trains, and the engine (the memory probe's baseline is taken before the model exists).
+        self.tokenizer_file = self.run_dir.tokenizer
+        if engine.is_main:
+            self.tokenizer_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.tokenizer_file, job.tokenizer_json)
+        # The model: initialized, pretrained weights loaded (a resumed run has its own), frozen where configured;
+        # then the optimizer over what trains, and the engine (the memory probe's baseline is taken first).
         self.memory = StateProbe()
         torch.manual_seed(cfg.train.seed)
-        model = recipe.build_model(cfg, self.tokenizers)
-        n_params = sum(p.numel() for p in model.parameters())
-        if self.sources:
-            self.load_pretrained(model)
-        starts = freeze(model, cfg.finetune)
+        model, adapted = job.build_model()
+        if job.sources and job.resume is None:
+            self.load_pretrained(model, job.sources)
+        starts, frozen = freeze(model, cfg.finetune)
+        if engine.is_main and (adapted or frozen or starts):
+            log.info("%s", describe(cfg.finetune, adapted, starts, frozen, len(model.state_dict())))
+        counts = (sum(p.numel() for p in model.parameters()),
+                  sum(p.numel() for p in model.parameters() if p.requires_grad))
         groups = param_groups(model, cfg.train.weight_decay, cfg.finetune.lr_scale, starts)
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [partial(group_lr_multiplier, group=group,
                                                                           cfg=cfg.train) for group in groups])
         self.model, self.optimizer, self.scheduler = engine.prepare(model, optimizer, scheduler)
         self.memory.attach(base_optimizer(self.optimizer))
-        # 6. The data order and what a step runs.
+        # The loop: the data order, what a step runs, the resumable state (loaded when resuming, after the engine
+        # has the shards), tracking (continuing the resumed W&B run).
         self.order = DataOrder({n: len(ds) for n, ds in self.train_sets.items()},
                                {n: t.batch_size for n, t in cfg.data.tasks.items() if not t.budget}, cfg.data.mixing,
                                cfg.train.seed, self.budgets(), cfg.train.grad_accum * engine.world_size)
-        stand_ins = {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()}
+        stand_ins = StandIns(engine.unwrap(self.model),
+                             {n: ds.collate([ds[0]], torch.Generator().manual_seed(0)) for n, ds in self.train_sets.items()},
+                             {n: task.modalities for n, task in cfg.data.tasks.items()})
         self.stepper = Stepper(engine, self.model, self.optimizer, self.scheduler, cfg.train,
                                {name: task.weight for name, task in cfg.data.tasks.items()}, stand_ins,
                                TrainFlops(engine.unwrap(self.model)))
-        # 7. The resumable state, loaded from the checkpoint when resuming (after the engine has the shards).
         self.progress, self.tracking = Progress(), TrackingState()
         self.state = TrainerState(progress=self.progress, scheduler=SchedulerState(self.scheduler, self.optimizer),
                                   tracking=self.tracking)
-        if resume is not None:
-            self.restore(resume, universal)
-        # 8. Tracking, continuing the resumed W&B run.
-        self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), cfg.train.steps, engine.is_main,
+        if job.resume is not None:
+            self.restore(job.resume, universal)
+        self.tracker = Tracker(cfg.tracking, self.run_dir, tree, cfg.train.steps, engine.is_main,
                                wandb_id=self.tracking.wandb_id, start_step=self.progress.step,
-                               config_name=config_name, world_size=engine.world_size, device=engine.device)
+                               config_name=job.name, world_size=engine.world_size, device=engine.device)
         self.tracking.wandb_id = self.tracker.wandb_id
         self.bad_steps: list[tuple[int, list[str]]] = []
         """The bad steps in a row up to now: (step, what was not finite)."""
         self.samples_log = self.open_samples_log() if cfg.tracking.log_samples else None
         if engine.is_main:
             sizes = ", ".join(f"{n} {len(ds)} train / {len(self.val_sets[n])} val" for n, ds in self.train_sets.items())
-            log.info("model: %.2fM parameters; data: %s; vocab %d", n_params / 1e6, sizes, self.text.vocab_size)
+            log.info("%s; data: %s", job.summary(counts), sizes)
 
     def budgets(self) -> dict[str, Budget]:
         """The budgeted tasks' step costs (the budget is per process and micro-batch) and sample lengths."""
@@ -401,30 +351,9 @@ class Trainer:
                 log.warning("step %d: %s; training goes on (train.failed_save=continue)", step, err)
             return None
 
-    def text_tokenizer_file(self) -> Path:
-        """The configured tokenizer.json, the one of the checkpoint the text embedder comes from (its rows are its
-        ids), a prepared split's (its text is already ids of it), or one trained now on the main process and shared."""
-        if self.cfg.tokenizers.text.path:
-            return Path(self.cfg.tokenizers.text.path)
-        out = self.run_dir.tokenizer
-        text = text_source(self.sources, recipe.task_heads(self.cfg))
-        if self.engine.is_main:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            prepared = recipe.prepared_tokenizer(self.cfg)
-            if text is not None:
-                atomic.write_text(out, text.tokenizer_json())
-            elif prepared is not None:
-                atomic.write_text(out, prepared.read_text(encoding="utf-8"))
-            else:
-                began = time.perf_counter()
-                recipe.train_text_tokenizer(self.cfg, out.parent)
-                log.info("trained the text tokenizer in %.1f s", time.perf_counter() - began)
-        self.engine.barrier()
-        return out
-
-    def load_pretrained(self, model: torch.nn.Module) -> None:
+    def load_pretrained(self, model: torch.nn.Module, sources: list) -> None:
         """The checkpoints' weights into ``model``, reporting what was loaded, new and ignored."""
-        report = load_initial_weights(model, offers(self.sources, set(model.state_dict()), recipe.task_heads(self.cfg)))
+        report = load_initial_weights(model, offers(sources, set(model.state_dict()), self.cfg.data.heads))
         if self.engine.is_main:
             report.write(self.run_dir)
             log.info("%s", report.summary())

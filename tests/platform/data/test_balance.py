@@ -1,4 +1,5 @@
 import itertools
+from typing import Iterable
 
 import numpy as np
 import pytest
@@ -8,14 +9,29 @@ from polytrain.platform.data.balance import (
     CostModel,
     deal,
     min_max_split,
-    padding_share,
     pool_steps,
-    rank_imbalance,
     rank_loads,
     take,
 )
 
 ATTENTION = CostModel(quadratic=1 / (6 * 192))
+
+
+def padding_share(lengths: np.ndarray, batches: Iterable[np.ndarray]) -> float:
+    """Padding tokens over all tokens of ``batches`` (indices into ``lengths``), each padded per sequence."""
+    lengths = np.asarray(lengths)
+    real = padded = 0
+    for batch in batches:
+        if len(batch):
+            real += int(lengths[batch].sum())
+            padded += len(batch) * int(lengths[batch].max(axis=0).sum())
+    return 1 - real / padded if padded else 0.0
+
+
+def rank_imbalance(lengths: np.ndarray, dealt: list[list[np.ndarray]], model: CostModel) -> float:
+    """Largest over mean per-rank padded cost of one step; 1 is even."""
+    totals = rank_loads(lengths, dealt, model)
+    return float(totals.max() / totals.mean()) if totals.mean() else 1.0
 
 
 def test_costs_follow_the_closed_form():

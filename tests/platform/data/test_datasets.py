@@ -10,14 +10,14 @@ import soundfile
 import torch
 from PIL import Image
 
+from polytrain.config.data import TaskConfig
+from polytrain.config.tokenizers import AudioTokenizerConfig, ImageTokenizerConfig, TextTokenizerConfig
 from polytrain.errors import DataError
-from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.data.datasets import LMStream, SequenceDataset
 from polytrain.platform.data.loader import Mixture, eval_batches, micro_batches
 from polytrain.platform.data.manifest import read_manifest
 from polytrain.platform.data.order import DataOrder, StreamState
 from polytrain.tokenizers.audio import AudioTokenizer
-from polytrain.tokenizers.config import AudioTokenizerConfig, ImageTokenizerConfig, TextTokenizerConfig
 from polytrain.tokenizers.image import ImageTokenizer
 from polytrain.tokenizers.text import TextTokenizer
 from polytrain.tokens import IGNORE_INDEX

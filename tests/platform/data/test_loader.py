@@ -6,13 +6,13 @@ import numpy as np
 import soundfile
 import torch
 
-from polytrain.platform.data.config import TaskConfig
+from polytrain.config.data import TaskConfig
+from polytrain.config.tokenizers import AudioTokenizerConfig, TextTokenizerConfig
 from polytrain.platform.data.datasets import SequenceDataset
 from polytrain.platform.data.loader import Mixture, micro_batches
 from polytrain.platform.data.manifest import read_manifest
 from polytrain.platform.data.order import DataOrder, StreamState
 from polytrain.tokenizers.audio import AudioTokenizer
-from polytrain.tokenizers.config import AudioTokenizerConfig, TextTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer
 
 

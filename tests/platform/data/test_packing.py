@@ -104,13 +104,13 @@ def per_sample_losses(model, task: str, batch, rows_of: list[list[int]]) -> dict
 def test_a_packed_batch_gives_every_sample_the_loss_it_has_alone(tmp_path, head):
     from PIL import Image
 
-    from polytrain.models.config import BackboneConfig, ModelConfig
+    from polytrain.config.data import TaskConfig
+    from polytrain.config.model import BackboneConfig, ModelConfig
+    from polytrain.config.tokenizers import ImageTokenizerConfig, TextTokenizerConfig
     from polytrain.models.model import PolyModel
-    from polytrain.platform.data.config import TaskConfig
     from polytrain.platform.data.datasets import SequenceDataset
     from polytrain.platform.data.manifest import read_manifest
     from polytrain.platform.data.sequences import first_fit
-    from polytrain.tokenizers.config import ImageTokenizerConfig, TextTokenizerConfig
     from polytrain.tokenizers.image import ImageTokenizer
     from polytrain.tokenizers.text import TextTokenizer
 

@@ -7,13 +7,13 @@ import pytest
 import soundfile
 from PIL import Image
 
+from polytrain.config.tokenizers import TextTokenizerConfig
 from polytrain.errors import DataError
+from polytrain.platform.data.file_map import RELEASE_EVERY
 from polytrain.platform.data.manifest import Part, Record
 from polytrain.platform.data.prepare import prepare_split, shard_builder
-from polytrain.platform.data.file_map import RELEASE_EVERY
 from polytrain.platform.data.shards import ROWS_PER_BATCH, PreparedSplit, SplitIndex
 from polytrain.platform.data.token_store import tokenizer_sha256
-from polytrain.tokenizers.config import TextTokenizerConfig
 from polytrain.tokenizers.text import TextTokenizer
 from tests.platform.data.test_file_map import needs_advice, resident_kib
 

@@ -8,13 +8,13 @@ import soundfile
 import torch
 from PIL import Image
 
+from polytrain.config.data import TaskConfig
+from polytrain.config.tokenizers import AudioTokenizerConfig, ImageTokenizerConfig, TextTokenizerConfig
 from polytrain.errors import DataError
-from polytrain.platform.data.config import TaskConfig
 from polytrain.platform.data.datasets import build_dataset
 from polytrain.platform.data.manifest import iter_manifest
 from polytrain.platform.data.prepare import prepare_split, shard_builder
 from polytrain.tokenizers.audio import AudioTokenizer
-from polytrain.tokenizers.config import AudioTokenizerConfig, ImageTokenizerConfig, TextTokenizerConfig
 from polytrain.tokenizers.image import ImageTokenizer
 from polytrain.tokenizers.text import TextTokenizer
 

@@ -9,7 +9,8 @@ import torch
 from polytrain.cli import main
 from polytrain.config import load_config
 from polytrain.errors import ConfigError
-from polytrain.platform.distributed.memory_planner import OPTIONS, Option, count_parameters, estimate, parse_size, plan
+from polytrain.job import resolve
+from polytrain.platform.distributed.memory_planner import OPTIONS, Option, estimate, parse_size, plan
 from polytrain.platform.observe.meters import GIB, StateProbe
 from tests.helpers import REPO
 
@@ -38,8 +39,8 @@ def test_estimate_matches_hand_computed_bytes(option, precision, expected):
 
 
 def test_count_parameters_counts_frozen_ones_apart():
-    everything, trainable = count_parameters(tiny())
-    frozen_all, frozen_trainable = count_parameters(tiny("finetune.freeze=[backbone.*]"))
+    everything, trainable = resolve(TINY).parameter_counts()
+    frozen_all, frozen_trainable = resolve(TINY, ["finetune.freeze=[backbone.*]"]).parameter_counts()
     assert frozen_all == everything and frozen_trainable < trainable
     dim, hidden = 32, 64  # the tiny recipe's backbone: one encoder block, one decoder block with cross-attention
     attention, mlp, norm = 4 * (dim * dim + dim), dim * hidden + hidden + hidden * dim + dim, 2 * dim
@@ -48,12 +49,14 @@ def test_count_parameters_counts_frozen_ones_apart():
 
 def test_recommends_the_least_sharding_that_fits():
     cfg = tiny("model.backbone.dim=256", "model.backbone.n_heads=4", "engine.bucket_size=1000")
-    rows, best = plan(cfg, gpus_per_node=4, nodes=2, gpu_mem=80 * GIB)
+    job = resolve(TINY)
+    count, grids = job.parameter_counts, job.grids()
+    rows, best = plan(cfg, gpus_per_node=4, nodes=2, gpu_mem=80 * GIB, count=count, grids=grids)
     assert [r.option for r in rows] == list(OPTIONS) and best.option == Option(0)
     needs = {r.option: r.device_total for r in rows}
     between = (needs[Option(2)] + needs[Option(3)]) / 2 / 0.9  # stage 3 fits, stage 2 does not
-    assert plan(cfg, 4, 2, int(between))[1].option == Option(3)
-    assert plan(cfg, 4, 2, 1)[1] is None
+    assert plan(cfg, 4, 2, int(between), count, grids)[1].option == Option(3)
+    assert plan(cfg, 4, 2, 1, count, grids)[1] is None
 
 
 def test_plan_cli_prints_every_option_and_a_recommendation(capsys):
@@ -76,7 +79,7 @@ def test_bad_gpu_mem_names_the_option(capsys):
     assert main(["plan", str(TINY), "--gpu-mem", "lots"]) == 2
     assert "--gpu-mem='lots'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="gpus-per-node"):
-        plan(tiny(), gpus_per_node=0, nodes=1, gpu_mem=GIB)
+        plan(tiny(), gpus_per_node=0, nodes=1, gpu_mem=GIB, count=resolve(TINY).parameter_counts, grids={})
 
 
 def test_state_probe_sees_adam_states_after_the_first_step():
@@ -111,14 +114,15 @@ def test_a_towers_parameters_and_activations_are_counted():
     from polytrain.platform.distributed.memory_planner import activation_bytes
 
     tower = ["model.towers.image={dim: 16, layers: 2, n_heads: 2, mlp_width: 32, projector: linear}"]
-    plain, with_tower = tiny(), tiny(*tower)
+    plain, with_tower = resolve(TINY), resolve(TINY, tower)
     dim, hidden, patch = 16, 32, 16
     block = 4 * (dim * dim + dim) + dim * hidden + hidden + hidden * dim + dim + 4 * dim
     stem = patch * dim + dim + dim + 5 * dim  # projection, class token, positions of the 2x2 grid and the class
     patch_embedder = patch * 32 + 32 + 32 + 4 * 32  # what it replaces: projection, modality vector, row and col
     tower_params = stem + 2 * block + 2 * dim + (dim * 32 + 32) + 32  # final norm, projector, modality vector
-    assert count_parameters(with_tower)[0] - count_parameters(plain)[0] == tower_params - patch_embedder
-    frozen = count_parameters(tiny(*tower, "finetune.freeze=[embedders.image.tower.*]"))
+    assert with_tower.parameter_counts()[0] - plain.parameter_counts()[0] == tower_params - patch_embedder
+    frozen = resolve(TINY, [*tower, "finetune.freeze=[embedders.image.tower.*]"]).parameter_counts()
     assert frozen[0] - frozen[1] == tower_params - (dim * 32 + 32) - 32
-    batch = with_tower.data.tasks["image_to_text"].batch_size
-    assert activation_bytes(with_tower) - activation_bytes(plain) == batch * 5 * (10 * dim + 2 * hidden) * 2 * 4
+    batch = with_tower.cfg.data.tasks["image_to_text"].batch_size
+    added = activation_bytes(with_tower.cfg, with_tower.grids()) - activation_bytes(plain.cfg, plain.grids())
+    assert added == batch * 5 * (10 * dim + 2 * hidden) * 2 * 4

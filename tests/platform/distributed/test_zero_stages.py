@@ -11,12 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polytrain.platform.distributed.memory_planner import count_parameters
-from polytrain.platform.train import recipe
+from polytrain.job import Job
+from polytrain.platform.data.builtin import task_manifests
+from polytrain.platform.data.datasets import build_datasets
 from polytrain.platform.train.evaluate import evaluate
-from polytrain.platform.train.init_from import load_model
-from tests.helpers import polytrain
-from tests.helpers import read_jsonl
+from tests.helpers import polytrain, read_jsonl, trained_run
 from tests.platform.runs import (
     STEPS,
     assert_close_curves,
@@ -75,14 +74,15 @@ def test_two_processes_equal_one_with_double_micro_batch(stage_runs, single_doub
             assert sorted(two[step][task]) == sorted(one[step][task])
 
 
-@pytest.mark.parametrize("source_stage, procs, overrides", [  # ZeRO-2 from 2 processes to 4, ZeRO-3 from 2 to 1
-    (2, 4, ["data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1"]),
-    (3, 1, ["train.grad_accum=2"]),
+@pytest.mark.parametrize("source_stage, procs, overrides, accum", [  # ZeRO-2 from 2 processes to 4, ZeRO-3 to 1
+    (2, 4, ["data.tasks.image_to_text.batch_size=2", "data.tasks.text_lm.batch_size=1"], None),
+    (3, 1, [], "grad_accum 1 -> 2 keeps its global batch of 12"),  # the checkpoint's global batch, by itself
 ])
-def test_resume_on_another_world_size_continues_the_curve(runs, stage_runs, source_stage, procs, overrides):
+def test_resume_on_another_world_size_continues_the_curve(runs, stage_runs, source_stage, procs, overrides, accum):
     source = stage_runs[source_stage]
     resumed = runs.resume_copy(source, f"from{source_stage}on{procs}", 10, f"engine.zero_stage={source_stage}",
                                *overrides, procs=procs)
+    assert accum is None or accum in (resumed / "stderr.log").read_text()
     assert (resumed / "checkpoints" / "step_00000010" / "deepspeed_universal").is_dir()
     # Same global batch and data stream, restored optimizer state: the curve goes on as if never stopped.
     assert_close_curves(losses(resumed), losses(source), atol=1e-5, steps=list(range(11, STEPS + 1)))
@@ -103,12 +103,12 @@ def test_export_consolidates_zero3_shards(stage_runs, tmp_path):
     for name in gathered:
         assert torch.equal(exported[name], gathered[name]), name
     assert (tmp_path / "model.yaml").is_file()
-    cfg, tokenizers, model = load_model(out)
+    cfg, tokenizers, model = trained_run(out)
     assert cfg.engine.zero_stage == 3 and tokenizers["text"].vocab_size == 512
     n_params = sum(t.numel() for t in exported.values())
-    assert count_parameters(cfg) == (n_params, n_params)  # the planner's count, without building the model
+    assert Job.of_run(out).parameter_counts() == (n_params, n_params)  # the planner's count, on the meta device
     # One process, the exported file: the same held-out results the 2-process ZeRO-3 run computed at its end.
-    results = evaluate(model, cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers), tokenizers["text"],
+    results = evaluate(model, cfg.data.tasks, build_datasets(cfg, "val", tokenizers, task_manifests(cfg)), tokenizers["text"],
                        torch.device("cpu"), cfg.train.eval_batch_size)
     final = json.loads((run / "eval.json").read_text())
     for task, metrics in final.items():

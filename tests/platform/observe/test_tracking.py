@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from polytrain.config import load_config
+from polytrain.config.tracking import TrackingConfig
 from polytrain.errors import ConfigError
-from polytrain.platform.observe.config import TrackingConfig
 from polytrain.platform.observe.meters import (
     GIB,
     TERA,

@@ -10,9 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from polytrain.cli import main
-from polytrain.platform.train.init_from import load_model
 from scripts import tiny_checkpoints
-from tests.helpers import REPO, polytrain
+from tests.helpers import REPO, job_seen, logged, polytrain, trained_run
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +26,7 @@ def composed(tmp_path_factory, data_cache):
                      "data.tasks.image_to_text.max_val_samples=16", f"train.out_dir={root}", "train.run_name=run",
                      f"data.cache_dir={data_cache}", cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (root / "run" / "stderr.log").write_text(proc.stderr)
     return root / "run", vit, llama
 
 
@@ -56,7 +56,7 @@ def test_the_run_config_holds_both_checkpoints_blocks(composed):
 
 def test_frozen_vision_keeps_the_vits_weights_and_lora_leaves_the_lms(composed):
     run, vit, llama = composed
-    _, _, model = load_model(run)  # LoRA folded in
+    _, _, model = trained_run(run)  # LoRA folded in
     trained = load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors"))
     timm_state, hf_state = load_file(str(vit)), load_file(str(llama / "model.safetensors"))
     assert torch.equal(trained["embedders.image.proj.weight"], timm_state["patch_embed.proj.weight"].flatten(1))
@@ -73,3 +73,26 @@ def test_exporting_the_composition_names_what_no_library_class_holds(composed, c
     assert last.startswith("polytrain: error: polytrain export --format hf: BartForConditionalGeneration cannot "
                            "express embedders.image.")
     assert not (run.parent / "hf").exists()
+
+
+def test_plan_and_prepare_see_the_run_and_its_prepared_data_trains(composed, data_cache, capsys):
+    """The issue-20 reproduction: plan sizes the model the finetune run trains, the run logs its LoRA and freezing
+    once, and data prepare writes shards with the Llama's tokenizer that the printed finetune command trains on."""
+    run, vit, llama = composed
+    stderr = (run / "stderr.log").read_text()
+    assert stderr.count("LoRA rank 8 on 8 linear layers") == 1 and stderr.count("froze ") == 1
+    sources = [f"finetune.init_parts.vision.init_from={vit}", f"finetune.init_parts.language.init_from={llama}",
+               f"data.cache_dir={data_cache}"]
+    recipe = str(REPO / "configs" / "compose.yaml")
+    with logged() as lines:
+        assert main(["plan", recipe, *sources, "--gpus-per-node", "8", "--nodes", "1", "--gpu-mem", "80GB"]) == 0
+        assert job_seen("\n".join(lines)) == job_seen(stderr)
+        capsys.readouterr()
+        assert main(["data", "prepare", recipe, *sources, "--out", str(run.parent / "prepared")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith(f"train on it with: polytrain finetune {recipe} ")
+    command = printed.removeprefix("train on it with: polytrain ").split()
+    proc = polytrain(*command, "train.steps=1", "data.tasks.image_to_text.max_val_samples=4",
+                     f"train.out_dir={run.parent}", "train.run_name=prepared", cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert job_seen(proc.stderr) == job_seen(stderr)

@@ -8,12 +8,18 @@ import torch
 
 from polytrain.cli import main
 from polytrain.errors import DataError
+from polytrain.job import resolve
 from polytrain.models.model import PolyModel
-from polytrain.platform.train.derive import job_config
 from polytrain.platform.train.init_from import load_initial_weights
 from polytrain.platform.train.sources import offers, open_sources
 from polytrain.tokens import EmbedSpec
 from scripts import tiny_checkpoints
+
+
+def job_cfg(path, overrides):
+    """The job's config: the recipe completed from its checkpoints."""
+    return resolve(path, overrides).cfg
+
 
 TASK = ["data.tasks.t.head=decoder_only", "data.tasks.t.train=x.jsonl", "data.tasks.t.val=x.jsonl",
         "data.tasks.t.seq_len=16"]
@@ -35,7 +41,7 @@ def vit_source(checkpoints, name="vision", parts="[embedders.image, backbone.enc
 
 
 def test_a_checkpoints_config_gives_the_model_and_the_tokenizer_settings(checkpoints):
-    cfg = job_config(None, TASK + [f"finetune.init_from={checkpoints['gpt2']}", "model.backbone.dropout=0.1"])
+    cfg = job_cfg(None, TASK + [f"finetune.init_from={checkpoints['gpt2']}", "model.backbone.dropout=0.1"])
     b = cfg.model.backbone
     assert (b.dim, b.n_heads, b.encoder_layers, b.decoder_layers, b.mlp, b.mlp_hidden) == (32, 4, 0, 2, "gelu_tanh", 128)
     assert b.dropout == 0.1  # the recipe keeps what the checkpoint does not say
@@ -45,8 +51,8 @@ def test_a_checkpoints_config_gives_the_model_and_the_tokenizer_settings(checkpo
 
 
 def test_bert_names_its_special_tokens_and_a_classifier_task_takes_its_head(checkpoints):
-    cfg = job_config(None, ["data.tasks.t.head=encoder_classifier", "data.tasks.t.classes=[neg, pos]",
-                            "data.tasks.t.train=x", "data.tasks.t.val=x", f"finetune.init_from={checkpoints['bert_cls']}"])
+    cfg = job_cfg(None, ["data.tasks.t.head=encoder_classifier", "data.tasks.t.classes=[neg, pos]",
+                         "data.tasks.t.train=x", "data.tasks.t.val=x", f"finetune.init_from={checkpoints['bert_cls']}"])
     text, classifier = cfg.tokenizers.text, cfg.model.heads.classifier
     assert (text.bos, text.eos, text.pad, text.mask) == ("[CLS]", "[SEP]", "[PAD]", "[MASK]")
     assert (cfg.model.backbone.norm_position, classifier.pooling, classifier.pooler) == ("post", "cls", True)
@@ -55,10 +61,10 @@ def test_bert_names_its_special_tokens_and_a_classifier_task_takes_its_head(chec
 
 
 def test_two_checkpoints_compose_an_encoder_of_its_own_width(checkpoints):
-    cfg = job_config(None, ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.tasks.t.train=x",
-                            "data.tasks.t.val=x", *vit_source(checkpoints),
-                            f"finetune.init_parts.language.init_from={checkpoints['llama_tiny']}",
-                            "finetune.init_parts.language.parts=[embedders.text, backbone.decoder]"])
+    cfg = job_cfg(None, ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.tasks.t.train=x",
+                         "data.tasks.t.val=x", *vit_source(checkpoints),
+                         f"finetune.init_parts.language.init_from={checkpoints['llama_tiny']}",
+                         "finetune.init_parts.language.parts=[embedders.text, backbone.decoder]"])
     b = cfg.model.backbone
     assert (b.dim, b.norm, b.position, b.encoder_stack.dim, b.encoder_stack.norm, b.encoder_stack.position) == \
         (48, "rmsnorm", "rope", 32, "layernorm", "learned")
@@ -100,7 +106,7 @@ def test_a_recipe_key_that_contradicts_the_checkpoint_is_one_line_naming_both_va
 
 
 def test_equivalent_spellings_and_runtime_keys_are_no_contradiction(checkpoints):
-    cfg = job_config(None, TASK + [f"finetune.init_from={checkpoints['gpt2']}", "model.backbone.n_kv_heads=0",
+    cfg = job_cfg(None, TASK + [f"finetune.init_from={checkpoints['gpt2']}", "model.backbone.n_kv_heads=0",
                                    "model.backbone.mlp_ratio=2.0", "model.backbone.attention=sdpa_math",
                                    "tokenizers.text.pad=<|pad|>"])
     assert cfg.model.backbone.mlp_hidden == 128 and cfg.tokenizers.text.pad == "<|pad|>"  # a name is the recipe's
@@ -111,12 +117,12 @@ def test_equivalent_spellings_and_runtime_keys_are_no_contradiction(checkpoints)
      "finetune.init_parts.vision.parts.1: {vit_tiny} (timm) has no backbone.decoder; it has embedders.image, "
      "backbone.encoder, a head"),
     (lambda c: [f"finetune.init_from={c['vit_tiny']}"],
-     "finetune.init_from: {vit_tiny}: not a polytrain export (no polytrain_config in its metadata); write one with "
+     "finetune.init_from='{vit_tiny}': {vit_tiny}: not a polytrain export (no polytrain_config in its metadata); write one with "
      "polytrain export RUN_DIR --out FILE, or name the timm model of a timm file (timm_model)"),
     (lambda c: [f"finetune.init_from={c['vit_tiny']}", "finetune.timm_model=vit_huge_patch14_eva_224"],
-     "finetune.init_from: timm model 'vit_huge_patch14_eva_224' is not a ViT polytrain can express"),
+     "finetune.init_from='{vit_tiny}': timm model 'vit_huge_patch14_eva_224' is not a ViT polytrain can express"),
     (lambda c: [f"finetune.init_from={c['llama_tiny']}/missing"],
-     "finetune.init_from: {llama_tiny}/missing: no such file or directory"),
+     "finetune.init_from='{llama_tiny}/missing': no such file or directory on this machine"),
 ])
 def test_a_checkpoint_that_cannot_serve_is_one_line_naming_the_key(checkpoints, recipe, overrides, message, capsys):
     err = one_line_error(capsys, "finetune", recipe, *overrides(checkpoints))
@@ -130,12 +136,12 @@ def test_pickled_weights_are_refused_unopened(checkpoints, recipe, tmp_path, cap
     with open(folder / "pytorch_model.bin", "wb") as f:
         pickle.dump({"never": "opened"}, f)
     err = one_line_error(capsys, "finetune", recipe, f"init_from={folder}")
-    assert f"finetune.init_from: {folder}/pytorch_model.bin: pickled weights, which polytrain never loads" in err
+    assert f"finetune.init_from='{folder}': {folder}/pytorch_model.bin: pickled weights, which polytrain never loads" in err
 
 
 def test_a_shape_mismatch_names_the_tensor_and_both_shapes(checkpoints):
-    cfg = job_config(None, ["data.tasks.t.head=encoder_classifier", "data.tasks.t.classes=[a, b, c]",
-                            "data.tasks.t.train=x", "data.tasks.t.val=x", f"finetune.init_from={checkpoints['bert_cls']}"])
+    cfg = job_cfg(None, ["data.tasks.t.head=encoder_classifier", "data.tasks.t.classes=[a, b, c]",
+                         "data.tasks.t.train=x", "data.tasks.t.val=x", f"finetune.init_from={checkpoints['bert_cls']}"])
     sources = open_sources(cfg.finetune)
     model = PolyModel(cfg.model, [EmbedSpec("text", 200, (1, 64))], {"t": "encoder_classifier"}, {"t": 3})
     with pytest.raises(DataError, match=r"heads\.t\.proj\.weight: finetune\.init_from \(.*bert_cls\) has \(2, 32\), "
@@ -144,7 +150,7 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes(checkpoints):
 
 
 def test_vocabulary_rows_grow_for_the_tokens_polytrain_adds(checkpoints):
-    cfg = job_config(None, TASK + [f"finetune.init_from={checkpoints['gpt2']}"])
+    cfg = job_cfg(None, TASK + [f"finetune.init_from={checkpoints['gpt2']}"])
     sources = open_sources(cfg.finetune)
     model = PolyModel(cfg.model, [EmbedSpec("text", 327, (1, 64))], {"t": "decoder_only"})
     before = model.embedders["text"].table.weight[320:].clone()
@@ -164,19 +170,16 @@ def test_composed_parts_compute_what_their_libraries_do(checkpoints, tmp_path):
     from safetensors.torch import load_file
 
     from polytrain.models.heads import text_segment
-    from polytrain.platform.train import recipe
     from polytrain.tokenizers.image import patchify
     from polytrain.tokens import Segment, TaskBatch
     from tests.models.convert_checks import TOLERANCE, max_diff
 
-    cfg = job_config(None, ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.tasks.t.train=x",
-                            "data.tasks.t.val=x", *vit_source(checkpoints),
-                            f"finetune.init_parts.language.init_from={checkpoints['llama_tiny']}",
-                            "finetune.init_parts.language.parts=[embedders.text, backbone.decoder, lm_head]"])
-    sources = open_sources(cfg.finetune)
-    (tmp_path / "tokenizer.json").write_text(sources[1].tokenizer_json())
-    model = recipe.build_model(cfg, recipe.build_tokenizers(cfg, tmp_path / "tokenizer.json")).eval()
-    load_initial_weights(model, offers(sources, set(model.state_dict()), {"t": "encoder_decoder"}))
+    job = resolve(None, ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.tasks.t.train=x",
+                         "data.tasks.t.val=x", *vit_source(checkpoints),
+                         f"finetune.init_parts.language.init_from={checkpoints['llama_tiny']}",
+                         "finetune.init_parts.language.parts=[embedders.text, backbone.decoder, lm_head]"])
+    model = job.build_model()[0].eval()
+    load_initial_weights(model, offers(job.sources, set(model.state_dict()), {"t": "encoder_decoder"}))
     args = {k: v for k, v in tiny_checkpoints.COMPOSE["vit_tiny"].config.items() if k != "model_name"}
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
     vit.load_state_dict(load_file(str(checkpoints["vit_tiny"])))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from polytrain.config.model import LoraConfig
+from polytrain.config.train import FinetuneConfig
 from polytrain.errors import ConfigError, DataError
-from polytrain.models.config import LoraConfig
-from polytrain.platform.train.config import FinetuneConfig
 from polytrain.platform.train.finetune import adapt, freeze
 from polytrain.platform.train.init_from import InitReport, by_name, load_initial_weights, read_pretrained
 from polytrain.schema import from_dict
@@ -23,7 +23,7 @@ def load(model, source: str, weights: dict) -> InitReport:
 def test_freeze_until_wins_over_freeze_and_adapters_always_train():
     model = tiny_model()
     adapt(model, FinetuneConfig(lora=LoraConfig(rank=2, targets=["*.attn.qkv"])))
-    starts = freeze(model, FinetuneConfig(freeze=["backbone.*"], freeze_until={"backbone.decoder.*": 50}))
+    starts, _ = freeze(model, FinetuneConfig(freeze=["backbone.*"], freeze_until={"backbone.decoder.*": 50}))
     params = dict(model.named_parameters())
     assert set(starts.values()) == {50}
     frozen = {n for n, p in params.items() if not p.requires_grad}

@@ -8,12 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from polytrain.config import load_config
-from polytrain.platform.distributed.memory_planner import Option, count_parameters, estimate
+from polytrain.job import Job
+from polytrain.platform.data.builtin import task_manifests
+from polytrain.platform.data.datasets import build_datasets
+from polytrain.platform.distributed.memory_planner import Option, estimate
 from polytrain.platform.observe.meters import GIB
-from polytrain.platform.train import recipe
 from polytrain.platform.train.evaluate import evaluate
-from polytrain.platform.train.init_from import load_model
-from tests.helpers import polytrain
+from tests.helpers import polytrain, trained_run
 from tests.platform.runs import metric
 
 pytestmark = pytest.mark.slow
@@ -95,8 +96,9 @@ def test_planner_matches_measured_state_memory(finetune_runs, stage):
     with frozen parameters, adapters and (stage 2) bf16 counted."""
     run = finetune_runs[stage]
     measured = max(metric(run, "memory/states_gib_max").values()) * GIB
+    job = Job.of_run(run)  # its config with LoRA off: count the adapters in as the run had them
     cfg = load_config(run / "config.yaml")
-    n_params, n_trainable = count_parameters(cfg)
+    n_params, n_trainable = job.parameter_counts(cfg)
     assert n_trainable < n_params / 2  # the frozen backbone really is most of the model
     planned = estimate(cfg, Option(stage), 2, n_params, n_trainable, activations=0).states
     assert abs(measured / planned - 1) <= 0.15, f"measured {measured / GIB:.3f} GiB, planned {planned / GIB:.3f} GiB"
@@ -107,13 +109,13 @@ def test_export_folds_lora_into_the_weights(finetune_runs, tmp_path):
     out = tmp_path / "merged.safetensors"
     proc = polytrain("export", run, "--out", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    cfg, tokenizers, model = load_model(out)
+    cfg, tokenizers, model = trained_run(out)
     assert cfg.finetune.lora.rank == 0 and not any(".lora_" in name for name in model.state_dict())
     trained = checkpoint_weights(run, 3)
     layer = "backbone.decoder.blocks.1.mlp.fc"
     want = trained[f"{layer}.weight"] + 4.0 * trained[f"{layer}.lora_b"] @ trained[f"{layer}.lora_a"]  # alpha 16 / 4
     assert torch.allclose(model.state_dict()[f"{layer}.weight"], want, atol=1e-6)
-    results = evaluate(model, cfg.data.tasks, recipe.build_datasets(cfg, "val", tokenizers), tokenizers["text"],
+    results = evaluate(model, cfg.data.tasks, build_datasets(cfg, "val", tokenizers, task_manifests(cfg)), tokenizers["text"],
                        torch.device("cpu"), cfg.train.eval_batch_size)
     for task, metrics in json.loads((run / "eval.json").read_text()).items():
         for key, value in metrics.items():

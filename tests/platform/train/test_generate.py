@@ -3,8 +3,8 @@
 import pytest
 
 from polytrain.config import load_config
+from polytrain.config.model import DecodingConfig
 from polytrain.errors import ConfigError
-from polytrain.models.config import DecodingConfig
 from polytrain.platform.train.generate import generating_task, settings
 from tests.helpers import REPO
 

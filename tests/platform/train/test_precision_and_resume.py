@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from polytrain.errors import ConfigError
+from polytrain.job import resolve
 from polytrain.platform.train.preflight import cpu_has_fp16, cpu_name
 from tests.helpers import read_jsonl
 from tests.platform.runs import DOUBLE, STEPS, TINY, losses, metric, samples
@@ -50,10 +52,27 @@ def test_exact_resume_is_bitwise_and_sees_every_sample_once(runs, single_double)
 
 
 def test_global_batch_that_does_not_add_up_names_every_factor(runs):
-    proc = runs.train("badbatch", "train.global_batch=7", "train.grad_accum=2", expect_ok=False)
+    proc = runs.train("badbatch", "train.global_batch=7", expect_ok=False)
     assert proc.returncode == 2
-    assert ("train.global_batch=7: != micro-batch 6 (image_to_text 4 + text_lm 2) x train.grad_accum 2 x "
-            "data-parallel processes 1 = 12") in proc.stderr
+    assert ("train.global_batch=7: is not micro-batch 6 (image_to_text 4 + text_lm 2) x 1 data-parallel process(es) "
+            "x a whole number of accumulation steps (per step: 6)") in proc.stderr
+
+
+@pytest.mark.parametrize("processes, overrides, accum", [
+    (1, ["train.global_batch=24"], 4), (2, ["train.global_batch=24"], 2), (4, ["train.global_batch=24"], 1),
+    (2, [], 1), (2, ["train.grad_accum=3"], 3), (2, ["train.global_batch=24", "train.grad_accum=2"], 2),
+])
+def test_the_global_batch_a_recipe_states_splits_into_accumulation_on_the_jobs_processes(processes, overrides,
+                                                                                           accum):
+    job = resolve(TINY, overrides, processes)
+    assert job.cfg.train.grad_accum == accum and job.batch.global_batch == 6 * accum * processes
+
+
+def test_a_grad_accum_that_contradicts_the_global_batch_names_both():
+    with pytest.raises(ConfigError, match=r"train.global_batch=24: implies a different number of accumulation steps "
+                       r"per process than the other figures of the step \(train.global_batch=24 gives 2, "
+                       r"train.grad_accum=3 gives 3\) on 2 data-parallel process"):
+        resolve(TINY, ["train.global_batch=24", "train.grad_accum=3"], 2)
 
 
 def test_kill_during_save_leaves_latest_at_the_previous_checkpoint(runs):

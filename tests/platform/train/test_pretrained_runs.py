@@ -1,7 +1,10 @@
 """Every checkpoint family end to end through the CLI: a tiny checkpoint made with the real library,
 ``polytrain finetune`` from it on a manifest, ``polytrain export --format hf|timm``, the export reloaded in the
-library with no missing or unexpected tensor, and its logits (and greedy continuations) against the run's own."""
+library with no missing or unexpected tensor, and its logits (and greedy continuations) against the run's own;
+and every command that reads the recipe or the run (plan, doctor, data prepare, finetune, eval, export) seeing
+the same model and tokenizer."""
 
+import hashlib
 import json
 
 import pytest
@@ -11,11 +14,10 @@ from PIL import Image
 
 from polytrain.cli import main
 from polytrain.models.heads import text_segment
-from polytrain.platform.train.init_from import load_model
 from polytrain.tokenizers.image import patchify
 from polytrain.tokens import Segment, TaskBatch
 from scripts import tiny_checkpoints
-from tests.helpers import polytrain
+from tests.helpers import job_seen, logged, polytrain, trained_run
 from tests.models.convert_checks import TOLERANCE, max_diff
 
 pytestmark = pytest.mark.slow
@@ -70,18 +72,30 @@ def run(request, tmp_path_factory):
     args = dict(tiny_checkpoints.FAMILIES[family].config)
     extra = [f"finetune.timm_model={args.pop('model_name')}", f"finetune.timm_args={json.dumps(args)}"
              ] if family == "vit" else []
+    recipe_args = [str(folder / "recipe.yaml"), f"finetune.init_from={checkpoint}", *extra]
+    seen = {}
+    with logged() as lines:  # the commands that read the recipe, before the run
+        for command in (["plan", *recipe_args], ["doctor", *recipe_args],
+                        ["data", "prepare", *recipe_args, "--out", str(folder / "prepared")]):
+            assert main(command) in (0, 1), command  # doctor exits 1 when a launcher tool is missing
+            seen[command[0]], lines[:] = job_seen("\n".join(lines)), []
     proc = polytrain("finetune", folder / "recipe.yaml", f"init_from={checkpoint}", *extra, cwd=folder)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    seen["finetune"] = job_seen(proc.stderr)
     fmt = "timm" if family == "vit" else "hf"
-    assert main(["export", str(folder / "run"), "--format", fmt, "--out", str(folder / "exported")]) == 0
+    with logged() as lines:  # and those that read the run
+        assert main(["export", str(folder / "run"), "--format", fmt, "--out", str(folder / "exported")]) == 0
+        seen["export"], lines[:] = job_seen("\n".join(lines)), []
+        assert main(["eval", str(folder / "run")]) == 0
+        seen["eval"] = job_seen("\n".join(lines))
     if family == "vit":
         library = timm.create_model(f"local-dir:{folder / 'exported'}", pretrained=True)
     else:
         library, info = getattr(transformers, AUTO[family]).from_pretrained(folder / "exported",
                                                                             output_loading_info=True)
         assert not any(info.values()), info
-    cfg, tokenizers, model = load_model(folder / "run")
-    return family, checkpoint, folder / "run", model.eval(), library.eval(), tokenizers["text"]
+    cfg, tokenizers, model = trained_run(folder / "run")
+    return family, checkpoint, folder / "run", model.eval(), library.eval(), tokenizers["text"], seen
 
 
 def logits(family: str, model, library, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +121,7 @@ def logits(family: str, model, library, vocab: int) -> tuple[torch.Tensor, torch
 
 @pytest.mark.parametrize("run", list(TASKS), indirect=True)
 def test_the_export_gives_the_runs_logits_in_the_library(run):
-    family, checkpoint, _, model, library, _ = run
+    family, checkpoint, _, model, library, _, _ = run
     vocab = 0 if family == "vit" else json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     with torch.no_grad():
         ours, theirs, where = logits(family, model, library, vocab)
@@ -117,7 +131,7 @@ def test_the_export_gives_the_runs_logits_in_the_library(run):
 @pytest.mark.parametrize("run", [family for family, task in TASKS.items() if task is CAUSAL], indirect=True)
 def test_causal_lms_continue_greedily_alike(run, capsys):
     """``polytrain generate`` on the run, and the library's own generate and tokenizer on the export."""
-    family, _, run_dir, _, library, text = run
+    family, _, run_dir, _, library, text, _ = run
     capsys.readouterr()
     assert main(["generate", str(run_dir), "--text", "the quick brown fox", "max_new_tokens=8"]) == 0
     ours = capsys.readouterr().out.strip()
@@ -131,7 +145,7 @@ def test_causal_lms_continue_greedily_alike(run, capsys):
 
 @pytest.mark.parametrize("run", list(TASKS), indirect=True)
 def test_the_run_config_holds_the_derived_architecture_and_the_report_every_tensor(run):
-    family, checkpoint, run_dir, model, _, text = run
+    family, checkpoint, run_dir, model, _, text, _ = run
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     library = tiny_checkpoints.FAMILIES[family].config
     width = library.get("embed_dim") or library.get("n_embd") or library.get("hidden_size") or library["d_model"]
@@ -145,3 +159,12 @@ def test_the_run_config_holds_the_derived_architecture_and_the_report_every_tens
         vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
         assert [text.hf.id_to_token(i) for i in range(vocab, text.vocab_size)] == ADDED.get(family, [])
         assert all(extended.startswith(f"rows {vocab}..") for extended in report["sources"][0]["extended"].values())
+
+
+@pytest.mark.parametrize("run", list(TASKS), indirect=True)
+def test_every_command_sees_the_model_and_tokenizer_the_run_trains(run):
+    """One resolution: plan, doctor and data prepare (the recipe), finetune, and export and eval (the run) count the
+    same parameters (trainable ones too) and the same text tokenizer, whichever family the weights come from."""
+    *_, text, seen = run
+    assert len(set(seen.values())) == 1, seen
+    assert seen["finetune"][2] == hashlib.sha256(text.hf.to_str().encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""The recipe builds every tokenizer from its own config section."""
+"""A run builds every tokenizer from its own config section."""
 
 import json
 
@@ -8,9 +8,11 @@ import soundfile
 import torch
 
 from polytrain.config import load_config
+from polytrain.config.tokenizers import TextTokenizerConfig
 from polytrain.errors import DataError
-from polytrain.platform.train import recipe
-from polytrain.tokenizers.config import TextTokenizerConfig
+from polytrain.platform.data.builtin import task_manifests
+from polytrain.platform.data.datasets import build_datasets
+from polytrain.tokenizers.build import patch_tokenizers, text_tokenizer
 from polytrain.tokenizers.text import TextTokenizer
 
 TASK = ["data.tasks.t.head=encoder_decoder", "data.tasks.t.source=image", "data.tasks.t.train=m.jsonl",
@@ -23,7 +25,7 @@ def test_tokenizers_get_every_key_of_their_sections(tmp_path):
                                     "tokenizers.image.size=16", "tokenizers.image.patch_size=8",
                                     "tokenizers.image.channels=1"])
     trained = TextTokenizer.train(["seven eight nine"] * 10, TextTokenizerConfig(vocab_size=300))
-    tokenizers = recipe.build_tokenizers(cfg, trained.save(tmp_path))
+    tokenizers = {"text": text_tokenizer(cfg, trained.hf.to_str()), **patch_tokenizers(cfg)}
     text, image = tokenizers["text"], tokenizers["image"]
     assert text.cfg == cfg.tokenizers.text and image.cfg == cfg.tokenizers.image
     with pytest.raises(DataError, match=r"\d+ tokens exceeds tokenizers.text.max_len=6 \(overflow=error"):
@@ -41,9 +43,9 @@ def test_audio_training_samples_get_spec_augment_and_validation_samples_do_not(t
                              f"data.tasks.t.train={manifest}", f"data.tasks.t.val={manifest}",
                              "tokenizers.audio.freq_mask=30", "tokenizers.audio.time_mask=40"])
     trained = TextTokenizer.train(["seven eight nine"] * 10, TextTokenizerConfig(vocab_size=300))
-    tokenizers = recipe.build_tokenizers(cfg, trained.save(tmp_path / "tok"))
+    tokenizers = {"text": text_tokenizer(cfg, trained.hf.to_str()), **patch_tokenizers(cfg)}
     audio = tokenizers["audio"]
-    train, val = (recipe.build_datasets(cfg, split, tokenizers)["t"] for split in ("train", "val"))
+    train, val = (build_datasets(cfg, split, tokenizers, task_manifests(cfg))["t"] for split in ("train", "val"))
     plain = audio(tmp_path / "a.wav").values
     torch.manual_seed(3)
     augmented = train[0].inputs.tokens.values
@@ -51,6 +53,5 @@ def test_audio_training_samples_get_spec_augment_and_validation_samples_do_not(t
     assert torch.equal(augmented, audio(tmp_path / "a.wav", augment=True).values)
     assert (augmented == 0).sum() > (plain == 0).sum()
     assert torch.equal(val[0].inputs.tokens.values, plain)  # validation: never augmented
-    unmasked = recipe.build_tokenizers(load_config(None, TASK[:1] + ["data.tasks.t.source=audio"] + TASK[2:]),
-                                       trained.save(tmp_path / "tok"))
+    unmasked = patch_tokenizers(load_config(None, TASK[:1] + ["data.tasks.t.source=audio"] + TASK[2:]))
     assert not unmasked["audio"].augments  # no masks configured: training samples stay as they are

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from polytrain.config.train import TrainConfig
 from polytrain.platform.data.loader import MicroBatch
-from polytrain.platform.distributed.engine import guard_step
 from polytrain.platform.data.order import Slot
-from polytrain.platform.train.config import TrainConfig
+from polytrain.platform.distributed.engine import guard_step
 from polytrain.platform.train.optimizer import group_lr_multiplier, param_groups
 from polytrain.platform.train.step import Stepper
 from polytrain.tokens import Segment, TaskBatch, text_tokens
@@ -85,9 +85,21 @@ def regression_stepper(cfg: TrainConfig, scale: float, loss_scaling: bool):
     engine = LossScalingEngine(model, optimizer, scale=scale)
     engine.loss_scaling = loss_scaling
     no_op = SimpleNamespace(step=lambda: None, zero_grad=lambda: None)  # DeepSpeed steps inside backward()
-    stand_ins = micro_batch([1]).tasks  # what a rank without a sample of the task would run
-    return model, engine, scheduler, Stepper(engine, model, no_op, scheduler, cfg, {"t": 1.0}, stand_ins,
-                                             SimpleNamespace(known=False))
+    return model, engine, scheduler, Stepper(engine, model, no_op, scheduler, cfg, {"t": 1.0},
+                                             TaskStandIns(micro_batch([1]).tasks), SimpleNamespace(known=False))
+
+
+class TaskStandIns:
+    """``StandIns`` for a model without embedders: a task a rank has no sample of runs on a stand-in batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def complete(self, tasks):
+        return {task: tasks.get(task, batch) for task, batch in self.batches.items()}
+
+    def zero_term(self):
+        return 0.0
 
 
 def test_an_overflowing_step_is_skipped_counted_and_holds_the_schedule():

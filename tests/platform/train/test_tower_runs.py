@@ -12,10 +12,9 @@ from torch.nn import functional as F
 from polytrain.cli import main
 from polytrain.models.heads import text_segment
 from polytrain.platform.data.builtin import resolve_manifest
-from polytrain.platform.train.init_from import load_model
 from polytrain.tokens import Segment, Spans, TaskBatch
 from scripts import tiny_checkpoints
-from tests.helpers import REPO, polytrain, read_jsonl
+from tests.helpers import REPO, polytrain, read_jsonl, trained_run
 from tests.models.convert_checks import max_diff
 
 pytestmark = pytest.mark.slow
@@ -76,8 +75,8 @@ def test_llava_stage1_trains_the_projector_alone_and_stage2_continues_from_it(ll
     report = json.loads((stage1 / "init_from.json").read_text())
     assert set(report["new"]) == {f"embedders.image.projector.{p}.{k}" for p in ("fc", "proj") for k in ("weight", "bias")}
     assert report["extended"] == ["embedders.text.table.weight", "lm_head.weight"]  # one row: <image>
-    _, _, first = load_model(stage1)
-    _, _, second = load_model(stage2)
+    _, _, first = trained_run(stage1)
+    _, _, second = trained_run(stage2)
     tower = {n: t for n, t in first.state_dict().items() if ".tower." in n}
     assert tower and all(torch.equal(t, second.state_dict()[n]) for n, t in tower.items())  # frozen both times
     assert json.loads((stage2 / "init_from.json").read_text())["new"] == []  # projector from stage 1
@@ -91,7 +90,7 @@ def test_llava_export_gives_the_runs_logits_and_greedy_answer_in_transformers(ll
     config = json.loads((out / "config.json").read_text())
     assert config["vision_config"]["model_type"] == "clip_vision_model" and config["text_config"]["model_type"] == "llama"
     assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-1, "default")
-    cfg, tokenizers, model = load_model(stage2)
+    cfg, tokenizers, model = trained_run(stage2)
     image, question, ids, pixels, patches = digit_question(workdir, tokenizers)
     assert config["image_token_index"] == ids[0, 1] and config["vision_config"]["num_hidden_layers"] == 1
     segment = text_segment(ids)
@@ -117,7 +116,7 @@ def test_a_llava_folder_is_continued_whole_and_written_back(workdir):
     report = json.loads((run / "init_from.json").read_text())
     assert report["new"] == [] and report["extended"] == []  # its tokenizer has <image>: nothing added
     library, out = exported(workdir, "llava_whole", "LlavaForConditionalGeneration")
-    cfg, tokenizers, model = load_model(run)
+    cfg, tokenizers, model = trained_run(run)
     assert cfg.model.towers["image"].feature_layer == -2 and cfg.tokenizers.image.size == 16
     _, _, ids, pixels, patches = digit_question(workdir, tokenizers)
     segment = text_segment(ids)
@@ -140,7 +139,7 @@ def test_whisper_fine_tuned_and_exported_transcribes_alike_in_transformers(workd
     finetune(workdir, "whisper")
     run = workdir / "runs" / "whisper"
     library, out = exported(workdir, "whisper", "WhisperForConditionalGeneration")
-    cfg, tokenizers, model = load_model(run)
+    cfg, tokenizers, model = trained_run(run)
     manifest = resolve_manifest("builtin:spoken_digits/val", workdir / "cache")
     lines = [json.loads(line) for line in manifest.read_text().splitlines()[:3]]
     encoder = library.model.encoder
@@ -171,7 +170,7 @@ def test_the_audio_lm_recipe_trains_a_whisper_tower_under_a_llama(workdir):
     run = workdir / "runs" / "audio_lm"
     report = json.loads((run / "init_from.json").read_text())
     assert sum(name.startswith("embedders.audio.tower.") for name in report["loaded"]) == 31
-    cfg = load_model(run)[0]
+    cfg = trained_run(run)[0]
     assert (cfg.tokenizers.audio.frontend, cfg.tokenizers.audio.n_mels, cfg.tokenizers.audio.patch_frames) == \
         ("whisper", 64, 2)
     assert all(row["loss"] == row["loss"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row)

@@ -4,7 +4,7 @@ from functools import partial
 import pytest
 import torch
 
-from polytrain.platform.train.config import TrainConfig
+from polytrain.config.train import TrainConfig
 from polytrain.platform.train.optimizer import group_lr_multiplier, lr_multiplier, param_groups
 
 

@@ -5,12 +5,12 @@ nodes that lack the launching node's files); the hostfile is read when a job
 is launched.
 """
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from polytrain.errors import ConfigError
-from polytrain.launch.hostfile import is_reachable_name
 from polytrain.schema import NonNegative, Range
 
 
@@ -140,3 +140,19 @@ class LaunchConfig:
     @property
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
+
+
+LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+"""One dot-separated part of a host name: letters, digits, inner hyphens (RFC 1123) and underscores
+(which DNS forbids but /etc/hosts and many clusters use)."""
+MAX_HOST_NAME = 253
+
+
+def is_reachable_name(name: str) -> bool:
+    """A syntactically valid IP address or DNS host name (``user@host``, URLs and ``host:port`` are not)."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return len(name) <= MAX_HOST_NAME and all(LABEL.fullmatch(label) for label in name.split("."))

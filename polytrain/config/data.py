@@ -3,10 +3,11 @@
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from polytrain.config.model import head_kind
+from polytrain.config.registries import HEADS, TOKENIZERS
+from polytrain.config.tokenizers import BUILT_IN
 from polytrain.errors import ConfigError
-from polytrain.models.config import HEADS, head_kind
 from polytrain.schema import NonNegative, Positive, Range
-from polytrain.tokenizers.config import TOKENIZERS
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class TaskConfig:
     (see ``budget_cost``); each step takes samples until budget x train.grad_accum x processes is spent, groups
     them by length and deals them to ranks so that their padded costs are even. Needs a prepared split (the
     sizes of its samples are read without decoding them). 0: ``batch_size`` samples."""
+    global_budget: Annotated[int, Range(ge=0, note="0: budget x train.grad_accum x processes")] = 0
+    """With ``budget``: what this task's samples in one optimizer step cost together over all data-parallel
+    processes; the job splits it into ``budget`` x ``train.grad_accum`` x processes, so the step stays the same on
+    any number of processes. 0: whatever those give."""
     budget_cost: Literal["tokens", "attention"] = "tokens"
     """What a budget counts per sequence of L tokens (encoder patches and text alike): tokens, L; attention,
     L + L^2 / (6 x model.backbone.dim), attention's score FLOPs beside those of the linear layers."""
@@ -65,17 +70,19 @@ class TaskConfig:
             if modality not in TOKENIZERS:
                 raise ConfigError("source", self.source, f"unknown modality {modality!r}; known: "
                                                          f"{', '.join(TOKENIZERS.names())}")
-        layout = head_kind(self.head).layout
-        if layout == "classify":
+        kind = head_kind(self.head)
+        if kind.classes:
             if len(self.classes) < 2 or len(set(self.classes)) < len(self.classes):
                 raise ConfigError("classes", self.classes, f"head {self.head} needs the names of at least two "
                                                            "classes, each once")
         elif self.classes:
             raise ConfigError("classes", self.classes, f"is for encoder_classifier tasks; head {self.head} "
                                                        "predicts text")
-        if layout == "masked" and self.modalities:
-            raise ConfigError("source", self.source, "masked_lm reads text only; leave source unset")
-        if self.packing and layout == "classify":
+        if not kind.sources and self.modalities:
+            raise ConfigError("source", self.source, f"{self.head} reads text only; leave source unset")
+        if self.global_budget and not self.budget:
+            raise ConfigError("global_budget", self.global_budget, "splits into micro-batches of budget; set budget")
+        if self.packing and kind.classes:
             raise ConfigError("packing", True, "is for heads that score tokens (decoder_only, encoder_decoder, "
                                                "masked_lm); a classifier scores whole samples")
 
@@ -113,9 +120,24 @@ class DataConfig:
                                                      "use fixed mixing")
 
     @property
+    def plugin_modalities(self) -> tuple[str, ...]:
+        """The modalities of plugins the tasks read: the text tokenizer adds their span markers to its own."""
+        return tuple(m for m in self.modalities if m not in BUILT_IN)
+
+    @property
+    def heads(self) -> dict[str, str]:
+        """The head of every task."""
+        return {name: task.head for name, task in self.tasks.items()}
+
+    @property
     def modalities(self) -> tuple[str, ...]:
         """The non-text modalities the tasks read, in a fixed order (their tokenizers and embedders are built)."""
         return tuple(sorted({m for task in self.tasks.values() for m in task.modalities}))
+
+    @property
+    def masks(self) -> bool:
+        """Some task's targets are masked tokens of its input (masked_lm): the text tokenizer needs its mask token."""
+        return any(head_kind(task.head).layout == "masked" for task in self.tasks.values())
 
     @property
     def span_modalities(self) -> tuple[str, ...]:

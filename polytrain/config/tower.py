@@ -25,6 +25,7 @@ class token, final norm, projector), which the recipe chooses.
 from dataclasses import dataclass, fields
 from typing import Annotated, Literal
 
+from polytrain.config.registries import MLPS, NORMS
 from polytrain.errors import ConfigError
 from polytrain.schema import Fraction, NonNegative, Positive, Range
 
@@ -91,7 +92,7 @@ class TowerConfig:
     """Dropout on attention weights and residual branches inside the tower, during training only."""
 
     def check(self) -> None:
-        """Its own settings; its MLP and norm names are looked up where the registries are (``ModelConfig``)."""
+        """Its own settings; its MLP and norm names and its width are checked with the model's (``check_tower``)."""
         if self.dim % self.n_heads:
             raise ConfigError("n_heads", self.n_heads, f"must divide dim={self.dim}")
         if not -(self.layers + 1) <= self.feature_layer <= self.layers:
@@ -127,11 +128,11 @@ ARCHITECTURE = tuple(f.name for f in fields(TowerConfig) if f.name not in USE)
 """The fields a tower's checkpoint fixes."""
 
 
-def check_tower(modality: str, tower: TowerConfig, width: int, mlps, norms) -> None:
-    """A tower has known MLP and norm kinds (``mlps``, ``norms``: their registries) and a width to project to
-    (``width``: the backbone's, the encoder stack's where it has its own); errors name the key under ``model``."""
+def check_tower(modality: str, tower: TowerConfig, width: int) -> None:
+    """A tower has known MLP and norm kinds and a width to project to (``width``: the backbone's, the encoder
+    stack's where it has its own); errors name the key under ``model``."""
     key = f"towers.{modality}"
-    for name, registry in (("mlp", mlps), ("norm", norms)):
+    for name, registry in (("mlp", MLPS), ("norm", NORMS)):
         if getattr(tower, name) not in registry:
             raise ConfigError(f"{key}.{name}", getattr(tower, name), f"unknown; known: {', '.join(registry.names())}")
     if modality == "text":

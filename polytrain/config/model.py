@@ -13,28 +13,10 @@ objects, and are imported only when a name is looked up.
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from polytrain.config.registries import HEADS, KERNELS, MLPS, NORMS, POSITIONS
+from polytrain.config.tower import TowerConfig, check_tower
 from polytrain.errors import ConfigError
-from polytrain.registry import Registry
-from polytrain.models.tower_config import TowerConfig, check_tower
 from polytrain.schema import Fraction, NonNegative, Positive, Range, from_dict, to_dict
-
-HEADS: Registry[type] = Registry("head", group="polytrain.heads")
-"""Head class by name, as written in ``data.tasks.<task>.head``; built as ``cls(model_config, specs)``.
-Installed packages add their own through the ``polytrain.heads`` entry-point group."""
-NORMS: Registry[type] = Registry("norm")
-"""Normalization layer by name, built as ``NORMS.get(name)(dim, eps)``."""
-MLPS: Registry[type] = Registry("mlp")
-"""MLP by name, built as ``MLPS.get(name)(dim, hidden, bias, dropout)``."""
-KERNELS: Registry = Registry("attention kernel")
-"""Attention kernel by name; ``auto`` is resolved by ``attention.plan_attention``."""
-for _registry, _module, _names in (
-        (HEADS, "polytrain.models.heads", ("decoder_only", "encoder_decoder", "encoder_classifier", "masked_lm")),
-        (NORMS, "polytrain.models.layers", ("layernorm", "rmsnorm")),
-        (MLPS, "polytrain.models.layers", ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu")),
-        (KERNELS, "polytrain.models.attention",
-         ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex", "flash_attn"))):
-    for _name in _names:
-        _registry.lazy(_name, _module)
 
 
 @dataclass(frozen=True)
@@ -49,18 +31,24 @@ class HeadKind:
     """Projects onto the text vocabulary (so the model needs the text embedder)."""
     generates: bool
     """Continues text (has ``generate``)."""
-    layout: Literal["causal", "seq2seq", "classify", "masked"]
-    """How a sample's segments reach it: causal, one sequence whose scored text carries the loss; seq2seq,
-    the inputs to the encoder and the scored text to the decoder; classify, every segment to the encoder and
-    the sample's class as the target; masked, text whose masked tokens are the targets."""
+    layout: str
+    """How a sample's segments reach it: a data layout by name (``config.registries.LAYOUTS``): causal, one
+    sequence whose scored text carries the loss; seq2seq, the inputs to the encoder and the scored text to the
+    decoder; classify, every segment to the encoder and the sample's class as the target; masked, text whose
+    masked tokens are the targets; or a plugin's own."""
+    classes: bool = False
+    """Predicts one of the task's ``classes`` per sample (so it needs them, and scores whole samples: no packing)."""
+    sources: bool = True
+    """Reads segments of other modalities than text (a task's ``source``)."""
 
 
 HEAD_KINDS = {
     "decoder_only": HeadKind(encoder=False, decoder=True, text_output=True, generates=True, layout="causal"),
     "encoder_decoder": HeadKind(encoder=True, decoder=True, text_output=True, generates=True, layout="seq2seq"),
     "encoder_classifier": HeadKind(encoder=True, decoder=False, text_output=False, generates=False,
-                                   layout="classify"),
-    "masked_lm": HeadKind(encoder=True, decoder=False, text_output=True, generates=False, layout="masked"),
+                                   layout="classify", classes=True),
+    "masked_lm": HeadKind(encoder=True, decoder=False, text_output=True, generates=False, layout="masked",
+                          sources=False),
 }
 """The built-in heads' kinds; a plugin head's class carries its own as ``kind``."""
 
@@ -82,16 +70,15 @@ class PositionKind:
     """Attention scores get a linear distance penalty (ALiBi)."""
 
 
-POSITIONS: Registry[PositionKind] = Registry("position encoding")
-"""Position encoding by name, as written in ``model.backbone.position``."""
-POSITIONS.register("learned")(PositionKind("learned", rotary=False, alibi=False))
-POSITIONS.register("sinusoidal")(PositionKind("sinusoidal", rotary=False, alibi=False))
-POSITIONS.register("rope")(PositionKind(None, rotary=True, alibi=False))
-POSITIONS.register("alibi")(PositionKind(None, rotary=False, alibi=True))
+LEARNED = PositionKind("learned", rotary=False, alibi=False)
+SINUSOIDAL = PositionKind("sinusoidal", rotary=False, alibi=False)
+ROPE = PositionKind(None, rotary=True, alibi=False)
+ALIBI = PositionKind(None, rotary=False, alibi=True)
+"""The built-in position encodings (``config.registries.POSITIONS``)."""
 
 
 BLOCK_FIELDS = ("dim", "n_heads", "n_kv_heads", "mlp_ratio", "mlp_width", "mlp", "norm", "norm_eps", "norm_position",
-                "embed_norm", "bias", "qkv_bias", "out_bias", "mlp_bias", "position", "rope_base")
+                "embed_norm", "layer_scale", "bias", "qkv_bias", "out_bias", "mlp_bias", "position", "rope_base")
 """The ``BackboneConfig`` fields that shape a stack's blocks (and the embedders feeding it), which
 ``model.backbone.encoder`` may set for the encoder stack alone."""
 
@@ -154,10 +141,11 @@ class BackboneConfig:
     encoder: dict[str, int | float | bool | str | None] = field(default_factory=dict)
     """Block settings of the encoder stack that differ from the ones above, e.g. ``{dim: 192, norm: layernorm}``
     for a ViT encoder under a Llama decoder (any of dim, n_heads, n_kv_heads, mlp_ratio, mlp_width, mlp, norm,
-    norm_eps, norm_position, embed_norm, bias, qkv_bias, out_bias, mlp_bias, position, rope_base). The non-text
-    embedders then produce the encoder's width and positions, a learned projection (``backbone.memory_proj``)
-    takes the encoder's output to ``dim`` before cross-attention, and the encoder reads non-text inputs only:
-    text (its own, or around image spans) keeps to the decoder. {}: one block shape for both stacks."""
+    norm_eps, norm_position, embed_norm, layer_scale, bias, qkv_bias, out_bias, mlp_bias, position, rope_base).
+    The non-text embedders then produce the encoder's width and positions, a learned projection
+    (``backbone.memory_proj``) takes the encoder's output to ``dim`` before cross-attention, and the encoder reads
+    non-text inputs only: text (its own, or around image spans) keeps to the decoder. {}: one block shape for both
+    stacks."""
 
     def check(self) -> None:
         if self.dim % self.n_heads:
@@ -304,12 +292,12 @@ class ModelConfig:
     towers: dict[str, TowerConfig] = field(default_factory=dict)
     """A tower by modality: that modality's embedder is an encoder of its own plus a projector into the
     backbone's width (LLaVA's vision tower, Whisper's encoder) instead of the plain patch embedding; see
-    ``polytrain.models.tower_config``. {}: every modality has its plain embedder."""
+    ``polytrain.config.tower``. {}: every modality has its plain embedder."""
 
     def check(self) -> None:
         backbone = self.backbone
         for modality, tower in self.towers.items():
-            check_tower(modality, tower, backbone.encoder_stack.dim, MLPS, NORMS)
+            check_tower(modality, tower, backbone.encoder_stack.dim)
         if self.embed.decoder_positions and (POSITIONS.get(backbone.position).table != "learned"
                                              or not backbone.encoder_layers or not backbone.decoder_layers):
             raise ConfigError("embed.decoder_positions", True, "needs learned positions and both stacks, got "

@@ -10,20 +10,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+from polytrain.config.registries import NORMALIZATIONS, TOKENIZERS
 from polytrain.errors import ConfigError
-from polytrain.registry import Registry
 from polytrain.schema import NonNegative, Positive, Range, from_dict
-from polytrain.tokenizers.overflow import OverflowPolicy
 
-ENTRY_POINT_GROUP = "polytrain.tokenizers"
-TOKENIZERS: Registry[type] = Registry("modality", group=ENTRY_POINT_GROUP)
-"""Tokenizer class by modality name: the built-in ones, then installed plugins."""
-TOKENIZERS.lazy("text", "polytrain.tokenizers.text:TextTokenizer")
-TOKENIZERS.lazy("image", "polytrain.tokenizers.image:ImageTokenizer")
-TOKENIZERS.lazy("audio", "polytrain.tokenizers.audio:AudioTokenizer")
 BUILT_IN = ("text", "image", "audio")
 
 PluginValue = str | int | float | bool
+OverflowPolicy = Literal["truncate", "error"]
+"""What a tokenizer does with a sample longer than its limit: cut it (counted, logged) or refuse it."""
 
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
 
@@ -96,12 +91,11 @@ class TextTokenizerConfig:
 Triple = tuple[float, float, float]
 
 
-NORMALIZATIONS: Registry[tuple[Triple, Triple]] = Registry("image normalization")
-"""(mean, std) presets by name: timm's (``timm.data.constants``)."""
-NORMALIZATIONS.register("imagenet")(((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-NORMALIZATIONS.register("inception")(((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
-NORMALIZATIONS.register("openai_clip")(((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
-NORMALIZATIONS.register("dpn")(((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+DPN = ((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3)
+"""The (mean, std) presets ``config.registries.NORMALIZATIONS`` names: timm's (``timm.data.constants``)."""
 
 
 @dataclass(frozen=True)
@@ -312,9 +306,3 @@ class TokenizersConfig:
             return getattr(self, modality)
         return from_dict(TOKENIZERS.get(modality).config_class, self.plugins.get(modality, {}), f"plugins.{modality}")
 
-
-def build_patch_tokenizer(modality: str, cfg: TokenizersConfig):
-    """The tokenizer of a modality whose tokenizer needs no training (everything but text)."""
-    if modality == "text":
-        raise ConfigError("modality", modality, "text is trained or loaded: TextTokenizer.train / .load")
-    return TOKENIZERS.get(modality)(cfg.section(modality))

@@ -33,4 +33,4 @@ class TrackingConfig:
     """Write the sample ids of every micro-batch to RUN_DIR/samples/rank<r>.jsonl (to audit data order)."""
     peak_tflops: Annotated[float, Range(gt=0, note="or null: looked up for known GPUs")] | None = None
     """Dense peak of one device in the training precision, in TFLOP/s, for MFU; null: looked up from the
-    GPU's name (``polytrain.platform.meters.PEAK_TFLOPS``), and no MFU on CPUs or unlisted GPUs."""
+    GPU's name (``polytrain.platform.observe.meters.PEAK_TFLOPS``), and no MFU on CPUs or unlisted GPUs."""

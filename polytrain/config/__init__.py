@@ -1,13 +1,16 @@
 """The typed config tree: a YAML recipe plus dotted ``key=value`` overrides, validated.
 
-Each component owns a small frozen dataclass in its package's ``config.py``
-(torch-free, like this module: reading and checking a recipe, on a login node
-say, imports none of the training stack); the root ``Config`` nests them.
-Loading checks every key and type against those dataclasses (``schema``), runs
-each section's own ``check()``, then the checks that span sections
-(``Config.check``).  Every error names the dotted key, the value and what is
-allowed.  Checks that need the machine a job runs on (CUDA, files, fp16
-support) run where the job starts (``platform.train.machine``).
+Each component owns a small frozen dataclass, one module of this package per
+section (torch-free, like the whole package: reading and checking a recipe, on
+a login node say, imports none of the training stack, and nothing here imports
+a module above the config); the root ``Config`` nests them.  Loading checks
+every key and type against those dataclasses (``schema``), runs each section's
+own ``check()``, then the checks that span sections (``Config.check``).  Every
+error names the dotted key, the value and what is allowed.  What the
+checkpoints a recipe starts from give, and the batch arithmetic over the job's
+processes, are the job's (``polytrain.job``); checks that need the machine a
+job runs on (CUDA, files, fp16 support, memory) run where the job starts
+(``platform/train/preflight.py``).
 """
 
 from dataclasses import dataclass, field
@@ -15,19 +18,18 @@ from pathlib import Path
 
 import yaml
 
+from polytrain.config.data import DataConfig
+from polytrain.config.engine import EngineConfig
+from polytrain.config.launch import LaunchConfig
+from polytrain.config.model import ModelConfig, head_kind
+from polytrain.config.registries import BACKENDS, PRESETS
+from polytrain.config.tokenizers import TokenizersConfig
+from polytrain.config.tower import check_towers_data
+from polytrain.config.tracking import TrackingConfig
+from polytrain.config.train import FinetuneConfig, TrainConfig
 from polytrain.errors import ConfigError
-from polytrain.launch.backends import BACKENDS
-from polytrain.launch.config import LaunchConfig
-from polytrain.models.config import ModelConfig, head_kind
-from polytrain.models.preset_configs import MODEL_PRESETS
-from polytrain.models.tower_config import check_towers_data
-from polytrain.platform.data.config import DataConfig
-from polytrain.platform.distributed.config import EngineConfig
-from polytrain.platform.observe.config import TrackingConfig
-from polytrain.platform.train.config import FinetuneConfig, TrainConfig
 from polytrain.registry import import_plugins
 from polytrain.schema import from_dict, to_dict
-from polytrain.tokenizers.config import TokenizersConfig
 
 
 @dataclass(frozen=True)
@@ -51,29 +53,34 @@ class Config:
         if self.launch.backend not in BACKENDS:
             raise ConfigError("launch.backend", self.launch.backend,
                               f"unknown launcher; known: {', '.join(BACKENDS.names())}")
-        try:
-            BACKENDS.get(self.launch.backend).check(self.launch)
-        except ConfigError as err:
-            raise err.under("launch") from None
-        max_len = self.tokenizers.text.max_len
         for name, task in self.data.tasks.items():
-            key = f"data.tasks.{name}"
-            if not head_kind(task.head).encoder:
-                if task.seq_len > max_len:
-                    raise ConfigError(f"{key}.seq_len", task.seq_len, f"must be <= tokenizers.text.max_len={max_len}")
-                continue
-            towers = task.modalities and all(m in self.model.towers for m in task.modalities)  # a tower encodes
-            if self.model.backbone.encoder_layers == 0 and not towers:
-                raise ConfigError(f"{key}.head", task.head, "needs an encoder, but model.backbone.encoder_layers=0; "
-                                  "set model.backbone.encoder_layers > 0, give its inputs towers (model.towers) or "
-                                  "use head=decoder_only")
-            if task.max_target_len + 2 > max_len:  # bos ... eos
-                raise ConfigError(f"{key}.max_target_len", task.max_target_len,
-                                  f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
+            self.check_task(f"data.tasks.{name}", task)
         self.check_init_parts()
-        spans = {name: task.modalities for name, task in self.data.tasks.items()
-                 if head_kind(task.head).layout == "causal"}
-        check_towers_data(self.model.towers, self.tokenizers, spans)
+        if self.model.towers:
+            spans = {name: task.modalities for name, task in self.data.tasks.items()
+                     if head_kind(task.head).layout == "causal"}
+            check_towers_data(self.model.towers, self.tokenizers, spans)
+
+    def check_task(self, key: str, task) -> None:
+        """The task's head finds the stacks it runs, and its text fits the text positions."""
+        kind, backbone, max_len = head_kind(task.head), self.model.backbone, self.tokenizers.text.max_len
+        towers = bool(task.modalities) and all(m in self.model.towers for m in task.modalities)  # a tower encodes
+        for stack, needed in (("encoder", kind.encoder and not towers), ("decoder", kind.decoder)):
+            if needed and not getattr(backbone, f"{stack}_layers"):
+                other = "give its inputs towers (model.towers) or use head=decoder_only" if stack == "encoder" \
+                    else "use an encoder head"
+                raise ConfigError(f"{key}.head", task.head, f"needs {'an' if stack == 'encoder' else 'a'} {stack}, "
+                                  f"but model.backbone.{stack}_layers=0; set model.backbone.{stack}_layers > 0 or "
+                                  f"{other}")
+        if backbone.encoder and kind.encoder and not kind.sources:
+            raise ConfigError("model.backbone.encoder", backbone.encoder, f"{key} uses head {task.head}, whose text "
+                              "the encoder would read; with blocks of its own the encoder reads image or audio inputs "
+                              "only")
+        if not kind.encoder and task.seq_len > max_len:
+            raise ConfigError(f"{key}.seq_len", task.seq_len, f"must be <= tokenizers.text.max_len={max_len}")
+        if kind.encoder and task.max_target_len + 2 > max_len:  # bos ... eos
+            raise ConfigError(f"{key}.max_target_len", task.max_target_len,
+                              f"+2 (bos, eos) must be <= tokenizers.text.max_len={max_len}")
 
     def check_init_parts(self) -> None:
         """Every ``heads.<task>`` and ``embedders.<modality>`` part names a task and a modality of this run."""
@@ -137,10 +144,10 @@ def with_preset(tree: dict) -> dict:
     if not isinstance(model, dict) or "preset" not in model:
         return tree
     name = model["preset"]
-    if name not in MODEL_PRESETS:
-        raise ConfigError("model.preset", name, f"unknown model preset; known: {', '.join(MODEL_PRESETS.names())}")
+    if name not in PRESETS:
+        raise ConfigError("model.preset", name, f"unknown model preset; known: {', '.join(PRESETS.names())}")
     own = {key: value for key, value in model.items() if key != "preset"}
-    return {**tree, "model": merged(to_dict(MODEL_PRESETS.get(name)), own)}
+    return {**tree, "model": merged(to_dict(PRESETS.get(name).model), own)}
 
 
 def merged(base: dict, over: dict) -> dict:

@@ -5,8 +5,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from polytrain.config.model import LoraConfig
 from polytrain.errors import ConfigError
-from polytrain.models.config import LoraConfig
 from polytrain.schema import Fraction, NonNegative, Positive, Probability, Range
 
 SEEDS = Range(ge=0, le=2**32 - 1, note="the seeds numpy, torch and Python all take")
@@ -31,11 +31,15 @@ class TrainConfig:
     betas: tuple[Fraction, Fraction] = (0.9, 0.95)
     """AdamW moment decay rates."""
     grad_accum: Positive[int] = 1
-    """Micro-batches per optimizer step on each process."""
+    """Micro-batches per optimizer step on each process. Unset in the recipe, the job derives it from
+    ``global_batch`` (or a task's ``global_budget``) and its data-parallel processes, or, resuming, from the
+    checkpoint's global batch; set, it must agree with them."""
     grad_clip: Annotated[float, Range(ge=0, note="0: no clipping")] = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
-    global_batch: Annotated[int, Range(gt=0, note="or null: not checked")] | None = None
-    """If set, the samples per optimizer step the job must have: micro-batch x grad_accum x processes."""
+    global_batch: Annotated[int, Range(gt=0, note="or null: micro-batch x grad_accum x processes")] | None = None
+    """Samples per optimizer step over all data-parallel processes (the tasks with a ``batch_size``, not a
+    ``budget``): the job splits it into micro-batch x ``grad_accum`` x processes, so the step stays the same on
+    any number of processes; one that does not split evenly is an error naming the numbers."""
     seed: Annotated[int, SEEDS] = 0
     """Seeds model init and data order; the same seed gives the same run."""
     eval_every: Annotated[int, Range(ge=0, note="0: only after the last step")] = 0
