@@ -24,6 +24,7 @@ from polytrain.config.launch import LaunchConfig
 from polytrain.config.model import ModelConfig, head_kind
 from polytrain.config.registries import BACKENDS, PRESETS
 from polytrain.config.tokenizers import TokenizersConfig
+from polytrain.config.tower import check_towers_data
 from polytrain.config.tracking import TrackingConfig
 from polytrain.config.train import FinetuneConfig, TrainConfig
 from polytrain.errors import ConfigError
@@ -56,16 +57,22 @@ class Config:
             self.check_task(f"data.tasks.{name}", task)
         self.check_init_parts()
         self.check_sequence_parallel(self.engine.sequence_parallel)
+        if self.model.towers:
+            spans = {name: task.modalities for name, task in self.data.tasks.items()
+                     if head_kind(task.head).layout == "causal"}
+            check_towers_data(self.model.towers, self.tokenizers, spans)
 
     def check_task(self, key: str, task) -> None:
         """The task's head finds the stacks it runs, and its text fits the text positions."""
         kind, backbone, max_len = head_kind(task.head), self.model.backbone, self.tokenizers.text.max_len
-        for stack, needed in (("encoder", kind.encoder), ("decoder", kind.decoder)):
+        towers = bool(task.modalities) and all(m in self.model.towers for m in task.modalities)  # a tower encodes
+        for stack, needed in (("encoder", kind.encoder and not towers), ("decoder", kind.decoder)):
             if needed and not getattr(backbone, f"{stack}_layers"):
-                other = "head=decoder_only" if stack == "encoder" else "an encoder head"
+                other = "give its inputs towers (model.towers) or use head=decoder_only" if stack == "encoder" \
+                    else "use an encoder head"
                 raise ConfigError(f"{key}.head", task.head, f"needs {'an' if stack == 'encoder' else 'a'} {stack}, "
                                   f"but model.backbone.{stack}_layers=0; set model.backbone.{stack}_layers > 0 or "
-                                  f"use {other}")
+                                  f"{other}")
         if backbone.encoder and kind.encoder and not kind.sources:
             raise ConfigError("model.backbone.encoder", backbone.encoder, f"{key} uses head {task.head}, whose text "
                               "the encoder would read; with blocks of its own the encoder reads image or audio inputs "

@@ -133,3 +133,17 @@ class DataConfig:
     def modalities(self) -> tuple[str, ...]:
         """The non-text modalities the tasks read, in a fixed order (their tokenizers and embedders are built)."""
         return tuple(sorted({m for task in self.tasks.values() for m in task.modalities}))
+
+    @property
+    def masks(self) -> bool:
+        """Some task's targets are masked tokens of its input (masked_lm): the text tokenizer needs its mask token."""
+        return any(head_kind(task.head).layout == "masked" for task in self.tasks.values())
+
+    @property
+    def span_modalities(self) -> tuple[str, ...]:
+        """The modalities some task lays out as spans inside text (a decoder_only sequence, an encoder input that
+        names text or several modalities), whose markers the text tokenizer needs; an encoder reading one file of
+        one modality reads it alone."""
+        return tuple(sorted({m for task in self.tasks.values() for m in task.modalities
+                             if head_kind(task.head).layout == "causal" or len(task.modalities) > 1
+                             or "text" in ([task.source] if isinstance(task.source, str) else task.source or [])}))

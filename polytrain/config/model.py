@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from polytrain.config.registries import HEADS, KERNELS, MLPS, NORMS, POSITIONS
+from polytrain.config.tower import TowerConfig, check_tower
 from polytrain.errors import ConfigError
 from polytrain.schema import Fraction, NonNegative, Positive, Range, from_dict, to_dict
 
@@ -77,7 +78,7 @@ ALIBI = PositionKind(None, rotary=False, alibi=True)
 
 
 BLOCK_FIELDS = ("dim", "n_heads", "n_kv_heads", "mlp_ratio", "mlp_width", "mlp", "norm", "norm_eps", "norm_position",
-                "embed_norm", "bias", "qkv_bias", "out_bias", "mlp_bias", "position", "rope_base")
+                "embed_norm", "layer_scale", "bias", "qkv_bias", "out_bias", "mlp_bias", "position", "rope_base")
 """The ``BackboneConfig`` fields that shape a stack's blocks (and the embedders feeding it), which
 ``model.backbone.encoder`` may set for the encoder stack alone."""
 
@@ -101,7 +102,7 @@ class BackboneConfig:
     """MLP hidden width in channels, overriding ``mlp_ratio``; 0: int(dim * mlp_ratio).  Checkpoint configs
     state the width, which a ratio does not always give back (int(224 * (976 / 224)) is 975)."""
     mlp: str = "gelu"
-    """MLP kind: gelu (erf), gelu_tanh (GPT-2), relu, swiglu."""
+    """MLP kind: gelu (erf), gelu_tanh (GPT-2), quick_gelu (OpenAI CLIP), relu, swiglu."""
     norm: str = "layernorm"
     """Normalization: layernorm or rmsnorm."""
     norm_eps: Positive[float] = 1e-5
@@ -110,6 +111,9 @@ class BackboneConfig:
     """pre: x + f(norm(x)) and a final norm after the stack; post: norm(x + f(x)), no final norm."""
     embed_norm: bool = False
     """Normalize each stack's input embeddings (BERT, BART's ``layernorm_embedding``)."""
+    layer_scale: bool = False
+    """Scale each residual branch by a learned per-channel vector before adding it (CaiT's and DINOv2's
+    LayerScale), initialized at 1e-5."""
     bias: bool = True
     """Biases in the attention and MLP projections (unless one of the three below says otherwise)."""
     qkv_bias: bool | None = None
@@ -137,10 +141,11 @@ class BackboneConfig:
     encoder: dict[str, int | float | bool | str | None] = field(default_factory=dict)
     """Block settings of the encoder stack that differ from the ones above, e.g. ``{dim: 192, norm: layernorm}``
     for a ViT encoder under a Llama decoder (any of dim, n_heads, n_kv_heads, mlp_ratio, mlp_width, mlp, norm,
-    norm_eps, norm_position, embed_norm, bias, qkv_bias, out_bias, mlp_bias, position, rope_base). The non-text
-    embedders then produce the encoder's width and positions, a learned projection (``backbone.memory_proj``)
-    takes the encoder's output to ``dim`` before cross-attention, and the encoder reads non-text inputs only:
-    text (its own, or around image spans) keeps to the decoder. {}: one block shape for both stacks."""
+    norm_eps, norm_position, embed_norm, layer_scale, bias, qkv_bias, out_bias, mlp_bias, position, rope_base).
+    The non-text embedders then produce the encoder's width and positions, a learned projection
+    (``backbone.memory_proj``) takes the encoder's output to ``dim`` before cross-attention, and the encoder reads
+    non-text inputs only: text (its own, or around image spans) keeps to the decoder. {}: one block shape for both
+    stacks."""
 
     def check(self) -> None:
         if self.dim % self.n_heads:
@@ -284,9 +289,15 @@ class ModelConfig:
     lm_bias: bool = False
     """Text LM logits get a learned bias per vocabulary entry (BERT's ``cls.predictions.bias``), beside the
     tied table or in the ``lm_head``."""
+    towers: dict[str, TowerConfig] = field(default_factory=dict)
+    """A tower by modality: that modality's embedder is an encoder of its own plus a projector into the
+    backbone's width (LLaVA's vision tower, Whisper's encoder) instead of the plain patch embedding; see
+    ``polytrain.config.tower``. {}: every modality has its plain embedder."""
 
     def check(self) -> None:
         backbone = self.backbone
+        for modality, tower in self.towers.items():
+            check_tower(modality, tower, backbone.encoder_stack.dim)
         if self.embed.decoder_positions and (POSITIONS.get(backbone.position).table != "learned"
                                              or not backbone.encoder_layers or not backbone.decoder_layers):
             raise ConfigError("embed.decoder_positions", True, "needs learned positions and both stacks, got "

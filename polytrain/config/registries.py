@@ -45,6 +45,7 @@ NORMS: Registry[type] = Registry("norm", {"layernorm": "torch.nn:LayerNorm", "rm
 MLPS: Registry[type] = Registry("mlp", {
     "gelu": "polytrain.models.layers:gelu_mlp",
     "gelu_tanh": "polytrain.models.layers:gelu_tanh_mlp",
+    "quick_gelu": "polytrain.models.layers:quick_gelu_mlp",
     "relu": "polytrain.models.layers:relu_mlp",
     "swiglu": "polytrain.models.layers:SwiGLU",
 })
@@ -98,8 +99,15 @@ FAMILIES: Registry = Registry("checkpoint family", {
     "BertForSequenceClassification": "polytrain.models.convert.hf_bert:BERT_CLASSIFIER",
     **{name: "polytrain.models.convert.hf_bart:BART" for name in ("BartForConditionalGeneration", "bart")},
     "timm": "polytrain.models.convert.timm_vit:TIMM_VIT",
+    **{name: "polytrain.models.convert.hf_clip:CLIP_VISION" for name in ("CLIPVisionModel", "clip_vision_model")},
+    **{name: "polytrain.models.convert.hf_clip:CLIP" for name in ("CLIPModel", "clip")},
+    **{name: "polytrain.models.convert.hf_clip:SIGLIP_VISION" for name in ("SiglipVisionModel", "siglip_vision_model")},
+    **{name: "polytrain.models.convert.hf_clip:SIGLIP" for name in ("SiglipModel", "siglip")},
+    **{name: "polytrain.models.convert.hf_whisper:WHISPER" for name in ("WhisperForConditionalGeneration", "whisper")},
+    **{name: "polytrain.models.convert.hf_llava:LLAVA" for name in ("LlavaForConditionalGeneration", "llava")},
 })
-"""Checkpoint families by Hugging Face ``architectures[0]`` and ``model_type``, and ``timm``."""
+"""Checkpoint families by Hugging Face ``architectures[0]`` and ``model_type``, and ``timm`` (its plain ViT, and
+its CLIP, SigLIP and DINOv2 ViTs as image towers)."""
 
 BUILTINS: Registry = Registry("builtin dataset", {name: f"polytrain.platform.data.builtin:{name}" for name in (
     "digits_image", "spoken_digits", "digits_image_qa", "spoken_digits_qa", "long_spoken_digits", "stdlib")},

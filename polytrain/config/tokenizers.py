@@ -58,6 +58,11 @@ class TextTokenizerConfig:
     """The token that ends a sequence and separates packed documents; GPT-2: ``<|endoftext|>``."""
     mask: str = MASK
     """The token masked_lm puts in place of the tokens to predict; BERT's ``tokenizer.json``: ``[MASK]``."""
+    span_markers: bool = True
+    """A non-text span inside text is laid out between its modality's markers (``<image>``, one slot per token,
+    ``</image>``); false: as its slots alone, each holding the modality's token (``<image>``), as LLaVA's
+    ``input_ids`` hold one image token per image feature (what ``export --format hf`` needs to write a run as
+    LlavaForConditionalGeneration). A prompt must then end in text."""
 
     def check(self) -> None:
         floor = N_BYTES + len(SPECIAL_TOKENS)
@@ -70,11 +75,17 @@ class TextTokenizerConfig:
             raise ConfigError("pad", self.pad, "must differ from bos and eos: padding is dropped from the loss")
 
     def special_tokens(self, modalities: tuple[str, ...] = ()) -> list[str]:
-        """Every special token the tokenizer must have, in id order for a new one: the built-in ones, then the
-        markers of the (plugin) ``modalities``."""
+        """The special tokens of a tokenizer polytrain trains, in id order: the built-in ones, then the markers of
+        the plugin ``modalities``."""
         names = [self.pad, self.bos, self.eos, UNK, self.mask, *SPECIAL_TOKENS[5:],
-                 *(marker for modality in modalities for marker in markers(modality))]
+                 *(marker for modality in modalities if modality not in BUILT_IN for marker in markers(modality))]
         return list(dict.fromkeys(names))
+
+    def required_tokens(self, modalities: tuple[str, ...] = (), masked: bool = False) -> list[str]:
+        """The special tokens a run uses, which a loaded tokenizer (a checkpoint's) gets where it lacks them: pad,
+        bos, eos; the mask for masked_lm; the markers (or slot token) of the ``modalities`` laid out in text."""
+        spans = [marker for modality in modalities for marker in markers(modality)[: 2 if self.span_markers else 1]]
+        return list(dict.fromkeys([self.pad, self.bos, self.eos, *([self.mask] if masked else []), *spans]))
 
 
 Triple = tuple[float, float, float]
@@ -95,11 +106,17 @@ class ImageTokenizerConfig:
     """Side of one square patch, in pixels; must divide ``size``."""
     channels: int = 3
     """3 reads images as RGB, 1 as grayscale."""
-    resize: Literal["crop", "pad", "fit"] = "crop"
-    """crop: shorter side to ``size``, then the center square (torchvision Resize + CenterCrop, timm's eval
-    transform). pad: longer side to ``size``, centered on a square whose border is the mean color.
-    fit: keep the aspect ratio and the native resolution, scaled down only as far as ``max_patches`` and
-    ``size`` require, each side rounded to whole patches: a variable patch grid per image."""
+    resize: Literal["crop", "pad", "fit", "stretch"] = "crop"
+    """crop: shorter side to ``size`` / ``crop_pct``, then the center ``size`` square (torchvision Resize +
+    CenterCrop, timm's eval transform, CLIP's processor). pad: longer side to ``size``, centered on a square whose
+    border is the mean color. fit: keep the aspect ratio and the native resolution, scaled down only as far as
+    ``max_patches`` and ``size`` require, each side rounded to whole patches: a variable patch grid per image.
+    stretch: both sides to ``size``, the aspect ratio not kept (SigLIP's processor)."""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    """How images are resized (antialiased either way); CLIP, SigLIP and timm's pretrained ViTs: bicubic."""
+    crop_pct: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """crop: the share of the resized shorter side the center crop keeps (timm's ``crop_pct``; 0.875 resizes a
+    224 crop's shorter side to 256)."""
     max_patches: Annotated[int, Range(ge=0, note="0: (size / patch_size)^2")] = 0
     """fit: the token budget, the most patches one image may give (0: (size / patch_size)^2)."""
     mean: Triple = (0.5, 0.5, 0.5)

@@ -20,7 +20,7 @@ from polytrain.models.attention import Attention, AttentionPlan, plan_attention
 from polytrain.models.attention_mask import MaskRule
 from polytrain.models.cache import KVCache, LayerCache
 from polytrain.models.embed import Embedded
-from polytrain.models.layers import DropPath
+from polytrain.models.layers import DropPath, LayerScale
 from polytrain.models.positions import alibi_slopes
 from polytrain.models.sequence_shard import WHOLE, SequenceShard
 
@@ -42,20 +42,28 @@ class Block(nn.Module):
         self.mlp = MLPS.get(cfg.mlp)(dim, cfg.mlp_hidden, mlp_bias, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
+        self.attn_scale = LayerScale(dim) if cfg.layer_scale else None
+        self.mlp_scale = LayerScale(dim) if cfg.layer_scale else None
 
     def forward(self, x_BLE: Tensor, plan: AttentionPlan, rope: tuple[Tensor, Tensor] | None = None,
                 memory_BSE: Tensor | None = None, memory_plan: AttentionPlan | None = None,
                 cache: LayerCache | None = None) -> Tensor:
-        x_BLE = self.residual(x_BLE, self.attn_norm, lambda h: self.drop(self.attn(h, plan, rope, cache=cache)))
+        x_BLE = self.residual(x_BLE, self.attn_norm, lambda h: self.drop(self.attn(h, plan, rope, cache=cache)),
+                              self.attn_scale)
         if self.cross is not None and memory_BSE is not None:
             x_BLE = self.residual(x_BLE, self.cross_norm,
                                   lambda h: self.drop(self.cross(h, memory_plan, memory_BSE=memory_BSE, cache=cache)))
-        return self.residual(x_BLE, self.mlp_norm, self.mlp)
+        return self.residual(x_BLE, self.mlp_norm, self.mlp, self.mlp_scale)
 
-    def residual(self, x_BLE: Tensor, norm: nn.Module, branch) -> Tensor:
+    def residual(self, x_BLE: Tensor, norm: nn.Module, branch, scale: nn.Module | None = None) -> Tensor:
+        """``scale``: the branch's LayerScale, if any."""
         if self.pre_norm:
-            return x_BLE + self.drop_path(branch(norm(x_BLE)))
-        return norm(x_BLE + self.drop_path(branch(x_BLE)))
+            return x_BLE + self.drop_path(scaled(branch(norm(x_BLE)), scale))
+        return norm(x_BLE + self.drop_path(scaled(branch(x_BLE), scale)))
+
+
+def scaled(branch_BLE: Tensor, scale: nn.Module | None) -> Tensor:
+    return branch_BLE if scale is None else scale(branch_BLE)
 
 
 class Stack(nn.Module):
@@ -64,7 +72,10 @@ class Stack(nn.Module):
     sequence: SequenceShard = WHOLE
     """What part of each sequence a training forward computes (``PolyModel.shard_sequences`` sets it)."""
 
-    def __init__(self, cfg: BackboneConfig, n_layers: int, causal: bool, cross_attention: bool):
+    def __init__(self, cfg: BackboneConfig, n_layers: int, causal: bool, cross_attention: bool,
+                 final_norm: bool = True):
+        """``final_norm``: a pre-norm stack normalizes its output (a tower whose features are read un-normalized
+        has none)."""
         super().__init__()
         self.cfg, self.causal = cfg, causal
         norm = NORMS.get(cfg.norm)
@@ -72,7 +83,7 @@ class Stack(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(n_layers - 1, 1) for i in range(n_layers)]
         self.blocks = nn.ModuleList(Block(cfg, cross_attention, rate) for rate in rates)
-        self.norm = norm(cfg.dim, cfg.norm_eps) if cfg.norm_position == "pre" else None
+        self.norm = norm(cfg.dim, cfg.norm_eps) if cfg.norm_position == "pre" and final_norm else None
         slopes = alibi_slopes(cfg.n_heads) if POSITIONS.get(cfg.position).alibi else None
         self.register_buffer("alibi_H", slopes, persistent=False)
         if cfg.compile:
@@ -138,22 +149,24 @@ class Backbone(nn.Module):
     """An encoder stack (absent when ``encoder_layers`` is 0) and a decoder stack (absent when ``decoder_layers`` is 0).
 
     The encoder's blocks may have settings of their own (``BackboneConfig.encoder``); when its width differs,
-    ``memory_proj`` maps its output to the decoder's width for cross-attention.
+    ``memory_proj`` maps its output to the decoder's width for cross-attention.  Without an encoder stack, a
+    head that reads one reads the embedders' output instead (a tower's: Whisper's encoder is its audio tower).
     """
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, cross_attention: bool = False):
+        """``cross_attention``: the decoder cross-attends even without an encoder stack (to a tower's output)."""
         super().__init__()
         with_encoder = cfg.encoder_layers > 0
         encoder = cfg.encoder_stack
         self.encoder = Stack(encoder, cfg.encoder_layers, causal=False, cross_attention=False) if with_encoder else None
-        self.decoder = (Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=with_encoder)
+        self.decoder = (Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=with_encoder or cross_attention)
                         if cfg.decoder_layers else None)
         bridged = self.encoder is not None and self.decoder is not None and encoder.dim != cfg.dim
         self.memory_proj = nn.Linear(encoder.dim, cfg.dim) if bridged else None
 
     def encode(self, seq: Embedded) -> Tensor:
-        """Bidirectional: (B, S, E_enc), the encoder's width."""
-        return self.encoder(seq)
+        """Bidirectional: (B, S, E_enc), the encoder's width; without an encoder stack, the embedded vectors."""
+        return seq.x_BLE if self.encoder is None else self.encoder(seq)
 
     def memory(self, seq: Embedded) -> Tensor:
         """What the decoder cross-attends to: the encoder's output at the decoder's width, (B, S, E)."""

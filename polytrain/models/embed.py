@@ -135,10 +135,13 @@ class TokenEmbedder(Embedder):
             x_BLE = x_BLE * self.scale
         if self.token_type is not None:
             x_BLE = x_BLE + self.token_type(torch.zeros_like(segment.values))
+        return self.finish(x_BLE + self.positions_at(segment.positions, decoder), segment)
+
+    def positions_at(self, positions_X2: Tensor, decoder: bool = False) -> Tensor | float:
+        """The absolute position vectors (..., E) text adds at ``positions`` (0.0 without a table): what a tower's
+        vectors placed at text slots add too, as a Hugging Face LM adds its positions to ``inputs_embeds``."""
         position = self.decoder_position if decoder and self.decoder_position is not None else self.position
-        if position is not None:
-            x_BLE = x_BLE + position(segment.positions[..., 1])
-        return self.finish(x_BLE, segment)
+        return 0.0 if position is None else position(positions_X2[..., 1])
 
 
 class LearnedGrid(nn.Module):

@@ -29,7 +29,14 @@ masked_lm            6 (W_enc T + 2 E L_enc T^2 + (E E + V E) T)
 and token for the linear layers of the image/audio embedders (the patch
 projection): they multiply data, which needs no gradient, so their backward is
 the weight gradient alone.  Embedders registered by plugins are counted the
-same way.  Frozen weights (``finetune.freeze``, LoRA's base weights) are
+same way.  A tower (``model.towers``) counts as an encoder of its own over its
+N tokens plus its P class and register tokens, its stem's first layer on data:
+
+    4 W_stem,data N + 6 (W_stem,rest N + W_tower (N + P) + 2 E_t L_t (N + P)^2 + W_proj (N + K))
+
+(W_stem,data the patch projection, or Whisper's first convolution at 2 frames per token; W_stem,rest
+its second convolution; E_t, L_t the tower's width and built blocks; K 1 where the class token is
+kept), so its cost is in the step's FLOPs and MFU.  Frozen weights (``finetune.freeze``, LoRA's base weights) are
 counted as trained, and LoRA adapters' own rank-r products (r (in + out) per
 token, small beside in x out) not at all: the figure describes the
 architecture, as MFU's convention does.  Heads registered by plugins have no
@@ -45,6 +52,7 @@ from typing import TYPE_CHECKING, Callable
 from torch import Tensor, nn
 
 from polytrain.models.heads import DecoderOnlyHead, EncoderClassifierHead, EncoderDecoderHead, MaskedLMHead
+from polytrain.models.tower import FRAMES_PER_TOKEN, ConvStem, TowerEmbedder
 from polytrain.tokens import Segment, TaskBatch
 
 if TYPE_CHECKING:
@@ -95,7 +103,9 @@ class TrainFlops:
         text = model.embedders["text"] if "text" in model.embedders else None
         self.vocab = 0 if text is None else text.table.num_embeddings
         self.embed = {name: linear_weights(e) for name, e in model.embedders.items()}
-        self.cls = {name: int(getattr(e, "cls", None) is not None) for name, e in model.embedders.items()}
+        self.towers = {name: TowerFlops(e) for name, e in model.embedders.items() if isinstance(e, TowerEmbedder)}
+        self.cls = {name: e.added_tokens if isinstance(e, TowerEmbedder) else int(getattr(e, "cls", None) is not None)
+                    for name, e in model.embedders.items()}
         counts = {DecoderOnlyHead: self.decoder_only, EncoderDecoderHead: self.encoder_decoder,
                   EncoderClassifierHead: self.encoder_classifier, MaskedLMHead: self.masked_lm}
         self.heads = {task: counts.get(type(head)) for task, head in model.heads.items()}
@@ -118,11 +128,15 @@ class TrainFlops:
         return segment.mask.sum(1) + self.cls[segment.modality]
 
     def embedding(self, segment: Segment) -> int:
-        """The embedders' linear layers (patch projections) over the real tokens, the segment's and its spans';
-        they multiply data."""
-        own = self.embed[segment.modality] * int(segment.mask.sum())
-        spans = sum(self.embed[m] * int(spans.tokens.mask.sum()) for m, spans in segment.spans.items())
-        return TRAIN_ON_DATA * (own + spans)
+        """The embedders over the real tokens, the segment's and its spans': their linear layers (patch
+        projections), which multiply data; towers as ``TowerFlops`` counts them."""
+        return self.embedded(segment.modality, segment) + sum(self.embedded(m, spans.tokens)
+                                                              for m, spans in segment.spans.items())
+
+    def embedded(self, modality: str, segment: Segment) -> int:
+        if modality in self.towers:
+            return self.towers[modality](segment)
+        return TRAIN_ON_DATA * self.embed[modality] * int(segment.mask.sum())
 
     def encode(self, s: Tensor) -> int:
         return TRAIN * int(self.encoder * s.sum() + 2 * self.enc_dim * self.enc_layers * (s * s).sum())
@@ -157,3 +171,26 @@ class TrainFlops:
     def masked_lm(self, part: TaskBatch, head_weights: int) -> int:
         t = part.inputs.mask.sum(1)
         return self.encode(t) + TRAIN * head_weights * int(t.sum()) + self.logits(t) + self.embedding(part.inputs)
+
+
+class TowerFlops:
+    """A tower's training FLOPs over a segment of its modality (see the module docstring)."""
+
+    def __init__(self, embedder: TowerEmbedder):
+        tower = embedder.tower
+        stem = tower.stem
+        if isinstance(stem, ConvStem):
+            self.stem_data, self.stem_rest = FRAMES_PER_TOKEN * stem.conv1.weight.numel(), stem.conv2.weight.numel()
+        else:
+            self.stem_data, self.stem_rest = linear_weights(stem), 0
+        self.blocks = linear_weights(tower.blocks)
+        self.attention = 2 * tower.cfg.dim * len(tower.blocks)
+        self.projector = linear_weights(embedder.projector)
+        self.prefix, self.kept = tower.prefix, embedder.added_tokens
+
+    def __call__(self, segment: Segment) -> int:
+        n = segment.mask.sum(1)
+        s = n + self.prefix
+        return TRAIN_ON_DATA * self.stem_data * int(n.sum()) + TRAIN * int(
+            self.stem_rest * n.sum() + self.blocks * s.sum() + self.attention * (s * s).sum()
+            + self.projector * (n + self.kept).sum())

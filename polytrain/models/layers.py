@@ -1,4 +1,4 @@
-"""The small parts a block is made of: normalization, the MLP, stochastic depth.
+"""The small parts a block is made of: normalization, the MLP, layer scale, stochastic depth.
 
 Norms and MLPs are looked up by name (``NORMS``, ``MLPS``), so a config picks
 LayerNorm or RMSNorm, GELU or SwiGLU without branching in the block.
@@ -35,6 +35,18 @@ def gelu_tanh_mlp(dim: int, hidden: int, bias: bool, dropout: float) -> MLP:
     return MLP(dim, hidden, bias, dropout, nn.GELU(approximate="tanh"))
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def quick_gelu_mlp(dim: int, hidden: int, bias: bool, dropout: float) -> MLP:
+    """OpenAI CLIP's QuickGELU (its ViTs under ``hidden_act: quick_gelu``, timm's ``*_clip_quickgelu_*``)."""
+    return MLP(dim, hidden, bias, dropout, QuickGELU())
+
+
 def relu_mlp(dim: int, hidden: int, bias: bool, dropout: float) -> MLP:
     """ReLU, as in the original Transformer."""
     return MLP(dim, hidden, bias, dropout, nn.ReLU())
@@ -52,6 +64,19 @@ class SwiGLU(nn.Module):
     def forward(self, x_BLE: Tensor) -> Tensor:
         gate_BLF, up_BLF = self.fc(x_BLE).chunk(2, dim=-1)
         return self.drop(self.proj(F.silu(gate_BLF) * up_BLF))
+
+
+class LayerScale(nn.Module):
+    """A residual branch times a learned per-channel vector (Touvron et al. 2021, CaiT; DINOv2)."""
+
+    INIT = 1e-5
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), self.INIT))
+
+    def forward(self, branch_BLE: Tensor) -> Tensor:
+        return branch_BLE * self.gamma
 
 
 class DropPath(nn.Module):

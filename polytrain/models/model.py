@@ -15,6 +15,7 @@ from polytrain.errors import DataError
 from polytrain.models.backbone import Backbone
 from polytrain.models.embed import Embedded, TokenEmbedder
 from polytrain.models.sequence_shard import WHOLE, SequenceShard
+from polytrain.models.tower import TowerEmbedder
 from polytrain.tokens import EmbedSpec, Segment, TaskBatch
 
 RESIDUAL_OUTPUTS = ("attn.out.weight", "cross.out.weight", "mlp.proj.weight")
@@ -38,9 +39,12 @@ class PolyModel(nn.Module):
             raise ValueError(f"heads {task_heads} predict text, so the model needs the text embed spec")
         # text feeds the decoder (or the one block shape of both stacks); the other modalities feed the encoder
         encoder_side = replace(cfg, backbone=cfg.backbone.encoder_stack)
-        self.embedders = nn.ModuleDict({s.modality: EMBEDDERS.get(s.modality)(s, cfg if s.modality == "text"
-                                                                              else encoder_side) for s in specs})
-        self.backbone = Backbone(cfg.backbone)
+        self.embedders = nn.ModuleDict({  # a modality's tower where the config gives it one
+            s.modality: TowerEmbedder(s, encoder_side, cfg.towers[s.modality]) if s.modality in cfg.towers
+            else EMBEDDERS.get(s.modality)(s, cfg if s.modality == "text" else encoder_side) for s in specs})
+        # with no encoder stack a tower is the encoder: the decoder cross-attends to its output (Whisper)
+        towers_encode = any(head_kind(head).encoder and head_kind(head).decoder for head in task_heads.values())
+        self.backbone = Backbone(cfg.backbone, cross_attention=bool(cfg.towers) and towers_encode)
         self.lm_head = None
         if not cfg.tie_embeddings and "text" in by_modality:
             self.lm_head = nn.Linear(cfg.backbone.dim, by_modality["text"].input_dim, bias=cfg.lm_bias)
@@ -71,7 +75,7 @@ class PolyModel(nn.Module):
         for embedder in self.embedders.values():
             if hasattr(embedder, "init_weights"):
                 embedder.init_weights(std)
-        layers = sum(len(stack.blocks) for stack in (self.backbone.encoder, self.backbone.decoder) if stack)
+        layers = max(1, sum(len(stack.blocks) for stack in (self.backbone.encoder, self.backbone.decoder) if stack))
         for name, param in self.named_parameters():
             if name.endswith(RESIDUAL_OUTPUTS):
                 nn.init.normal_(param, std=std / math.sqrt(2 * layers))
@@ -95,10 +99,10 @@ class PolyModel(nn.Module):
         else:
             embedded = embedder(segment)
         if segment.spans:
-            embedded = self.place_spans(embedded, segment, bidirectional_spans)
+            embedded = self.place_spans(embedded, segment, bidirectional_spans, decoder)
         return self.shard.pad(embedded)
 
-    def place_spans(self, embedded: Embedded, segment: Segment, bidirectional: bool) -> Embedded:
+    def place_spans(self, embedded: Embedded, segment: Segment, bidirectional: bool, decoder: bool = False) -> Embedded:
         x_BLE = embedded.x_BLE
         rope = embedded.rope
         spans_BL = torch.full_like(segment.values, -1) if bidirectional else None
@@ -108,8 +112,11 @@ class PolyModel(nn.Module):
             where_NS = spans.tokens.mask & (spans.rows >= 0)[:, None]
             n, s = where_NS.nonzero(as_tuple=True)
             rows, cols = spans.rows[n], spans.starts[n] + s
-            x_BLE = x_BLE.index_put((rows, cols), inner.x_BLE[n, s].to(x_BLE.dtype))
-            if rope is not None:
+            placed = inner.x_BLE[n, s].to(x_BLE.dtype)
+            if isinstance(self.embedders[modality], TowerEmbedder):  # its slots keep the text's positions
+                placed = placed + self.embedders["text"].positions_at(segment.positions[rows, cols], decoder)
+            x_BLE = x_BLE.index_put((rows, cols), placed)
+            if rope is not None and inner.rope is not None:  # a tower's vectors keep the text's angles
                 rope = tuple(table.index_put((rows, cols), own[n, s]) for table, own in zip(rope, inner.rope))
             if spans_BL is not None:
                 spans_BL[rows, cols] = first + n
@@ -140,3 +147,4 @@ def without_cls(e: Embedded, length: int) -> Embedded:
         return e
     return Embedded(e.x_BLE[:, 1:], e.valid_BL[:, 1:], None, None if e.rope is None else (e.rope[0][:, 1:],
                                                                                           e.rope[1][:, 1:]))
+

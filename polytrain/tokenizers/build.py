@@ -18,8 +18,10 @@ def build_patch_tokenizer(modality: str, cfg: TokenizersConfig):
 
 
 def text_tokenizer(cfg: Config, tokenizer_json: str, where: str = "the run's tokenizer.json") -> TextTokenizer:
-    """A ``tokenizer.json``'s contents (from ``where``) with ``tokenizers.text``'s settings."""
-    return TextTokenizer.from_json(tokenizer_json, cfg.tokenizers.text, where, cfg.data.plugin_modalities)
+    """A ``tokenizer.json``'s contents (from ``where``) with ``tokenizers.text``'s settings, plus the special tokens
+    the tasks use where it lacks them (a checkpoint's)."""
+    return TextTokenizer.from_json(tokenizer_json, cfg.tokenizers.text, where, cfg.data.span_modalities,
+                                   cfg.data.masks)
 
 
 def patch_tokenizers(cfg: Config) -> dict[str, Any]:

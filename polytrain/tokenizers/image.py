@@ -54,13 +54,15 @@ class ImageTokenizer:
         except DataError as err:
             raise DataError(f"{name}: {err}") from None
         self.check_shape(pixels.shape[1], pixels.shape[2], name)
-        size, patch = self.cfg.size, self.cfg.patch_size
+        size, patch, mode = self.cfg.size, self.cfg.patch_size, self.cfg.interpolation
         if self.cfg.resize == "crop":
-            return self.normalize(resize_center_crop(pixels, size))
+            return self.normalize(resize_center_crop(pixels, size, int(size / self.cfg.crop_pct), mode))
+        if self.cfg.resize == "stretch":
+            return self.normalize(resize(pixels, size, size, mode))
         if self.cfg.resize == "pad":
-            return pad_to_square(self.normalize(resize_longer_side(pixels, size)), size)
+            return pad_to_square(self.normalize(resize_longer_side(pixels, size, mode)), size)
         rows, cols = fit_grid(pixels.shape[1], pixels.shape[2], patch, self.cfg.grid, self.cfg.budget)
-        return self.normalize(resize(pixels, rows * patch, cols * patch))
+        return self.normalize(resize(pixels, rows * patch, cols * patch, mode))
 
     def normalize(self, pixels: Tensor) -> Tensor:
         return (pixels - self.mean) / self.std
@@ -76,7 +78,7 @@ class ImageTokenizer:
 
     def count(self, height: int, width: int) -> int:
         """Patches an image of ``height`` x ``width`` pixels gives, without decoding it (cost budgets count them)."""
-        if self.cfg.resize in ("crop", "pad"):
+        if self.cfg.resize in ("crop", "pad", "stretch"):
             return self.cfg.grid**2
         rows, cols = fit_grid(height, width, self.cfg.patch_size, self.cfg.grid, self.cfg.budget)
         return rows * cols
@@ -85,35 +87,37 @@ class ImageTokenizer:
         return EmbedSpec("image", self.cfg.channels * self.cfg.patch_size**2, (self.cfg.grid, self.cfg.grid))
 
 
-def resize(pixels: Tensor, height: int, width: int) -> Tensor:
-    """(C, H, W) -> (C, height, width), bilinear and antialiased (torchvision's default)."""
+def resize(pixels: Tensor, height: int, width: int, mode: str = "bilinear") -> Tensor:
+    """(C, H, W) -> (C, height, width), bilinear or bicubic, antialiased (torchvision's default)."""
     if pixels.shape[1:] == (height, width):
         return pixels
-    return F.interpolate(pixels[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    return F.interpolate(pixels[None], size=(height, width), mode=mode, antialias=True, align_corners=False)[0]
 
 
-def resize_center_crop(pixels: Tensor, size: int) -> Tensor:
-    """Scale (C, H, W) so the shorter side is ``size`` (bilinear, antialiased), then crop the center square.
+def resize_center_crop(pixels: Tensor, size: int, scale: int | None = None, mode: str = "bilinear") -> Tensor:
+    """Scale (C, H, W) so the shorter side is ``scale`` (default ``size``; antialiased), then crop the center
+    ``size`` square.
 
-    Rounding follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` (the long side is
-    truncated, the crop offset rounded), so the pixels equal timm's eval transform.
+    Rounding follows torchvision's ``Resize(scale)`` + ``CenterCrop(size)`` (the long side is
+    truncated, the crop offset rounded), so the pixels equal timm's eval transform (``scale`` = size / crop_pct).
     """
     _, height, width = pixels.shape
     short, long = sorted((height, width))
-    scaled_long = int(size * long / short)
-    new_h, new_w = (size, scaled_long) if height <= width else (scaled_long, size)
-    pixels = resize(pixels, new_h, new_w)
+    scale = scale or size
+    scaled_long = int(scale * long / short)
+    new_h, new_w = (scale, scaled_long) if height <= width else (scaled_long, scale)
+    pixels = resize(pixels, new_h, new_w, mode)
     top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
     return pixels[:, top: top + size, left: left + size]
 
 
-def resize_longer_side(pixels: Tensor, size: int) -> Tensor:
+def resize_longer_side(pixels: Tensor, size: int, mode: str = "bilinear") -> Tensor:
     """Scale (C, H, W) so the longer side is ``size``; the shorter is truncated, as torchvision's
     ``Resize(None, max_size=size)`` does."""
     _, height, width = pixels.shape
     short, long = sorted((height, width))
     scaled_short = max(1, int(size * short / long))
-    return resize(pixels, *((scaled_short, size) if height <= width else (size, scaled_short)))
+    return resize(pixels, *((scaled_short, size) if height <= width else (size, scaled_short)), mode)
 
 
 def pad_to_square(pixels: Tensor, size: int) -> Tensor:

@@ -36,10 +36,11 @@ class TextTokenizer:
     modality = "text"
     config_class = TextTokenizerConfig
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, cfg: TextTokenizerConfig, modalities: tuple[str, ...] = ()):
-        """``modalities``: plugin modalities whose span markers the tokenizer needs (the built-in ones'
-        are always there)."""
-        missing = [t for t in cfg.special_tokens(modalities) if tokenizer.token_to_id(t) is None]
+    def __init__(self, tokenizer: tokenizers.Tokenizer, cfg: TextTokenizerConfig, modalities: tuple[str, ...] = (),
+                 masked: bool = False):
+        """``modalities``: the modalities whose spans the run lays out in text; ``masked``: it has a masked_lm task.
+        A tokenizer that lacks a special token these use (a checkpoint's) gets it as a new id, and no other."""
+        missing = [t for t in cfg.required_tokens(modalities, masked) if tokenizer.token_to_id(t) is None]
         if missing:
             first = tokenizer.get_vocab_size()
             tokenizer.add_special_tokens(missing)
@@ -64,9 +65,20 @@ class TextTokenizer:
                             f"another set of modalities)")
         return ids
 
+    def span_layout(self, modality: str) -> tuple[tuple[int, int] | None, int]:
+        """(the ids of the markers around a span of ``modality``, or None without markers; the id its slots
+        hold): the markers and padding, or (``span_markers: false``) the modality's token in every slot."""
+        if self.cfg.span_markers:
+            return self.markers(modality), self.pad_id
+        slot = self.hf.token_to_id(marker_tokens(modality)[0])
+        if slot is None:
+            raise DataError(f"the text tokenizer has no {marker_tokens(modality)[0]} token for {modality} slots")
+        return None, slot
+
     @classmethod
     def train(cls, texts: Iterable[str], cfg: TextTokenizerConfig, modalities: tuple[str, ...] = ()) -> "TextTokenizer":
-        """Learn merges from ``texts``."""
+        """Learn merges from ``texts``; its special tokens are the built-in ones (fixed ids) and the markers of the
+        plugin ``modalities``."""
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -78,7 +90,7 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | Path, max_len: int | None = None, cfg: TextTokenizerConfig = TextTokenizerConfig(),
-             modalities: tuple[str, ...] = ()) -> "TextTokenizer":
+             modalities: tuple[str, ...] = (), masked: bool = False) -> "TextTokenizer":
         """The ``tokenizer.json`` at ``path`` with ``cfg``'s settings (``max_len``, when given, overrides cfg's)."""
         if max_len is not None:
             cfg = replace(cfg, max_len=max_len)
@@ -86,18 +98,18 @@ class TextTokenizer:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"{path}: cannot read the tokenizer ({err})") from None
-        return cls.from_json(text, cfg, str(path), modalities)
+        return cls.from_json(text, cfg, str(path), modalities, masked)
 
     @classmethod
-    def from_json(cls, text: str, cfg: TextTokenizerConfig, where: str,
-                  modalities: tuple[str, ...] = ()) -> "TextTokenizer":
+    def from_json(cls, text: str, cfg: TextTokenizerConfig, where: str, modalities: tuple[str, ...] = (),
+                  masked: bool = False) -> "TextTokenizer":
         """A ``tokenizer.json``'s contents (a file's, a checkpoint's or an export's: ``where``) with ``cfg``'s
         settings."""
         try:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as err:  # the HF loader raises bare Exception on bad JSON
             raise DataError(f"{where}: not a loadable tokenizer.json ({err})") from None
-        return cls(hf, cfg, modalities)
+        return cls(hf, cfg, modalities, masked)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / "tokenizer.json"

@@ -5,7 +5,7 @@ import torch
 
 from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
 from polytrain.config.registries import FAMILIES
-from polytrain.models.convert.external import export_weights, load_state, write_external
+from polytrain.models.convert.external import export_weights, import_weights, load_state, write_external
 from polytrain.models.convert.rules import ConversionError
 from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec
@@ -13,12 +13,30 @@ from polytrain.tokens import EmbedSpec
 transformers = pytest.importorskip("transformers")
 
 LIBRARY_CLASSES = ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "BertForMaskedLM",
-                   "BertForSequenceClassification", "BartForConditionalGeneration"]
+                   "BertForSequenceClassification", "BartForConditionalGeneration", "WhisperForConditionalGeneration",
+                   "LlavaForConditionalGeneration"]
+TOWER_CLASSES = ["CLIPVisionModel", "CLIPModel", "SiglipVisionModel", "SiglipModel"]
+"""Encoders read as towers alone (written only inside LLaVA)."""
+DEFAULTS = {"LlavaForConditionalGeneration": dict(vision_feature_layer=-1)}
+"""Library defaults a polytrain model writes differently: LLaVA's tower is written as built, up to its feature
+layer (the default -2 reads 23 of CLIP's 24 layers)."""
 
 
 def test_every_hugging_face_family_is_tested_here():
     hf = {name for name in FAMILIES.names() if FAMILIES.get(name).name == name and name != "timm"}
-    assert hf == set(LIBRARY_CLASSES)
+    assert hf == set(LIBRARY_CLASSES) | set(TOWER_CLASSES)
+
+
+@pytest.mark.parametrize("name", TOWER_CLASSES)
+def test_a_default_encoders_tensors_are_all_read_or_named_as_unread(name):
+    """The library's default model (CLIP ViT-B/32, SigLIP B/16) on the meta device fills every tensor of its
+    tower; what it has beyond (the text side, heads, CLIP's pooled post-norm) is dropped by name."""
+    library_class, family = getattr(transformers, name), FAMILIES.get(name)
+    arch = family.architecture({"architectures": [name]})
+    with torch.device("meta"):
+        theirs = library_class(library_class.config_class()).state_dict()
+        ours = arch.build("task")
+    import_weights(ours, family, arch, "task", theirs)
 
 
 @pytest.mark.parametrize("name", LIBRARY_CLASSES)
@@ -27,9 +45,9 @@ def test_the_default_config_gives_the_librarys_tensor_names_and_shapes(name):
     meta device, the polytrain export has exactly the library model's tensors, names and shapes."""
     library_class = getattr(transformers, name)
     family = FAMILIES.get(name)
-    arch = family.architecture({"architectures": [name]})
+    arch = family.architecture({"architectures": [name], **DEFAULTS.get(name, {})})
     with torch.device("meta"):
-        theirs = library_class(library_class.config_class()).state_dict()
+        theirs = family.prepare(library_class(library_class.config_class(**DEFAULTS.get(name, {}))).state_dict())
         ours = arch.build("task")
     _, state = export_weights(ours, family, "task", restored=True)
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
@@ -79,7 +97,7 @@ def test_parts_that_do_not_stack_are_named_with_their_shapes():
 @pytest.mark.parametrize("family, backbone, message", [
     ("GPT2LMHeadModel", dict(norm="rmsnorm"), "model.backbone.norm='rmsnorm' .*gives back 'layernorm'"),
     ("GPT2LMHeadModel", dict(bias=False), "model.backbone.qkv_bias=False"),
-    ("GPT2LMHeadModel", dict(mlp="swiglu"), "model.backbone.mlp='swiglu'; it takes gelu, gelu_tanh, relu"),
+    ("GPT2LMHeadModel", dict(mlp="swiglu"), "model.backbone.mlp='swiglu'; it takes gelu, gelu_tanh, quick_gelu, relu"),
     ("LlamaForCausalLM", dict(), r"embedders.text.position.weight \(6 tensors .* no place in it: backbone.decoder, "
                                  "embedders.text\)"),
     ("Qwen2ForCausalLM", dict(mlp="swiglu", norm="rmsnorm", position="rope", bias=False),

@@ -67,9 +67,10 @@ def test_a_named_size_exports_under_its_own_name(tmp_path):
 
 
 @pytest.mark.parametrize("name, args, message", [
-    ("vit_base_patch16_clip_224", {}, "not a plain ViT"),
-    ("vit_small_patch16_224", dict(global_pool="avg"), "global_pool='avg'"),
-    ("vit_small_patch16_224", dict(reg_tokens=4), "reg_tokens=4"),
+    ("vit_base_patch16_eva_224", {}, "not a ViT polytrain can express"),
+    ("vit_giant_patch14_dinov2", {}, "SwiGLU"),
+    ("vit_small_patch16_224", dict(qk_norm=True), "qk_norm=True"),
+    ("vit_base_patch16_clip_224", dict(qk_norm=True), "qk_norm=True"),
     ("vit_small_patch16_224", dict(block_fn="x"), "'block_fn' is not one polytrain knows"),
 ])
 def test_vits_polytrain_cannot_express_are_refused_naming_the_setting(name, args, message, tmp_path):

@@ -33,7 +33,7 @@ def gelu_tanh(x):
 
 
 ACTIVATIONS = {"gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))), "gelu_tanh": gelu_tanh,
-               "relu": lambda x: x.clamp(min=0)}
+               "relu": lambda x: x.clamp(min=0), "quick_gelu": lambda x: x / (1 + torch.exp(-1.702 * x))}
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -54,7 +54,7 @@ def test_swiglu_is_silu_gate_times_up():
 
 
 def test_mlp_registry_lists_every_kind():
-    assert MLPS.names() == ["gelu", "gelu_tanh", "relu", "swiglu"]
+    assert MLPS.names() == ["gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu"]
     assert NORMS.names() == ["layernorm", "rmsnorm"]
 
 

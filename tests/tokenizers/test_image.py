@@ -278,15 +278,15 @@ def test_normalization_presets_are_timms():
     (ImageTokenizerConfig(norm="imagenett"), "norm='imagenett': unknown preset; known: dpn, imagenet, inception"),
     (ImageTokenizerConfig(norm="imagenet", mean=(0.1, 0.1, 0.1)), "set either norm or mean/std"),
     (ImageTokenizerConfig(max_patches=-1), "max_patches=-1"),
-    (ImageTokenizerConfig(resize="stretch"), None),  # the loader rejects it (Literal); check() leaves it
+    (ImageTokenizerConfig(resize="squash"), None),  # the loader rejects it (Literal); check() leaves it
 ])
 def test_bad_image_config(cfg, message):
     if message is None:
         from polytrain.config import load_config
 
-        with pytest.raises(ConfigError, match=r"tokenizers.image.resize='stretch': must be one of 'crop', 'pad'"):
+        with pytest.raises(ConfigError, match=r"tokenizers.image.resize='squash': must be one of 'crop', 'pad'"):
             load_config(None, ["data.tasks.t.head=decoder_only", "data.tasks.t.train=x", "data.tasks.t.val=x",
-                               "tokenizers.image.resize=stretch"])
+                               "tokenizers.image.resize=squash"])
         return
     with pytest.raises(ConfigError, match=message):
         from_dict(ImageTokenizerConfig, dataclasses.asdict(cfg))

@@ -148,13 +148,13 @@ def test_gpt2_style_tokenizer_json_loads_with_named_and_added_specials(tmp_path,
     original = tokenizers.Tokenizer.from_file(path)
     cfg = TextTokenizerConfig(bos="<|endoftext|>", eos="<|endoftext|>")
     with caplog.at_level("INFO", logger="polytrain.tokenizers.text"):
-        tok = TextTokenizer.load(path, cfg=cfg)
+        tok = TextTokenizer.load(path, cfg=cfg, modalities=("image", "audio"), masked=True)
     endoftext = original.token_to_id("<|endoftext|>")
     assert (tok.bos_id, tok.eos_id) == (endoftext, endoftext) == (259, 259)
-    added = ["<pad>", "<unk>", "<mask>", "<image>", "</image>", "<audio>", "</audio>"]  # what GPT-2 lacks, in order
-    assert [tok.hf.token_to_id(t) for t in added] == list(range(260, 267))
-    assert tok.pad_id == 260 and tok.vocab_size == 267
-    assert "added them as ids 260..266" in caplog.text
+    added = ["<pad>", "<mask>", "<image>", "</image>", "<audio>", "</audio>"]  # what the run uses and GPT-2 lacks
+    assert [tok.hf.token_to_id(t) for t in added] == list(range(260, 266))
+    assert tok.pad_id == 260 and tok.vocab_size == 266 and tok.unk_id is None
+    assert "added them as ids 260..265" in caplog.text
     plain = "the theme: 東京 🎉"
     assert tok.encode(plain) == original.encode(plain, add_special_tokens=False).ids
     sample = plain + " <|endoftext|>"
@@ -162,16 +162,27 @@ def test_gpt2_style_tokenizer_json_loads_with_named_and_added_specials(tmp_path,
     assert endoftext not in tok.encode(sample)  # spelled in the text, it stays text
     assert tok.encode(" the") == [258]  # GPT-2's merges apply
     reloaded = TextTokenizer.load(tok.save(tmp_path / "saved"), cfg=cfg)
-    assert (reloaded.pad_id, reloaded.vocab_size) == (260, 267) and reloaded.encode(sample) == tok.encode(sample)
+    assert (reloaded.pad_id, reloaded.vocab_size) == (260, 266) and reloaded.encode(sample) == tok.encode(sample)
 
 
-def test_default_specials_are_all_added_to_a_gpt2_style_file(tmp_path):
+def test_a_loaded_file_gets_only_the_special_tokens_the_run_uses(tmp_path):
+    """Text alone adds pad, bos, eos; masked_lm the mask; each modality laid out in text its markers."""
     tok = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), max_len=32)
-    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (260, 261, 262)
-    assert (tok.markers("image"), tok.markers("audio")) == ((265, 266), (267, 268))
-    with_plugin = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), modalities=("motion",))
-    assert with_plugin.markers("motion") == (269, 270) and with_plugin.special_ids.tolist()[-2:] == [269, 270]
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (260, 261, 262, 263) and tok.mask_id is None
     assert tok.max_len == 32
+    tok = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), modalities=("image", "audio"), masked=True)
+    assert (tok.mask_id, tok.markers("image"), tok.markers("audio")) == (263, (264, 265), (266, 267))
+    with_plugin = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), modalities=("motion",))
+    assert with_plugin.markers("motion") == (263, 264) and with_plugin.special_ids.tolist()[-2:] == [263, 264]
+
+
+def test_without_span_markers_a_modality_adds_its_slot_token_alone(tmp_path):
+    cfg = TextTokenizerConfig(span_markers=False)
+    tok = TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), cfg=cfg, modalities=("image",))
+    assert tok.vocab_size == 264 and tok.hf.token_to_id("</image>") is None
+    assert tok.span_layout("image") == (None, tok.hf.token_to_id("<image>"))
+    assert TextTokenizer.load(gpt2_style_tokenizer_json(tmp_path), modalities=("image",)).span_layout("image") == \
+        ((263, 264), 260)
 
 
 def test_special_token_config_is_checked():

@@ -11,8 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 from polytrain.config.model import BackboneConfig, HeadsConfig
+from polytrain.config.tower import TowerConfig
 from polytrain.models.convert.family import Architecture, Family
 from polytrain.models.convert.rules import ConversionError
+from polytrain.tokens import EmbedSpec
 
 RUNTIME = ("dropout", "drop_path", "attention", "checkpointing", "compile")
 """Backbone settings of how a model trains or runs, not of what it computes (nor do ``init_std`` and the
@@ -38,6 +40,19 @@ def essential_backbone(b: BackboneConfig) -> BackboneConfig:
                    mlp_bias=mlp_bias, rope_base=b.rope_base if b.position == "rope" else BackboneConfig.rope_base)
 
 
+def essential_tower(tower: TowerConfig, spec: EmbedSpec) -> TowerConfig:
+    """``tower`` as it is built: its blocks up to the selected layer and the features the last of them, its position
+    table's size spelled out (0: the tokenizer's grid)."""
+    positions = tower.positions or (spec.grid[1] if tower.stem == "conv" else spec.grid[0])
+    return replace(defaults(tower, ("dropout",)), layers=tower.built_layers, feature_layer=-1, positions=positions)
+
+
+def tower_spec(spec: EmbedSpec, tower: TowerConfig) -> EmbedSpec:
+    """``spec`` with the grid of ``tower``'s position table: a tower reads other grids (an image's, a shorter
+    clip's) as well."""
+    return replace(spec, grid=(1, tower.positions) if tower.stem == "conv" else (tower.positions, tower.positions))
+
+
 def essentials(arch: Architecture) -> Architecture:
     """``arch`` with every setting that does not change what its model computes made uniform."""
     b = essential_backbone(arch.model.backbone)
@@ -47,7 +62,10 @@ def essentials(arch: Architecture) -> Architecture:
     if arch.head == "encoder_classifier":
         heads = replace(heads, classifier=arch.model.heads.classifier)
     model = defaults(arch.model, ("init_std",) if text else ("init_std", "tie_embeddings", "lm_bias"))
-    return replace(arch, model=replace(model, backbone=b, embed=embed, heads=heads))
+    specs = {s.modality: s for s in (arch.spec, *arch.others)}
+    towers = {m: essential_tower(t, specs[m]) for m, t in arch.model.towers.items() if m in specs}
+    others = tuple(tower_spec(s, towers[s.modality]) if s.modality in towers else s for s in arch.others)
+    return replace(arch, model=replace(model, backbone=b, embed=embed, heads=heads, towers=towers), others=others)
 
 
 def first_difference(ours: Any, theirs: Any, key: str) -> tuple[str, Any, Any] | None:
@@ -58,6 +76,8 @@ def first_difference(ours: Any, theirs: Any, key: str) -> tuple[str, Any, Any] |
             if found:
                 return found
         return None
+    if isinstance(ours, dict) and isinstance(theirs, dict) and ours.keys() == theirs.keys():
+        return next(filter(None, (first_difference(ours[k], theirs[k], f"{key}.{k}") for k in ours)), None)
     return None if ours == theirs else (key, ours, theirs)
 
 
@@ -68,7 +88,8 @@ def checked_config(family: Family, arch: Architecture) -> dict:
     found = (first_difference(ours.model, back.model, "model")
              or first_difference(ours.spec, back.spec, f"{arch.spec.modality} embed spec")
              or first_difference(ours.head, back.head, "head")
-             or first_difference(ours.channels, back.channels, "image channels"))
+             or first_difference(ours.channels, back.channels, "image channels")
+             or first_difference(ours.others, back.others, "the towers' embed specs"))
     if found:
         key, value, nearest = found
         raise ConversionError(f"{family.name} cannot express {key}={value!r} (its config gives back {nearest!r})")

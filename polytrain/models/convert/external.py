@@ -6,7 +6,7 @@
     vit = read_external(Path("vit.safetensors"), timm_model="vit_small_patch16_224").build("classify")
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from polytrain.models.convert.family import Architecture, Family, family_of
 from polytrain.models.convert.files import (
     CONFIG,
     PICKLE_SUFFIXES,
+    PREPROCESSOR,
     TOKENIZER,
     TokenizerFiles,
     check_sharded,
@@ -27,10 +28,11 @@ from polytrain.models.convert.files import (
     read_weights,
     refuse_pickle,
     special_tokens,
+    token_names,
     weights_file,
     write_folder,
 )
-from polytrain.models.convert.rules import ConversionError, export_state, import_state
+from polytrain.models.convert.rules import ConversionError, NoPlace, export_state, import_state
 from polytrain.models.model import PolyModel, with_classes
 
 
@@ -50,6 +52,21 @@ class ExternalCheckpoint:
     """Its ``tokenizer.json``, if it has one."""
     special: dict[str, str]
     """Its special tokens by role (bos, eos, pad, mask, unk), as far as its files name them."""
+    preprocessing: dict[str, dict] = field(default_factory=dict)
+    """Tokenizer settings by modality its preprocessing gives (``Family.preprocessing``)."""
+
+    def as_towers(self, modalities: set[str]) -> "ExternalCheckpoint":
+        """This checkpoint read as a tower where a run takes its ``modalities`` embedder as one and its own
+        architecture is not a tower yet (a plain timm ViT classifier); else itself."""
+        arch = self.architecture
+        reads = {arch.spec.modality, *(spec.modality for spec in arch.others)}
+        if not (modalities & reads) - set(arch.model.towers):
+            return self
+        tower = self.family.tower_architecture(self.config)
+        if tower is None:
+            raise ConversionError(f"a {self.family.name} checkpoint cannot be read as a tower of "
+                                  f"{', '.join(sorted(modalities & reads))}")
+        return replace(self, architecture=tower)
 
     @cached_property
     def state(self) -> dict[str, Tensor]:
@@ -79,8 +96,11 @@ def read_external(path: Path, timm_model: str | None = None, model_args: dict | 
         family = family_of(config)
         architecture = family.architecture(config)
         tokenizer = path / TOKENIZER
+        preprocessor = read_json(path / PREPROCESSOR) if (path / PREPROCESSOR).is_file() else {}
+        special = family.special_roles(config, special_tokens(path, config), token_names(tokenizer))
         return ExternalCheckpoint(family, config, architecture, *folder_weights(path),
-                                  tokenizer if tokenizer.is_file() else None, special_tokens(path, config))
+                                  tokenizer if tokenizer.is_file() else None, special,
+                                  family.preprocessing(config, preprocessor))
     if path.suffix in PICKLE_SUFFIXES:
         raise refuse_pickle(path)
     if timm_model is None:
@@ -88,7 +108,8 @@ def read_external(path: Path, timm_model: str | None = None, model_args: dict | 
                               "save_pretrained folder it came from")
     config = {"architecture": timm_model, "model_args": dict(model_args or {})}
     family = FAMILIES.get("timm")
-    return ExternalCheckpoint(family, config, family.architecture(config), [weights_file(path)], None, None, {})
+    return ExternalCheckpoint(family, config, family.architecture(config), [weights_file(path)], None, None, {},
+                              family.preprocessing(config, {}))
 
 
 def architecture_of(model: PolyModel, family: Family, task: str, channels: int = 3) -> Architecture:
@@ -101,12 +122,14 @@ def architecture_of(model: PolyModel, family: Family, task: str, channels: int =
     head, cfg = model.task_heads[task], model.cfg
     if head == "encoder_classifier":  # a task's own class count, which model.heads.classifier need not say
         cfg = with_classes(cfg, model.heads[task].proj.out_features)
-    return Architecture(cfg, model.specs[family.modality], head, channels)
+    others = tuple(model.specs[m] for m in cfg.towers if m in model.specs and m != family.modality)
+    return Architecture(cfg, model.specs[family.modality], head, channels, others)
 
 
 def import_weights(model: PolyModel, family: Family, arch: Architecture, task: str, state: dict[str, Tensor]) -> None:
     """Fill ``model`` (built from ``arch``) from a ``family`` checkpoint's tensors; errors name the tensor."""
-    import_state(model, family.prepare(state), family.rules(arch, task), family.name, tuple(family.zeros(arch)))
+    state = family.without_unread(family.prepare(state), arch)
+    import_state(model, state, family.rules(arch, task), family.name, tuple(family.zeros(arch)))
 
 
 def export_weights(model: PolyModel, family: Family, task: str, channels: int = 3, restored: bool = False,
@@ -124,12 +147,13 @@ def export_weights(model: PolyModel, family: Family, task: str, channels: int = 
     if left:  # checked first: a part the class has no place for says more than the settings of the rest
         parts = sorted({name.split(".")[0] if name.startswith("lm_head.") else ".".join(name.split(".")[:2])
                         for name in left})
-        raise ConversionError(f"{family.name} cannot express {left[0]} ({len(left)} tensors of the model have no "
-                              f"place in it: {', '.join(parts)})")
+        raise NoPlace(f"{family.name} cannot express {left[0]} ({len(left)} tensors of the model have no place in "
+                      f"it: {', '.join(parts)})")
     config = checked_config(family, arch)
     state = export_state(model, rules, restored)
     dtype = next(iter(state.values())).dtype
     state.update({name: torch.zeros(shape, dtype=dtype) for name, shape in family.zeros(arch).items()})
+    state.update({name: t.to(dtype) for name, t in family.placeholders(arch).items()})
     return family.with_dtype(config, dtype), state
 
 
@@ -149,9 +173,9 @@ def write_external(model: PolyModel, task: str, family: str, folder: Path, token
     ``tokenizer``: the text tokenizer to write beside the weights (its special tokens' ids go into the config, as
     ``generate`` reads them); ``channels``: of the images the model reads; ``left_out``: as ``export_weights``.
     """
-    config, state = export_weights(model, FAMILIES.get(family), task, channels, left_out=left_out)
+    fam = FAMILIES.get(family)
+    config, state = export_weights(model, fam, task, channels, left_out=left_out)
     if tokenizer is not None:
-        config.update({f"{role}_token_id": i for role, (_, i) in tokenizer.special.items()
-                       if role in ("bos", "eos", "pad")})
+        config = fam.token_ids(config, {role: i for role, (_, i) in tokenizer.special.items()})
     write_folder(folder, config, state, tokenizer)
     return config

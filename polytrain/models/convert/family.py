@@ -1,11 +1,14 @@
 """Checkpoint families: one library's model kind, mapped to a polytrain architecture and back.
 
-A ``Family`` (one per Hugging Face architecture, and ``timm`` for timm's ViT)
+A ``Family`` (one per Hugging Face architecture, and ``timm`` for timm's ViTs)
 derives the polytrain ``Architecture`` from the checkpoint's own config (a
 ``config.json`` dict; for timm, the model name and arguments), writes the
 library's config for a polytrain architecture, and lists the ``Rule``s that tie
 the tensors.  ``config.registries.FAMILIES`` names them by ``architectures[0]`` and
 ``model_type``; ``family_of`` picks one for a config.
+
+A checkpoint of an encoder alone (a CLIP, SigLIP or DINOv2 ViT) is a model of one tower and no head; a
+plain ViT classifier can be read that way too (``tower_architecture``), when a run takes it as a tower.
 
 """
 
@@ -39,9 +42,12 @@ class Architecture:
     channels: int = 3
     """Image channels: an image spec's patches hold channels x side x side features, which alone do not say
     how many of each (768 is 3 x 16 x 16 and 12 x 8 x 8)."""
+    others: tuple[EmbedSpec, ...] = ()
+    """The embed specs of the modalities its towers read besides ``spec`` (LLaVA's images, Whisper's audio)."""
 
     def build(self, task: str) -> PolyModel:
-        return PolyModel(self.model, [self.spec], {task: self.head})
+        """Its model, the head serving ``task`` (a tower alone has no head)."""
+        return PolyModel(self.model, [self.spec, *self.others], {task: self.head} if self.head else {})
 
 
 class Family(ABC):
@@ -55,6 +61,9 @@ class Family(ABC):
     """The modality of the checkpoint's input: the embed spec export reads off the model."""
     head = ""
     """The polytrain head its model is (``decoder_only``, ``masked_lm``, ...): which task of a model it exports."""
+    span_slots = False
+    """It reads the spans in text as one modality token per vector, attended causally (LLaVA): a run it writes laid
+    them out so (``tokenizers.text.span_markers: false``, ``span_attention: causal``)."""
     base_prefix = ""
     """Prefix of the base model's tensors (``transformer.``), which base-model files leave out."""
     unused = ""
@@ -76,6 +85,36 @@ class Family(ABC):
         """Their tensors polytrain has no place for that must be zero: accepted only so, written as zeros."""
         return {}
 
+    def unread(self, arch: Architecture) -> str:
+        """Regex of their tensors ``arch`` does not read (a tower's blocks after its selected layer, a norm its
+        features skip): dropped on import, each listed."""
+        return ""
+
+    def placeholders(self, arch: Architecture) -> dict[str, Tensor]:
+        """Tensors the library's class holds but a model of ``arch`` does not use (CLIP's post-norm of the pooled
+        class token under LLaVA): written on export with these values, dropped on import by ``unused``."""
+        return {}
+
+    def tower_architecture(self, config: dict) -> Architecture | None:
+        """The checkpoint read as towers and no head (a plain ViT classifier as an image tower), where its default
+        ``architecture`` is not already one; None where it cannot be read so."""
+        return None
+
+    def preprocessing(self, config: dict, preprocessor: dict) -> dict[str, dict[str, Any]]:
+        """Tokenizer settings by modality that the checkpoint's preprocessing gives (image side, mean and std, the
+        resize; the mel bins and hop), from its config and ``preprocessor_config.json`` ({} where absent)."""
+        return {}
+
+    def token_ids(self, config: dict, ids: dict[str, int]) -> dict:
+        """``config`` with the ids of the run's special tokens by role (bos, eos, pad, image) that the library's
+        config records."""
+        return {**config, **{f"{role}_token_id": i for role, i in ids.items() if role in ("bos", "eos", "pad")}}
+
+    def special_roles(self, config: dict, special: dict[str, str], names: dict[int, str]) -> dict[str, str]:
+        """The roles of the checkpoint's special tokens as polytrain uses them, from what its files name
+        (``special``) and its tokenizer's id -> token ``names``."""
+        return special
+
     def with_dtype(self, config: dict, dtype: torch.dtype) -> dict:
         """``config`` for tensors of ``dtype`` (where the library's config records it)."""
         return config
@@ -85,10 +124,20 @@ class Family(ABC):
         if self.base_prefix and not any(name.startswith(self.base_prefix) for name in state):
             state = {self.base_prefix + name: t for name, t in state.items()}
         dropped = sorted(name for name in state if self.unused and re.search(self.unused, name))
-        if dropped:
-            log.info("%s: skipping %d tensors the library does not use either: %s", self.name, len(dropped),
-                     ", ".join(dropped[:4]) + (", ..." if len(dropped) > 4 else ""))
-        return {name: t for name, t in state.items() if name not in dropped}
+        return drop(self.name, state, dropped, "the library does not use either")
+
+    def without_unread(self, state: dict[str, Tensor], arch: Architecture) -> dict[str, Tensor]:
+        """``state`` without the tensors ``arch`` does not read (``unread``)."""
+        pattern = self.unread(arch)
+        return drop(self.name, state, sorted(n for n in state if pattern and re.search(pattern, n)), "unread")
+
+
+def drop(source: str, state: dict[str, Tensor], dropped: list[str], why: str) -> dict[str, Tensor]:
+    """``state`` without ``dropped``, logged."""
+    if dropped:
+        log.info("%s: skipping %d tensors %s: %s", source, len(dropped), why,
+                 ", ".join(dropped[:4]) + (", ..." if len(dropped) > 4 else ""))
+    return {name: t for name, t in state.items() if name not in dropped}
 
 
 class HFFamily(Family):
@@ -122,7 +171,8 @@ def expect(config: dict, key: str, allowed: Any, why: str, source: str) -> None:
         raise ConversionError(f"{source} config {key}={config[key]!r}: polytrain {why} (it takes {allowed!r})")
 
 
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+                  "relu": "relu"}
 """Hugging Face ``hidden_act`` / ``activation_function`` -> polytrain ``backbone.mlp``; export writes the first
 name of each."""
 

@@ -24,6 +24,8 @@ WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+PREPROCESSOR = "preprocessor_config.json"
+"""A Hugging Face image processor's or feature extractor's settings (size, mean and std; mel bins and hop)."""
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 SPECIAL_ROLES = ("bos", "eos", "pad", "mask", "unk")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -152,6 +154,6 @@ def write_folder(folder: Path, config: dict, state: dict[str, Tensor], tokenizer
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})  # transformers checks the format tag
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer.json, encoding="utf-8")
-            names = {f"{role}_token": token for role, (token, _) in tokenizer.special.items()}
+            names = {f"{role}_token": token for role, (token, _) in tokenizer.special.items() if role in SPECIAL_ROLES}
             (tmp / TOKENIZER_CONFIG).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **names},
                                                            indent=2) + "\n")

@@ -25,6 +25,10 @@ class ConversionError(PolytrainError):
     """A checkpoint does not fit the configured model, or a model its target library; the message says where."""
 
 
+class NoPlace(ConversionError):
+    """A model's tensors a library's class has no place for: the class is not one of this model's shape."""
+
+
 @dataclass(frozen=True)
 class Rule:
     ours: str
@@ -63,6 +67,20 @@ def stacked(ours: str, theirs: tuple[str, ...], rows: tuple[int, ...] | None = N
         return list(t.split(list(rows), dim=0) if rows else t.chunk(len(theirs), dim=0))
 
     return Rule(ours, theirs, lambda t: torch.cat(t, dim=0), split)
+
+
+def zero_filled(ours: str, theirs: tuple[str | None, ...], rows: int) -> Rule:
+    """A fused projection's bias of which the library has the parts ``theirs`` names, ``rows`` each, and none where
+    it is None: zero there on import, left out on export (Whisper's key projections have no bias; a key bias
+    moves every score of a query alike, which the softmax ignores, so leaving it out changes no output)."""
+    def to_ours(tensors: list[Tensor]) -> Tensor:
+        given = iter(tensors)
+        return torch.cat([next(given) if name else tensors[0].new_zeros(rows) for name in theirs])
+
+    def to_theirs(t: Tensor) -> list[Tensor]:
+        return [part for part, name in zip(t.split(rows), theirs) if name]
+
+    return Rule(ours, tuple(name for name in theirs if name), to_ours, to_theirs)
 
 
 def tied(ours: str, theirs: tuple[str, ...]) -> Rule:

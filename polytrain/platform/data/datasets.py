@@ -241,8 +241,7 @@ class SequenceDataset(Dataset):
             ids = self.text_ids(record, [part], None, None)
             laid.add_text(ids + ([self.text.eos_id] if part.scored else []), part.scored)
         else:
-            laid.add_span(part.modality, self.file_tokens(record, part), self.text.markers(part.modality),
-                          self.text.pad_id)
+            laid.add_span(part.modality, self.file_tokens(record, part), *self.text.span_layout(part.modality))
 
     def text_ids(self, record: Record, parts: list[Part], limit: int | None, overflow: Overflow | None) -> list[int]:
         ids = [i for part in parts for i in (list(part.value) if isinstance(part.value, tuple)
@@ -283,8 +282,10 @@ class SequenceDataset(Dataset):
                                 f"decoding (it has no count method), so the task cannot have a budget")
             return self.tokenizers[modality].count(d0, d1)
 
-        def laid(selected) -> int:  # text, with eos after scored text; spans between their two markers
-            return sum(count(m, d0, d1) + (int(scored) if m == "text" else 2) for m, scored, d0, d1 in selected)
+        markers = 2 if self.text.cfg.span_markers else 0
+
+        def laid(selected) -> int:  # text, with eos after scored text; spans between their markers
+            return sum(count(m, d0, d1) + (int(scored) if m == "text" else markers) for m, scored, d0, d1 in selected)
 
         return self.layout.lengths(self, parts, count, laid)
 

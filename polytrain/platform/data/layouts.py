@@ -77,7 +77,8 @@ class Causal(Layout):
         prompt = None
         for part in record.parts:
             if part.scored and prompt is None:
-                prompt = Laid(list(full.ids), list(full.scored), list(full.spans))
+                prompt = full.copy()
+                self.check_prompt_end(record, prompt)
             ds.add(full, record, part)
         if len(full) > ds.task.seq_len + 1:
             ds.overflow(record.where, f"{len(full)} tokens", str(ds.task.seq_len + 1))
@@ -86,6 +87,13 @@ class Causal(Layout):
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError(f"{record.where}: nothing scored is left within seq_len={ds.task.seq_len}")
         return Example(inputs, labels, record.sample_id, ds.target_text(record), prompt=prompt)
+
+    @staticmethod
+    def check_prompt_end(record: Record, prompt: Laid) -> None:
+        """Generation feeds a prompt's last slot as a token: without span markers, that must be text."""
+        if not prompt.marked and prompt.spans and prompt.spans[-1][2] + len(prompt.spans[-1][1]) == len(prompt):
+            raise DataError(f"{record.where}: the scored text follows a {prompt.spans[-1][0]} span directly; with "
+                            "tokenizers.text.span_markers: false a prompt must end in text (a question, a newline)")
 
     def lengths(self, ds, parts, count, laid) -> tuple[int, ...]:
         return (min(1 + laid(parts), ds.task.seq_len + 1) - 1,)

@@ -2,7 +2,9 @@
 
 A text part becomes its token ids; a non-text part becomes a span: its
 modality's opening marker, one slot per token (filled by that modality's
-embedder), its closing marker.  A sequence whose only part is one file (an
+embedder), its closing marker; or, without markers
+(``tokenizers.text.span_markers: false``, LLaVA's layout), its slots alone,
+each holding the modality's token.  A sequence whose only part is one file (an
 image to caption or classify) is read as that modality's tokens alone, with no
 markers, as an encoder reads a ViT or Whisper input.
 
@@ -31,6 +33,8 @@ class Laid:
     scored: list[bool] = field(default_factory=list)
     spans: list[tuple[str, Tokens, int]] = field(default_factory=list)
     """(modality, tokens, index of the span's first slot in ``ids``)."""
+    marked: int = 1
+    """Marker slots on each side of a span: 1 (``<image>`` ... ``</image>``), or 0 (the slots alone)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -39,19 +43,24 @@ class Laid:
         self.ids += ids
         self.scored += [scored] * len(ids)
 
-    def add_span(self, modality: str, tokens: Tokens, markers: tuple[int, int], placeholder: int) -> None:
-        self.add_text([markers[0]])
+    def add_span(self, modality: str, tokens: Tokens, markers: tuple[int, int] | None, placeholder: int) -> None:
+        """The span's slots, each holding ``placeholder``, between ``markers`` (None: none)."""
+        self.marked = int(markers is not None)
+        self.add_text(list(markers[:1]) if markers else [])
         self.spans.append((modality, tokens, len(self.ids)))
         self.add_text([placeholder] * len(tokens))
-        self.add_text([markers[1]])
+        self.add_text(list(markers[1:]) if markers else [])
+
+    def copy(self) -> "Laid":
+        return Laid(list(self.ids), list(self.scored), list(self.spans), self.marked)
 
     def cut(self, length: int) -> "Laid":
         """The first ``length`` slots; a span the cut would split is dropped whole, with everything after it."""
         for _, tokens, start in self.spans:
-            if start + len(tokens) + 1 > length:  # the span and its closing marker must fit
-                length = min(length, start - 1)  # from its opening marker on
+            if start + len(tokens) + self.marked > length:  # the span and its closing marker must fit
+                length = min(length, start - self.marked)  # from its opening marker on
                 break
-        return Laid(self.ids[:length], self.scored[:length], [s for s in self.spans if s[2] < length])
+        return Laid(self.ids[:length], self.scored[:length], [s for s in self.spans if s[2] < length], self.marked)
 
     def shifted(self) -> tuple["Laid", list[int]]:
         """Next-token training pair: all slots but the last as input, and each position's label, the token after

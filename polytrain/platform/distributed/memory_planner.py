@@ -129,9 +129,10 @@ def activation_bytes(cfg: Config, grids: Grids, sequence_parallel: int | None = 
 
     Per token and block a pre-norm block saves about 10·E values for attention and norms plus
     2·H for the MLP (E model width, H MLP width; SDPA's fused kernels keep no T×T matrix); decoder
-    blocks with cross-attention save 4·E more.  Logits and their softmax gradient add 2·V per
-    decoder token in fp32.  Under sequence parallelism (``sequence_parallel``, default engine.sequence_parallel)
-    a rank keeps its slice of every sequence: ceil(L / N) tokens each.
+    blocks with cross-attention save 4·E more; a tower's blocks likewise at its own widths (counted whether
+    or not it is frozen: an upper bound).  Logits and their softmax gradient add 2·V per decoder token in fp32.
+    Under sequence parallelism (``sequence_parallel``, default engine.sequence_parallel) a rank keeps its slice
+    of every backbone sequence: ceil(L / N) tokens each (a tower reads its input whole).
     """
     backbone, vocab = cfg.model.backbone, cfg.tokenizers.text.vocab_size
     low = 4 if cfg.engine.precision == "fp32" else 2
@@ -142,7 +143,8 @@ def activation_bytes(cfg: Config, grids: Grids, sequence_parallel: int | None = 
         batch = cfg.data.tasks[name].batch_size
         enc, dec = -(-enc // split), -(-dec // split)
         cross = 4 * backbone.dim if enc else 0
-        per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers) * low
+        per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers
+                      + tower_values(cfg, grids, cfg.data.tasks[name].modalities)) * low
         total += batch * (per_sample + dec * 2 * vocab * 4)
     return total
 
@@ -196,6 +198,20 @@ def heads_divide(cfg: Config, sequence_parallel: int) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def tower_values(cfg: Config, grids: Grids, modalities: tuple[str, ...]) -> int:
+    """Activations one sample's inputs keep in the towers that read them, as for the backbone's blocks: the
+    tokens of the largest input (its modality's grid) plus the class and register tokens, per block at the
+    tower's own widths."""
+    values = 0
+    for modality in modalities:
+        tower = cfg.model.towers.get(modality)
+        if tower is not None:
+            rows, cols = grids[modality]
+            tokens = rows * cols + tower.prefix_tokens
+            values += tokens * (10 * tower.dim + 2 * tower.mlp_hidden) * tower.built_layers
+    return values
 
 
 def estimate(cfg: Config, option: Option, world_size: int, n_params: int, n_trainable: int,

@@ -13,11 +13,14 @@ takes from each of the other libraries', for the parts it fills:
   checkpoint's ``tokenizer.json`` becomes the run's, its special tokens ``tokenizers.text.bos``, ``eos``,
   ``pad`` and ``mask``, its positions ``tokenizers.text.max_len``;
 - an image embedder: the patch embedding's settings and ``tokenizers.image`` (patch size, side, channels);
+  a tower (``model.towers.<modality>``, the checkpoint read as one where the recipe takes it so): its
+  architecture, and its preprocessing as the tokenizer's (``derive_towers``);
 - ``lm_head``: the untied output; a classifier head: its pooling.
 
 The recipe's own keys stay where a checkpoint says nothing (dropout, kernels, the new parts), and
 ``check_sources`` stops at the first that contradicts one.
-polytrain's own checkpoints add nothing here: the recipe configures the model they fit.
+polytrain's own checkpoints add nothing here (the recipe configures the model they fit), but the towers
+``init_parts`` takes from them (``derive_towers.own_towers``: a stage-2 run continuing stage 1's projector).
 """
 
 import logging
@@ -33,6 +36,7 @@ from polytrain.errors import ConfigError
 from polytrain.models.convert.expressible import IMAGE_ONLY, TEXT_ONLY, essential_backbone
 from polytrain.models.convert.family import Architecture
 from polytrain.models.convert.timm_vit import patch_side
+from polytrain.platform.train.derive_towers import fixed, own_towers, tower_settings
 from polytrain.platform.train.sources import Source, open_sources
 
 log = logging.getLogger(__name__)
@@ -41,12 +45,13 @@ STACKS = ("backbone.encoder", "backbone.decoder")
 
 
 def derived_config(cfg: Config, tree: dict) -> tuple[Config, list[Source]]:
-    """The recipe's config (``cfg``, read from ``tree``) completed from the checkpoints it starts from, checked
-    against them, and those checkpoints, opened."""
+    """The recipe's config (``cfg``, read from ``tree``) completed from the checkpoints it starts from (another
+    library's read as towers where the recipe takes them so), checked against them, and those checkpoints, opened."""
     sources = open_sources(cfg.finetune)
-    foreign = [source for source in sources if source.external is not None]
-    if foreign:
-        given = derived(cfg, foreign)
+    foreign = [source.reading_towers(set(cfg.model.towers)) for source in sources if source.external is not None]
+    towers = own_towers(sources)
+    if foreign or towers:
+        given = merged(towers, derived(cfg, foreign))
         for source in foreign:
             filled = ", ".join(source.filled(cfg.data.heads))
             log.info("%s is a %s checkpoint of %s", source.name, source.family, filled)
@@ -109,10 +114,14 @@ def part_settings(part: str, source: Source) -> dict[str, Any]:
         names = dict(source.external.special)
         if names.get("pad") in (names.get("bos"), names.get("eos")):
             names.pop("pad")  # polytrain drops padding from the loss, so it keeps a pad token of its own
+        if "pad" not in names and names.get("unk") not in (None, names.get("bos"), names.get("eos")):
+            names["pad"] = names["unk"]  # a byte-level tokenizer's unknown token never occurs: it pads, no new row
         return {**{f"model.embed.{key}": getattr(embed, key) for key in ("modality_vector", *TEXT_ONLY)},
                 "model.tie_embeddings": model.tie_embeddings, "model.lm_bias": model.lm_bias,
                 "tokenizers.text.max_len": arch.spec.grid[1],
                 **{f"tokenizers.text.{role}": names[role] for role in ("bos", "eos", "pad", "mask") if role in names}}
+    if kind == "embedders" and which in model.towers:
+        return tower_settings(source.external, which)
     if kind == "embedders":
         rows, cols = arch.spec.grid
         if rows != cols:
@@ -145,6 +154,7 @@ def check_sources(cfg: Config, sources: list[Source]) -> None:
     for source in sources:
         if source.external is None:
             continue  # polytrain's own: the recipe configures the model it fits
+        source = source.reading_towers(set(cfg.model.towers))
         for part in source.filled(heads):
             for key, theirs, ours in compared(cfg, part, source):
                 if ours != theirs:
@@ -166,8 +176,14 @@ def compared(cfg: Config, part: str, source: Source) -> list[tuple[str, Any, Any
         return [(f"model.backbone.{layers}", getattr(backbone, layers), getattr(cfg.model.backbone, layers))] + \
             [(f"model.backbone.{'encoder.' if name in spelled else ''}{name}", theirs[name], ours[name])
              for name in BLOCK_FIELDS]
-    return [(key, value, reduce(getattr, key.split("."), cfg)) for key, value in part_settings(part, source).items()
-            if not key.startswith("tokenizers.text.")]  # its names are defaults; its length: check_text_tokenizer
+    # the text tokenizer's names are defaults (its length: check_text_tokenizer); a tower's use is the recipe's
+    return [(key, value, reduce(lookup, key.split("."), cfg)) for key, value in part_settings(part, source).items()
+            if not key.startswith("tokenizers.text.") and fixed(key)]
+
+
+def lookup(node: Any, name: str) -> Any:
+    """A config section's field, or a mapping's entry (``model.towers.<modality>``)."""
+    return node[name] if isinstance(node, dict) else getattr(node, name)
 
 
 def check_text_tokenizer(cfg: Config, source: Source) -> None:

@@ -6,9 +6,10 @@ and LoRA folded in (``consolidated``).  polytrain's file carries the config and 
 library, the run's whole fp32 weights (ZeRO shards merged, LoRA folded in) are rebuilt into its model, and the first
 library class that expresses it writes the folder: the families of the checkpoints the run started from (its
 ``init_from.json``) first, then every family of the format whose head one of the run's tasks uses.  A model
-no class expresses (an encoder with blocks of its own, image spans in a decoder's text, two tasks' heads) is
-one error naming the first setting or tensor the class has no place for.  Parts the exported task never runs
-(another task's head, the text embedder of a classifier of images) are left out, and said so.
+no class expresses (an encoder with blocks of its own, patch-embedded image spans in a decoder's text, two
+tasks' heads) is one error naming the first setting or tensor the class has no place for, said by the class
+of the model's shape where there is one (LLaVA's for a run with an image tower).  Parts the exported task never
+runs (another task's head, the text embedder of a classifier of images) are left out, and said so.
 """
 
 import json
@@ -21,11 +22,12 @@ from polytrain import atomic
 from polytrain.config import Config
 from polytrain.config.model import head_kind
 from polytrain.config.registries import FAMILIES
-from polytrain.config.tokenizers import UNK
+from polytrain.config.tokenizers import UNK, markers
 from polytrain.errors import ConfigError
 from polytrain.models.convert import ConversionError, write_external
 from polytrain.models.convert.family import Family
 from polytrain.models.convert.files import TokenizerFiles
+from polytrain.models.convert.rules import NoPlace
 from polytrain.models.model import PolyModel
 from polytrain.platform.distributed.checkpoint import latest_checkpoint, read_state, safe_unpickling
 from polytrain.platform.observe.run_dir import SHARD_TAG
@@ -99,18 +101,40 @@ def export_library(job, run_dir: str | Path, fmt: str, out: Path) -> tuple[str, 
                               f"{', '.join(sorted(set(model.task_heads.values())))}, {fmt} holds "
                               f"{', '.join(sorted({f.head for f in ordered}))}")
     text = tokenizers["text"]
-    tokenizer = None if fmt == "timm" else TokenizerFiles(text.hf.to_str(), {
-        "bos": (text.cfg.bos, text.bos_id), "eos": (text.cfg.eos, text.eos_id), "pad": (text.cfg.pad, text.pad_id),
-        "mask": (text.cfg.mask, text.mask_id), "unk": (UNK, text.unk_id)})
+    tokenizer = None if fmt == "timm" else TokenizerFiles(text.hf.to_str(), special_roles(text, model.specs))
     errors = []
     for family, task in candidates:
         left_out = unused(cfg, model, task)
         try:
+            check_span_layout(cfg, family, task)
             write_external(model, task, family.name, out, tokenizer, cfg.tokenizers.image.channels, left_out)
             return family.name, task, [part.rstrip(".") for part in left_out]
         except ConversionError as err:
             errors.append(err)
-    raise ConversionError(f"polytrain export --format {fmt}: {errors[0]}")
+    # a class of the model's shape says what it cannot express; the others only that they are not of its shape
+    said = next((err for err in errors if not isinstance(err, NoPlace)), errors[0])
+    raise ConversionError(f"polytrain export --format {fmt}: {said}")
+
+
+def special_roles(text, specs) -> dict[str, tuple[str, int]]:
+    """The text tokenizer's special tokens by role, those it has: bos, eos, pad, mask, unk, and each modality's
+    slot token (``<image>``) by the modality's name."""
+    roles = {"bos": (text.cfg.bos, text.bos_id), "eos": (text.cfg.eos, text.eos_id), "pad": (text.cfg.pad, text.pad_id),
+             "mask": (text.cfg.mask, text.mask_id), "unk": (UNK, text.unk_id),
+             **{m: (markers(m)[0], text.hf.token_to_id(markers(m)[0])) for m in specs if m != "text"}}
+    return {role: (token, i) for role, (token, i) in roles.items() if i is not None}
+
+
+def check_span_layout(cfg: Config, family: Family, task: str) -> None:
+    """A class that reads spans as one modality token per vector, causally (LLaVA), writes a run laid out so."""
+    if not family.span_slots:
+        return
+    if cfg.tokenizers.text.span_markers:
+        raise ConversionError(f"{family.name} reads one image token per image feature and no markers; the run laid "
+                              "its spans out between markers (set tokenizers.text.span_markers: false)")
+    if cfg.data.tasks[task].span_attention != "causal":
+        raise ConversionError(f"{family.name} attends causally over image tokens; task {task!r} attends within its "
+                              f"spans both ways (set data.tasks.{task}.span_attention: causal)")
 
 
 def unused(cfg: Config, model: PolyModel, task: str) -> tuple[str, ...]:

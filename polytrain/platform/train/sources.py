@@ -23,6 +23,7 @@ from polytrain.config.train import FinetuneConfig, WeightsSource
 from polytrain.errors import ConfigError, DataError, PolytrainError
 from polytrain.models.convert import ExternalCheckpoint, read_external
 from polytrain.models.convert.files import CONFIG
+from polytrain.platform.train.derive_towers import read_as_towers
 from polytrain.platform.train.init_from import Offered, Pretrained, by_name, read_pretrained
 
 SOURCE_TASK = "source"
@@ -67,6 +68,14 @@ class Source:
                 names = list(f.keys())
         return list(dict.fromkeys(map(part_of, names)))
 
+    def reading_towers(self, towers: set[str]) -> "Source":
+        """This source with its checkpoint read as towers of the ``towers`` modalities whose embedders it fills (a
+        plain timm ViT classifier under a run that takes its image embedder as a tower); else itself."""
+        if self.external is None or not towers:
+            return self
+        read = read_as_towers(self.external, self.parts, towers)
+        return self if read is self.external else replace(self, external=read)
+
     def filled(self, task_heads: dict[str, str]) -> list[str]:
         """The parts of a run with tasks ``task_heads`` that come from this checkpoint."""
         if self.parts:
@@ -86,7 +95,12 @@ class Source:
         return tokenizer.read_text(encoding="utf-8")
 
     def offer(self, own: set[str], task_heads: dict[str, str], tokenizer: bool) -> Offered:
-        """Its tensors for a model whose state-dict names are ``own`` and whose tasks use ``task_heads``."""
+        """Its tensors for a model whose state-dict names are ``own`` and whose tasks use ``task_heads``; a tower's
+        that the model does not build (blocks after its selected layer, a final norm it skips) are ignored."""
+        towers = {name.split(".")[1] for name in own if name.startswith("embedders.") and ".tower." in name}
+        source = self.reading_towers(towers)
+        if source is not self:
+            return source.offer(own, task_heads, tokenizer)
         if self.external is None:
             tensors = self.pretrained.weights()
         else:
@@ -97,6 +111,8 @@ class Source:
             chosen = {name: t for name, t in tensors.items() if part_of(name) in self.parts}
         else:  # all of it but a head no task takes
             chosen = {name: t for name, t in tensors.items() if part_of(name) != f"heads.{SOURCE_TASK}"}
+        unbuilt = {name for name in set(chosen) - own if ".tower." in name}
+        chosen = {name: t for name, t in chosen.items() if name not in unbuilt}
         misplaced = sorted(set(chosen) - own)
         if misplaced:
             raise DataError(f"{self.name}: {misplaced[0]} {tuple(chosen[misplaced[0]].shape)} has no place in the "

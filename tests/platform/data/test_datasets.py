@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,6 +89,25 @@ def test_decoder_only_lays_image_question_answer_out_as_one_sequence(image_set, 
     assert torch.equal(span.tokens.values[0], IMAGE(folder / "3.png").values)
     assert batch.prompt.values[0].tolist() == full[:scored_from] and batch.targets == ["three"]
     assert batch.bidirectional_spans
+
+
+def test_without_span_markers_an_image_is_its_slots_each_holding_the_image_token(image_set, text):
+    """LLaVA's layout: one <image> id per image feature, no markers; lengths count no markers; a cut keeps whole
+    spans; a prompt that would end in an image is refused, naming its line."""
+    folder, _ = image_set
+    plain = TextTokenizer(text.hf, replace(text.cfg, span_markers=False))
+    rows = [{"segments": [{"image": "3.png"}, {"text": "which digit"}, {"text": "three", "scored": True}]},
+            {"segments": [{"image": "3.png"}, {"text": "three", "scored": True}]}]
+    write_manifest(folder / "m.jsonl", rows)
+    records = read_manifest(folder / "m.jsonl", "qa", False, plain_text_scored=True)
+    ds = SequenceDataset(records, "qa", task("decoder_only", source="image"), {"text": plain, "image": IMAGE}, False)
+    batch = ds.collate([ds[0]])
+    slot = text.hf.token_to_id("<image>")
+    full = [text.bos_id, *[slot] * 4, *text.encode("which digit"), *text.encode("three"), text.eos_id]
+    assert batch.inputs.values[0].tolist() == full[:-1] and batch.inputs.spans["image"].starts.tolist() == [1]
+    assert ds.example(records[0]).inputs.cut(4).spans == [] and len(ds.example(records[0]).inputs.cut(5).spans) == 1
+    with pytest.raises(DataError, match=r"m.jsonl:2: the scored text follows a image span directly"):
+        ds[1]
 
 
 def test_a_sample_without_a_scored_segment_or_with_an_unknown_modality_names_its_line(image_set, text):

@@ -156,3 +156,23 @@ def test_state_probe_waits_for_every_group_of_a_step():
         optimizer.param_groups = [group]
         optimizer.step()
     assert probe.take() == pytest.approx(4 * 1_001_000, rel=0.01)
+
+
+def test_a_towers_parameters_and_activations_are_counted():
+    """An image tower of E=16, L=2 blocks (MLP 32), a linear projector into the backbone's 32: its parameters
+    (frozen apart) and per image (4 patches + class token) 5 x (10 E + 2 H) values per block."""
+    from polytrain.platform.distributed.memory_planner import activation_bytes
+
+    tower = ["model.towers.image={dim: 16, layers: 2, n_heads: 2, mlp_width: 32, projector: linear}"]
+    plain, with_tower = resolve(TINY), resolve(TINY, tower)
+    dim, hidden, patch = 16, 32, 16
+    block = 4 * (dim * dim + dim) + dim * hidden + hidden + hidden * dim + dim + 4 * dim
+    stem = patch * dim + dim + dim + 5 * dim  # projection, class token, positions of the 2x2 grid and the class
+    patch_embedder = patch * 32 + 32 + 32 + 4 * 32  # what it replaces: projection, modality vector, row and col
+    tower_params = stem + 2 * block + 2 * dim + (dim * 32 + 32) + 32  # final norm, projector, modality vector
+    assert with_tower.parameter_counts()[0] - plain.parameter_counts()[0] == tower_params - patch_embedder
+    frozen = resolve(TINY, [*tower, "finetune.freeze=[embedders.image.tower.*]"]).parameter_counts()
+    assert frozen[0] - frozen[1] == tower_params - (dim * 32 + 32) - 32
+    batch = with_tower.cfg.data.tasks["image_to_text"].batch_size
+    added = activation_bytes(with_tower.cfg, with_tower.grids()) - activation_bytes(plain.cfg, plain.grids())
+    assert added == batch * 5 * (10 * dim + 2 * hidden) * 2 * 4

@@ -35,7 +35,18 @@ tracking: {{log_every: 1, progress_bar: false}}
 """
 
 
-def test_ranks_with_different_heads_and_modalities_stay_in_step_under_zero3(runs, data_cache, tmp_path):
+TOWERS = """
+  towers:
+    image: {{dim: 256, layers: 1, n_heads: 4, mlp_width: 512, projector: linear}}
+    audio: {{stem: conv, cls_token: false, prefix_positions: false, dim: 256, layers: 1, n_heads: 4, mlp_width: 512,
+            projector: linear}}
+"""
+"""Image and audio towers (a ViT's, Whisper's) instead of the patch embedders: ranks whose micro-batches hold no
+image or no clip run them on stand-ins."""
+
+
+@pytest.mark.parametrize("towers", [False, True], ids=["patch_embedders", "towers"])
+def test_ranks_with_different_heads_and_modalities_stay_in_step_under_zero3(runs, data_cache, tmp_path, towers):
     image_manifest = resolve_manifest("builtin:digits_image_qa/train", data_cache)
     images = [line.replace('"image": "', f'"image": "{image_manifest.parent}/')  # absolute: the manifest moves
               for line in image_manifest.read_text().splitlines()]
@@ -43,7 +54,11 @@ def test_ranks_with_different_heads_and_modalities_stay_in_step_under_zero3(runs
     mixed = tmp_path / "mixed.jsonl"  # image questions and spoken ones, interleaved: batches hold either or both
     mixed.write_text("\n".join(line for pair in zip(images, clips) for line in pair) + "\n")
     recipe = tmp_path / "mixed.yaml"
-    recipe.write_text(RECIPE.format(mixed=mixed))
+    text = RECIPE.format(mixed=mixed)
+    if towers:
+        text = text.replace("mlp_ratio: 2.0}\n", "mlp_ratio: 2.0}" + TOWERS.format()).replace(
+            "patch_mels: 16, patch_frames: 8", "patch_mels: 32, patch_frames: 2").replace("seq_len: 48", "seq_len: 64")
+    recipe.write_text(text)
     run = runs.train("mixed", procs=2, recipe=recipe)
     rank0, rank1 = samples(run, 0), samples(run, 1)
     tasks_differ = [s for s in rank0 if set(rank0[s]) != set(rank1[s])]
@@ -59,3 +74,6 @@ def test_ranks_with_different_heads_and_modalities_stay_in_step_under_zero3(runs
     weights = load_file(str(run / "checkpoints" / "step_00000008" / "model.safetensors"))
     big = [name for name, t in weights.items() if t.numel() > PERSISTENCE_THRESHOLD]
     assert any(".attn.qkv." in name for name in big)  # partitioned across the ranks, not kept whole on each
+    if towers:
+        assert {"embedders.image.tower.blocks.0.attn.qkv.weight", "embedders.audio.tower.blocks.0.attn.qkv.weight"} <= \
+            set(big)

@@ -43,7 +43,7 @@ def test_each_checkpoint_fills_its_parts_and_the_glue_is_new(composed):
     assert glue == {"backbone.memory_proj.weight", "backbone.memory_proj.bias"} | {
         f"backbone.decoder.blocks.{i}.{name}.weight" for i in range(2) for name in ("cross_norm", "cross.q", "cross.kv",
                                                                                    "cross.out")}
-    assert set(language["extended"]) == {"embedders.text.table.weight", "lm_head.weight"}
+    assert language["extended"] == {}  # Llama's tokenizer has every token the run uses (its unknown token pads)
 
 
 def test_the_run_config_holds_both_checkpoints_blocks(composed):

@@ -119,8 +119,8 @@ def test_equivalent_spellings_and_runtime_keys_are_no_contradiction(checkpoints)
     (lambda c: [f"finetune.init_from={c['vit_tiny']}"],
      "finetune.init_from='{vit_tiny}': {vit_tiny}: not a polytrain export (no polytrain_config in its metadata); "
      "write one with polytrain export RUN_DIR --out FILE, or name the timm model of a timm file (timm_model)"),
-    (lambda c: [f"finetune.init_from={c['vit_tiny']}", "finetune.timm_model=vit_huge_patch14_clip_224"],
-     "finetune.init_from='{vit_tiny}': timm model 'vit_huge_patch14_clip_224' is not a plain ViT"),
+    (lambda c: [f"finetune.init_from={c['vit_tiny']}", "finetune.timm_model=vit_huge_patch14_eva_224"],
+     "finetune.init_from='{vit_tiny}': timm model 'vit_huge_patch14_eva_224' is not a ViT polytrain can express"),
     (lambda c: [f"finetune.init_from={c['llama_tiny']}/missing"],
      "finetune.init_from='{llama_tiny}/missing': no such file or directory on this machine"),
 ])

@@ -40,6 +40,9 @@ TASKS = {
 AUTO = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "qwen2": "AutoModelForCausalLM",
         "mistral": "AutoModelForCausalLM", "bert_mlm": "AutoModelForMaskedLM",
         "bert_cls": "AutoModelForSequenceClassification", "bart": "AutoModelForSeq2SeqLM"}
+ADDED = {"gpt2": ["<pad>"], "qwen2": ["<bos>"]}
+"""The special tokens a run adds to each checkpoint's vocabulary: GPT-2's one token serves as bos and eos, so
+padding needs its own; Qwen2's names no bos. The others have all a run uses (Llama's unknown token pads)."""
 ZERO_STAGE = {"bart": 2}
 """Most runs keep whole weights (stage 0); BART's export merges ZeRO-2 shards from their fp32 masters."""
 
@@ -151,11 +154,11 @@ def test_the_run_config_holds_the_derived_architecture_and_the_report_every_tens
     assert report["sources"][0]["family"] == ("timm" if family == "vit" else tiny_checkpoints.FAMILIES[family].library)
     unread = {name for name in model.state_dict() if name.startswith("embedders.text.")} if family == "vit" else set()
     assert set(report["new"]) == unread and set(report["loaded"]) == set(model.state_dict()) - unread
-    if family != "vit":  # the checkpoint's tokenizer, with the special tokens polytrain adds after its ids
+    if family != "vit":  # the checkpoint's tokenizer, with the special tokens the run uses and it lacks after its ids
         assert text.hf.token_to_id(tiny_checkpoints.FAMILIES[family].special["unk"]) is not None
         vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
-        assert report["sources"][0]["extended"] and all(extended.startswith(f"rows {vocab}..")
-                                                     for extended in report["sources"][0]["extended"].values())
+        assert [text.hf.id_to_token(i) for i in range(vocab, text.vocab_size)] == ADDED.get(family, [])
+        assert all(extended.startswith(f"rows {vocab}..") for extended in report["sources"][0]["extended"].values())
 
 
 @pytest.mark.parametrize("run", list(TASKS), indirect=True)
