@@ -4,8 +4,9 @@ sample, gives the loss and the gradients of the same batch on one process (fp32,
 Each case is a model and a batch chosen to exercise one part of the split: prefix-LM spans and 2-D RoPE of
 image patches inside a causal sequence under GQA; packed documents with ALiBi and activation checkpointing;
 cross-attention to a memory that stays split (padded sources, packed ones, an encoder of its own width); the
-classifier pooling over the gathered sequence ([CLS] with raster positions, the mean); masked LM. Lengths are
-not multiples of N, so the padding of the split is exercised too. The processes combine their losses as the
+classifier pooling over the gathered sequence ([CLS] with raster positions, the mean); masked LM; an image
+tower (which reads each image whole on every rank) whose projected patches fill a span of the split sequence.
+Lengths are not multiples of N, so the padding of the split is exercised too. The processes combine their losses as the
 trainer's step does (each rank's slice weighted by its share of the step's target tokens) and sum their
 gradients as DeepSpeed's reduction does; the reference is the plain model on one process.
 """
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
+from polytrain.config.tower import TowerConfig
 from polytrain.models.model import PolyModel
 from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, Spans, TaskBatch, Tokens
 
@@ -109,6 +111,9 @@ CASES = {  # name: (backbone, model settings, head, batch)
     "classifier_mean_pooler": (dict(decoder_layers=0, position="rope"), dict(pooling="mean", pooler=True),
                                "encoder_classifier", classify),
     "masked_lm": (dict(position="sinusoidal", decoder_layers=0), {}, "masked_lm", masked),
+    "prefix_lm_image_tower": (dict(position="rope", encoder_layers=0),
+                              dict(towers={"image": TowerConfig(dim=24, layers=2, n_heads=2)}), "decoder_only",
+                              prefix_lm),
 }
 
 
