@@ -59,7 +59,7 @@ class Config:
         self.check_sequence_parallel(self.engine.sequence_parallel)
         if self.model.towers:
             spans = {name: task.modalities for name, task in self.data.tasks.items()
-                     if head_kind(task.head).layout == "causal"}
+                     if head_kind(task.head).text_spans}
             check_towers_data(self.model.towers, self.tokenizers, spans)
 
     def check_task(self, key: str, task) -> None:

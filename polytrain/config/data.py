@@ -137,7 +137,7 @@ class DataConfig:
     @property
     def masks(self) -> bool:
         """Some task's targets are masked tokens of its input (masked_lm): the text tokenizer needs its mask token."""
-        return any(head_kind(task.head).layout == "masked" for task in self.tasks.values())
+        return any(head_kind(task.head).masks for task in self.tasks.values())
 
     @property
     def span_modalities(self) -> tuple[str, ...]:
@@ -145,5 +145,5 @@ class DataConfig:
         names text or several modalities), whose markers the text tokenizer needs; an encoder reading one file of
         one modality reads it alone."""
         return tuple(sorted({m for task in self.tasks.values() for m in task.modalities
-                             if head_kind(task.head).layout == "causal" or len(task.modalities) > 1
+                             if head_kind(task.head).text_spans or len(task.modalities) > 1
                              or "text" in ([task.source] if isinstance(task.source, str) else task.source or [])}))

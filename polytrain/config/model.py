@@ -40,15 +40,21 @@ class HeadKind:
     """Predicts one of the task's ``classes`` per sample (so it needs them, and scores whole samples: no packing)."""
     sources: bool = True
     """Reads segments of other modalities than text (a task's ``source``)."""
+    text_spans: bool = False
+    """Lays every other modality out as a span inside its one text sequence (so the text tokenizer needs that
+    modality's markers, and a tower's output fills the span)."""
+    masks: bool = False
+    """Its targets are masked tokens of its text input (so the text tokenizer needs its mask token)."""
 
 
 HEAD_KINDS = {
-    "decoder_only": HeadKind(encoder=False, decoder=True, text_output=True, generates=True, layout="causal"),
+    "decoder_only": HeadKind(encoder=False, decoder=True, text_output=True, generates=True, layout="causal",
+                             text_spans=True),
     "encoder_decoder": HeadKind(encoder=True, decoder=True, text_output=True, generates=True, layout="seq2seq"),
     "encoder_classifier": HeadKind(encoder=True, decoder=False, text_output=False, generates=False,
                                    layout="classify", classes=True),
     "masked_lm": HeadKind(encoder=True, decoder=False, text_output=True, generates=False, layout="masked",
-                          sources=False),
+                          sources=False, masks=True),
 }
 """The built-in heads' kinds; a plugin head's class carries its own as ``kind``."""
 
