@@ -13,16 +13,16 @@ W_kv the cross-attention key/value projections, applied to the source, W_q,out
 the other cross-attention projections, and the projection of the memory to the decoder's width where the
 encoder has its own), L a stack's layers, E the model width (the encoder's own in its attention),
 V the vocabulary, S source tokens (patches, plus [CLS] when the embedder adds
-one), T text tokens:
+one), T text tokens, Y the labelled ones (a text head predicts only those in training):
 
 ===================  ============================================================================
 head                 training FLOPs of one sample
 ===================  ============================================================================
-decoder_only         6 (W_dec T + 2 E L_dec T^2 + V E T), T counting the slots of non-text spans
+decoder_only         6 (W_dec T + 2 E L_dec T^2 + V E Y), T counting the slots of non-text spans
 encoder_decoder      6 (W_enc S + 2 E L_enc S^2) + 6 (W_dec T + W_kv S + W_q,out T
-                     + 2 E L_dec (T^2 + T S) + V E T)
+                     + 2 E L_dec (T^2 + T S) + V E Y)
 encoder_classifier   6 (W_enc S + 2 E L_enc S^2) + 6 E C
-masked_lm            6 (W_enc T + 2 E L_enc T^2 + (E E + V E) T)
+masked_lm            6 (W_enc T + 2 E L_enc T^2 + (E E + V E) Y)
 ===================  ============================================================================
 
 (C: classes; W_dec leaves the cross-attention out), plus 4 FLOPs per weight
@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from polytrain.models.heads import DecoderOnlyHead, EncoderClassifierHead, EncoderDecoderHead, MaskedLMHead
 from polytrain.models.tower import FRAMES_PER_TOKEN, ConvStem, TowerEmbedder
-from polytrain.tokens import Segment, TaskBatch
+from polytrain.tokens import IGNORE_INDEX, Segment, TaskBatch
 
 if TYPE_CHECKING:
     from polytrain.models.model import PolyModel
@@ -75,6 +75,11 @@ def input_tokens(part: TaskBatch) -> int:
     """Tokens the model reads for one task's batch: its text inputs plus its source tokens (patches or
     text), padding excluded.  Labels are the text shifted by one and are not counted again."""
     return int(part.inputs.mask.sum()) + (0 if part.source is None else int(part.source.mask.sum()))
+
+
+def scored(part: TaskBatch) -> int:
+    """Positions that carry a label."""
+    return int((part.labels != IGNORE_INDEX).sum())
 
 
 def linear_weights(module: nn.Module | None, keep: Callable[[str], bool] = lambda name: True) -> int:
@@ -153,16 +158,17 @@ class TrainFlops:
         """The decoder's q k^T and attention x values over the full square of each row's ``t`` tokens."""
         return TRAIN * 2 * self.dim * self.dec_layers * int((t * t).sum())
 
-    def logits(self, t: Tensor) -> int:
-        return TRAIN * self.vocab * self.dim * int(t.sum())
+    def logits(self, part: TaskBatch) -> int:
+        """The vocabulary map over the labelled positions, the only ones a text head predicts in training."""
+        return TRAIN * self.vocab * self.dim * scored(part)
 
     def decoder_only(self, part: TaskBatch, head_weights: int) -> int:
         t = part.inputs.mask.sum(1)
-        return self.decode(t) + self.logits(t) + self.embedding(part.inputs)
+        return self.decode(t) + self.logits(part) + self.embedding(part.inputs)
 
     def encoder_decoder(self, part: TaskBatch, head_weights: int) -> int:
         s, t = self.lengths(part.source), part.inputs.mask.sum(1)
-        return self.encode(s) + self.decode(t, memory=s) + self.logits(t) + self.embedding(part.source)
+        return self.encode(s) + self.decode(t, memory=s) + self.logits(part) + self.embedding(part.source)
 
     def encoder_classifier(self, part: TaskBatch, head_weights: int) -> int:
         s = self.lengths(part.inputs)
@@ -170,7 +176,7 @@ class TrainFlops:
 
     def masked_lm(self, part: TaskBatch, head_weights: int) -> int:
         t = part.inputs.mask.sum(1)
-        return self.encode(t) + TRAIN * head_weights * int(t.sum()) + self.logits(t) + self.embedding(part.inputs)
+        return self.encode(t) + TRAIN * head_weights * scored(part) + self.logits(part) + self.embedding(part.inputs)
 
 
 class TowerFlops:

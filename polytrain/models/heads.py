@@ -12,7 +12,8 @@ evaluation; the text decoders also have ``head.generate(...)``.
   logits (B, classes) from the [CLS] token or the mean of the real tokens.
 - masked_lm: BERT-style masked modeling on the text ``batch.inputs`` (masked by the data pipeline).
 
-Shape legend: B batch, T text length, S source length, E model dim, V vocabulary, C classes.
+Shape legend: B batch, T text length, S source length, E model dim, V vocabulary, C classes, X any leading dims
+(the labelled positions, in training).
 """
 
 from __future__ import annotations
@@ -65,7 +66,32 @@ class Head(nn.Module):
         """Logits: (B, T, V) for text heads, (B, C) for the classifier."""
 
 
-class TextDecoderHead(Head):
+class VocabularyHead(Head):
+    """A head that scores text: hidden states (``features``), then ``predict`` maps them onto the vocabulary.
+
+    Training predicts only the labelled positions (an image's slots, a prompt, padding and a masked LM's unmasked
+    tokens carry no loss, so their (V)-wide logits would be computed for nothing); evaluation and generation
+    read the logits of every position."""
+
+    def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
+        return self.predict(model, self.features(model, batch))
+
+    def loss(self, model: PolyModel, batch: TaskBatch) -> Tensor:
+        labels = model.shard.labels(batch.labels)
+        scored = labels != IGNORE_INDEX
+        return token_loss(self.predict(model, self.features(model, batch)[scored]), labels[scored],
+                          label_smoothing=self.label_smoothing)
+
+    @abstractmethod
+    def features(self, model: PolyModel, batch: TaskBatch) -> Tensor:
+        """The hidden states (B, T, E) the logits are predicted from (this device's slice, sharded)."""
+
+    def predict(self, model: PolyModel, h_XE: Tensor) -> Tensor:
+        """Logits (..., V) of hidden states (..., E)."""
+        return model.lm_logits(h_XE)
+
+
+class TextDecoderHead(VocabularyHead):
     """A causal decoder over text that can continue a prompt: greedy, sampling, beam search, with a KV cache."""
 
     @torch.no_grad()
@@ -130,9 +156,9 @@ class DecoderOnlyHead(TextDecoderHead):
 
     kind = HEAD_KINDS["decoder_only"]
 
-    def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
+    def features(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         seq = model.embed(batch.inputs, decoder=True, bidirectional_spans=batch.bidirectional_spans)
-        return model.lm_logits(model.backbone.decode(seq))
+        return model.backbone.decode(seq)
 
     def session(self, model, source, rows_per_prompt, capacity, prefix, positions_B):
         return DecoderSession(model, capacity, prefix, positions_B)
@@ -154,11 +180,10 @@ class EncoderDecoderHead(TextDecoderHead):
         embedded = model.embed(source)
         return model.backbone.memory(embedded), embedded
 
-    def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
+    def features(self, model: PolyModel, batch: TaskBatch) -> Tensor:
         memory_BSE, source = self.memory(model, batch.source)
         text = model.embed(batch.inputs, decoder=True)
-        return model.lm_logits(model.backbone.decode(text, memory_BSE, source.valid_BL,
-                                                     memory_docs_BS=source.documents_BL))
+        return model.backbone.decode(text, memory_BSE, source.valid_BL, memory_docs_BS=source.documents_BL)
 
     def session(self, model, source, rows_per_prompt, capacity, prefix, positions_B):
         memory_BSE, embedded = self.memory(model, source)  # encoded once, for every step and beam
@@ -193,7 +218,7 @@ class EncoderClassifierHead(Head):
         return self.proj(pooled_BE)
 
 
-class MaskedLMHead(Head):
+class MaskedLMHead(VocabularyHead):
     """BERT's masked LM: the encoder reads text the data pipeline corrupted (``mlm_corruption``); dense + GELU +
     norm, then the (tied) vocabulary map predicts the originals at the labelled positions."""
 
@@ -204,9 +229,11 @@ class MaskedLMHead(Head):
         self.dense = nn.Linear(cfg.backbone.dim, cfg.backbone.dim)
         self.norm = NORMS.get(cfg.backbone.norm)(cfg.backbone.dim, cfg.backbone.norm_eps)
 
-    def forward(self, model: PolyModel, batch: TaskBatch) -> Tensor:
-        h_BTE = model.backbone.encode(model.embed(batch.inputs))
-        return model.lm_logits(self.norm(F.gelu(self.dense(h_BTE))))
+    def features(self, model: PolyModel, batch: TaskBatch) -> Tensor:
+        return model.backbone.encode(model.embed(batch.inputs))
+
+    def predict(self, model: PolyModel, h_XE: Tensor) -> Tensor:
+        return model.lm_logits(self.norm(F.gelu(self.dense(h_XE))))
 
 
 def repeat_rows(e: Embedded, times: int) -> Embedded:

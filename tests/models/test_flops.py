@@ -8,7 +8,7 @@ from polytrain.models.flops import TrainFlops, input_tokens
 from polytrain.models.heads import DecoderOnlyHead, text_segment
 from polytrain.models.model import PolyModel
 from polytrain.models.presets import build
-from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens, text_tokens
+from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, Spans, TaskBatch, Tokens, text_tokens
 from tests.helpers import lm
 
 
@@ -75,6 +75,15 @@ def sample(part: TaskBatch, i: int) -> TaskBatch:
                      bidirectional_spans=part.bidirectional_spans)
 
 
+def scored_labels(mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Random labels on every other real position, ``IGNORE_INDEX`` elsewhere (padding included): a text head
+    predicts only the labelled ones."""
+    labels = torch.randint(0, vocab, mask.shape)
+    labels[~mask] = IGNORE_INDEX
+    labels[:, ::2] = IGNORE_INDEX
+    return labels
+
+
 @pytest.mark.parametrize("cls_token", [False, True])
 def test_every_head_matches_torchs_flop_counter_sample_by_sample(cls_token):
     """The count of a padded batch equals FlopCounterMode over each sample run alone (its real tokens)."""
@@ -91,10 +100,10 @@ def test_every_head_matches_torchs_flop_counter_sample_by_sample(cls_token):
     texts = [text_tokens(torch.randint(8, vocab, (n,))) for n in (5, 9)]
     images = [image_tokens(r, c, features) for r, c in ((3, 3), (1, 2))]
     inputs, sources = Segment.collate(texts), Segment.collate(images)
-    labels = torch.randint(0, vocab, inputs.mask.shape)
+    labels = scored_labels(inputs.mask, vocab)
     prefixed = image_then_text(images, texts)
     batch = {"lm": TaskBatch(inputs, labels),
-             "prefix_lm": TaskBatch(prefixed, torch.randint(0, vocab, prefixed.mask.shape), bidirectional_spans=True),
+             "prefix_lm": TaskBatch(prefixed, scored_labels(prefixed.mask, vocab), bidirectional_spans=True),
              "caption": TaskBatch(inputs, labels, sources), "mlm": TaskBatch(inputs, labels),
              "classify": TaskBatch(sources, torch.tensor([0, 2]))}
     counter = TrainFlops(model)
@@ -127,15 +136,15 @@ def test_an_encoder_of_its_own_width_matches_torchs_flop_counter():
     """Its attention at its own width, and the projection of its output to the decoder's width, counted."""
     torch.manual_seed(0)
     vocab, features = 40, 12
-    backbone = BackboneConfig(dim=32, n_heads=4, encoder_layers=2, decoder_layers=1, mlp="swiglu", attention="sdpa_math",
-                              encoder={"dim": 16, "n_heads": 2, "mlp": "gelu", "mlp_width": 24})
+    backbone = BackboneConfig(dim=32, n_heads=4, encoder_layers=2, decoder_layers=1, mlp="swiglu",
+                              attention="sdpa_math", encoder={"dim": 16, "n_heads": 2, "mlp": "gelu", "mlp_width": 24})
     cfg = ModelConfig(backbone=backbone, heads=HeadsConfig(classifier=ClassifierConfig(classes=3)))
     model = PolyModel(cfg, [EmbedSpec("text", vocab, (1, 16)), EmbedSpec("image", features, (3, 3))],
                       {"caption": "encoder_decoder", "classify": "encoder_classifier"})
     texts = [text_tokens(torch.randint(8, vocab, (n,))) for n in (5, 9)]
     sources = Segment.collate([image_tokens(r, c, features) for r, c in ((3, 3), (1, 2))])
     inputs = Segment.collate(texts)
-    batch = {"caption": TaskBatch(inputs, torch.randint(0, vocab, inputs.mask.shape), sources),
+    batch = {"caption": TaskBatch(inputs, scored_labels(inputs.mask, vocab), sources),
              "classify": TaskBatch(sources, torch.tensor([0, 2]))}
     for task, part in batch.items():
         reference = 0

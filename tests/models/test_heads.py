@@ -244,7 +244,8 @@ def test_the_encoder_runs_once_and_cross_attention_keys_once_per_layer(strategy,
     m = model()
     calls = {"encode": 0, "kv": 0}
     encode = m.backbone.encode
-    monkeypatch.setattr(m.backbone, "encode", lambda seq: calls.__setitem__("encode", calls["encode"] + 1) or encode(seq))
+    monkeypatch.setattr(m.backbone, "encode",
+                        lambda seq: calls.__setitem__("encode", calls["encode"] + 1) or encode(seq))
     for block in m.backbone.decoder.blocks:
         block.cross.kv.register_forward_hook(lambda *_: calls.__setitem__("kv", calls["kv"] + 1))
     m.heads["caption"].generate(m, PROMPT, image_segment(3), 5, eos_id=-1, decoding=DecodingConfig(strategy=strategy))
@@ -329,6 +330,35 @@ def test_head_loss_applies_label_smoothing_and_ignores_padding():
     keep = labels != IGNORE_INDEX
     want = F.cross_entropy(m.heads["lm"](m, batch)[keep], labels[keep], label_smoothing=0.2)
     assert torch.allclose(m.heads["lm"].loss(m, batch), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["lm", "caption", "mlm"])
+def test_text_heads_train_on_the_labelled_positions_only_with_the_full_logits_loss_and_gradients(task):
+    """In training a text head maps only the labelled positions onto the vocabulary: the loss and every
+    gradient equal cross-entropy over the logits of all positions (what evaluation reads), the output map sees
+    one row per label."""
+    m = model().train()
+    ids = torch.randint(8, VOCAB, (3, 7))
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX  # a prompt (or the unmasked tokens)
+    labels[2, 5:] = IGNORE_INDEX  # padding
+    source = image_segment(3, lengths=[9, 6, 4]) if task == "caption" else None
+    batch = TaskBatch(after_image(ids, image_segment(3)) if task == "lm" else text_segment(ids), labels, source)
+    if task == "lm":
+        batch.labels = torch.cat([torch.full((3, 9), IGNORE_INDEX), labels], 1)  # the image's slots carry none
+    head = m.heads[task]
+    rows, to_vocabulary = [], m.lm_logits
+    m.lm_logits = lambda h: (rows.append(h.shape[:-1].numel()), to_vocabulary(h))[1]
+    full = token_loss(head(m, batch), batch.labels)
+    want = torch.autograd.grad(full, list(m.parameters()), allow_unused=True)
+    loss = head.loss(m, batch)
+    got = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+    assert rows == [batch.labels.numel(), int((batch.labels != IGNORE_INDEX).sum())] == [rows[0], 3 * 4 - 2]
+    torch.testing.assert_close(loss, full, atol=1e-6, rtol=1e-6)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
 
 
 def test_head_configs_check_their_values():

@@ -17,7 +17,7 @@ from polytrain.models.model import PolyModel
 from polytrain.models.tower import whisper_sinusoids
 from polytrain.schema import from_dict
 from polytrain.tokenizers.audio import patchify as mel_tokens
-from polytrain.tokens import EmbedSpec, Segment, Spans, TaskBatch, Tokens
+from polytrain.tokens import IGNORE_INDEX, EmbedSpec, Segment, Spans, TaskBatch, Tokens
 from tests.models.test_flops import row
 
 VOCAB, IMAGE = 50, EmbedSpec("image", 12, (3, 3))
@@ -153,13 +153,15 @@ def test_tower_flops_match_torchs_counter_sample_by_sample():
     prompt = image_prompt(ids, [image(3, 3), image(2, 2)], 2)
     prompt.mask[1, 12:] = False
     sounds = Segment.collate([clip(20), clip(8)])
-    batch = {"lm": TaskBatch(prompt, ids), "classify": TaskBatch(sounds, torch.tensor([0, 2]))}
+    labels = ids.masked_fill(~prompt.mask, IGNORE_INDEX)  # padding carries no label, so no logits
+    batch = {"lm": TaskBatch(prompt, labels), "classify": TaskBatch(sounds, torch.tensor([0, 2]))}
     counter = TrainFlops(m)
     for task, part in batch.items():
         reference = 0
         for i in range(2):
             inputs = row(part.inputs, i)
-            one = TaskBatch(inputs, part.labels[i:i + 1, :inputs.values.shape[1]] if task == "lm" else part.labels[i:i + 1])
+            labels = part.labels[i:i + 1, :inputs.values.shape[1]] if task == "lm" else part.labels[i:i + 1]
+            one = TaskBatch(inputs, labels)
             with FlopCounterMode(display=False) as flops:
                 m({task: one})[task].backward()
             reference += flops.get_total_flops()
