@@ -160,8 +160,8 @@ def test_tower_flops_match_torchs_counter_sample_by_sample():
         reference = 0
         for i in range(2):
             inputs = row(part.inputs, i)
-            labels = part.labels[i:i + 1, :inputs.values.shape[1]] if task == "lm" else part.labels[i:i + 1]
-            one = TaskBatch(inputs, labels)
+            own = part.labels[i:i + 1, :inputs.values.shape[1]] if task == "lm" else part.labels[i:i + 1]
+            one = TaskBatch(inputs, own)
             with FlopCounterMode(display=False) as flops:
                 m({task: one})[task].backward()
             reference += flops.get_total_flops()
