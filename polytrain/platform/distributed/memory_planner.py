@@ -130,7 +130,9 @@ def activation_bytes(cfg: Config, grids: Grids, sequence_parallel: int | None = 
     Per token and block a pre-norm block saves about 10·E values for attention and norms plus
     2·H for the MLP (E model width, H MLP width; SDPA's fused kernels keep no T×T matrix); decoder
     blocks with cross-attention save 4·E more; a tower's blocks likewise at its own widths (counted whether
-    or not it is frozen: an upper bound).  Logits and their softmax gradient add 2·V per decoder token in fp32.
+    or not it is frozen: an upper bound).  Logits and their softmax gradient add 2·V in fp32 per token a text
+    head predicts: in training only the labelled ones, which the plan cannot know, so every text token the head
+    reads (the decoder's, or a masked LM's) counts: an upper bound.
     Under sequence parallelism (``sequence_parallel``, default engine.sequence_parallel) a rank keeps its slice
     of every backbone sequence: ceil(L / N) tokens each (a tower reads its input whole).
     """
@@ -145,7 +147,9 @@ def activation_bytes(cfg: Config, grids: Grids, sequence_parallel: int | None = 
         cross = 4 * backbone.dim if enc else 0
         per_sample = (enc * block * backbone.encoder_layers + dec * (block + cross) * backbone.decoder_layers
                       + tower_values(cfg, grids, cfg.data.tasks[name].modalities)) * low
-        total += batch * (per_sample + dec * 2 * vocab * 4)
+        kind = head_kind(cfg.data.tasks[name].head)
+        predicted = dec if kind.decoder else enc if kind.text_output else 0
+        total += batch * (per_sample + predicted * 2 * vocab * 4)
     return total
 
 

@@ -88,6 +88,14 @@ def test_each_rank_keeps_the_activations_of_its_slice_of_every_sequence(sequence
     assert activation_bytes(cfg, grids) == activation_bytes(tiny(heads), grids, sequence_parallel) == expected
 
 
+def test_a_masked_lm_counts_the_logits_of_the_text_its_encoder_reads():
+    """configs/mlm.yaml by hand (fp32; a post-norm block of 128 wide with a 512-wide MLP saves 10 x 128 + 2 x 512
+    values per token): 32 samples x 64 tokens x (3 blocks x 2304 values x 4 bytes + logits 2 x 512 fp32)."""
+    cfg = load_config(REPO / "configs" / "mlm.yaml", ["engine.precision=fp32"])
+    assert (cfg.model.backbone.mlp_hidden, cfg.tokenizers.text.vocab_size) == (512, 512)
+    assert activation_bytes(cfg, {}) == 32 * 64 * (3 * (10 * 128 + 2 * 512) * 4 + 2 * 512 * 4)
+
+
 LLAMA_7B_32K = """
 model:
   backbone: {dim: 4096, n_heads: 32, encoder_layers: 0, decoder_layers: 32, mlp: swiglu, mlp_width: 11008,
