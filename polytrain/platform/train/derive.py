@@ -47,8 +47,8 @@ STACKS = ("backbone.encoder", "backbone.decoder")
 def derived_config(cfg: Config, tree: dict) -> tuple[Config, list[Source]]:
     """The recipe's config (``cfg``, read from ``tree``) completed from the checkpoints it starts from (another
     library's read as towers where the recipe takes them so), checked against them, and those checkpoints, opened."""
-    sources = open_sources(cfg.finetune)
-    foreign = [source.reading_towers(set(cfg.model.towers)) for source in sources if source.external is not None]
+    sources = [source.reading_towers(set(cfg.model.towers)) for source in open_sources(cfg.finetune)]
+    foreign = [source for source in sources if source.external is not None]
     towers = own_towers(sources)
     if foreign or towers:
         given = merged(towers, derived(cfg, foreign))
@@ -154,7 +154,6 @@ def check_sources(cfg: Config, sources: list[Source]) -> None:
     for source in sources:
         if source.external is None:
             continue  # polytrain's own: the recipe configures the model it fits
-        source = source.reading_towers(set(cfg.model.towers))
         for part in source.filled(heads):
             for key, theirs, ours in compared(cfg, part, source):
                 if ours != theirs:

@@ -96,11 +96,9 @@ class Source:
 
     def offer(self, own: set[str], task_heads: dict[str, str], tokenizer: bool) -> Offered:
         """Its tensors for a model whose state-dict names are ``own`` and whose tasks use ``task_heads``; a tower's
-        that the model does not build (blocks after its selected layer, a final norm it skips) are ignored."""
-        towers = {name.split(".")[1] for name in own if name.startswith("embedders.") and ".tower." in name}
-        source = self.reading_towers(towers)
-        if source is not self:
-            return source.offer(own, task_heads, tokenizer)
+        that the model does not build (blocks after its selected layer, a final norm it skips) are ignored.  A
+        checkpoint the run takes as towers is read so already (``reading_towers``, when the job derived its
+        config)."""
         if self.external is None:
             tensors = self.pretrained.weights()
         else:

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
 LOGITS_TOLERANCE = 1e-4
+BLOCK_TENSORS = [f"{part}.{kind}" for part in ("attn_norm", "attn.qkv", "attn.out", "mlp_norm", "mlp.fc", "mlp.proj")
+                 for kind in ("weight", "bias")]
+"""A pre-norm ViT block's tensors, in the order its module holds them."""
 STEPS = ("train.steps=4", "train.eval_every=4", "train.warmup_steps=1", "tracking.progress_bar=false")
 
 
@@ -174,6 +177,32 @@ def test_the_audio_lm_recipe_trains_a_whisper_tower_under_a_llama(workdir):
     assert (cfg.tokenizers.audio.frontend, cfg.tokenizers.audio.n_mels, cfg.tokenizers.audio.patch_frames) == \
         ("whisper", 64, 2)
     assert all(row["loss"] == row["loss"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row)
+
+
+def test_a_timm_vit_classifier_is_read_as_the_llava_recipes_image_tower(workdir):
+    """A plain timm ViT classifier folder (what ``export --format timm`` writes) as stage 1's vision checkpoint: read
+    as a tower of the blocks up to the recipe's feature layer (-2: the first of two), its head and the rest
+    unread, its weights the tower's."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    vit = tiny_checkpoints.save(replace(tiny_checkpoints.COMPOSE["vit_tiny"], timm_folder=True),
+                                workdir / "checkpoints" / "vit_folder")
+    finetune(workdir, "llava_stage1", f"finetune.init_parts.vision.init_from={vit}", "train.run_name=vit_tower")
+    run = workdir / "runs" / "vit_tower"
+    cfg, _, model = trained_run(run)
+    tower = cfg.model.towers["image"]
+    assert (tower.dim, tower.layers, tower.built_layers, tower.cls_token, tower.final_norm) == (32, 2, 1, True, False)
+    report = json.loads((run / "init_from.json").read_text())
+    assert len([name for name in report["loaded"] if name.startswith("embedders.image.tower.")]) == 16
+    assert [name for name in report["ignored"] if name.startswith("embedders.image.")] == \
+        [f"embedders.image.tower.blocks.1.{name}" for name in BLOCK_TENSORS] + \
+        ["embedders.image.tower.norm.weight", "embedders.image.tower.norm.bias"]
+    timm_state, ours = load_file(str(vit / "model.safetensors")), model.state_dict()
+    assert torch.equal(ours["embedders.image.tower.blocks.0.attn.qkv.weight"], timm_state["blocks.0.attn.qkv.weight"])
+    assert torch.equal(ours["embedders.image.tower.stem.cls"][0], timm_state["cls_token"][0, 0])
+    assert "embedders.image.tower.blocks.1.attn.qkv.weight" not in ours
 
 
 def test_a_text_only_llama_fine_tune_adds_no_row_to_the_vocabulary(workdir, tmp_path):
