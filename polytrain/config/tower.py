@@ -115,11 +115,6 @@ class TowerConfig:
         return int(self.cls_token) + self.registers
 
     @property
-    def kept_tokens(self) -> int:
-        """Tokens of the output beyond one per input token: the class token where it is kept."""
-        return int(self.keep_cls)
-
-    @property
     def mlp_hidden(self) -> int:
         return self.mlp_width or 4 * self.dim
 
