@@ -181,8 +181,10 @@ class Tower(Stack):
         """The selected features (B, L [+1], E_tower) and their validity."""
         x_BLE, valid_BL = self.stem(segment)
         h_BLE = super().forward(Embedded(x_BLE, valid_BL))
-        keep = ([slice(0, 1)] if self.keep_cls else []) + [slice(self.prefix, None)]
-        return torch.cat([h_BLE[:, k] for k in keep], 1), torch.cat([valid_BL[:, k] for k in keep], 1)
+        if not self.keep_cls:
+            return h_BLE[:, self.prefix:], valid_BL[:, self.prefix:]
+        return (torch.cat([h_BLE[:, :1], h_BLE[:, self.prefix:]], 1),
+                torch.cat([valid_BL[:, :1], valid_BL[:, self.prefix:]], 1))
 
 
 class Projector(nn.Module):
