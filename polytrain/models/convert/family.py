@@ -23,6 +23,7 @@ from torch import Tensor
 
 from polytrain.config.model import ModelConfig
 from polytrain.config.registries import FAMILIES
+from polytrain.config.tower import TowerConfig
 from polytrain.models.convert.rules import ConversionError, Rule
 from polytrain.models.model import PolyModel
 from polytrain.tokens import EmbedSpec
@@ -130,6 +131,14 @@ class Family(ABC):
         """``state`` without the tensors ``arch`` does not read (``unread``)."""
         pattern = self.unread(arch)
         return drop(self.name, state, sorted(n for n in state if pattern and re.search(pattern, n)), "unread")
+
+
+def tower_unread(tower: TowerConfig, blocks: str, norm: str) -> list[str]:
+    """Regexes of an encoder checkpoint's tensors ``tower`` does not read: its blocks after the selected layer
+    (``blocks``: the escaped name before a block's index) and, where its features skip it, its final norm
+    (``norm``, escaped)."""
+    later = [f"^{blocks}{i}\\." for i in range(tower.built_layers, tower.layers)]
+    return later + ([] if tower.final_norm else [f"^{norm}\\."])
 
 
 def drop(source: str, state: dict[str, Tensor], dropped: list[str], why: str) -> dict[str, Tensor]:

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from polytrain.config.tower import TowerConfig
-from polytrain.models.convert.family import Architecture, HFFamily, hf_activation_to_mlp, mlp_to_hf_activation
+from polytrain.models.convert.family import (
+    Architecture,
+    HFFamily,
+    hf_activation_to_mlp,
+    mlp_to_hf_activation,
+    tower_unread,
+)
 from polytrain.models.convert.rules import ConversionError, Rule, reshaped, same, stacked
 from polytrain.models.convert.timm_vit import patch_side, tower_architecture, triple
 from polytrain.tokens import EmbedSpec
@@ -104,9 +110,8 @@ def vision_unread(tower: TowerConfig, theirs: str) -> str:
     """Regex of a vision model's tensors ``tower`` does not read: blocks after its selected layer, the final norm
     where it reads none, SigLIP's head."""
     prefix = theirs.replace(".", r"\.")
-    later = [f"{prefix}encoder\\.layers\\.{i}\\." for i in range(tower.built_layers, tower.layers)]
-    final = [] if tower.final_norm else [f"{prefix}post_layernorm\\."]
-    return "|".join([f"^{p}" for p in later + final] + [f"^{prefix}head\\."])
+    parts = tower_unread(tower, f"{prefix}encoder\\.layers\\.", f"{prefix}post_layernorm")
+    return "|".join([*parts, f"^{prefix}head\\."])
 
 
 def identity_norm(tower: TowerConfig, theirs: str) -> dict[str, Tensor]:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
 from polytrain.config.tower import TowerConfig
-from polytrain.models.convert.family import Architecture, Family
+from polytrain.models.convert.family import Architecture, Family, tower_unread
 from polytrain.models.convert.rules import ConversionError, Rule, reshaped, same
 from polytrain.tokens import EmbedSpec
 
@@ -232,11 +232,8 @@ class TimmViT(Family):
     def unread(self, arch: Architecture) -> str:
         if not arch.model.towers:
             return ""
-        tower = arch.model.towers["image"]
-        later = f"|^blocks\\.({'|'.join(str(i) for i in range(tower.built_layers, tower.layers))})\\." \
-            if tower.built_layers < tower.layers else ""
-        final = "" if tower.final_norm else "|^norm\\."
-        return r"^(head|fc_norm|attn_pool|head_drop)\." + later + final
+        return "|".join([r"^(head|fc_norm|attn_pool|head_drop)\.",
+                         *tower_unread(arch.model.towers["image"], r"blocks\.", "norm")])
 
     def rules(self, arch: Architecture, task: str) -> list[Rule]:
         if arch.model.towers:
