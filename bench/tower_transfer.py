@@ -132,8 +132,8 @@ def whisper_agreement(out: Path, args, common: list[str]) -> dict:
     import transformers
     from torch.nn import functional as F
 
-    from polytrain.platform.data.builtin import resolve_manifest
     from polytrain.job import Job
+    from polytrain.platform.data.builtin import resolve_manifest
     from polytrain.tokens import Segment
 
     tiny_checkpoints.save(tiny_checkpoints.COMPOSE["whisper_tiny"], out / "checkpoints" / "whisper_tiny")

@@ -304,7 +304,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     log.info("%s", job.summary())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     held_out = build_datasets(cfg, "val", tokenizers, job.manifests)
-    results = evaluate(job.trained_model().to(device), cfg.data.tasks, held_out, tokenizers["text"], device, cfg.train.eval_batch_size, cfg.model.heads.decoding)
+    results = evaluate(job.trained_model().to(device), cfg.data.tasks, held_out, tokenizers["text"], device,
+                       cfg.train.eval_batch_size, cfg.model.heads.decoding)
     print(format_table(results))
     print(json.dumps(results))
     if args.out:

@@ -89,7 +89,8 @@ FAMILIES.update({
         ids={"decoder_start_token_id": "<|startoftranscript|>"},
         processor=("WhisperFeatureExtractor", dict(feature_size=16, chunk_length=1))),
     "llava": Family("LlavaForConditionalGeneration", dict(
-        vision_config=dict(model_type="clip_vision_model", **VISION), text_config=dict(model_type="llama", **LLAMA_SHAPE),
+        vision_config=dict(model_type="clip_vision_model", **VISION),
+        text_config=dict(model_type="llama", **LLAMA_SHAPE),
         image_seq_length=4), LLAMA, extra=("<image>",), ids={"image_token_index": "<image>"},
         processor=("CLIPImageProcessor", dict(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}))),
 })
@@ -100,7 +101,8 @@ COMPOSE = {
                                     embed_dim=32, depth=2, num_heads=2, num_classes=10)),
     "llama_tiny": Family("LlamaForCausalLM", {**LLAMA_SHAPE, "hidden_size": 48, "intermediate_size": 96}, LLAMA),
     "clip_tiny": Family("CLIPVisionModel", {**VISION, "image_size": 8, "patch_size": 4, "num_channels": 1},
-                        processor=("CLIPImageProcessor", dict(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
+                        processor=("CLIPImageProcessor", dict(size={"shortest_edge": 8},
+                                                              crop_size={"height": 8, "width": 8},
                                                               image_mean=[0.5], image_std=[0.5]))),
     "whisper_tiny": Family("WhisperForConditionalGeneration", {**FAMILIES["whisper"].config, "num_mel_bins": 64},
                            WHISPER_SPECIAL, extra=("<|startoftranscript|>",),

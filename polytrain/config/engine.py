@@ -39,4 +39,3 @@ class EngineConfig:
             raise ConfigError("offload_optimizer", True, "needs zero_stage >= 1 (ZeRO-Offload shards the optimizer)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("offload_params", True, f"needs zero_stage=3, got zero_stage={self.zero_stage}")
-

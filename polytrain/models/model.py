@@ -147,4 +147,3 @@ def without_cls(e: Embedded, length: int) -> Embedded:
         return e
     return Embedded(e.x_BLE[:, 1:], e.valid_BL[:, 1:], None, None if e.rope is None else (e.rope[0][:, 1:],
                                                                                           e.rope[1][:, 1:]))
-

@@ -96,4 +96,3 @@ class SequenceShard:
 
 WHOLE = SequenceShard()
 """The whole sequence on this device: no sequence parallelism."""
-

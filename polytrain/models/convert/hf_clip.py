@@ -176,4 +176,3 @@ CLIP_VISION = VisionModel("CLIPVisionModel", "clip_vision_model", "clip", full=F
 CLIP = VisionModel("CLIPModel", "clip", "clip", full=True)
 SIGLIP_VISION = VisionModel("SiglipVisionModel", "siglip_vision_model", "siglip", full=False)
 SIGLIP = VisionModel("SiglipModel", "siglip", "siglip", full=True)
-

@@ -27,8 +27,6 @@ Shape legend: E model dim, C channels, p patch side, N patches.
 
 import re
 
-from torch import Tensor
-
 from polytrain.config.model import BackboneConfig, ClassifierConfig, EmbedConfig, HeadsConfig, ModelConfig
 from polytrain.config.tower import TowerConfig
 from polytrain.models.convert.family import Architecture, Family, tower_unread

@@ -28,8 +28,9 @@ def describe(cfg: FinetuneConfig, adapted: list[str], starts: dict[str, int], fr
     if adapted:
         lines.append(f"LoRA rank {cfg.lora.rank} on {len(adapted)} linear layers ({', '.join(cfg.lora.targets)})")
     if frozen or starts:
+        waiting = ", ".join(f"{p} from {s}" for p, s in cfg.freeze_until.items()) or "-"
         lines.append(f"froze {frozen} of {names} parameter tensors ({', '.join(cfg.freeze) or '-'}); "
-                     f"{len(starts)} wait for their step ({', '.join(f'{p} from {s}' for p, s in cfg.freeze_until.items()) or '-'})")
+                     f"{len(starts)} wait for their step ({waiting})")
     return "; ".join(lines)
 
 

@@ -76,7 +76,8 @@ def llava_runs(workdir):
 def test_llava_stage1_trains_the_projector_alone_and_stage2_continues_from_it(llava_runs):
     stage1, stage2 = llava_runs
     report = json.loads((stage1 / "init_from.json").read_text())
-    assert set(report["new"]) == {f"embedders.image.projector.{p}.{k}" for p in ("fc", "proj") for k in ("weight", "bias")}
+    assert set(report["new"]) == {f"embedders.image.projector.{p}.{k}" for p in ("fc", "proj")
+                                  for k in ("weight", "bias")}
     assert report["extended"] == ["embedders.text.table.weight", "lm_head.weight"]  # one row: <image>
     _, _, first = trained_run(stage1)
     _, _, second = trained_run(stage2)
@@ -91,7 +92,8 @@ def test_llava_export_gives_the_runs_logits_and_greedy_answer_in_transformers(ll
     _, stage2 = llava_runs
     library, out = exported(workdir, "llava_stage2", "LlavaForConditionalGeneration")
     config = json.loads((out / "config.json").read_text())
-    assert config["vision_config"]["model_type"] == "clip_vision_model" and config["text_config"]["model_type"] == "llama"
+    kinds = (config["vision_config"]["model_type"], config["text_config"]["model_type"])
+    assert kinds == ("clip_vision_model", "llama")
     assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-1, "default")
     cfg, tokenizers, model = trained_run(stage2)
     image, question, ids, pixels, patches = digit_question(workdir, tokenizers)
